@@ -1,0 +1,33 @@
+# make demo | make test | make bench — each bootstraps .venv on first use.
+# torch is installed first, pinned, so that pip never resolves a CUDA build on a machine without CUDA
+# (the CPU wheel lies in the local wheel house here; elsewhere set TORCH_INDEX_URL, e.g. to the
+# PyTorch CPU index). Later installs see torch>=2.4 satisfied and leave it alone.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?=
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ultrasound-ai-installed
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL))
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -c "import torch, ultrasound_ai; print('torch', torch.__version__, 'ultrasound_ai', ultrasound_ai.__version__)"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest Testing -q --durations=20
+
+demo: $(STAMP)
+	$(VENV)/bin/ultrasound-ai demo --out demo-output
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache

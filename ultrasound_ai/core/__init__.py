@@ -1,0 +1,1 @@
+"""Shared foundations: errors and exit codes, atomic outputs, devices, geometry, training harness."""

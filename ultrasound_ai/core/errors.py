@@ -1,0 +1,29 @@
+"""Error types and the exit codes shared by the CLI and the job runner (DESIGN.md, Jobs)."""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_BAD_INPUT = 2
+EXIT_CANCELLED = 3
+
+
+class InputError(ValueError):
+    """Bad input: a missing or unreadable file, a wrong shape or dtype, NaN, an unknown device...
+
+    The message names the input and says what was expected. Maps to exit code 2.
+    """
+
+
+class ChecksumError(InputError):
+    """A checkpoint whose sha256 does not match its model card."""
+
+
+class Cancelled(Exception):
+    """The user asked the running task to stop. Maps to exit code 3."""
+
+
+def exit_code_for(exc: BaseException) -> int:
+    if isinstance(exc, Cancelled) or isinstance(exc, KeyboardInterrupt):
+        return EXIT_CANCELLED
+    if isinstance(exc, (InputError, FileNotFoundError)):
+        return EXIT_BAD_INPUT
+    return EXIT_FAILURE

@@ -1,0 +1,1 @@
+"""Ultrasound foundation model (USFM): ViT, dual-masking pre-training, segmentation and classification."""

@@ -1,0 +1,1 @@
+"""Freehand 3D ultrasound reconstruction: sweeps, pose estimation methods, compounding, metrics."""

@@ -1,0 +1,1 @@
+"""Readers and writers for the data contracts of DESIGN.md (volumes, sweeps, acquisitions)."""

@@ -1,0 +1,1 @@
+"""Checkpoints, model cards and the registry of shipped models."""

@@ -1,0 +1,1 @@
+"""MRI-TRUS rigid fusion: phantom simulator, Attention-Reg, Mattes-MI baseline, SRE."""

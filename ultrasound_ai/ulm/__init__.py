@@ -1,0 +1,1 @@
+"""Ultrasound localization microscopy: simulator, clutter filters, localization, tracking, rendering."""

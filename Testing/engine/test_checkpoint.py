@@ -244,6 +244,16 @@ def test_load_into_follows_model_dtype(tmp_path):
     torch.testing.assert_close(model.head.weight.float(), trained_model().head.weight, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.gpu
+def test_load_into_cuda_model(tmp_path):
+    pt = tmp_path / "tiny.pt"
+    save_checkpoint(trained_model().state_dict(), pt, make_card())
+    model = Tiny().cuda()
+    load_into(model, pt)
+    assert model.head.weight.is_cuda
+    assert torch.equal(model.head.weight.cpu(), trained_model().head.weight)
+
+
 def test_check_input_spacing():
     card = make_card()
     assert check_input_spacing(card, [0.301, 0.7], "sweep frames") == [0.3, 0.7]

@@ -118,8 +118,10 @@ class Volume:
     def physical_to_index(self, lps) -> np.ndarray:
         """LPS mm [..., 3] -> continuous indices [..., 3] in (i, j, k) order (round for the nearest voxel)."""
         lps = _points(lps, "physical point (LPS mm)")
-        # Direction is orthonormal, so its inverse is its transpose; divide by spacing after rotating.
-        return ((lps - self.origin_lps) @ self.direction) / self.spacing_xyz
+        # The exact inverse (not the transpose): a direction read from NIfTI is orthonormal only to ~1e-7,
+        # and ITK also inverts the full matrix, so both agree.
+        m = self.lps_to_ijk()
+        return lps @ m[:3, :3].T + m[:3, 3]
 
     def physical_extent(self) -> tuple[np.ndarray, np.ndarray]:
         """(min, max) LPS corners of the box through the centres of the corner voxels."""

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scipy.spatial.transform import Rotation
 
@@ -111,6 +111,7 @@ def test_zyx_is_xyz_with_reversed_angles():
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
 @pytest.mark.parametrize("degrees", [False, True])
+@settings(max_examples=30)
 @given(data=st.data())
 def test_euler_angle_round_trip(convention, degrees, data):
     a = data.draw(principal_angles(degrees=degrees))
@@ -121,6 +122,7 @@ def test_euler_angle_round_trip(convention, degrees, data):
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
 @pytest.mark.parametrize("degrees", [False, True])
+@settings(max_examples=30)
 @given(R=rotations())
 def test_euler_matrix_round_trip(convention, degrees, R):
     a = g.matrix_to_euler(R, convention, degrees=degrees)
@@ -131,6 +133,7 @@ def test_euler_matrix_round_trip(convention, degrees, R):
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
 @pytest.mark.parametrize("sign", [1.0, -1.0])
+@settings(max_examples=30)
 @given(a0=st.floats(-3.1, 3.1, **finite), a2=st.floats(-3.1, 3.1, **finite), tiny=st.sampled_from([0.0, 1e-12, -1e-9]))
 def test_gimbal_lock_round_trips_matrix(convention, sign, a0, a2, tiny):
     a = np.array([a0, sign * (math.pi / 2) + tiny, a2])
@@ -167,6 +170,7 @@ def test_params_layout_translation_first():
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
 @pytest.mark.parametrize("degrees", [False, True])
+@settings(max_examples=30)
 @given(data=st.data())
 def test_params_round_trip(convention, degrees, data):
     T = data.draw(rigids())

@@ -99,6 +99,15 @@ def test_vector_volume_and_node_update(scene):
         mrml.volume_to_node(np.zeros((2, 2, 2)), scene=scene)
 
 
+def test_labelmap_volume(scene):
+    vol = _oblique_volume(np.uint8)
+    node = mrml.volume_to_node(vol, "label", scene=scene, labelmap=True)
+    assert node.GetClassName() == "vtkMRMLLabelMapVolumeNode"
+    np.testing.assert_array_equal(mrml.node_to_volume(node).array, vol.array)
+    with pytest.raises(InputError, match="labelmap"):
+        mrml.volume_to_node(_oblique_volume(np.float32), scene=scene, labelmap=True)
+
+
 def test_node_to_volume_in_world_includes_parent_transform(scene):
     vol = _oblique_volume()
     node = mrml.volume_to_node(vol, scene=scene)
@@ -365,6 +374,9 @@ def test_fiducials_round_trip_with_labels(scene):
     np.testing.assert_allclose(mrml.fiducials_to_points(node, world=True)[0], pts + [1.0, 0, 0], atol=1e-12)
     with pytest.raises(InputError, match="labels"):
         mrml.points_to_fiducials(pts, ["only one"], scene=scene)
+    empty = mrml.points_to_fiducials(np.zeros((0, 3)), scene=scene)
+    assert empty.GetNumberOfControlPoints() == 0
+    assert mrml.fiducials_to_points(empty)[0].shape == (0, 3)
 
 
 # -- scene -------------------------------------------------------------------------------------------

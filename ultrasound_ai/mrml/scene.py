@@ -148,12 +148,11 @@ def new_scene():
 
 def close_scene(scene) -> None:
     """Forget the logics registered for `scene` by `ensure_logics` and clear it (tests' teardown)."""
-    entry = _REGISTERED.pop(id(scene), None)
-    if entry is not None and entry[0] is scene:
-        for logic in entry[1].values():
-            logic.SetMRMLScene(None)
     if not _is_application_scene(scene):
         scene.Clear(1)
+    # Dropping our references deletes the logics (detaching them one by one makes the segmentations
+    # logic warn about the missing scene).
+    _REGISTERED.pop(id(scene), None)
     slicer = import_slicer()
     if getattr(slicer, "mrmlScene", None) is scene and not in_slicer_application():
         slicer.mrmlScene = None

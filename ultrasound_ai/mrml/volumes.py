@@ -56,8 +56,9 @@ def ijk_to_ras(node) -> np.ndarray:
     return slicer.util.arrayFromVTKMatrix(m)
 
 
-def volume_to_node(volume: Volume, name: str = "Volume", node=None, scene=None):
-    """A vtkMRMLScalarVolumeNode (vtkMRMLVectorVolumeNode for [k, j, i, C] arrays) holding `volume`.
+def volume_to_node(volume: Volume, name: str = "Volume", node=None, scene=None, labelmap: bool = False):
+    """A vtkMRMLScalarVolumeNode (vtkMRMLVectorVolumeNode for [k, j, i, C] arrays, a
+    vtkMRMLLabelMapVolumeNode with labelmap=True for integer label images) holding `volume`.
 
     IJKToRAS = LPS_TO_RAS @ volume.ijk_to_lps(). A complex volume becomes a two-component
     (real, imaginary) vector volume (see complex_to_node). With `node` given, that node is updated
@@ -70,7 +71,15 @@ def volume_to_node(volume: Volume, name: str = "Volume", node=None, scene=None):
     if np.iscomplexobj(volume.array):
         return complex_to_node(volume, name=name, node=node, scene=scene)
     class_name = "vtkMRMLVectorVolumeNode" if volume.is_vector else "vtkMRMLScalarVolumeNode"
+    if labelmap:
+        if volume.is_vector or volume.array.dtype.kind not in "biu":
+            raise InputError(
+                f"volume: a labelmap needs a scalar integer array, got shape {volume.array.shape} dtype {volume.array.dtype}"
+            )
+        class_name = "vtkMRMLLabelMapVolumeNode"
     if node is not None:
+        if labelmap and not isinstance(node, slicer.vtkMRMLLabelMapVolumeNode):
+            raise InputError(f"node: expected a vtkMRMLLabelMapVolumeNode for a labelmap, got {node.GetClassName()}")
         if not isinstance(node, slicer.vtkMRMLScalarVolumeNode) or (
             isinstance(node, slicer.vtkMRMLVectorVolumeNode) != volume.is_vector
         ):

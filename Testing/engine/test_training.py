@@ -232,6 +232,10 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     with pytest.raises(InputError, match="already done 20 steps"):
         train(cfg(15), ToyRegressionTask())
     # --no-resume starts afresh in the same folder
+    with pytest.raises(Cancelled):
+        train(cfg(5), ToyRegressionTask(), resume=False, cancel_check=lambda: (_ for _ in ()).throw(Cancelled()))
+    assert not (tmp_path / "r" / "final.pt").exists()  # the old run's weights are gone with it
+    assert torch.load(tmp_path / "r" / "last.pt", weights_only=True)["step"] == 0
     again = train(cfg(5), ToyRegressionTask(), resume=False)
     assert again.steps == 5
     assert [int(r["step"]) for r in read_log(tmp_path / "r" / "log.csv")] == [0, 4, 5]
@@ -336,3 +340,13 @@ def test_entry_point_reports_bad_task_with_exit_code_2(tmp_path):
     assert main([str(cfg_path), "--task", "toy_training_task"]) == 2
     assert main([str(tmp_path / "missing.json"), "--task", "toy_training_task:ToyRegressionTask"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_training_matches_cpu(tmp_path, fresh_run):
+    cfg = toy_config(tmp_path / "cuda")
+    cfg.device = "cuda"
+    result = train(cfg, ToyRegressionTask())
+    assert result.card["training"]["device"].startswith("cuda")
+    # same data and initial weights; only the kernels' rounding differs
+    assert_same_weights(final_weights(tmp_path / "cuda"), final_weights(fresh_run[0]), atol=1e-3)

@@ -538,9 +538,12 @@ def _train(config, task, dist_ctx, device, resume, progress, cancel_check, progr
         if state is not None:
             log.open_for_resume(start_step)
         else:
-            for stale in (last_path, log_path):
+            from ultrasound_ai.models.checkpoint import card_path_for
+
+            # A fresh run (or --no-resume) in a used folder: nothing of the old run may pass for this one's.
+            for stale in (last_path, log_path, best_path, card_path_for(best_path), final_path, card_path_for(final_path)):
                 if stale.exists():
-                    stale.unlink()  # --no-resume: start afresh in this folder
+                    stale.unlink()
         _write_json(out / "config.json", cfg_dict)
 
     t0 = time.monotonic()
@@ -611,9 +614,8 @@ def _train(config, task, dist_ctx, device, resume, progress, cancel_check, progr
         nonlocal last_progress
         if not dist_ctx.is_main:
             return
-        if bar is not None:
-            bar.n = step
-            bar.refresh()
+        if bar is not None and step > bar.n:
+            bar.update(step - bar.n)  # tqdm throttles the redraws itself
         now = time.monotonic()
         if progress is not None and (force or now - last_progress >= 0.5):
             last_progress = now

@@ -12,7 +12,7 @@ from ultrasound_ai.core.errors import InputError
 
 # name -> function, as the worker's environment variable spells them.
 EXTRA_TASKS = ",".join(
-    f"job_test_tasks:{name}={name}" for name in ("chatty", "sleep_with_child", "stepwise_writer", "fail", "bad_input")
+    f"job_test_tasks:{name}={name}" for name in ("chatty", "sleep_with_child", "stepwise_writer", "fail", "bad_input", "report_device")
 )
 
 # Lines that look like protocol events: printed on stdout they must change nothing.
@@ -88,3 +88,7 @@ def fail(job, ctx):
 
 def bad_input(job, ctx):
     raise InputError("parameter 'size' must be a positive integer, got -1")
+
+
+def report_device(job, ctx):
+    return {"device": ctx.device}

@@ -191,6 +191,28 @@ def test_in_process_asking_for_an_undeclared_output_is_bad_input(tmp_path, monke
     assert "job has no output named 'data'" in events[-1]["message"]
 
 
+def test_device_is_resolved_lazily_and_absent_devices_are_bad_input(monkeypatch):
+    monkeypatch.setenv("ULTRASOUND_AI_EXTRA_TASKS", job_test_tasks.EXTRA_TASKS)
+    code, events = in_process(job("report_device", device="cpu"))
+    assert code == 0 and events[-1]["result"] == {"device": "cpu"}
+    import torch
+
+    if not torch.cuda.is_available():
+        code, events = in_process(job("report_device", device="cuda:3"))
+        assert code == 2 and events[-1]["event"] == "error" and "cuda:3" in events[-1]["message"]
+
+
+def test_cancel_before_the_task_starts_and_task_import_errors(monkeypatch):
+    monkeypatch.setenv("ULTRASOUND_AI_EXTRA_TASKS", job_test_tasks.EXTRA_TASKS + ",no_such_module:f=ghost")
+    cancel = CancelState()
+    cancel.request("received signal SIGTERM")
+    code, events = in_process(job("chatty"), cancel)
+    assert code == 3 and [e["event"] for e in events] == ["cancelled"]
+    code, events = in_process(job("ghost"))
+    assert code == 1 and [e["event"] for e in events] == ["started", "error"]
+    assert "no_such_module" in events[-1]["message"]
+
+
 # -- the launcher and real worker processes ----------------------------------------------------------
 
 
@@ -263,6 +285,21 @@ def test_bad_job_files_exit_2_with_an_error_event_naming_the_problem(tmp_path):
     assert out.returncode == 2 and out.stdout == ""
     lines = events.read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["exit_code"] == 2
+
+
+@pytest.mark.skipif(not POSIX, reason="inherited pipe descriptors are the POSIX variant of the channel")
+def test_events_on_an_inherited_pipe():
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ, **task_env())
+    with open(read_fd, "r", encoding="utf-8") as reader:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ultrasound_ai.jobs", "run", "-", "--events-fd", str(write_fd)],
+            pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT,
+        )
+        os.close(write_fd)  # only the worker holds the write end: EOF when it exits
+        lines = reader.read().splitlines()
+    assert proc.wait(timeout=60) == 2
+    assert len(lines) == 1 and "job file not found" in json.loads(lines[0])["message"]
 
 
 def test_failing_tasks_report_their_message_and_exit_code():

@@ -420,7 +420,9 @@ class JobLauncher:
                 with self._lock:
                     cancelling = self._cancel_requested
                     deadline = self._kill_deadline
-                if cancelling or now - last_refresh > 0.5:
+                # While cancelling, every turn (the worker may exit any moment and orphan its
+                # children); otherwise now and then, for children that leave the process group.
+                if cancelling or now - last_refresh > 2.0:
                     self._refresh_tree()
                     last_refresh = now
                 if cancelling and deadline is not None and now >= deadline:

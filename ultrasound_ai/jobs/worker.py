@@ -31,7 +31,7 @@ from ultrasound_ai import __version__
 from ultrasound_ai.core.atomic import atomic_output
 from ultrasound_ai.core.errors import EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, Cancelled, InputError, exit_code_for
 from ultrasound_ai.jobs.protocol import EVENT_NAMES, Job, encode_event, load_job, parse_job, to_jsonable
-from ultrasound_ai.jobs.registry import resolve_task
+from ultrasound_ai.jobs.registry import available_tasks, resolve_task
 
 
 class EventWriter:
@@ -215,7 +215,9 @@ def execute(job: Job | dict | str | os.PathLike, events: EventWriter, cancel: Ca
             loaded = load_job(job)
         if cancel.requested:
             raise Cancelled(f"job cancelled before it started ({cancel.reason})")
-        task = resolve_task(loaded.task)
+        known = available_tasks()  # names only: an unknown task fails before "started"
+        if loaded.task not in known:
+            raise InputError(f"unknown task {loaded.task!r}; available tasks: {', '.join(sorted(known))}")
     except BaseException as exc:  # noqa: BLE001 - every failure is reported as an event + exit code
         return _report_failure(events, exc)
 
@@ -229,6 +231,8 @@ def execute(job: Job | dict | str | os.PathLike, events: EventWriter, cancel: Ca
     )
     ctx = TaskContext(loaded, events, cancel)
     try:
+        # Importing the task's module can take seconds (torch); "started" has already told the launcher.
+        task = resolve_task(loaded.task)
         result = task(loaded, ctx)
         if result is None:
             result = {}

@@ -399,7 +399,9 @@ def reconstruct_volume(frames, tforms, pixel_spacing_xy, grid=None, spacing_mm=0
         acc = torch.zeros(n_padded, dtype=torch.int64, device=dev)  # sum
         cnt = torch.zeros(n_padded, dtype=torch.int32, device=dev)
     elif mode == "max":
-        acc = torch.full((n_padded,), -1, dtype=torch.int16, device=dev)
+        # int16 halves the traffic on CPU; CUDA atomics want 32-bit words.
+        max_dtype = torch.int16 if dev.type == "cpu" else torch.int32
+        acc = torch.full((n_padded,), -1, dtype=max_dtype, device=dev)
     else:
         acc = torch.full((n_padded,), -1, dtype=torch.int64, device=dev)
 
@@ -407,7 +409,7 @@ def reconstruct_volume(frames, tforms, pixel_spacing_xy, grid=None, spacing_mm=0
     buf_shape = (chunk_frames, h, w)
     axes_buf = torch.empty((2,) + buf_shape, dtype=torch.int32, device=dev)
     lin_buf = torch.empty(buf_shape if mode in ("max", "latest") else (0, h, w), dtype=torch.int64, device=dev)
-    val_buf = torch.empty(buf_shape, dtype=torch.int16 if mode == "max" else torch.int64, device=dev)
+    val_buf = torch.empty(buf_shape, dtype=acc.dtype if mode == "max" else torch.int64, device=dev)
     if mode == "latest":
         # (pixel order << 8): order = frame * H*W + row * W + column.
         order8 = (torch.arange(hw, dtype=torch.int64, device=dev) << 8).view(1, h, w)

@@ -197,13 +197,14 @@ def test_plus_to_contract_to_plus_reproduces_header_matrices(tmp_path, z_scale):
         np.testing.assert_array_equal(read_plus_sequence(back).frames, _pixels())
 
 
-def test_plus_hand_written_nrrd_gzip_frame_axis_first(tmp_path):
-    # Frame axis first ("list domain domain"), key:=value per-frame lines, gzip encoding, 'time' accepted too.
+@pytest.mark.parametrize("frame_kind", ["list", "time"])
+def test_plus_hand_written_nrrd_gzip_frame_axis_first(tmp_path, frame_kind):
+    # Frame axis first ("list domain domain"), key:=value per-frame lines, gzip encoding.
     M = _plus_matrices()
     pix = _pixels()  # [N, H, W]
     data = np.transpose(pix, (1, 2, 0)).tobytes()  # file order: N fastest, then W, then H
     lines = ["NRRD0004", "# written by hand", "type: unsigned char", "dimension: 3", "sizes: 3 4 3",
-             "kinds: list domain domain", "endian: little", "encoding: gzip",
+             f"kinds: {frame_kind} domain domain", "endian: little", "encoding: gzip",
              "ultrasound image orientation:=MF", "ultrasound image type:=BRIGHTNESS"]
     for i in range(3):
         lines += [f"Seq_Frame{i:04d}_ImageToReferenceTransform:={_fmt_matrix(M[i])}",
@@ -221,6 +222,22 @@ def test_plus_orientation_un_is_flipped_to_mf(tmp_path):
     stored = pix[:, ::-1, ::-1].copy()  # what a UN file holds for the MF frames `pix`
     f = _write(tmp_path / "un.igs.mha", _mha_header(orientation="UN", status=["OK"] * 3), stored.tobytes())
     np.testing.assert_array_equal(read_plus_sequence(f).frames, pix)
+
+
+def test_plus_element_spacing_and_rgb(tmp_path):
+    # A file that keeps the pixel size in ElementSpacing and a rigid ImageToReference (Slicer-style),
+    # with RGB pixels: same geometry as PLUS's scaled matrices; grey = rounded BT.601 luma.
+    rigid = [_rigid(R, t) for R, t in zip(_R_RAS, _T_RAS)]
+    header = _mha_header(matrices=rigid, status=["OK"] * 3).decode()
+    header = header.replace("ElementSpacing = 1 1 1", f"ElementSpacing = {_SX} {_SY} 1")
+    header = header.replace("ElementNumberOfChannels = 1", "ElementNumberOfChannels = 3")
+    rgb = np.stack([_pixels(), np.full((3, 3, 4), 100, np.uint8), np.full((3, 3, 4), 10, np.uint8)], axis=-1)
+    s = read_plus_sequence(_write(tmp_path / "rgb.igs.mha", header.encode(), rgb.tobytes()))
+    assert s.pixel_spacing_xy == pytest.approx((_SX, _SY))
+    expected = np.rint(_pixels() * 0.299 + 100 * 0.587 + 10 * 0.114).astype(np.uint8)
+    np.testing.assert_array_equal(s.frames, expected)
+    ref = read_plus_sequence(_write(tmp_path / "ref.igs.mha", _mha_header(status=["OK"] * 3), _pixels().tobytes()))
+    np.testing.assert_allclose(s.tforms, ref.tforms, atol=1e-12)
 
 
 def test_plus_uint16_frames_rule(tmp_path):
@@ -338,7 +355,7 @@ def _tusrec_scan(path, n=4, h=6, w=8, n_tforms=None, dtype=np.float64):
     return frames, tforms.astype(dtype).astype(np.float64)
 
 
-@pytest.mark.parametrize("labels, dtype, atol", [(True, np.float64, 1e-9), (False, np.float32, 1e-4)])
+@pytest.mark.parametrize("labels, dtype, atol", [(True, np.float64, 1e-9), (False, np.float32, 1e-6)])
 def test_tusrec_known_pixel_matches_hand_computation(tmp_path, labels, dtype, atol):
     # float32 tracker matrices (as in the challenge files) are rigid only to ~1e-7: 0.1 µm here.
     csv, scale, calib = _calib_csv(tmp_path / "calib_matrix.csv", labels=labels)
@@ -402,3 +419,13 @@ def test_tusrec_errors(tmp_path):
         read_tusrec_scan(tmp_path / "mismatch.h5", csv)
     with pytest.raises(InputError, match="not found"):
         read_tusrec_scan(tmp_path / "nope.h5", csv)
+
+
+@pytest.mark.parametrize("name, compress", [("a.igs.mha", False), ("b.igs.mha", True), ("c.igs.nrrd", False),
+                                            ("d.igs.nrrd", True)])
+def test_plus_written_files_read_by_itk(tmp_path, name, compress):
+    # An independent MetaImage/NRRD reader sees the same pixels (ITK reads the NRRD 'list' axis as components).
+    sitk = pytest.importorskip("SimpleITK")
+    s = _sweep()
+    a = sitk.GetArrayFromImage(sitk.ReadImage(str(write_plus_sequence(s, tmp_path / name, compress=compress))))
+    np.testing.assert_array_equal(a if name.endswith(".mha") else np.moveaxis(a, -1, 0), s.frames)

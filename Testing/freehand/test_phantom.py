@@ -68,7 +68,7 @@ def test_scatterer_field_is_deterministic_and_cache_independent():
         b.cell_scatterers(*cell)
     pb, eb = b.cell_scatterers(3, -2, 7)
     assert np.array_equal(pa, pb) and np.array_equal(ea, eb)
-    c = a._cell_positions((3, -2, 7))
+    c = a._cell_positions((3, -2, 7)).T  # [n, 3]
     assert np.all((c >= np.array([9, -6, 21]) - 1e-4) & (c <= np.array([12, -3, 24]) + 1e-4))
     other = Phantom.homogeneous(10).cell_scatterers(3, -2, 7)[0]
     assert len(other) != len(pa) or not np.array_equal(other, pa)

@@ -344,7 +344,8 @@ class Phantom:
     # -- scatterers --------------------------------------------------------------------------------
 
     def cell_scatterers(self, i: int, j: int, k: int):
-        """(positions float32 [n, 3] world mm, echogenicity float32 [n]) of cell (i, j, k); cached.
+        """(positions float32 [3, n] world mm (x, y, z rows), echogenicity float32 [n]) of cell (i, j, k);
+        cached.
 
         The cell's generator is seeded from (phantom seed, cell index) only, so the field is the same
         whatever plane, order or cache state asks for it.
@@ -357,7 +358,7 @@ class Phantom:
         rng = np.random.default_rng(ss)
         c = self.cell_mm
         n = int(rng.poisson(self.scatterer_density_per_mm3 * c**3))
-        return ((np.asarray(key, dtype=np.float64) + rng.random((n, 3))) * c).astype(np.float32)
+        return ((np.asarray(key, dtype=np.float64) + rng.random((n, 3))) * c).astype(np.float32).T.copy()
 
     def _cells_for(self, keys):
         """Cached cells for `keys`; missing ones are generated together (one vectorised echo pass)."""
@@ -366,11 +367,11 @@ class Phantom:
             pos = [self._cell_positions(k) for k in missing]
             lo = np.min(np.asarray(missing), axis=0) * self.cell_mm
             hi = (np.max(np.asarray(missing), axis=0) + 1) * self.cell_mm
-            echo = self._echo(np.concatenate(pos), (lo, hi))
+            echo = self._echo(np.concatenate(pos, axis=1).T, (lo, hi))
             start = 0
             for k, p in zip(missing, pos):
-                self._cells[k] = (p, echo[start:start + len(p)])
-                start += len(p)
+                self._cells[k] = (p, echo[start:start + p.shape[1]])
+                start += p.shape[1]
         out = []
         for k in keys:
             self._cells.move_to_end(k)
@@ -395,8 +396,8 @@ class Phantom:
         keep &= (local[:, 1] >= y_range[0] - half_diag) & (local[:, 1] <= y_range[1] + half_diag)
         parts = self._cells_for([tuple(int(v) for v in cell) for cell in idx[keep]])
         if not parts:
-            return np.zeros((0, 3), np.float32), np.zeros(0, np.float32)
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+            return np.zeros((3, 0), np.float32), np.zeros(0, np.float32)
+        return np.concatenate([p[0] for p in parts], axis=1), np.concatenate([p[1] for p in parts])
 
     # -- rendering ---------------------------------------------------------------------------------
 
@@ -428,16 +429,18 @@ class Phantom:
         y_range = (-my, (h - 1) * sy + my)
         half = _SLAB_SIGMAS * psf.sigma_e_mm  # ±3.5 σ_e ≈ ±3.2 σ_b: < 1e-4 of the intensity left out
         pos, echo = self._gather(R, t, x_range, y_range, half)
-        # Plane coordinates in float32 (enough: 1e-5 mm over 200 mm); the slab test first, on z only.
-        R32 = R.astype(np.float32)
+        # Plane coordinates in float32 (enough: 1e-5 mm over 200 mm), one coordinate row at a time
+        # (structure of arrays: 1-D masks and gathers are several times faster than row gathers).
+        Rt = R.T.astype(np.float32)  # rows: plane axes in world coordinates
         t_loc = (t @ R).astype(np.float32)  # plane coordinates = Rᵀ p − Rᵀ t
-        lz = pos @ R32[:, 2] - t_loc[2]
-        sel = np.flatnonzero(np.abs(lz) <= half)
-        pos, lz, echo = pos[sel], lz[sel], echo[sel]
-        lx = pos @ R32[:, 0] - t_loc[0]
-        ly = pos @ R32[:, 1] - t_loc[1]
-        sel = np.flatnonzero((lx >= x_range[0]) & (lx <= x_range[1]) & (ly >= y_range[0]) & (ly <= y_range[1]))
-        lx, ly, lz, amp = lx[sel], ly[sel], lz[sel], echo[sel]
+        X, Y, Z = pos
+        lz = Rt[2, 0] * X + Rt[2, 1] * Y + Rt[2, 2] * Z - t_loc[2]
+        keep = np.abs(lz) <= half
+        X, Y, Z, lz, echo = X[keep], Y[keep], Z[keep], lz[keep], echo[keep]
+        lx = Rt[0, 0] * X + Rt[0, 1] * Y + Rt[0, 2] * Z - t_loc[0]
+        ly = Rt[1, 0] * X + Rt[1, 1] * Y + Rt[1, 2] * Z - t_loc[1]
+        keep = (lx >= x_range[0]) & (lx <= x_range[1]) & (ly >= y_range[0]) & (ly <= y_range[1])
+        lx, ly, lz, amp = lx[keep], ly[keep], lz[keep], echo[keep]
         amp = amp * np.exp(np.float32(-0.5 / s_b**2) * lz * lz)
         k2 = np.float32(4.0 * np.pi / psf.wavelength_mm)  # round-trip wavenumber 2·k0
         phase = k2 * ly

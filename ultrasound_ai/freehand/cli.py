@@ -30,6 +30,20 @@ def simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def reconstruct(args: argparse.Namespace) -> int:
+    """Estimate a sweep's poses with a registered method and compound a volume (freehand/reconstruct.py)."""
+    from ultrasound_ai.freehand.reconstruct import reconstruct_command
+
+    return reconstruct_command(args)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Print the metrics of an estimate file against the true poses as JSON (freehand/reconstruct.py)."""
+    from ultrasound_ai.freehand.reconstruct import evaluate_command
+
+    return evaluate_command(args)
+
+
 def add_parser(subparsers) -> None:
     group = subparsers.add_parser("freehand", help="freehand 3D ultrasound: simulate, reconstruct, evaluate, train")
     verbs = group.add_subparsers(dest="verb", metavar="VERB")
@@ -45,3 +59,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--reverse", action="store_true", help="make the sweep reverse its direction")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=simulate)
+
+    from ultrasound_ai.freehand.reconstruct import (EVALUATE_HELP, RECONSTRUCT_HELP, add_evaluate_arguments,
+                                                    add_reconstruct_arguments)
+
+    p = verbs.add_parser("reconstruct", help=RECONSTRUCT_HELP)
+    add_reconstruct_arguments(p)
+    p.set_defaults(func=reconstruct)
+
+    p = verbs.add_parser("evaluate", help=EVALUATE_HELP)
+    add_evaluate_arguments(p)
+    p.set_defaults(func=evaluate)

@@ -38,8 +38,10 @@ __all__ = [
     "choose_grid",
     "run_reconstruction",
     "evaluate_files",
-    "add_reconstruct_parser",
-    "add_evaluate_parser",
+    "add_reconstruct_arguments",
+    "add_evaluate_arguments",
+    "reconstruct_command",
+    "evaluate_command",
 ]
 
 ProgressFn = Callable[[float, str], None]
@@ -324,18 +326,20 @@ def evaluate_files(estimate_path, truth_path) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
-def add_reconstruct_parser(sub) -> None:
-    """`ultrasound-ai freehand reconstruct SWEEP.h5 --method ...`."""
+RECONSTRUCT_HELP = "estimate the poses of a sweep and compound a 3D volume"
+EVALUATE_HELP = "compare an estimate file with the true poses (prints JSON metrics)"
+
+
+def add_reconstruct_arguments(p) -> None:
+    """Arguments of `ultrasound-ai freehand reconstruct SWEEP.h5 --method ...` (registered in freehand/cli.py)."""
     from ultrasound_ai.core.device import add_device_argument
 
-    p = sub.add_parser(
-        "reconstruct",
-        help="estimate the poses of a sweep and compound a 3D volume",
-        description="Estimate the frame poses of a sweep file with a pose method (tracked: the file's own "
-                    "tracker poses; imu: IMU dead reckoning; learned methods once registered), then write the "
-                    "estimate (a sweep file), the compounded volume and a picture.",
+    p.description = (
+        "Estimate the frame poses of a sweep file with a pose method (tracked: the file's own "
+        "tracker poses; imu: IMU dead reckoning; learned methods once registered), then write the "
+        "estimate (a sweep file), the compounded volume and a picture."
     )
-    p.add_argument("sweep", metavar="SWEEP.h5", help="input sweep file (HDF5 sweep contract)")
+    p.add_argument("sweep", metavar="SWEEP.h5", nargs="?", help="input sweep file (HDF5 sweep contract)")
     p.add_argument("--method", default="tracked", help="pose method (default: tracked); see --list-methods")
     p.add_argument("--list-methods", action="store_true", help="print the registered pose methods and exit")
     p.add_argument("--out-sweep", metavar="EST.h5", help="write the estimate as a sweep file")
@@ -351,10 +355,10 @@ def add_reconstruct_parser(sub) -> None:
     p.add_argument("--checkpoint", metavar="NAME.pt", help="weights for a learned method")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_device_argument(p)
-    p.set_defaults(func=_cmd_reconstruct)
 
 
-def _cmd_reconstruct(args) -> int:
+def reconstruct_command(args) -> int:
+    """The `freehand reconstruct` verb."""
     from ultrasound_ai.freehand.methods import available_methods, get_method
 
     if args.list_methods:
@@ -362,6 +366,8 @@ def _cmd_reconstruct(args) -> int:
             m = get_method(name)
             print(f"{name:10s} {m.description}")
         return 0
+    if not args.sweep:
+        raise InputError("freehand reconstruct: expected an input sweep file SWEEP.h5")
     if not (args.out_sweep or args.out_volume or args.png):
         print("ultrasound-ai freehand reconstruct: no output asked for (--out-sweep, --out-volume, --png); "
               "computing the poses only", file=sys.stderr)
@@ -395,22 +401,20 @@ def _cmd_reconstruct(args) -> int:
     return 0
 
 
-def add_evaluate_parser(sub) -> None:
-    """`ultrasound-ai freehand evaluate EST.h5 --truth SWEEP.h5`."""
-    p = sub.add_parser(
-        "evaluate",
-        help="compare an estimate file with the true poses (prints JSON metrics)",
-        description="Print the FiMA Table-1 and TUS-REC metrics of an estimate file against a sweep with true "
+def add_evaluate_arguments(p) -> None:
+    """Arguments of `ultrasound-ai freehand evaluate EST.h5 --truth SWEEP.h5` (registered in freehand/cli.py)."""
+    p.description = (
+        "Print the FiMA Table-1 and TUS-REC metrics of an estimate file against a sweep with true "
                     "tforms, as JSON whose keys carry their units (fdr_pct, adr_pct, md_mm, sd_mm, hd_mm, "
-                    "mea_deg, gpe_mm, lpe_mm).",
+                    "mea_deg, gpe_mm, lpe_mm)."
     )
     p.add_argument("estimate", metavar="EST.h5", help="estimate file written by `freehand reconstruct --out-sweep`")
     p.add_argument("--truth", required=True, metavar="SWEEP.h5", help="the sweep file with the true tforms")
     p.add_argument("--out", metavar="METRICS.json", help="also write the JSON to this file")
-    p.set_defaults(func=_cmd_evaluate)
 
 
-def _cmd_evaluate(args) -> int:
+def evaluate_command(args) -> int:
+    """The `freehand evaluate` verb."""
     from ultrasound_ai.core.atomic import atomic_output
 
     metrics = evaluate_files(args.estimate, args.truth)

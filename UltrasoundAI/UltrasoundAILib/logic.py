@@ -1,0 +1,602 @@
+"""UltrasoundAI Logic: freehand 3D reconstruction of a sweep held in a sequence browser (or a file).
+
+Imports ``slicer``, ``vtk`` and the engine, never ``qt`` or ``ctk``: it runs inside the Slicer
+application and, for the tests, with the slicer-core wheel.
+
+    logic = UltrasoundAILogic()
+    browser = logic.load_sweep("sweep.h5")                       # sweep file -> browser (+ IMU table)
+    nodes = logic.run({"inputBrowser": browser, "method": "imu"})  # blocking: job, then nodes
+    launcher = logic.start(parameters)                           # non-blocking (the Widget's Apply)
+    ... launcher.drain() from a timer ...; logic.cancel()
+    nodes = logic.load_results(launcher.wait(), parameters)
+
+Parameters are a dict or any object (the Widget's parameter node wrapper) with these names:
+inputBrowser (vtkMRMLSequenceBrowserNode) or inputSweepFile (path; used when there is no browser),
+method ("tracked" | "imu" | any registered pose method), device ("auto", "cpu", "cuda[:N]", "mps"),
+outputSpacing (mm), compounding ("mean" | "max" | "latest"), fillHoles ("none" | "gaussian" |
+"nearest"), outputVolume / outputTrajectory (nodes to fill; found or created by name when None),
+createNewNodes (bool: new nodes instead of replacing the previous run's).
+
+IMU data in a scene. A browser carries IMU samples as a vtkMRMLTableNode referenced from the browser
+with the node reference role ``UltrasoundAI.IMU`` (IMU_TABLE_ROLE): one row per (imu, frame), imu-major,
+columns ``imu``, ``frame``, ``acc_x_m_s2`` .. ``acc_z_m_s2`` (the contract's specific force, IMU axes)
+and ``euler_x_deg`` .. ``euler_z_deg`` (static-xyz Euler angles of the IMU orientation), float32 as in
+the sweep file; table attributes ``UltrasoundAI.ImuPositionMm`` (JSON [M][3], image mm; optional)
+and ``UltrasoundAI.FrameRateHz`` (when the frames have no timestamps). A table saves with the scene
+(.tsv), so a saved and reopened scene keeps its IMU data; no side file is needed.
+The browser also records the sweep file it was loaded from (``UltrasoundAI.SweepFile``), for reuse.
+
+Results (load_results), named after the browser and the method so that running the same method
+again replaces its nodes and another method adds its own (createNewNodes=True keeps them all):
+  "<browser>-<method>-ImageToReference"  estimated pixel -> RAS transform sequence in the browser
+  "<browser>-<method>-Volume"            the reconstruction (volume rendering on where available)
+  "<browser>-<method>-Trajectory"        markups curve through the frame centres
+  "<browser>-<method>-Metrics"           vtkMRMLTableNode, only when the sweep has tracked poses
+Estimates are in the contract's frame (frame 0 = identity, DESIGN.md), so the estimated transforms,
+the volume and the trajectory agree with each other; the tracked ImageToReference of the input
+browser stays in the tracker's frame.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import vtk
+
+import slicer
+
+from ultrasound_ai.core.errors import InputError
+
+try:  # the Slicer application; slicer-core has no ScriptedLoadableModule
+    from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic as _LogicBase
+except ImportError:  # pragma: no cover - depends on the environment
+    _LogicBase = object
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "freehand.reconstruct"
+METHODS = ("tracked", "imu")  # offered in the panel; FiMA and MoGLo-Net join later
+DEVICES = ("auto", "cpu", "cuda", "mps")
+COMPOUNDING = ("mean", "max", "latest")
+FILL_HOLES = ("none", "gaussian", "nearest")
+
+IMU_TABLE_ROLE = "UltrasoundAI.IMU"
+SWEEP_FILE_ATTRIBUTE = "UltrasoundAI.SweepFile"
+IMU_POSITION_ATTRIBUTE = "UltrasoundAI.ImuPositionMm"
+FRAME_RATE_ATTRIBUTE = "UltrasoundAI.FrameRateHz"
+OUTPUT_ATTRIBUTE = "UltrasoundAI.Output"  # kind of result node: volume, trajectory, metrics, estimate
+METHOD_ATTRIBUTE = "UltrasoundAI.Method"
+_ACC_COLUMNS = ("acc_x_m_s2", "acc_y_m_s2", "acc_z_m_s2")
+_EULER_COLUMNS = ("euler_x_deg", "euler_y_deg", "euler_z_deg")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameters
+
+
+@dataclass
+class ReconstructionParameters:
+    """The Logic's view of the panel, read from a dict or a parameter node wrapper."""
+
+    inputBrowser: Any = None
+    inputSweepFile: str | None = None
+    method: str = "imu"
+    device: str = "auto"
+    outputSpacing: float = 0.5
+    compounding: str = "mean"
+    fillHoles: str = "none"
+    outputVolume: Any = None
+    outputTrajectory: Any = None
+    createNewNodes: bool = False
+
+    @classmethod
+    def from_any(cls, parameters) -> "ReconstructionParameters":
+        if isinstance(parameters, cls):
+            return parameters
+        if parameters is None:
+            raise InputError("parameters: expected a dict or a parameter node with inputBrowser or inputSweepFile")
+        fields = cls.__dataclass_fields__
+        if isinstance(parameters, dict):
+            unknown = sorted(set(parameters) - set(fields))
+            if unknown:
+                raise InputError(f"parameters: unknown name(s) {unknown}; expected some of {sorted(fields)}")
+            values = dict(parameters)
+        else:
+            values = {k: getattr(parameters, k) for k in fields if hasattr(parameters, k)}
+        out = cls(**values)
+        out.inputSweepFile = _path_or_none(out.inputSweepFile)
+        out.method = str(out.method or "").strip()
+        out.device = str(out.device or "auto").strip().lower()
+        try:
+            out.outputSpacing = float(out.outputSpacing)
+        except (TypeError, ValueError):
+            raise InputError(f"outputSpacing: expected a voxel size in mm, got {out.outputSpacing!r}") from None
+        if not (np.isfinite(out.outputSpacing) and out.outputSpacing > 0):
+            raise InputError(f"outputSpacing: expected a positive voxel size in mm, got {out.outputSpacing}")
+        if out.compounding not in COMPOUNDING:
+            raise InputError(f"compounding: expected one of {', '.join(COMPOUNDING)}, got {out.compounding!r}")
+        if out.fillHoles not in FILL_HOLES:
+            raise InputError(f"fillHoles: expected one of {', '.join(FILL_HOLES)}, got {out.fillHoles!r}")
+        if not out.method:
+            raise InputError(f"method: expected one of {', '.join(METHODS)} (or another registered method)")
+        if out.inputBrowser is None and out.inputSweepFile is None:
+            raise InputError("input: select a sequence browser (inputBrowser) or a sweep file (inputSweepFile)")
+        if out.inputBrowser is not None and not isinstance(out.inputBrowser, slicer.vtkMRMLSequenceBrowserNode):
+            raise InputError(
+                f"inputBrowser: expected a vtkMRMLSequenceBrowserNode, got {type(out.inputBrowser).__name__}"
+            )
+        return out
+
+
+def _path_or_none(value) -> str | None:
+    # The wrapper's pathlib.Path field reads "." when the path line edit is empty.
+    if value is None:
+        return None
+    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    text = text.strip()
+    return None if text in ("", ".") else text
+
+
+# ---------------------------------------------------------------------------------------------------
+# IMU table
+
+
+def _float_column(name: str, values) -> vtk.vtkFloatArray:
+    array = vtk.vtkFloatArray()
+    array.SetName(name)
+    array.SetNumberOfValues(len(values))
+    for k, v in enumerate(values):
+        array.SetValue(k, float(v))
+    return array
+
+
+def _int_column(name: str, values) -> vtk.vtkIntArray:
+    array = vtk.vtkIntArray()
+    array.SetName(name)
+    array.SetNumberOfValues(len(values))
+    for k, v in enumerate(values):
+        array.SetValue(k, int(v))
+    return array
+
+
+def imu_to_table(imu_acc, imu_euler_deg, imu_position_mm=None, frame_rate_hz=None, name="IMU", node=None, scene=None):
+    """A vtkMRMLTableNode holding IMU samples [M, N, 3] (see the module docstring for the layout)."""
+    acc = np.asarray(imu_acc, dtype=np.float32)
+    euler = np.asarray(imu_euler_deg, dtype=np.float32)
+    if acc.ndim != 3 or acc.shape[2] != 3 or acc.shape != euler.shape or acc.shape[0] < 1:
+        raise InputError(
+            f"imu_acc / imu_euler_deg: expected two arrays [M, N, 3] of the same shape, got {acc.shape} and {euler.shape}"
+        )
+    m, n, _ = acc.shape
+    scene = scene if scene is not None else slicer.mrmlScene
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    table = vtk.vtkTable()
+    imu_index, frame_index = np.meshgrid(np.arange(m), np.arange(n), indexing="ij")
+    table.AddColumn(_int_column("imu", imu_index.reshape(-1)))
+    table.AddColumn(_int_column("frame", frame_index.reshape(-1)))
+    for c, col in enumerate(_ACC_COLUMNS):
+        table.AddColumn(_float_column(col, acc[:, :, c].reshape(-1)))
+    for c, col in enumerate(_EULER_COLUMNS):
+        table.AddColumn(_float_column(col, euler[:, :, c].reshape(-1)))
+    node.SetAndObserveTable(table)
+    _column_titles_as_header(node)
+    node.SetAttribute(IMU_POSITION_ATTRIBUTE, json.dumps(np.asarray(imu_position_mm, float).tolist())
+                      if imu_position_mm is not None else None)
+    node.SetAttribute(FRAME_RATE_ATTRIBUTE, repr(float(frame_rate_hz)) if frame_rate_hz is not None else None)
+    return node
+
+
+def table_to_imu(node) -> dict:
+    """Inverse of imu_to_table: {"imu_acc", "imu_euler_deg" float32 [M, N, 3], "imu_position_mm" or
+    None, "frame_rate_hz" or None}."""
+    if not isinstance(node, slicer.vtkMRMLTableNode):
+        raise InputError(f"IMU table: expected a vtkMRMLTableNode, got {type(node).__name__}")
+    table = node.GetTable()
+    what = f"IMU table {node.GetName()!r}"
+
+    def column(col: str) -> np.ndarray:
+        array = table.GetColumnByName(col)
+        if array is None:
+            raise InputError(f"{what}: missing column {col!r}; expected imu, frame, {', '.join(_ACC_COLUMNS + _EULER_COLUMNS)}")
+        return np.array([array.GetValue(k) for k in range(array.GetNumberOfTuples())])
+
+    imu, frame = column("imu").astype(int), column("frame").astype(int)
+    if imu.size == 0:
+        raise InputError(f"{what}: has no rows")
+    m, n = int(imu.max()) + 1, int(frame.max()) + 1
+    if imu.size != m * n or not np.array_equal(imu * n + frame, np.arange(m * n)):
+        raise InputError(f"{what}: expected one row per (imu, frame), imu-major, for {m} IMUs x {n} frames")
+    acc = np.stack([column(c) for c in _ACC_COLUMNS], axis=-1).astype(np.float32).reshape(m, n, 3)
+    euler = np.stack([column(c) for c in _EULER_COLUMNS], axis=-1).astype(np.float32).reshape(m, n, 3)
+    position = node.GetAttribute(IMU_POSITION_ATTRIBUTE)
+    rate = node.GetAttribute(FRAME_RATE_ATTRIBUTE)
+    try:
+        position = np.asarray(json.loads(position), dtype=np.float64) if position else None
+        rate = float(rate) if rate else None
+    except ValueError as exc:
+        raise InputError(f"{what}: unreadable attribute ({exc})") from exc
+    return {"imu_acc": acc, "imu_euler_deg": euler, "imu_position_mm": position, "frame_rate_hz": rate}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Logic
+
+
+class UltrasoundAILogic(_LogicBase):
+    """Processing behind the UltrasoundAI panel; usable from the Python console and tests."""
+
+    def __init__(self, workdir: str | os.PathLike | None = None, python: str | None = None):
+        if _LogicBase is not object:
+            _LogicBase.__init__(self)
+        # Inputs and outputs of the jobs live here (kept after the run: the NRRD and the estimate are
+        # the user's results too). Inside Slicer the default is its temporary folder.
+        self._workdir_arg = Path(workdir) if workdir is not None else None
+        self.python = python
+        self.launcher = None
+        self._pending: dict | None = None
+
+    # -- folders -------------------------------------------------------------------------------------
+    @property
+    def workdir(self) -> Path:
+        if self._workdir_arg is None:
+            base = None
+            app = getattr(slicer, "app", None)
+            if app is not None and getattr(app, "temporaryPath", None):
+                base = app.temporaryPath
+            self._workdir_arg = Path(tempfile.mkdtemp(prefix="UltrasoundAI-", dir=base))
+        self._workdir_arg.mkdir(parents=True, exist_ok=True)
+        return self._workdir_arg
+
+    # -- inputs --------------------------------------------------------------------------------------
+    def load_sweep(self, path, name: str | None = None, scene=None):
+        """A sweep file (DESIGN.md contract) as a sequence browser: image sequence, ImageToReference
+        transforms when the file has tforms, and the IMU table when it has IMU data. A browser loaded
+        earlier from the same file is reused (replaced)."""
+        from ultrasound_ai.io.sweep import read_sweep
+        from ultrasound_ai.mrml import resolve_scene, sweep_to_browser
+
+        path = Path(path).expanduser().resolve()
+        sweep = read_sweep(path)
+        scene = resolve_scene(scene)
+        for old in list(scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")):
+            if old.GetAttribute(SWEEP_FILE_ATTRIBUTE) == str(path):
+                self.remove_browser(old)
+        browser = sweep_to_browser(
+            sweep.frames, sweep.pixel_spacing_xy, sweep.tforms, sweep.timestamps_s, name=name or path.stem, scene=scene
+        )
+        browser.SetAttribute(SWEEP_FILE_ATTRIBUTE, str(path))
+        if sweep.imu_acc is not None and sweep.imu_euler_deg is not None:
+            table = imu_to_table(
+                sweep.imu_acc, sweep.imu_euler_deg, sweep.imu_position_mm,
+                sweep.frame_rate_hz if sweep.timestamps_s is None else None,
+                name=f"{browser.GetName()}-IMU", scene=scene,
+            )
+            browser.SetAndObserveNodeReferenceID(IMU_TABLE_ROLE, table.GetID())
+        return browser
+
+    @staticmethod
+    def remove_browser(browser) -> None:
+        """Remove a browser with its sequences, proxy nodes and IMU table."""
+        from ultrasound_ai.mrml.sequences import _browser_sequences
+
+        scene = browser.GetScene()
+        if scene is None:
+            return
+        nodes = []
+        for seq in _browser_sequences(browser) if browser.GetMasterSequenceNode() is not None else []:
+            nodes += [browser.GetProxyNode(seq), seq]
+        nodes.append(browser.GetNodeReference(IMU_TABLE_ROLE))
+        scene.RemoveNode(browser)
+        for node in nodes:
+            _remove_with_helpers(scene, node)
+
+    def prepare_inputs(self, source, workdir: str | os.PathLike | None = None) -> Path:
+        """The sweep file a job reads: `source` is a sweep file path (checked, used as it is) or a
+        vtkMRMLSequenceBrowserNode (written through the bridge to <workdir>/<browser name>.h5, with its
+        IMU table when it has one). Raises InputError naming what is missing."""
+        from ultrasound_ai.io.sweep import Sweep, read_sweep, write_sweep
+        from ultrasound_ai.mrml import browser_to_sweep
+
+        if isinstance(source, (str, os.PathLike)):
+            path = Path(source).expanduser().resolve()
+            read_sweep(path)  # a bad file fails here, with its name, before any job starts
+            return path
+        if not isinstance(source, slicer.vtkMRMLSequenceBrowserNode):
+            raise InputError(
+                f"input: expected a sweep file path or a vtkMRMLSequenceBrowserNode, got {type(source).__name__}"
+            )
+        name = source.GetName() or "Sweep"
+        master = source.GetMasterSequenceNode()
+        if master is None or master.GetNumberOfDataNodes() == 0:
+            raise InputError(
+                f"input browser {name!r}: has no frames; expected an image sequence of at least 2 ultrasound frames"
+            )
+        data = browser_to_sweep(source)
+        frames = data["frames"]
+        if frames.dtype != np.uint8:
+            raise InputError(f"input browser {name!r}: frames are {frames.dtype}; expected 8-bit (uint8) B-mode images")
+        imu = {}
+        table = source.GetNodeReference(IMU_TABLE_ROLE)
+        if table is not None:
+            imu = table_to_imu(table)
+            if imu["imu_acc"].shape[1] != frames.shape[0]:
+                raise InputError(
+                    f"IMU table {table.GetName()!r}: has samples for {imu['imu_acc'].shape[1]} frames, "
+                    f"the browser {name!r} holds {frames.shape[0]}"
+                )
+        sweep = Sweep(
+            frames=frames,
+            pixel_spacing_xy=tuple(float(s) for s in data["pixel_spacing_mm"]),
+            tforms=data["tforms"],
+            timestamps_s=data["timestamps_s"],
+            frame_rate_hz=imu.get("frame_rate_hz"),
+            imu_acc=imu.get("imu_acc"),
+            imu_euler_deg=imu.get("imu_euler_deg"),
+            imu_position_mm=imu.get("imu_position_mm"),
+            attrs={"source": f"Slicer sequence browser {name}"},
+        )
+        if sweep.tforms is not None:
+            # The bridge's pixel -> RAS -> image-mm conversion leaves ~1e-16 rounding; keep the
+            # contract's exact last row.
+            sweep.tforms[:, 3, :] = [0.0, 0.0, 0.0, 1.0]
+        folder = Path(workdir) if workdir is not None else self.workdir
+        path = folder / f"{_safe_name(name)}.h5"
+        write_sweep(sweep.validate(name=f"input browser {name!r}"), path)
+        return path
+
+    # -- running -------------------------------------------------------------------------------------
+    def _job(self, params: ReconstructionParameters, sweep_path: Path, stem: str) -> dict:
+        out = self.workdir
+        return {
+            "task": TASK_NAME,
+            "inputs": {"sweep": str(sweep_path)},
+            "outputs": {
+                "estimate": str(out / f"{stem}-{params.method}-estimate.h5"),
+                "volume": str(out / f"{stem}-{params.method}-volume.nrrd"),
+            },
+            "parameters": {
+                "method": params.method,
+                "spacing_mm": params.outputSpacing,
+                "compounding": params.compounding,
+                "fill_holes": params.fillHoles,
+            },
+            "device": params.device,
+        }
+
+    def start(self, parameters, on_event: Callable[[dict], None] | None = None, *, task: str | None = None,
+              env: dict | None = None):
+        """Write the inputs and start the reconstruction job in a background process; returns its
+        JobLauncher at once (drain() its events from a timer). `task` and `env` choose another task
+        name and add to the worker's environment (plug-ins and tests)."""
+        from ultrasound_ai.jobs import JobLauncher
+
+        if self.launcher is not None and not self.launcher.done:
+            raise RuntimeError("a reconstruction is already running; cancel it or wait for it first")
+        params = ReconstructionParameters.from_any(parameters)
+        self._check_method(params.method)
+        source = params.inputBrowser if params.inputBrowser is not None else params.inputSweepFile
+        sweep_path = self.prepare_inputs(source)
+        stem = _safe_name(params.inputBrowser.GetName() if params.inputBrowser is not None else Path(sweep_path).stem)
+        job = self._job(params, sweep_path, stem)
+        if task is not None:
+            job["task"] = task
+        self._pending = {"parameters": params, "sweep": sweep_path, "job": job}
+        self.launcher = JobLauncher(job, python=self.python, on_event=on_event, env=env).start()
+        return self.launcher
+
+    @staticmethod
+    def _check_method(method: str) -> None:
+        from ultrasound_ai.freehand.methods import available_methods
+
+        known = available_methods()
+        if method not in known:
+            raise InputError(f"method: unknown pose method {method!r}; available: {', '.join(known)}")
+
+    def run(self, parameters, on_event=None, wait: bool = True, timeout: float | None = None, **start_kwargs):
+        """Start the job; with wait=True block until it ends and return load_results' nodes (raising
+        InputError / RuntimeError when the job failed, Cancelled when it was cancelled). With
+        wait=False return the JobLauncher, as start() does."""
+        launcher = self.start(parameters, on_event=on_event, **start_kwargs)
+        if not wait:
+            return launcher
+        try:
+            result = launcher.wait(timeout)
+        except BaseException:
+            launcher.cancel(grace_s=2.0)
+            launcher.wait()
+            raise
+        return self.load_results(result, parameters)
+
+    def cancel(self) -> None:
+        """Ask the running job to stop; it is killed with its whole process tree after a grace period."""
+        if self.launcher is not None and not self.launcher.done:
+            self.launcher.cancel()
+
+    # -- results -------------------------------------------------------------------------------------
+    def load_results(self, result, parameters) -> dict:
+        """Turn a finished job into nodes (see the module docstring); returns {"estimate": sequence,
+        "volume": volume node, "trajectory": curve node, "metrics": table node or None, "browser":
+        browser, "result": the task's result dict}. A failed job raises InputError (bad input) or
+        RuntimeError with the job's message; a cancelled one raises Cancelled. Nothing is created then."""
+        from ultrasound_ai.core.errors import Cancelled
+        from ultrasound_ai.io.sweep import read_sweep
+        from ultrasound_ai.io.volume import read_volume
+        from ultrasound_ai.mrml import show_volume_rendering, trajectory_to_curve, volume_to_node
+
+        if hasattr(result, "wait") and hasattr(result, "drain"):  # a JobLauncher
+            result = result.wait()
+        params = ReconstructionParameters.from_any(parameters)
+        if result.status == "cancelled":
+            raise Cancelled(result.error or "reconstruction cancelled")
+        if not result.ok:
+            message = f"reconstruction failed: {result.error}"
+            raise InputError(message) if result.exit_code == 2 else RuntimeError(message)
+        payload = result.result or {}
+        estimate_path = Path(result.outputs.get("estimate") or payload.get("estimate", ""))
+        volume_path = Path(result.outputs.get("volume") or payload.get("volume", ""))
+        estimate = read_sweep(estimate_path)
+        volume = read_volume(volume_path)
+        method = str(payload.get("method") or params.method)
+
+        browser = params.inputBrowser
+        if browser is None or browser.GetScene() is None:
+            browser = self._browser_for_file(params.inputSweepFile)
+        scene = browser.GetScene()
+        base = f"{browser.GetName()}-{method}"
+        new = bool(params.createNewNodes)
+
+        sequence = self._estimate_sequence(browser, estimate.tforms, estimate.pixel_spacing_xy, f"{base}-ImageToReference", new)
+        sequence.SetAttribute(METHOD_ATTRIBUTE, method)
+
+        volume_node = params.outputVolume or self._find_output(scene, "vtkMRMLScalarVolumeNode", f"{base}-Volume", "volume", new)
+        volume_node = volume_to_node(volume, name=f"{base}-Volume", node=volume_node, scene=scene)
+        self._tag(volume_node, "volume", method)
+        try:
+            show_volume_rendering(volume_node, preset="US-Fetal")
+        except Exception as exc:  # noqa: BLE001 - a missing renderer must not lose the results
+            log.warning("UltrasoundAI: volume rendering not shown: %s", exc)
+
+        curve = params.outputTrajectory or self._find_output(scene, "vtkMRMLMarkupsCurveNode", f"{base}-Trajectory", "trajectory", new)
+        curve = trajectory_to_curve(frame_centres_lps(estimate), name=f"{base}-Trajectory", node=curve, scene=scene)
+        self._tag(curve, "trajectory", method)
+
+        metrics_node = None
+        metrics = payload.get("metrics")
+        if metrics:
+            metrics_node = self._find_output(scene, "vtkMRMLTableNode", f"{base}-Metrics", "metrics", new)
+            metrics_node = metrics_to_table(metrics, name=f"{base}-Metrics", node=metrics_node, scene=scene)
+            self._tag(metrics_node, "metrics", method)
+        self._pending = None
+        return {"estimate": sequence, "volume": volume_node, "trajectory": curve, "metrics": metrics_node,
+                "browser": browser, "result": payload}
+
+    def _browser_for_file(self, sweep_file):
+        if sweep_file is None:
+            raise InputError("input: no browser and no sweep file to attach the results to")
+        path = str(Path(sweep_file).expanduser().resolve())
+        for browser in slicer.mrmlScene.GetNodesByClass("vtkMRMLSequenceBrowserNode"):
+            if browser.GetAttribute(SWEEP_FILE_ATTRIBUTE) == path:
+                return browser
+        return self.load_sweep(path)
+
+    @staticmethod
+    def _tag(node, kind: str, method: str) -> None:
+        node.SetAttribute(OUTPUT_ATTRIBUTE, kind)
+        node.SetAttribute(METHOD_ATTRIBUTE, method)
+
+    @staticmethod
+    def _find_output(scene, class_name: str, name: str, kind: str, new: bool):
+        """The previous run's node of this name and kind (replaced), or None (a new one is made).
+        With new=True a unique name is used instead, so earlier results stay."""
+        if new:
+            return scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
+        for node in scene.GetNodesByClassByName(class_name, name) if hasattr(scene, "GetNodesByClassByName") else []:
+            if node.GetAttribute(OUTPUT_ATTRIBUTE) == kind:
+                return node
+        for node in scene.GetNodesByClass(class_name):
+            if node.GetName() == name and node.GetAttribute(OUTPUT_ATTRIBUTE) == kind:
+                return node
+        return None
+
+    @staticmethod
+    def _estimate_sequence(browser, tforms, spacing, name: str, new: bool):
+        """Add the estimate to the browser, removing a previous sequence of the same name (and its
+        proxy) unless new=True."""
+        from ultrasound_ai.mrml import poses_to_transform_sequence
+        from ultrasound_ai.mrml.sequences import _browser_sequences
+
+        scene = browser.GetScene()
+        if new:
+            name = scene.GenerateUniqueName(name)
+        else:
+            for seq in _browser_sequences(browser):
+                if seq.GetName() == name and seq.GetAttribute(OUTPUT_ATTRIBUTE) == "estimate":
+                    proxy = browser.GetProxyNode(seq)
+                    browser.RemoveSynchronizedSequenceNode(seq.GetID())
+                    _remove_with_helpers(scene, proxy)
+                    _remove_with_helpers(scene, seq)
+        seq = poses_to_transform_sequence(browser, tforms, spacing, name=name)
+        seq.SetAttribute(OUTPUT_ATTRIBUTE, "estimate")
+        proxy = browser.GetProxyNode(seq)
+        if proxy is not None:
+            proxy.SetName(name)
+        return seq
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers shared with the scenarios
+
+
+def frame_centres_lps(sweep) -> np.ndarray:
+    """[N, 3] LPS mm of each frame's centre, (W-1)/2 columns and (H-1)/2 rows from pixel (0, 0)."""
+    n, h, w = sweep.frames.shape
+    sx, sy = sweep.pixel_spacing_xy
+    centre = np.array([(w - 1) / 2.0 * sx, (h - 1) / 2.0 * sy, 0.0, 1.0])
+    return (np.asarray(sweep.tforms) @ centre)[:, :3]
+
+
+def metrics_to_table(metrics: dict, name: str = "Metrics", node=None, scene=None):
+    """A two-column vtkMRMLTableNode: "metric" (names carrying their units, e.g. fdr_pct) and "value"."""
+    if not isinstance(metrics, dict) or not metrics:
+        raise InputError(f"metrics: expected a non-empty dict of name -> number, got {metrics!r}")
+    scene = scene if scene is not None else slicer.mrmlScene
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    names = vtk.vtkStringArray()
+    names.SetName("metric")
+    values = vtk.vtkDoubleArray()
+    values.SetName("value")
+    for key, value in metrics.items():
+        names.InsertNextValue(str(key))
+        values.InsertNextValue(float("nan") if value is None else float(value))
+    table = vtk.vtkTable()
+    table.AddColumn(names)
+    table.AddColumn(values)
+    node.SetAndObserveTable(table)
+    _column_titles_as_header(node)
+    return node
+
+
+def table_to_metrics(node) -> dict:
+    """Inverse of metrics_to_table."""
+    table = node.GetTable()
+    names, values = table.GetColumnByName("metric"), table.GetColumnByName("value")
+    if names is None or values is None:
+        raise InputError(f"metrics table {node.GetName()!r}: expected the columns 'metric' and 'value'")
+    return {names.GetValue(k): values.GetValue(k) for k in range(table.GetNumberOfRows())}
+
+
+def _remove_with_helpers(scene, node) -> None:
+    """Remove a node with its storage and display nodes (the scene keeps them otherwise)."""
+    if node is None or node.GetScene() is not scene:
+        return
+    helpers = []
+    for getter in ("GetNumberOfStorageNodes", "GetNumberOfDisplayNodes"):
+        if hasattr(node, getter):
+            nth = node.GetNthStorageNode if "Storage" in getter else node.GetNthDisplayNode
+            helpers += [nth(k) for k in range(getattr(node, getter)())]
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and helper.GetScene() is scene:
+            scene.RemoveNode(helper)
+
+
+def _column_titles_as_header(node) -> None:
+    # Renamed in Slicer 5.9 (the old name warns); older Slicer has only the old one.
+    if hasattr(node, "SetUseColumnTitleAsColumnHeader"):
+        node.SetUseColumnTitleAsColumnHeader(True)
+    else:
+        _column_titles_as_header(node)
+
+
+def _safe_name(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).strip("._")
+    return keep or "Sweep"

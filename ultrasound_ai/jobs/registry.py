@@ -27,6 +27,7 @@ EXTRA_TASKS_ENV = "ULTRASOUND_AI_EXTRA_TASKS"
 # name -> "module:function". One line per task.
 TASKS: dict[str, str] = {
     "diagnostics": "ultrasound_ai.core.diagnostics:diagnostics_task",
+    "freehand.reconstruct": "ultrasound_ai.freehand.tasks:reconstruct_task",
 }
 
 

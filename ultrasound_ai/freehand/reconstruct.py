@@ -66,6 +66,7 @@ class ReconstructionRun:
     tforms: np.ndarray
     imu_weights: Optional[np.ndarray] = None
     volume: object = None  # io.volume.Volume (float32) when a volume was made
+    coverage: object = None  # io.volume.Volume (uint8): 1 where a pixel was pasted
     coverage_fraction: Optional[float] = None
     spacing_mm: Optional[float] = None
     metrics: Optional[dict] = None
@@ -242,6 +243,7 @@ def run_reconstruction(sweep, method: str = "tracked", *, out_sweep=None, out_vo
                                     fill_holes=fill_holes, fill_kernel_mm=fill_kernel_mm, device=device,
                                     progress=vol_progress)
         run.volume = result.volume
+        run.coverage = result.coverage
         run.spacing_mm = spacing
         run.coverage_fraction = float(np.mean(result.coverage.array > 0))
         seconds["volume"] = time.perf_counter() - t0

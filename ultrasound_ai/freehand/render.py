@@ -140,17 +140,18 @@ def _volume_prop(img, matrix, lo: float, hi: float, mode: str):
     span = max(hi - lo, 1e-6)
     # Warm grey ramp; uncovered voxels (0) and dark speckle stay transparent so structures show through.
     colour.AddRGBPoint(lo, 0.0, 0.0, 0.0)
-    colour.AddRGBPoint(lo + 0.35 * span, 0.45, 0.42, 0.38)
-    colour.AddRGBPoint(lo + 0.7 * span, 0.85, 0.82, 0.76)
+    colour.AddRGBPoint(lo + 0.35 * span, 0.55, 0.5, 0.45)
+    colour.AddRGBPoint(lo + 0.7 * span, 0.95, 0.9, 0.82)
     colour.AddRGBPoint(hi, 1.0, 1.0, 0.97)
     if mode == "mip":
         opacity.AddPoint(lo, 0.0)
         opacity.AddPoint(hi, 1.0)
     else:
         opacity.AddPoint(0.0, 0.0)
-        opacity.AddPoint(lo + 0.25 * span, 0.0)
-        opacity.AddPoint(lo + 0.6 * span, 0.04)
-        opacity.AddPoint(hi, 0.35)
+        opacity.AddPoint(lo + 0.3 * span, 0.0)
+        opacity.AddPoint(lo + 0.55 * span, 0.12)
+        opacity.AddPoint(lo + 0.8 * span, 0.5)
+        opacity.AddPoint(hi, 0.9)
     prop = vtk.vtkVolumeProperty()
     prop.SetColor(colour)
     prop.SetScalarOpacity(opacity)
@@ -317,11 +318,11 @@ def render_reconstruction_png(volume, path, est_tforms=None, true_tforms=None, f
 
     if title:
         lines = str(title).splitlines()
-        renderer.AddActor2D(_text(lines[0], 0.02, 0.94, 20, bold=True))
+        renderer.AddViewProp(_text(lines[0], 0.02, 0.94, 20, bold=True))
         for i, line in enumerate(lines[1:]):
-            renderer.AddActor2D(_text(line, 0.02, 0.895 - 0.045 * i, 15, colour=(0.85, 0.88, 0.95)))
+            renderer.AddViewProp(_text(line, 0.02, 0.895 - 0.045 * i, 15, colour=(0.85, 0.88, 0.95)))
     for i, (label, colour) in enumerate(legend):
-        renderer.AddActor2D(_text("\u2014 " + label, 0.98, 0.04 + 0.045 * i, 16, colour=colour, bold=True,
+        renderer.AddViewProp(_text("\u2014 " + label, 0.98, 0.04 + 0.045 * i, 16, colour=colour, bold=True,
                                   right=True))
     nk, nj, ni = volume.array.shape
     times = "\u00d7"
@@ -329,7 +330,7 @@ def render_reconstruction_png(volume, path, est_tforms=None, true_tforms=None, f
     info = (f"volume {ni}{times}{nj}{times}{nk} voxels of "
             f"{times.join(f'{s:g}' for s in np.round(volume.spacing_xyz, 3))} mm, box "
             f"{times.join(f'{e:.0f}' for e in box_mm)} mm")
-    renderer.AddActor2D(_text(info, 0.02, 0.03, 13, colour=(0.7, 0.74, 0.82)))
+    renderer.AddViewProp(_text(info, 0.02, 0.03, 13, colour=(0.7, 0.74, 0.82)))
 
     window = _offscreen_window(width, height)
     window.AddRenderer(renderer)

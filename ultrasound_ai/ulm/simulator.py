@@ -253,19 +253,32 @@ class FlowSimulator:
                 alive[i[dead]] = False
                 ok = i[~dead]
                 s[ok] -= net.length_mm[seg[ok]]
+                old = seg[ok]
                 seg[ok] = pick[~dead]
+                self._keep_lateral(ok, old, seg[ok], net.offset[old] + net.n_points[old] - 1, net.offset[seg[ok]])
             if under.any():
                 i = np.nonzero(under)[0]
                 par = self.parent[seg[i]]
                 alive[i[par < 0]] = False
                 ok = i[par >= 0]
+                old = seg[ok]
                 seg[ok] = par[par >= 0]
                 s[ok] += net.length_mm[seg[ok]]
+                self._keep_lateral(ok, old, seg[ok], net.offset[old], net.offset[seg[ok]] + net.n_points[seg[ok]] - 1)
         s = np.clip(s, 0.0, net.length_mm[seg] * (1 - 1e-9))
         self.frame += 1
         alive &= self.death > self.frame
         self.seg, self.s = seg[alive], s[alive]
         self.rho, self.amp, self.ids, self.death = self.rho[alive], self.amp[alive], self.ids[alive], self.death[alive]
+
+    def _keep_lateral(self, idx, old_seg, new_seg, old_point, new_point) -> None:
+        """After bubbles `idx` crossed a junction (sample old_point of old_seg = sample new_point of
+        new_seg), re-express their lateral offset in the new segment so that their position stays
+        continuous: the two normals differ by the branching angle."""
+        net = self.network
+        p = net.points[old_point] + (self.rho[idx] * net.radius_mm[old_seg])[:, None] * net.normals[old_point]
+        lateral = np.einsum("ij,ij->i", p - net.points[new_point], net.normals[new_point])
+        self.rho[idx] = np.clip(lateral / net.radius_mm[new_seg], -0.98, 0.98)
 
     def _regulate(self, n_in_fov: int) -> None:
         # Gentle integral control of the population so the FOV count averages the target.

@@ -473,11 +473,12 @@ def reconstruct_volume(frames, tforms, pixel_spacing_xy, grid=None, spacing_mm=0
     crop = (slice(1, -1),) * 3
     if mode == "mean" and packed:
         a = acc.view(padded_kji)[crop].cpu().numpy()
-        hits = a >> _SUM_BITS
-        sums = a & ((1 << _SUM_BITS) - 1)
+        hits = np.empty(a.shape, dtype=np.int32)
+        np.right_shift(a, _SUM_BITS, out=hits, casting="unsafe")  # count < 2^23 fits int32
+        sums = np.bitwise_and(a, (1 << _SUM_BITS) - 1, out=a)  # in place: the accumulator is done
     elif mode == "mean":
         sums = acc.view(padded_kji)[crop].cpu().numpy()
-        hits = cnt.view(padded_kji)[crop].cpu().numpy().astype(np.int64)
+        hits = cnt.view(padded_kji)[crop].cpu().numpy()
     else:
         a = acc.view(padded_kji)[crop].cpu().numpy()
     return _result_from_accumulators(grid, mode, sums if mode == "mean" else a, hits if mode == "mean" else None,
@@ -486,17 +487,19 @@ def reconstruct_volume(frames, tforms, pixel_spacing_xy, grid=None, spacing_mm=0
 
 def _result_from_accumulators(grid, mode, acc, hits, fill_holes, fill_kernel_mm, fill_min_ratio):
     """Shared final step. mean: acc = int sums, hits = counts; max: acc = max or -1; latest: keys or -1."""
+    # Written into float32 outputs directly (no volume-sized int64/float64 temporaries); the mean is
+    # the float64 quotient of the exact integer sum and count, rounded once to float32.
+    values = np.zeros(acc.shape, dtype=np.float32)
     if mode == "mean":
         covered = hits > 0
-        values = np.zeros(acc.shape, dtype=np.float64)
-        np.divide(acc, hits, out=values, where=covered)
-        return _finish(grid, mode, values, covered, hits.astype(np.int32), fill_holes, fill_kernel_mm,
+        np.divide(acc, hits, out=values, where=covered, casting="same_kind")
+        return _finish(grid, mode, values, covered, hits.astype(np.int32, copy=False), fill_holes, fill_kernel_mm,
                        fill_min_ratio)
     covered = acc >= 0
     if mode == "max":
-        values = np.where(covered, acc, 0)
+        np.copyto(values, acc, where=covered, casting="unsafe")
     else:
-        values = np.where(covered, acc & 0xFF, 0)
+        np.bitwise_and(acc, 0xFF, out=values, where=covered, casting="unsafe")
     return _finish(grid, mode, values, covered, None, fill_holes, fill_kernel_mm, fill_min_ratio)
 
 

@@ -31,8 +31,15 @@ def simulate(args: argparse.Namespace) -> int:
             bar.update(done - bar.n)
 
         if args.pymust:
-            from ultrasound_ai.ulm.pymust_sim import simulate_pymust_to_file
+            try:
+                from ultrasound_ai.ulm.pymust_sim import simulate_pymust_to_file
+            except ModuleNotFoundError as exc:
+                if exc.name not in ("ultrasound_ai.ulm.pymust_sim", "pymust"):
+                    raise
+                from ultrasound_ai.core.errors import InputError
 
+                raise InputError(f"--pymust: the pymust frame formation is not available ({exc.name} missing); "
+                                 f"run without --pymust for the analytic-PSF simulator") from None
             simulate_pymust_to_file(args.out, cfg, progress=progress)
         else:
             from ultrasound_ai.ulm.simulator import simulate_to_file

@@ -257,3 +257,29 @@ def test_imu_estimate_is_identical_without_the_tracker_poses(linear_noisy):
     assert np.array_equal(with_truth.tforms, without.tforms)
     assert np.array_equal(with_truth.imu_weights, without.imu_weights)
     assert with_truth.attrs == without.attrs
+
+
+# ----------------------------------------------------------------------------------------------
+# Frozen benchmark set
+# ----------------------------------------------------------------------------------------------
+
+
+def test_benchmark_set_specs_and_manifest_checks(tmp_path):
+    from ultrasound_ai.freehand import benchmark_set
+    from ultrasound_ai.freehand.simulator import SIMULATOR_VERSION
+
+    specs = benchmark_set.benchmark_specs()
+    assert [s.seed for s in specs] == list(range(900_000, 900_020))
+    assert [s.tactic for s in specs] == [t for t in ("linear", "curved", "loop", "sector") for _ in range(5)]
+    tiny = dict(n_frames=3, frame_shape=(8, 10), pixel_spacing=0.5)
+    paths, manifest = benchmark_set.ensure_benchmark_set(tmp_path, **tiny)
+    assert manifest["simulator_version"] == SIMULATOR_VERSION and len(paths) == 20
+    assert [e["seed"] for e in manifest["sweeps"]] == [s.seed for s in specs]
+    first = paths[0].read_bytes()
+    # Reuse: nothing regenerated; a damaged file is regenerated identically (deterministic simulator).
+    paths[0].write_bytes(b"damaged")
+    again, manifest2 = benchmark_set.ensure_benchmark_set(tmp_path, **tiny)
+    assert again == paths and paths[0].read_bytes() == first and manifest2 == manifest
+    # Different settings than the cached set: refused, never mixed.
+    with pytest.raises(InputError, match="different settings"):
+        benchmark_set.ensure_benchmark_set(tmp_path, **{**tiny, "n_frames": 4})

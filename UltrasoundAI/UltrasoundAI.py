@@ -173,16 +173,15 @@ class UltrasoundAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.applyButton.enabled = False
             return
         with slicer.util.tryWithErrorDisplay("Failed to start the reconstruction.", waitCursor=True):
-            from ultrasound_ai.mrml.dependencies import ensure_dependencies
-
-            # First Apply inside Slicer: install what the engine needs, after asking.
-            ensure_dependencies(ask=slicer.util.confirmOkCancelDisplay)
+            # The Logic installs the engine's dependencies on first use, after asking.
             self._runParameters = self.logic_parameters()
             self.ui.statusLabel.text = "Starting..."
+            self._launcher = self.logic.start(self._runParameters)
             self.ui.progressBar.value = 0
             self.ui.progressBar.visible = True
-            self._launcher = self.logic.start(self._runParameters)
             self._timer.start()
+        if self._launcher is None:
+            self.ui.statusLabel.text = ""
         self._updateApplyButton()
 
     def logic_parameters(self):
@@ -240,8 +239,8 @@ class UltrasoundAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             text += "  No tracked poses in the sweep: no accuracy metrics."
         self.ui.statusLabel.text = text
-        self._parameterNode.outputVolume = nodes["volume"]
-        self._parameterNode.outputTrajectory = nodes["trajectory"]
+        # The parameter node's output selectors are left alone: a run with another method must not
+        # write into this method's nodes.
         slicer.util.setSliceViewerLayers(background=nodes["volume"], fit=True)
 
 

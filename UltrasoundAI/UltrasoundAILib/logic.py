@@ -233,9 +233,14 @@ def table_to_imu(node) -> dict:
 class UltrasoundAILogic(_LogicBase):
     """Processing behind the UltrasoundAI panel; usable from the Python console and tests."""
 
-    def __init__(self, workdir: str | os.PathLike | None = None, python: str | None = None):
+    def __init__(self, workdir: str | os.PathLike | None = None, python: str | None = None,
+                 ask: Callable[[str], bool] | None = None):
+        """`ask(text) -> bool` asks the user before the engine's dependencies are installed (inside
+        Slicer, first use only; default: slicer.util.confirmOkCancelDisplay)."""
         if _LogicBase is not object:
             _LogicBase.__init__(self)
+        self.ask = ask
+        self._dependencies_ready = False
         # Inputs and outputs of the jobs live here (kept after the run: the NRRD and the estimate are
         # the user's results too). Inside Slicer the default is its temporary folder.
         self._workdir_arg = Path(workdir) if workdir is not None else None
@@ -255,6 +260,20 @@ class UltrasoundAILogic(_LogicBase):
         self._workdir_arg.mkdir(parents=True, exist_ok=True)
         return self._workdir_arg
 
+    def ensure_dependencies(self) -> None:
+        """Inside the Slicer application, install what the engine needs (torch through SlicerPyTorch,
+        h5py, ...) after asking, once; outside it (slicer-core, tests) the environment is the user's."""
+        from ultrasound_ai.mrml import in_slicer_application
+
+        if self._dependencies_ready or not in_slicer_application():
+            return
+        from ultrasound_ai.mrml.dependencies import ensure_dependencies
+
+        ask = self.ask if self.ask is not None else slicer.util.confirmOkCancelDisplay
+        if not ensure_dependencies(ask=ask):
+            raise RuntimeError("UltrasoundAI needs PyTorch and a few Python packages; they were not installed")
+        self._dependencies_ready = True
+
     # -- inputs --------------------------------------------------------------------------------------
     def load_sweep(self, path, name: str | None = None, scene=None):
         """A sweep file (DESIGN.md contract) as a sequence browser: image sequence, ImageToReference
@@ -263,6 +282,7 @@ class UltrasoundAILogic(_LogicBase):
         from ultrasound_ai.io.sweep import read_sweep
         from ultrasound_ai.mrml import resolve_scene, sweep_to_browser
 
+        self.ensure_dependencies()  # reading HDF5 needs h5py
         path = Path(path).expanduser().resolve()
         sweep = read_sweep(path)
         scene = resolve_scene(scene)
@@ -381,6 +401,7 @@ class UltrasoundAILogic(_LogicBase):
         if self.launcher is not None and not self.launcher.done:
             raise RuntimeError("a reconstruction is already running; cancel it or wait for it first")
         params = ReconstructionParameters.from_any(parameters)
+        self.ensure_dependencies()
         self._check_method(params.method)
         source = params.inputBrowser if params.inputBrowser is not None else params.inputSweepFile
         sweep_path = self.prepare_inputs(source)

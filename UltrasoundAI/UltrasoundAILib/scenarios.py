@@ -74,8 +74,8 @@ def _partials(folder: Path) -> list:
 def reconstruct_scenario(sweep_path, method: str, workdir, browser=None, repeat: bool = False,
                          spacing_mm: float = 0.6) -> dict:
     """Load the sweep as a browser (unless given), run the Logic with `method` in a real job and check
-    every result node against the files the job wrote. With repeat=True run it again and check that
-    the second run replaced the first run's nodes. Returns {"logic", "browser", "nodes", ...}."""
+    every result node against the files the job wrote. With repeat=True load the results a second
+    time and check that they replaced the first nodes instead of adding new ones. Returns {"logic", "browser", "nodes", ...}."""
     from ultrasound_ai.core.geometry import LPS_TO_RAS, lps_to_ras_points
     from ultrasound_ai.freehand.metrics import evaluate_sweep
     from ultrasound_ai.io.sweep import read_sweep
@@ -174,7 +174,9 @@ def reconstruct_scenario(sweep_path, method: str, workdir, browser=None, repeat:
         scene = browser.GetScene()
         n_sync = len(_browser_sequences(browser))
         n_nodes = scene.GetNumberOfNodes()
-        again = logic.run(parameters)
+        # Replacement is load_results' business: loading the same job's result again must reuse the
+        # nodes (a second job would only cost time).
+        again = logic.load_results(logic.launcher.result, parameters)
         for kind in ("volume", "trajectory", "metrics"):
             _check(again[kind].GetID() == nodes[kind].GetID(), f"a repeated run made a new {kind} node instead of replacing it")
         _check(len(_browser_sequences(browser)) == n_sync, "a repeated run added another estimate sequence")

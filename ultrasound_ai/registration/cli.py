@@ -23,7 +23,12 @@ def simulate(args: argparse.Namespace) -> int:
     if args.cases < 1:
         raise InputError(f"--cases: expected at least 1, got {args.cases}")
     overrides = {"family": args.family} if args.family else {}
-    cfg = PhantomConfig.held_out(**overrides) if args.held_out else PhantomConfig(**overrides)
+    if args.held_out:
+        cfg = PhantomConfig.held_out(**overrides)
+    elif args.small:
+        cfg = PhantomConfig.small(**overrides)
+    else:
+        cfg = PhantomConfig(**overrides)
     out = Path(args.outdir)
     for n in tqdm(range(args.cases), desc="simulate", unit="case", disable=args.quiet):
         case = simulate_case(args.seed + n, cfg)
@@ -170,6 +175,7 @@ def add_parser(subparsers) -> None:
                    help="gland shape family (default ellipsoid_deformed; superquadric with --held-out)")
     p.add_argument("--held-out", action="store_true",
                    help="the held-out generator setting (superquadric gland, coarser voxels)")
+    p.add_argument("--small", action="store_true", help="coarse voxels (~1.25 mm): fast, for tests and demos")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=simulate)
 

@@ -3,7 +3,8 @@
 Euler3DTransform rotating about the fixed gland centroid (or the fixed image centre), started from the
 initial transform (or the volumes' physical positions, optionally re-centred by CenteredTransformInitializer),
 multi-resolution shrink 4/2/1 with smoothing 2/1/0 mm, regular-step gradient descent with physical-shift
-scales, random metric sampling with a fixed seed (same inputs, same result). An optional fixed mask (the
+scales, random metric sampling with a fixed seed (same inputs, same samples; ITK's multi-threaded sums can
+still differ in the last bits between runs). An optional fixed mask (the
 dilated gland label) restricts the metric to the prostate region; the TRUS zeros outside the fan are masked
 out of the moving image. Returns the fixed->moving LPS 4x4 (ITK convention, DESIGN.md).
 """

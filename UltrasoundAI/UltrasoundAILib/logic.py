@@ -17,6 +17,11 @@ outputSpacing (mm), compounding ("mean" | "max" | "latest"), fillHoles ("none" |
 "nearest"), outputVolume / outputTrajectory (nodes to fill; found or created by name when None),
 createNewNodes (bool: new nodes instead of replacing the previous run's).
 
+Files. The Logic's work folder (``workdir``; a new temporary folder by default, under Slicer's
+temporary path inside Slicer) holds a browser's exported sweep, ``inputs/<browser>.h5``, and the job's
+outputs, ``<name>-<method>-estimate.h5`` (a sweep contract file with the estimated tforms) and
+``<name>-<method>-volume.nrrd``; they stay there after the run. A sweep file input is read in place.
+
 IMU data in a scene. A browser carries IMU samples as a vtkMRMLTableNode referenced from the browser
 with the node reference role ``UltrasoundAI.IMU`` (IMU_TABLE_ROLE): one row per (imu, frame), imu-major,
 columns ``imu``, ``frame``, ``acc_x_m_s2`` .. ``acc_z_m_s2`` (the contract's specific force, IMU axes)
@@ -246,7 +251,6 @@ class UltrasoundAILogic(_LogicBase):
         self._workdir_arg = Path(workdir) if workdir is not None else None
         self.python = python
         self.launcher = None
-        self._pending: dict | None = None
 
     # -- folders -------------------------------------------------------------------------------------
     @property
@@ -367,7 +371,9 @@ class UltrasoundAILogic(_LogicBase):
             # The bridge's pixel -> RAS -> image-mm conversion leaves ~1e-16 rounding; keep the
             # contract's exact last row.
             sweep.tforms[:, 3, :] = [0.0, 0.0, 0.0, 1.0]
-        folder = Path(workdir) if workdir is not None else self.workdir
+        # A subfolder: a work folder that also holds the user's own sweep files must never have one
+        # overwritten by this export.
+        folder = Path(workdir) if workdir is not None else self.workdir / "inputs"
         path = folder / f"{_safe_name(name)}.h5"
         write_sweep(sweep.validate(name=f"input browser {name!r}"), path)
         return path
@@ -409,7 +415,6 @@ class UltrasoundAILogic(_LogicBase):
         job = self._job(params, sweep_path, stem)
         if task is not None:
             job["task"] = task
-        self._pending = {"parameters": params, "sweep": sweep_path, "job": job}
         self.launcher = JobLauncher(job, python=self.python, on_event=on_event, env=env).start()
         return self.launcher
 
@@ -495,7 +500,6 @@ class UltrasoundAILogic(_LogicBase):
             metrics_node = self._find_output(scene, "vtkMRMLTableNode", f"{base}-Metrics", "metrics", new)
             metrics_node = metrics_to_table(metrics, name=f"{base}-Metrics", node=metrics_node, scene=scene)
             self._tag(metrics_node, "metrics", method)
-        self._pending = None
         return {"estimate": sequence, "volume": volume_node, "trajectory": curve, "metrics": metrics_node,
                 "browser": browser, "result": payload}
 

@@ -204,16 +204,15 @@ def test_job_task_runs_in_the_worker(scanned, tmp_path, monkeypatch):
     from ultrasound_ai.jobs.worker import EventWriter, execute
 
     _, _, path = scanned
-    monkeypatch.setenv("ULTRASOUND_AI_EXTRA_TASKS", "ultrasound_ai.freehand.reconstruct:reconstruct_task=fh_recon")
     stream = io.StringIO()
-    job = {"task": "fh_recon", "inputs": {"sweep": str(path)},
+    job = {"task": "freehand.reconstruct", "inputs": {"sweep": str(path)},
            "outputs": {"estimate": str(tmp_path / "est.h5"), "volume": str(tmp_path / "vol.nrrd")},
            "parameters": {"method": "imu", "spacing_mm": 0.8}, "device": "cpu"}
     assert execute(job, EventWriter(stream)) == 0
     events = [json.loads(line) for line in stream.getvalue().splitlines()]
     result = events[-1]
     assert result["event"] == "result" and result["result"]["method"] == "imu"
-    assert result["result"]["outputs"]["volume"] == str(tmp_path / "vol.nrrd")
+    assert result["result"]["paths"]["volume"] == str(tmp_path / "vol.nrrd")
     assert any(e["event"] == "progress" and 0 < e["fraction"] < 1 for e in events)
     assert read_sweep(tmp_path / "est.h5").attrs["pose_method"] == "imu"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["est.h5", "vol.nrrd"]

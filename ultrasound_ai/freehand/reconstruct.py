@@ -38,7 +38,6 @@ __all__ = [
     "choose_grid",
     "run_reconstruction",
     "evaluate_files",
-    "reconstruct_task",
     "add_reconstruct_arguments",
     "add_evaluate_arguments",
     "reconstruct_command",
@@ -294,38 +293,6 @@ def _write_outputs(run: ReconstructionRun, sw, source, out_sweep, out_volume, ou
         report(0.95, "finishing outputs")
         run.outputs = dict(run.outputs)
     # Leaving the stack renamed every temporary file (or removed them all on an error).
-
-
-# ----------------------------------------------------------------------------------------------
-# Job task (for ultrasound_ai/jobs/registry.py: "freehand.reconstruct": "ultrasound_ai.freehand.reconstruct:reconstruct_task")
-# ----------------------------------------------------------------------------------------------
-
-_TASK_OUTPUTS = {"estimate": "out_sweep", "volume": "out_volume", "picture": "out_png"}
-_TASK_PARAMETERS = ("method", "spacing_mm", "compounding", "fill_holes", "fill_kernel_mm", "checkpoint",
-                    "method_params", "title")
-
-
-def reconstruct_task(job, ctx) -> dict:
-    """Job task "freehand.reconstruct": input "sweep" (HDF5); optional outputs "estimate" (.h5), "volume"
-    (.nrrd/.nii.gz/.mha) and "picture" (.png); parameters method (default "tracked"), spacing_mm,
-    compounding, fill_holes, fill_kernel_mm, checkpoint, method_params, title. Returns the run summary
-    (``ReconstructionRun.to_dict()``, output paths as the job names them)."""
-    if set(job.inputs) != {"sweep"}:
-        raise InputError(f"freehand.reconstruct: expected exactly one input named 'sweep', got {sorted(job.inputs)}")
-    unknown = sorted(set(job.outputs) - set(_TASK_OUTPUTS))
-    if unknown:
-        raise InputError(f"freehand.reconstruct: unknown output(s) {unknown}; expected some of {sorted(_TASK_OUTPUTS)}")
-    params = dict(job.parameters or {})
-    bad = sorted(set(params) - set(_TASK_PARAMETERS))
-    if bad:
-        raise InputError(f"freehand.reconstruct: unknown parameter(s) {bad}; expected some of {list(_TASK_PARAMETERS)}")
-    # The job gives temporary names that keep the final suffix; they become final only on success.
-    outs = {arg: ctx.output(name) for name, arg in _TASK_OUTPUTS.items() if ctx.has_output(name)}
-    run = run_reconstruction(job.inputs["sweep"], params.pop("method", "tracked"), device=job.device,
-                             progress=ctx.progress, cancel=lambda: ctx.cancelled, **outs, **params)
-    result = run.to_dict()
-    result["outputs"] = {name: str(job.outputs[name]) for name in _TASK_OUTPUTS if name in job.outputs}
-    return result
 
 
 # ----------------------------------------------------------------------------------------------

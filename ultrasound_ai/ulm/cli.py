@@ -54,6 +54,58 @@ def simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def process(args: argparse.Namespace) -> int:
+    """Localize, track and render an acquisition into a ULM result file (and optionally a PNG)."""
+    from ultrasound_ai.ulm.pipeline import UlmParams, process_acquisition
+
+    params = UlmParams(
+        bubbles_per_frame=None if args.counting_network else args.bubbles_per_frame,
+        counting_network=args.counting_network,
+        svd_cutoff=None if args.svd_cutoff <= 0 else args.svd_cutoff,
+        band_hz=tuple(args.band) if args.band else None,
+        block_frames=args.block_frames,
+        link_distance_px=args.link_distance,
+        max_gap=args.max_gap,
+        min_track_length=args.min_track_length,
+        resolution_factor=args.resolution_factor,
+        device=args.device,
+        model=args.model,
+    )
+    result = process_acquisition(args.acquisition, args.method, params, args.out, png=args.png,
+                                 show_progress=not args.quiet)
+    if not args.quiet:
+        n_tracked = int((result.localizations[:, 4] >= 0).sum())
+        print(f"wrote {args.out}: {result.localizations.shape[0]} localizations ({n_tracked} tracked, "
+              f"{result.attrs['n_tracks']} tracks), maps {result.image_shape[0]}x{result.image_shape[1]} "
+              f"at {result.pixel_size_mm[0] * 1000:.2f} um" + (f"; picture {args.png}" if args.png else ""))
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Print the localization and rendering metrics of a ULM result against an acquisition's ground truth."""
+    import json
+    import math
+
+    from ultrasound_ai.core.errors import InputError
+    from ultrasound_ai.io.ulm_files import acquisition_info, read_gt_positions, read_result
+    from ultrasound_ai.ulm.metrics import evaluate_result
+
+    result = read_result(args.result)
+    info = acquisition_info(args.truth)
+    gt = read_gt_positions(args.truth)
+    if gt is None:
+        raise InputError(f"{args.truth}: no 'gt_positions' (ground truth) to evaluate against")
+    metrics = evaluate_result(result, gt, info.wavelength_mm, info.frame_rate_hz)
+
+    def clean(v):  # JSON has no NaN: undefined metrics (no true positive...) become null
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return None if isinstance(v, float) and not math.isfinite(v) else v
+
+    print(json.dumps(clean(metrics), indent=2))
+    return 0
+
+
 def add_parser(subparsers) -> None:
     group = subparsers.add_parser("ulm", help="ultrasound localization microscopy: simulate, process, evaluate, train")
     verbs = group.add_subparsers(dest="verb", metavar="VERB")
@@ -71,3 +123,30 @@ def add_parser(subparsers) -> None:
                    help="form frames with pymust (SIMUS + delay-and-sum; slow, for small validation sets)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=simulate)
+
+    p = verbs.add_parser("process", help="localize, track and render an acquisition (density, direction, velocity)")
+    p.add_argument("acquisition", help="acquisition file (.h5: iq complex64 [T, Z, X] or bmode float32)")
+    p.add_argument("--method", default="rs", help="localization method: rs (radial symmetry), wa (weighted "
+                   "average), 3dml (3DML-ResNet) (default rs)")
+    p.add_argument("--out", required=True, help="output ULM result file (.h5)")
+    p.add_argument("--png", default=None, help="also write density | direction | velocity as one PNG")
+    count = p.add_mutually_exclusive_group()
+    count.add_argument("--bubbles-per-frame", type=int, default=40, help="detections kept per frame (default 40)")
+    count.add_argument("--counting-network", action="store_true", help="per-frame counts from the counting network")
+    p.add_argument("--svd-cutoff", type=int, default=4, help="singular components removed per block (0 = no SVD filter)")
+    p.add_argument("--band", type=float, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="temporal Butterworth band-pass in Hz, e.g. 50 249 (default off)")
+    p.add_argument("--block-frames", type=int, default=800, help="frames per processing block (default 800)")
+    p.add_argument("--link-distance", type=float, default=2.0, help="maximum linking distance in pixels (default 2)")
+    p.add_argument("--max-gap", type=int, default=0, help="frames a track may skip (gap closing, default 0)")
+    p.add_argument("--min-track-length", type=int, default=15, help="minimum points per track (default 15)")
+    p.add_argument("--resolution-factor", type=float, default=10.0, help="rendering pixel = wavelength / factor (default 10)")
+    p.add_argument("--model", default=None, help="network model for --method 3dml (default: the installed one)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=process)
+
+    p = verbs.add_parser("evaluate", help="metrics of a ULM result against the acquisition's ground truth (JSON)")
+    p.add_argument("result", help="ULM result file (.h5) from `ulm process`")
+    p.add_argument("--truth", required=True, help="the acquisition file holding gt_positions")
+    p.set_defaults(func=evaluate)

@@ -1,0 +1,360 @@
+"""The ULM processing pipeline, streamed block by block:
+
+    blocks of frames -> SVD clutter filter (+ optional Butterworth band-pass) -> localization
+    (a registered method: "rs", "wa", "3dml", ...) -> tracking -> rendering -> ULM result file.
+
+Streaming. Frames are read `block_frames` at a time (`iter_blocks`), so a 20,000-frame acquisition
+never sits whole in memory. Consecutive blocks overlap by 2*margin frames when a temporal band-pass
+is used: each block is filtered whole and only its middle part is localized (the first block keeps
+its start, the last its end), so the kept parts tile the acquisition exactly and the filter's edge
+transients are thrown away. Localizers are streaming objects (`push(frames, start)` returns the rows
+of the frames they have finished, `finish()` the rest), and the tracker keeps its open tracks from
+one block to the next, so tracks continue across block boundaries. Closed tracks are smoothed,
+differentiated, interpolated and rendered at once; only the localizations table grows with the
+acquisition.
+
+The ground truth (`gt_positions`) is never read here: results are identical without it.
+
+Localization methods are looked up in a small registry: `register_localizer(name, factory)`, where
+`factory(ctx: LocalizerContext)` returns an object with `push(frames, start) -> [K, 4]` rows =
+(global frame, z_mm, x_mm, intensity) and `finish() -> [K, 4]`. Counting networks for the classical
+methods (`counting_network=True`) come from `register_counter(name, factory)`: `factory(ctx)` returns
+`counts(frames, start) -> [n]` bubbles per frame.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ultrasound_ai.core.errors import Cancelled, InputError
+
+from .localization import localize, to_mm
+from .rendering import Renderer, RenderGrid, save_maps_png
+from .tracking import Tracker, postprocess_tracks
+
+__all__ = ["UlmParams", "LocalizerContext", "register_localizer", "localizer_names", "register_counter",
+           "process_acquisition", "ClassicalLocalizer"]
+
+PIPELINE_VERSION = "1"
+
+
+@dataclass
+class UlmParams:
+    """Processing parameters (CLI flags in brackets)."""
+
+    bubbles_per_frame: Any = 40            # detections kept per frame: int or per-frame array [--bubbles-per-frame]
+    counting_network: bool = False         # per-frame counts from a counting network [--counting-network]
+    svd_cutoff: Any = 4                    # remove the k first singular components, or keep band (k1, k2) [--svd-cutoff]
+    band_hz: Any = None                    # (lo, hi) Butterworth band-pass in Hz, None = off [--band]
+    block_frames: int = 800                # frames per block [--block-frames]
+    margin_frames: int | None = None       # overlap half-width; None = 16 with band-pass, else 0
+    fwhm_px: tuple = (3.0, 3.0)            # PSF full width at half maximum (z, x) in pixels
+    window: int = 5                        # sub-pixel window size (pixels)
+    max_maxima: int | None = 3             # reject windows holding more regional maxima
+    link_distance_px: float = 2.0          # maximum linking distance (pixels) [--link-distance]
+    max_gap: int = 0                       # frames a track may skip (gap closing) [--max-gap]
+    min_track_length: int = 15             # points a track needs to be kept [--min-track-length]
+    smooth_window: int = 5                 # moving-average window along tracks (points)
+    resolution_factor: float = 10.0        # rendering pixel = wavelength / factor [--resolution-factor]
+    device: str = "auto"                   # torch device for the SVD and networks [--device]
+    model: Any = None                      # network model for learned methods (None = installed default)
+
+    def validate(self) -> "UlmParams":
+        if self.counting_network:
+            self.bubbles_per_frame = None
+        elif self.bubbles_per_frame is None:
+            raise InputError("bubbles per frame: give a number (--bubbles-per-frame N) or use the counting network")
+        elif np.isscalar(self.bubbles_per_frame) and (not np.isfinite(self.bubbles_per_frame) or self.bubbles_per_frame < 0):
+            raise InputError(f"bubbles per frame: expected a number >= 0, got {self.bubbles_per_frame!r}")
+        if int(self.block_frames) < 2:
+            raise InputError(f"block_frames: expected at least 2 frames per block, got {self.block_frames}")
+        if self.margin_frames is not None and int(self.margin_frames) < 0:
+            raise InputError(f"margin_frames: expected >= 0, got {self.margin_frames}")
+        if self.band_hz is not None and np.size(self.band_hz) != 2:
+            raise InputError(f"band: expected two frequencies (lo, hi) in Hz, got {self.band_hz!r}")
+        if not np.isfinite(self.link_distance_px) or self.link_distance_px <= 0:
+            raise InputError(f"link distance: expected a positive number of pixels, got {self.link_distance_px!r}")
+        if int(self.min_track_length) < 1:
+            raise InputError(f"min track length: expected >= 1 point, got {self.min_track_length!r}")
+        if int(self.max_gap) < 0:
+            raise InputError(f"max gap: expected >= 0 frames, got {self.max_gap!r}")
+        if not np.isfinite(self.resolution_factor) or self.resolution_factor <= 0:
+            raise InputError(f"resolution factor: expected a positive number, got {self.resolution_factor!r}")
+        return self
+
+    @property
+    def margin(self) -> int:
+        if self.margin_frames is not None:
+            return int(self.margin_frames)
+        return 16 if self.band_hz is not None else 0
+
+    def to_attrs(self) -> dict:
+        d = asdict(self)
+        d["model"] = None if self.model is None else str(self.model)
+        if d["bubbles_per_frame"] is not None and not np.isscalar(d["bubbles_per_frame"]):
+            d["bubbles_per_frame"] = "per-frame array"
+        return json.loads(json.dumps(d, default=lambda o: np.asarray(o).tolist()))
+
+
+@dataclass
+class LocalizerContext:
+    """What a localizer factory gets: geometry, parameters, resolved device, optional counter."""
+
+    pixel_size_mm: tuple[float, float]
+    origin_mm: tuple[float, float]
+    wavelength_mm: float
+    frame_rate_hz: float
+    frame_shape: tuple[int, int]
+    n_frames: int
+    params: UlmParams
+    device: Any = None
+    counter: Callable | None = None
+
+
+_LOCALIZERS: dict[str, Callable[[LocalizerContext], Any]] = {}
+_COUNTERS: dict[str, Callable[[LocalizerContext], Callable]] = {}
+
+
+def register_localizer(name: str, factory: Callable[[LocalizerContext], Any]) -> None:
+    """Add (or replace) a localization method usable as `method=name` / `--method name`."""
+    _LOCALIZERS[str(name).lower()] = factory
+
+
+def localizer_names() -> list[str]:
+    return sorted(_LOCALIZERS)
+
+
+def register_counter(name: str, factory: Callable[[LocalizerContext], Callable]) -> None:
+    """Add a counting network for the classical methods; `default` is the one `counting_network` uses."""
+    _COUNTERS[str(name).lower()] = factory
+
+
+class ClassicalLocalizer:
+    """Regional maxima + weighted average / radial symmetry on each pushed block (no state needed)."""
+
+    def __init__(self, ctx: LocalizerContext, method: str):
+        self.ctx = ctx
+        self.method = method
+        p = ctx.params
+        if p.counting_network:
+            if ctx.counter is None:
+                raise InputError("counting network: none is registered for the classical methods; give "
+                                 "--bubbles-per-frame N, or use --method 3dml (which has its own counter)")
+        elif not np.isscalar(p.bubbles_per_frame):
+            counts = np.asarray(p.bubbles_per_frame)
+            if counts.shape != (ctx.n_frames,):
+                raise InputError(f"bubbles per frame: a per-frame array must have one count per frame "
+                                 f"({ctx.n_frames}), got shape {counts.shape}")
+
+    def push(self, frames: np.ndarray, start: int) -> np.ndarray:
+        p = self.ctx.params
+        n = frames.shape[0]
+        if p.counting_network:
+            counts = np.asarray(self.ctx.counter(frames, start))
+        elif np.isscalar(p.bubbles_per_frame):
+            counts = int(round(float(p.bubbles_per_frame)))
+        else:
+            counts = np.asarray(p.bubbles_per_frame)[start:start + n]
+        rows = localize(frames, counts, self.method, p.fwhm_px, p.window, p.max_maxima)
+        return to_mm(rows, self.ctx.pixel_size_mm, self.ctx.origin_mm, frame_offset=start)
+
+    def finish(self) -> np.ndarray:
+        return np.zeros((0, 4))
+
+
+def _dml_factory(ctx: LocalizerContext):
+    from .dml_inference import DmlLocalizationRunner
+
+    return DmlLocalizationRunner(ctx.pixel_size_mm, ctx.origin_mm, ctx.wavelength_mm, model=ctx.params.model,
+                                 device=ctx.device if ctx.device is not None else ctx.params.device,
+                                 bubbles_per_frame=ctx.params.bubbles_per_frame)
+
+
+register_localizer("rs", lambda ctx: ClassicalLocalizer(ctx, "rs"))
+register_localizer("wa", lambda ctx: ClassicalLocalizer(ctx, "wa"))
+register_localizer("3dml", _dml_factory)  # the 3DML-ResNet engineer may re-register with their own factory
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class _RowStore:
+    """Growing [K, 4] table of localizations (amortised doubling) plus their track ids."""
+
+    def __init__(self):
+        self.rows = np.zeros((1024, 4))
+        self.n = 0
+
+    def append(self, rows: np.ndarray) -> np.ndarray:
+        k = rows.shape[0]
+        if self.n + k > self.rows.shape[0]:
+            grown = np.zeros((max(2 * self.rows.shape[0], self.n + k), 4))
+            grown[:self.n] = self.rows[:self.n]
+            self.rows = grown
+        self.rows[self.n:self.n + k] = rows[:, :4]
+        idx = np.arange(self.n, self.n + k)
+        self.n += k
+        return idx
+
+    def table(self) -> np.ndarray:
+        return self.rows[:self.n]
+
+
+def _memory_blocks(frames: np.ndarray, block_frames: int, overlap: int):
+    """iter_blocks' contract for frames already in memory."""
+    n = frames.shape[0]
+    stride = block_frames - overlap
+    start = 0
+    while True:
+        stop = min(start + block_frames, n)
+        yield start, frames[start:stop]
+        if stop >= n:
+            break
+        start += stride
+
+
+def _geometry(source):
+    """(kind, shape, pixel_size_mm, origin_mm, frame_rate_hz, wavelength_mm, blocks_fn) without gt."""
+    from ultrasound_ai.io.ulm_files import Acquisition, acquisition_info, iter_blocks
+
+    if isinstance(source, Acquisition):
+        frames = source.frames
+        return (source.kind, source.shape, source.pixel_size_mm, source.origin_mm, source.frame_rate_hz,
+                source.wavelength_mm, lambda b, o: _memory_blocks(frames, b, o), "acquisition")
+    if isinstance(source, (str, os.PathLike)):
+        info = acquisition_info(source)
+        return (info.kind, info.shape, info.pixel_size_mm, info.origin_mm, info.frame_rate_hz, info.wavelength_mm,
+                lambda b, o: iter_blocks(source, b, o), str(source))
+    raise InputError(f"ULM processing: expected an acquisition file path or an Acquisition, got {type(source).__name__}")
+
+
+def _clutter(block: np.ndarray, params: UlmParams, frame_rate_hz: float, device) -> np.ndarray:
+    from .clutter import bandpass_filter, parse_cutoff, svd_filter
+
+    out = block
+    if params.svd_cutoff is not None:
+        k1, k2 = parse_cutoff(params.svd_cutoff, block.shape[0])
+        if (k1, k2) != (0, block.shape[0]):
+            out = svd_filter(block, (k1, k2), device=device)
+            if not isinstance(out, np.ndarray):
+                out = out.cpu().numpy()
+    if params.band_hz is not None:
+        out = bandpass_filter(out, frame_rate_hz, tuple(params.band_hz))
+    return out
+
+
+def process_acquisition(source, method: str = "rs", params: UlmParams | dict | None = None, out=None, *,
+                        png=None, progress: Callable[[float, str], None] | None = None,
+                        cancel_check: Callable[[], bool] | None = None, show_progress: bool = False):
+    """Process an acquisition (file path or Acquisition) into a ULM result; write it to `out` if given.
+
+    progress(fraction, message) is called after every block; cancel_check() returning True (or raising
+    Cancelled) stops the work with Cancelled and leaves no output file behind.
+    Returns the UlmResult.
+    """
+    from tqdm import tqdm
+
+    from ultrasound_ai.io.ulm_files import UlmResult, write_result
+
+    if params is None:
+        params = UlmParams()
+    elif isinstance(params, dict):
+        unknown = set(params) - set(UlmParams.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"ULM parameters: unknown {sorted(unknown)}; expected some of {sorted(UlmParams.__dataclass_fields__)}")
+        params = UlmParams(**params)
+    params.validate()
+    name = str(method).lower()
+    if name not in _LOCALIZERS:
+        raise InputError(f"method: expected one of {localizer_names()}, got {method!r}")
+    kind, shape, pix, origin, fr, lam, blocks_fn, label = _geometry(source)
+    t_total, nz, nx = shape
+    device = None
+    if params.svd_cutoff is not None or name == "3dml":
+        from ultrasound_ai.core.device import resolve_device
+
+        device = resolve_device(params.device)
+    ctx = LocalizerContext(pixel_size_mm=tuple(pix), origin_mm=tuple(origin), wavelength_mm=float(lam),
+                           frame_rate_hz=float(fr), frame_shape=(nz, nx), n_frames=t_total, params=params,
+                           device=device)
+    if params.counting_network and name != "3dml":
+        factory = _COUNTERS.get("default")
+        ctx.counter = factory(ctx) if factory is not None else None
+    localizer = _LOCALIZERS[name](ctx)
+
+    grid = RenderGrid.for_acquisition(pix, origin, (nz, nx), lam, params.resolution_factor)
+    renderer = Renderer(grid)
+    tracker = Tracker(params.link_distance_px, params.max_gap, params.min_track_length)
+    store = _RowStore()
+    track_ids: list[tuple[np.ndarray, int]] = []
+    step_mm = min(grid.pixel_size_mm) / 2  # interpolation finer than the rendering grid: no holes
+
+    def render(closed: list[np.ndarray]) -> None:
+        if not closed:
+            return
+        first = len(track_ids)
+        table = store.table()
+        for k, members in enumerate(closed):
+            track_ids.append((members, first + k))
+        fine = postprocess_tracks([table[m, :3] for m in closed], np.arange(first, first + len(closed)),
+                                  fr, params.smooth_window, step_mm)
+        renderer.add(fine)
+
+    def take(rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.float64).reshape(-1, 4)
+        if rows.shape[0] == 0:
+            return
+        rows = rows[np.argsort(rows[:, 0], kind="stable")]
+        idx = store.append(rows)
+        pz = (rows[:, 1] - origin[0]) / pix[0]
+        px = (rows[:, 2] - origin[1]) / pix[1]
+        render(tracker.add_points(rows[:, 0], np.column_stack([pz, px]), idx))
+
+    def check_cancel() -> None:
+        if cancel_check is not None and cancel_check():
+            raise Cancelled("ULM processing cancelled")
+
+    margin = params.margin
+    block_frames = int(params.block_frames)
+    if 2 * margin >= block_frames:
+        raise InputError(f"block_frames ({block_frames}) must exceed twice the overlap margin ({margin})")
+    bar = tqdm(total=t_total, desc=f"ulm {name}", unit="frame", disable=not show_progress)
+    try:
+        for start, block in blocks_fn(block_frames, 2 * margin):
+            check_cancel()
+            n = block.shape[0]
+            a = 0 if start == 0 else margin
+            b = n if start + n >= t_total else n - margin
+            filtered = _clutter(block, params, fr, device)
+            take(localizer.push(filtered[a:b], start + a))
+            bar.update(b - a)
+            if progress is not None:
+                progress((start + b) / t_total, f"frames {start + b}/{t_total}")
+        check_cancel()
+        take(localizer.finish())
+        render(tracker.finish())
+    finally:
+        bar.close()
+
+    table = store.table()
+    loc = np.zeros((table.shape[0], 5))
+    loc[:, :4] = table
+    loc[:, 4] = -1
+    for members, tid in track_ids:
+        loc[members, 4] = tid
+    images = renderer.images()
+    attrs = {"method": name, "pipeline_version": PIPELINE_VERSION, "n_frames": int(t_total),
+             "n_tracks": len(track_ids), "resolution_factor": float(params.resolution_factor),
+             "wavelength_mm": float(lam), "frame_rate_hz": float(fr), "params": params.to_attrs()}
+    result = UlmResult(localizations=loc, **images, pixel_size_mm=grid.pixel_size_mm, origin_mm=grid.origin_mm,
+                       attrs=attrs, source=f"ULM result of {label}")
+    if out is not None:
+        write_result(result, out)
+    if png is not None:
+        save_maps_png(images, png)
+    return result

@@ -139,25 +139,28 @@ def weighted_average(win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return dz, dx
 
 
-def radial_symmetry(win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def radial_symmetry(win: np.ndarray, aspect: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """Radial-symmetry centre (Parthasarathy 2012) of each window: offsets (dz, dx) from the centre pixel.
 
     Gradients sit on the (n-1) x (n-1) grid of points between pixels (Roberts cross over each 2 x 2
     cell). Each gradient defines a line through its grid point; the centre is the point nearest to all
     lines in weighted least squares, weights = |gradient|^2 / (distance of the grid point to the
     |gradient|^2-weighted centroid), which favours strong gradients near the spot.
+    `aspect` = PSF width along x / width along z: x is first rescaled by 1/aspect so an elliptical
+    PSF becomes radially symmetric (the method's assumption), and the result scaled back.
     """
     w = np.asarray(win, dtype=np.float64)
     n = w.shape[-1]
     # Roberts cross: d1 along the (+z, +x) diagonal, d2 along (+z, -x); gradient in (z, x) axes.
     d1 = w[:, 1:, 1:] - w[:, :-1, :-1]
     d2 = w[:, 1:, :-1] - w[:, :-1, 1:]
+    a = float(aspect)
     gz = (d1 + d2) / 2.0
-    gx = (d1 - d2) / 2.0
+    gx = (d1 - d2) / 2.0 * a  # d/dx' = a d/dx for x' = x / a
     # Grid point coordinates relative to the centre pixel: midpoints between pixels.
     c = np.arange(n - 1) - (n - 2) / 2.0
     pz = np.broadcast_to(c[:, None], gz.shape[1:])
-    px = np.broadcast_to(c[None, :], gz.shape[1:])
+    px = np.broadcast_to(c[None, :] / a, gz.shape[1:])
     g2 = gz * gz + gx * gx
     gsum = g2.sum(axis=(1, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -179,7 +182,7 @@ def radial_symmetry(win: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     det = a_zz * a_xx - a_zx * a_zx
     with np.errstate(invalid="ignore", divide="ignore"):
         dz = (a_xx * bz_ - a_zx * bx_) / det
-        dx = (a_zz * bx_ - a_zx * bz_) / det
+        dx = (a_zz * bx_ - a_zx * bz_) / det * a
     return dz, dx
 
 
@@ -202,7 +205,7 @@ def localize(frames, n_per_frame, method: str = "rs", fwhm=(3.0, 3.0), window: i
     if not len(det):
         return np.zeros((0, 4))
     win = extract_windows(env, det, window)
-    dz, dx = KERNELS[method](win)
+    dz, dx = radial_symmetry(win, fx / fz) if method == "rs" else weighted_average(win)
     ok = np.isfinite(dz) & np.isfinite(dx) & (np.abs(dz) <= fz / 2) & (np.abs(dx) <= fx / 2)
     out = np.stack([det.frame, det.iz + dz, det.ix + dx, det.value], axis=1)[ok]
     return out.astype(np.float64)

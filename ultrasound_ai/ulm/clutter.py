@@ -16,6 +16,8 @@ so the result always equals the SVD filter's up to floating-point error.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from ultrasound_ai.core.errors import InputError
@@ -26,6 +28,23 @@ __all__ = ["svd_filter", "svd_basis", "bandpass_filter", "parse_cutoff"]
 _OVERSAMPLE = 16
 _MAX_ITERS = 60
 _ANGLE_TOL = 1e-6
+
+
+@contextlib.contextmanager
+def _few_threads(small: bool):
+    """Run small T x T linear algebra on one thread: for matrices this size, thread start-up and
+    synchronisation cost more than they save (and are ruinous on a loaded machine)."""
+    import torch
+
+    if not small:
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def parse_cutoff(cutoff, n_frames: int) -> tuple[int, int]:
@@ -139,11 +158,13 @@ def svd_basis(block, cutoff, device=None):
     k1, k2 = parse_cutoff(cutoff, t)
     a = x.reshape(t, -1)
     g = _gram(a)
-    if k2 == t and k1 > 0:
-        v = _top_eigvecs(g, k1)
-        if v is not None:
-            return v, "remove"
-    w, vecs = torch.linalg.eigh(g)
+    with _few_threads(g.device.type == "cpu"):
+        if k2 == t and k1 > 0:
+            v = _top_eigvecs(g, k1)
+            if v is not None:
+                return v, "remove"
+    with _few_threads(g.device.type == "cpu" and t <= 256):
+        w, vecs = torch.linalg.eigh(g)
     vecs = vecs.flip(1)  # decreasing eigenvalue = decreasing singular value
     if (k2 - k1) <= t - (k2 - k1):
         return vecs[:, k1:k2], "keep"

@@ -1,0 +1,148 @@
+"""The streamed ULM pipeline and the `ulm process` / `ulm evaluate` verbs."""
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from ultrasound_ai.cli import main
+from ultrasound_ai.core.atomic import is_partial
+from ultrasound_ai.core.errors import Cancelled, InputError
+from ultrasound_ai.io.ulm_files import read_result, write_acquisition
+from ultrasound_ai.ulm.metrics import evaluate_result
+from ultrasound_ai.ulm.pipeline import UlmParams, process_acquisition, register_localizer
+
+FAST = dict(min_track_length=5, block_frames=64)
+
+
+def _same(r1, r2):
+    np.testing.assert_array_equal(r1.localizations, r2.localizations)
+    for k in ("density", "direction", "velocity_mm_s"):
+        np.testing.assert_array_equal(getattr(r1, k), getattr(r2, k))
+
+
+def test_clean_acquisition_known_accuracy(clean_acquisition):
+    res = process_acquisition(clean_acquisition, "rs", dict(svd_cutoff=None, **FAST))
+    acq = clean_acquisition
+    assert res.localizations.shape[1] == 5 and (res.localizations[:, 4] >= 0).any()
+    assert res.density.shape == res.direction.shape == res.velocity_mm_s.shape
+    assert res.pixel_size_mm[0] == pytest.approx(acq.wavelength_mm / 10)
+    m = evaluate_result(res, acq.gt_positions, acq.wavelength_mm, acq.frame_rate_hz)
+    assert m["raw"]["jaccard"] > 0.6 and m["raw"]["loc_error_lambda"] < 0.15
+    assert m["tracked"]["precision"] > 0.8
+    assert m["ssim"] > 0.5
+
+
+def test_blocks_do_not_change_the_result(clean_acquisition):
+    # Without SVD (which depends on the block), streaming in blocks of 16, 37 or all frames gives the
+    # same localizations, the same tracks (they continue across block boundaries) and the same maps.
+    whole = process_acquisition(clean_acquisition, "wa", dict(svd_cutoff=None, min_track_length=5, block_frames=1000))
+    for b in (16, 37):
+        _same(process_acquisition(clean_acquisition, "wa", dict(svd_cutoff=None, min_track_length=5, block_frames=b)),
+              whole)
+
+
+def test_overlapping_blocks_cover_each_frame_once(clean_acquisition):
+    res = process_acquisition(clean_acquisition, "rs", dict(svd_cutoff=2, band_hz=(20, 400), block_frames=48,
+                                                           bubbles_per_frame=7, min_track_length=3, max_maxima=None))
+    per_frame = np.bincount(res.localizations[:, 0].astype(int), minlength=clean_acquisition.n_frames)
+    assert (per_frame == 7).all()
+
+
+def test_file_input_outputs_and_ground_truth_independence(tmp_path, small_acquisition, small_acquisition_file):
+    out, png = tmp_path / "res.h5", tmp_path / "res.png"
+    fractions = []
+    res = process_acquisition(small_acquisition_file, "rs", dict(**FAST), out, png=png,
+                              progress=lambda f, msg: fractions.append(f))
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0 and len(fractions) >= 3
+    _same(read_result(out), res)
+    assert png.stat().st_size > 0
+    # The same acquisition without its ground truth, from a file and from memory: identical results.
+    no_gt = tmp_path / "nogt.h5"
+    write_acquisition(small_acquisition.without_truth(), no_gt)
+    _same(process_acquisition(no_gt, "rs", dict(**FAST)), res)
+    _same(process_acquisition(small_acquisition.without_truth(), "rs", dict(**FAST)), res)
+
+
+def test_cancel_leaves_no_output(tmp_path, clean_acquisition):
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 1
+
+    with pytest.raises(Cancelled):
+        process_acquisition(clean_acquisition, "rs", dict(**FAST), tmp_path / "r.h5", cancel_check=cancel)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_registry_and_bad_parameters(clean_acquisition):
+    seen = []
+
+    class Fixed:
+        def __init__(self, ctx):
+            self.ctx = ctx
+
+        def push(self, frames, start):
+            seen.append((start, frames.shape[0]))
+            n = frames.shape[0]
+            return np.column_stack([start + np.arange(n), np.full(n, 5.0), np.full(n, 0.0), np.ones(n)])
+
+        def finish(self):
+            return np.zeros((0, 4))
+
+    register_localizer("fixed-test", Fixed)
+    res = process_acquisition(clean_acquisition, "fixed-test", dict(svd_cutoff=None, block_frames=30, min_track_length=2))
+    assert [s for s, _ in seen] == [0, 30, 60, 90] and sum(n for _, n in seen) == clean_acquisition.n_frames
+    assert (res.localizations[:, 4] == 0).all()  # one still bubble: one track over all the blocks
+    with pytest.raises(InputError, match="method"):
+        process_acquisition(clean_acquisition, "gauss")
+    with pytest.raises(InputError, match="link distance"):
+        process_acquisition(clean_acquisition, "rs", dict(link_distance_px=-1))
+    with pytest.raises(InputError, match="unknown"):
+        process_acquisition(clean_acquisition, "rs", dict(linking=3))
+    with pytest.raises(InputError, match="counting network"):
+        process_acquisition(clean_acquisition, "rs", UlmParams(counting_network=True))
+    with pytest.raises(InputError, match="device"):
+        process_acquisition(clean_acquisition, "rs", dict(device="tpu"))
+
+
+def test_cli_process_and_evaluate(tmp_path, small_acquisition_file, capsys):
+    out, png = tmp_path / "r.h5", tmp_path / "r.png"
+    code = main(["ulm", "process", str(small_acquisition_file), "--method", "wa", "--out", str(out), "--png", str(png),
+                 "--block-frames", "100", "--min-track-length", "5", "--link-distance", "1.5", "--quiet"])
+    assert code == 0 and out.exists() and png.exists()
+    assert read_result(out).attrs["params"]["link_distance_px"] == 1.5
+    capsys.readouterr()
+    assert main(["ulm", "evaluate", str(out), "--truth", str(small_acquisition_file)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    for key in ("jaccard", "precision", "recall", "loc_error_lambda", "loc_error_mm", "ssim", "rmse"):
+        assert key in metrics and key in metrics["raw"] or key in ("ssim", "rmse")
+    assert 0 <= metrics["raw"]["jaccard"] <= 1 and -1 <= metrics["ssim"] <= 1
+
+
+def _bad_file(path, data, attrs):
+    with h5py.File(path, "w") as f:
+        f.create_dataset("iq", data=data)
+        for k, v in attrs.items():
+            f.attrs[k] = v
+    return path
+
+
+@pytest.mark.parametrize("case", ["2d", "dtype", "no_pixel_size"])
+def test_cli_bad_inputs_exit_2(tmp_path, case, capsys):
+    attrs = dict(pixel_size_mm=[0.1, 0.1], origin_mm=[0.0, 0.0], frame_rate_hz=1000.0, wavelength_mm=0.1)
+    data = np.zeros((20, 16, 16), np.complex64)
+    if case == "2d":
+        data = data[0]
+    elif case == "dtype":
+        data = np.zeros((20, 16, 16), np.int16)
+    else:
+        del attrs["pixel_size_mm"]
+    path = _bad_file(tmp_path / "bad.h5", data, attrs)
+    code = main(["ulm", "process", str(path), "--out", str(tmp_path / "out.h5"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert {"2d": "3-D", "dtype": "complex64", "no_pixel_size": "pixel_size_mm"}[case] in err
+    assert not (tmp_path / "out.h5").exists() and not [p for p in tmp_path.iterdir() if is_partial(p)]

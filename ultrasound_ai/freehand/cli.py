@@ -44,8 +44,51 @@ def evaluate(args: argparse.Namespace) -> int:
     return evaluate_command(args)
 
 
+PLUS_SUFFIXES = (".igs.mha", ".igs.nrrd", ".mha", ".nrrd", ".seq.mha", ".seq.nrrd")
+
+
+def import_scan(args: argparse.Namespace) -> int:
+    """Convert a PLUS/Slicer tracked sequence or a TUS-REC scan into a sweep contract file."""
+    from ultrasound_ai.core.errors import InputError
+    from ultrasound_ai.io.sweep import write_sweep
+
+    name = str(args.source).lower()
+    if args.calib:
+        from ultrasound_ai.io.tusrec import read_tusrec_scan
+
+        sweep = read_tusrec_scan(args.source, args.calib, landmarks=args.landmarks)
+    elif name.endswith(PLUS_SUFFIXES):
+        from ultrasound_ai.io.plus import read_plus_sequence
+
+        sweep = read_plus_sequence(args.source, image_to_probe=args.image_to_probe)
+    else:
+        raise InputError(f"{args.source}: unknown scan format; expected a PLUS sequence ({', '.join(PLUS_SUFFIXES)}) "
+                         "or a TUS-REC .h5 scan given with --calib calib_matrix.csv")
+    write_sweep(sweep, args.out)
+    print(f"wrote {args.out}: {sweep.n_frames} frames {sweep.frames.shape[1]}x{sweep.frames.shape[2]}, "
+          f"spacing {sweep.pixel_spacing_xy[0]:.4g} x {sweep.pixel_spacing_xy[1]:.4g} mm, "
+          f"{'with' if sweep.tforms is not None else 'without'} poses")
+    return 0
+
+
+def export_scan(args: argparse.Namespace) -> int:
+    """Write a sweep (e.g. an estimate) as a PLUS sequence that SlicerIGT's Volume Reconstruction opens."""
+    from ultrasound_ai.core.errors import InputError
+    from ultrasound_ai.io.plus import write_plus_sequence
+    from ultrasound_ai.io.sweep import read_sweep
+
+    sweep = read_sweep(args.sweep)
+    if sweep.tforms is None:
+        raise InputError(f"{args.sweep}: no 'tforms'; a PLUS sequence needs a pose per frame (export an estimate file)")
+    if not str(args.out).lower().endswith((".mha", ".nrrd")):
+        raise InputError(f"{args.out}: expected a .igs.mha or .igs.nrrd output name")
+    write_plus_sequence(sweep, args.out, compress=args.compress)
+    print(f"wrote {args.out}: {sweep.n_frames} frames with ImageToReference transforms")
+    return 0
+
+
 def add_parser(subparsers) -> None:
-    group = subparsers.add_parser("freehand", help="freehand 3D ultrasound: simulate, reconstruct, evaluate, train")
+    group = subparsers.add_parser("freehand", help="freehand 3D ultrasound: simulate, import, export, reconstruct, evaluate")
     verbs = group.add_subparsers(dest="verb", metavar="VERB")
 
     p = verbs.add_parser("simulate", help="simulate a freehand sweep (frames, ground-truth poses, IMUs)")
@@ -59,6 +102,21 @@ def add_parser(subparsers) -> None:
     p.add_argument("--reverse", action="store_true", help="make the sweep reverse its direction")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=simulate)
+
+    p = verbs.add_parser("import", help="convert a PLUS tracked sequence or a TUS-REC scan into a sweep file")
+    p.add_argument("source", help="PLUS .igs.mha/.igs.nrrd sequence, or TUS-REC scan .h5 (with --calib)")
+    p.add_argument("out", help="output sweep file (.h5)")
+    p.add_argument("--calib", help="TUS-REC calib_matrix.csv (selects the TUS-REC reader)")
+    p.add_argument("--landmarks", help="TUS-REC landmark file for the scan (optional)")
+    p.add_argument("--image-to-probe", help="PLUS: ImageToProbe calibration (16 numbers) when the file has "
+                   "Probe/Tracker transforms but no ImageToReference")
+    p.set_defaults(func=import_scan)
+
+    p = verbs.add_parser("export", help="write a sweep or estimate as a PLUS sequence (SlicerIGT Volume Reconstruction)")
+    p.add_argument("sweep", help="sweep or estimate file (.h5) with tforms")
+    p.add_argument("out", help="output .igs.nrrd or .igs.mha")
+    p.add_argument("--compress", action="store_true", help="compress the image data")
+    p.set_defaults(func=export_scan)
 
     from ultrasound_ai.freehand.reconstruct import (EVALUATE_HELP, RECONSTRUCT_HELP, add_evaluate_arguments,
                                                     add_reconstruct_arguments)

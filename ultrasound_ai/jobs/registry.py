@@ -28,6 +28,7 @@ EXTRA_TASKS_ENV = "ULTRASOUND_AI_EXTRA_TASKS"
 TASKS: dict[str, str] = {
     "diagnostics": "ultrasound_ai.core.diagnostics:diagnostics_task",
     "freehand.reconstruct": "ultrasound_ai.freehand.tasks:reconstruct_task",
+    "registration.register": "ultrasound_ai.registration.tasks:register_task",
 }
 
 

@@ -106,6 +106,22 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def train(args: argparse.Namespace) -> int:
+    """Train 3DML-ResNet + the counting network on simulated data through the shared training harness."""
+    import sys
+
+    from ultrasound_ai.core.training_config import config_from_args
+    from ultrasound_ai.ulm.dml_training import DEFAULT_CONFIG, train_dml
+
+    cfg = config_from_args(args, defaults=DEFAULT_CONFIG)
+    result = train_dml(cfg, resume=args.resume, progress_bar=not args.quiet)
+    if not args.quiet:
+        print(f"trained {result.steps} steps; weights in {result.output_dir} (best.pt: validation "
+              f"jaccard {result.best_metrics.get('jaccard', float('nan')):.3f} at step {result.best_step})",
+              file=sys.stderr)
+    return 0
+
+
 def add_parser(subparsers) -> None:
     group = subparsers.add_parser("ulm", help="ultrasound localization microscopy: simulate, process, evaluate, train")
     verbs = group.add_subparsers(dest="verb", metavar="VERB")
@@ -150,3 +166,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("result", help="ULM result file (.h5) from `ulm process`")
     p.add_argument("--truth", required=True, help="the acquisition file holding gt_positions")
     p.set_defaults(func=evaluate)
+
+    from ultrasound_ai.core.training_config import add_training_arguments
+
+    p = verbs.add_parser("train", help="train 3DML-ResNet + counting network on simulated data "
+                                       "(see ultrasound_ai.ulm.dml_training)")
+    add_training_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=train)

@@ -1,0 +1,288 @@
+"""3DML-ResNet network, counting network, sliding-window inference and the pipeline's "3dml" method."""
+
+import numpy as np
+import pytest
+import torch
+
+from ultrasound_ai.core.errors import InputError
+from ultrasound_ai.ulm.dml_inference import (
+    DmlFrameCounter,
+    DmlLocalizationRunner,
+    FrameEstimate,
+    SlidingWindowRunner,
+    estimates_to_localizations,
+    localize_3dml,
+    select_detections,
+)
+from ultrasound_ai.ulm.dml_resnet import (
+    PRESETS,
+    DmlLocalizer,
+    build_model,
+    count_parameters,
+    dml_config,
+    normalise_windows,
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny convolutions run faster on one thread than on two contended ones.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """An untrained tiny model saved with a card, as training would write it."""
+    from ultrasound_ai.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    net = build_model("tiny")
+    path = tmp_path_factory.mktemp("dml_model") / "dml_tiny.pt"
+    card = {"name": "dml_tiny", "method": "ulm_3dml_resnet", "configuration": net.config.to_dict(),
+            "input": {"pixel_size_lambda": [1.0, 1.0], "frames_per_window": 4}, "training": {}, "metrics": {}}
+    save_checkpoint(net.state_dict(), path, card)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_acquisition():
+    from ultrasound_ai.ulm.simulator import UlmSimConfig, simulate_acquisition
+
+    return simulate_acquisition(UlmSimConfig(n_frames=20, bubbles_per_frame=10, clutter_db=20.0, noise_db=-30.0,
+                                             seed=5, shape_zx=(24, 28)))
+
+
+# ----------------------------------------------------------------------------------------- network
+
+
+def test_output_shapes_ranges_and_odd_frame_sizes():
+    torch.manual_seed(0)
+    net = build_model("tiny")
+    x = torch.rand(2, 5, 13, 17) * 7.0
+    with torch.no_grad():
+        out = net(x)
+    assert out["maps"].shape == (2, 5, 3, 13, 17) and out["count"].shape == (2, 5)
+    assert float(out["maps"].min()) >= 0.0 and float(out["maps"].max()) <= 1.0
+    assert float(out["count"].min()) >= 0.0
+    with pytest.raises(InputError, match=r"\[B, N, Z, X\]"):
+        net(torch.rand(5, 13, 17))
+
+
+def test_windows_are_normalised_by_their_own_maximum():
+    x = torch.rand(3, 4, 6, 7) * torch.tensor([1.0, 5.0, 100.0]).view(3, 1, 1, 1)
+    n = normalise_windows(x)
+    torch.testing.assert_close(n.flatten(1).amax(1), torch.ones(3))
+    torch.testing.assert_close(normalise_windows(torch.zeros(1, 2, 3, 3)), torch.zeros(1, 2, 3, 3))
+    # So the network's output ignores the input's scale, and each window ignores its batch neighbours.
+    torch.manual_seed(1)
+    net = build_model("tiny").eval()
+    with torch.no_grad():
+        a = net(x)
+        b = net(x * 37.0)
+        c = net(x[1:2])
+    torch.testing.assert_close(a["maps"], b["maps"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a["maps"][1:2], c["maps"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a["count"][1:2], c["count"], rtol=1e-5, atol=1e-5)
+
+
+def test_time_is_a_convolution_axis():
+    # 3x3x3 kernels group frames in threes: a change in frame 0 reaches the next frames, one frame per
+    # conv. With one residual block there are 5 convs in a row (first, two in the block, mid, last), so
+    # frame 0 reaches frames 0..5 and never frame 6.
+    torch.manual_seed(2)
+    net = build_model({"preset": "tiny", "blocks": 1}).eval()
+    x = torch.rand(1, 8, 8, 8) * 0.5
+    x[0, 7, 0, 0] = 1.0  # the window maximum stays put, so normalisation does not spread the change
+    y = x.clone()
+    y[0, 0, 4, 4] += 0.2
+    with torch.no_grad():
+        d = (net(x)["maps"] - net(y)["maps"]).abs().flatten(2).amax(2)[0]
+    assert d[1] > 0 and d[5] > 0
+    assert float(d[6]) == 0.0 and float(d[7]) == 0.0
+
+
+def test_paper_configuration_parameter_count():
+    net = build_model("paper")
+    # conv_first 2,688 + 20 block convs 4,978,560 + 10 PReLU + conv_mid 248,928 + conv_last 7,779
+    assert count_parameters(net.resnet) == 5_237_965
+    assert abs(count_parameters(net.resnet) - 5.2e6) / 5.2e6 < 0.01
+    cfg = PRESETS["paper"]
+    assert (cfg.width, cfg.blocks, cfg.window_frames) == (96, 10, 10)
+    shipped = PRESETS["shipped"]
+    assert 32 <= shipped.width <= 48 and 4 <= shipped.blocks <= 6
+
+
+def test_learnable_residual_weight_and_bad_configurations():
+    fixed = build_model({"preset": "tiny"})
+    learnable = build_model({"preset": "tiny", "learnable_res_scale": True})
+    assert count_parameters(learnable) == count_parameters(fixed) + fixed.config.blocks
+    assert "resnet.blocks.0.res_scale" not in fixed.state_dict()
+    with pytest.raises(InputError, match="unknown"):
+        dml_config("huge")
+    with pytest.raises(InputError, match="unknown key"):
+        dml_config({"preset": "tiny", "depth": 3})
+    with pytest.raises(InputError, match="width"):
+        dml_config({"width": 0})
+
+
+# ------------------------------------------------------------------------------ sliding windows
+
+
+def toy_predictor(log):
+    """maps = (frame value, window start / 10, 0.5), count = 3 * frame value; records each window."""
+
+    def predict(windows):
+        b, n, z, x = windows.shape
+        maps = np.zeros((b, n, 3, z, x), np.float32)
+        maps[:, :, 0] = windows
+        counts = np.zeros((b, n), np.float32)
+        for k in range(b):
+            start = int(windows[k, 0, 0, 0]) // 100  # frames carry their index (see frames_with_index)
+            log.append((start, n))
+            maps[k, :, 1] = start / 10.0
+            counts[k] = 3.0 * windows[k, :, 0, 0] / 100.0
+        maps[:, :, 2] = 0.5
+        return maps, counts
+
+    return predict
+
+
+def frames_with_index(t, z=3, x=4):
+    return (np.arange(t, dtype=np.float32) * 100.0)[:, None, None] + np.zeros((t, z, x), np.float32)
+
+
+def test_sliding_window_average_equals_the_hand_computed_one():
+    log = []
+    runner = SlidingWindowRunner(toy_predictor(log), window_frames=3, stride=1, batch_windows=2)
+    est = runner.push(frames_with_index(6)) + runner.finish()
+    assert [s for s, _ in log] == [0, 1, 2, 3]
+    assert [e.index for e in est] == list(range(6))
+    # Frame t is in the windows starting at max(0, t-2)..min(t, 3): mean of their starts / 10.
+    expected_starts = {0: [0], 1: [0, 1], 2: [0, 1, 2], 3: [1, 2, 3], 4: [2, 3], 5: [3]}
+    for e in est:
+        assert e.n_estimates == len(expected_starts[e.index])
+        assert e.maps[1, 0, 0] == pytest.approx(np.mean(expected_starts[e.index]) / 10.0)
+        assert e.maps[0, 1, 2] == pytest.approx(100.0 * e.index)
+        assert e.count == pytest.approx(3.0 * e.index)
+        np.testing.assert_array_equal(e.envelope, frames_with_index(6)[e.index])
+
+
+def test_streaming_in_any_blocks_equals_one_push():
+    frames = frames_with_index(11)
+    for stride in (1, 2, 3):
+        ref = SlidingWindowRunner(toy_predictor([]), 4, stride=stride)
+        whole = ref.push(frames) + ref.finish()
+        for cuts in ([3, 7], [1, 2, 3, 10], [5]):
+            r = SlidingWindowRunner(toy_predictor([]), 4, stride=stride)
+            got = []
+            bounds = [0, *cuts, 11]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                got += r.push(frames[a:b])
+            got += r.finish()
+            assert [e.index for e in got] == list(range(11))
+            for e, w in zip(got, whole):
+                np.testing.assert_array_equal(e.maps, w.maps)
+                assert e.count == w.count and e.n_estimates == w.n_estimates
+    # Overlapping blocks (the pipeline's) skip the frames already pushed.
+    r = SlidingWindowRunner(toy_predictor([]), 4, stride=1)
+    got = r.push(frames[0:6], 0) + r.push(frames[4:11], 4) + r.finish()
+    np.testing.assert_array_equal(np.stack([e.maps for e in got]), np.stack([e.maps for e in whole_stride1(frames)]))
+    with pytest.raises(InputError, match="starts at frame"):
+        r2 = SlidingWindowRunner(toy_predictor([]), 4)
+        r2.push(frames[:3], 0)
+        r2.push(frames[5:], 5)
+
+
+def whole_stride1(frames):
+    r = SlidingWindowRunner(toy_predictor([]), 4, stride=1)
+    return r.push(frames) + r.finish()
+
+
+def test_tail_window_and_short_acquisitions():
+    log = []
+    r = SlidingWindowRunner(toy_predictor(log), 4, stride=4)
+    est = r.push(frames_with_index(10)) + r.finish()
+    # Windows at 0 and 4, then a tail window 6..9 that only counts for the uncovered frames 8 and 9.
+    assert log == [(0, 4), (4, 4), (6, 4)]
+    assert [e.n_estimates for e in est] == [1] * 10
+    assert est[7].maps[1, 0, 0] == pytest.approx(0.4) and est[8].maps[1, 0, 0] == pytest.approx(0.6)
+    log.clear()
+    r = SlidingWindowRunner(toy_predictor(log), 8)
+    est = r.push(frames_with_index(3)) + r.finish()
+    assert log == [(0, 3)] and len(est) == 3
+    with pytest.raises(InputError, match="stride"):
+        SlidingWindowRunner(toy_predictor([]), 4, stride=5)
+
+
+# ----------------------------------------------------------------------- detections and geometry
+
+
+def test_top_n_detections_convert_to_millimetres():
+    maps = np.zeros((3, 5, 6), np.float32)
+    maps[0, 2, 3] = 0.9
+    maps[1, 2, 3] = 0.75  # z offset +0.25 px
+    maps[2, 2, 3] = 0.25  # x offset -0.25 px
+    maps[0, 4, 0] = 0.6
+    maps[1:, 4, 0] = 0.5
+    maps[0, 0, 5] = 0.1
+    iz, ix, zo, xo, p = select_detections(maps, 2)
+    assert iz.tolist() == [2, 4] and ix.tolist() == [3, 0] and p.tolist() == pytest.approx([0.9, 0.6])
+    env = np.arange(30, dtype=np.float32).reshape(5, 6)
+    est = [FrameEstimate(index=7, envelope=env, maps=maps, count=1.6, n_estimates=3)]
+    pix, origin = (0.2, 0.3), (1.0, -2.0)
+    rows = estimates_to_localizations(est, pix, origin)  # round(1.6) = 2 from the counter
+    np.testing.assert_allclose(rows, [[7, 1.0 + 2.25 * 0.2, -2.0 + 2.75 * 0.3, env[2, 3]],
+                                      [7, 1.0 + 4 * 0.2, -2.0 + 0 * 0.3, env[4, 0]]])
+    assert estimates_to_localizations(est, pix, origin, bubbles_per_frame=1).shape == (1, 4)
+    assert estimates_to_localizations(est, pix, origin, bubbles_per_frame={7: 0}).shape == (0, 4)
+    assert estimates_to_localizations(est, pix, origin, bubbles_per_frame=100).shape == (30, 4)
+
+
+# ------------------------------------------------------------------------------- model and pipeline
+
+
+def test_runner_on_a_checkpoint_matches_the_network_and_refuses_other_pixel_sizes(tiny_checkpoint, tiny_acquisition):
+    acq = tiny_acquisition
+    rows = localize_3dml(acq, model=tiny_checkpoint, device="cpu", block_frames=7)
+    assert rows.shape[1] == 4 and np.all(np.diff(rows[:, 0]) >= 0)
+    assert set(np.unique(rows[:, 0]).astype(int)) <= set(range(acq.n_frames))
+    z, x = acq.z_mm(), acq.x_mm()
+    assert rows[:, 1].min() >= z[0] - acq.pixel_size_mm[0] / 2 and rows[:, 2].max() <= x[-1] + acq.pixel_size_mm[1] / 2
+    # The counter sets the detections per frame: check against the network run by hand on frame 0's windows.
+    net = DmlLocalizer(dml_config("tiny"))
+    from ultrasound_ai.models.checkpoint import load_into
+
+    load_into(net, tiny_checkpoint)
+    env = torch.from_numpy(np.abs(acq.iq[:4]))[None]
+    with torch.no_grad():
+        count0 = float(net(env)["count"][0, 0])  # frame 0 is only in the first window
+    assert int((rows[:, 0] == 0).sum()) == min(int(np.floor(count0 + 0.5)), 24 * 28)
+    fixed = localize_3dml(acq, model=tiny_checkpoint, device="cpu", bubbles_per_frame=3)
+    assert np.bincount(fixed[:, 0].astype(int)).tolist() == [3] * acq.n_frames
+    with pytest.raises(InputError, match="wavelengths"):
+        DmlLocalizationRunner((2 * acq.pixel_size_mm[0], acq.pixel_size_mm[1]), acq.origin_mm, acq.wavelength_mm,
+                              model=tiny_checkpoint, device="cpu")
+    counts = DmlFrameCounter(tiny_checkpoint, "cpu")(acq.iq[:6])
+    assert counts.dtype == np.int64 and counts.shape == (6,) and np.all(counts >= 0)
+
+
+def test_pipeline_3dml_is_identical_without_ground_truth(tiny_checkpoint, tiny_acquisition):
+    from ultrasound_ai.ulm.pipeline import process_acquisition
+
+    params = {"counting_network": True, "model": str(tiny_checkpoint), "device": "cpu", "block_frames": 10,
+              "min_track_length": 2}
+    with_gt = process_acquisition(tiny_acquisition, "3dml", dict(params))
+    assert tiny_acquisition.gt_positions is not None
+    without = process_acquisition(tiny_acquisition.without_truth(), "3dml", dict(params))
+    assert with_gt.localizations.shape[0] > 0
+    np.testing.assert_array_equal(with_gt.localizations, without.localizations)
+    np.testing.assert_array_equal(with_gt.density, without.density)
+    # Without the per-block SVD filter, the block size does not change the localizations: the runner
+    # carries its windows across blocks.
+    raw = {**params, "svd_cutoff": None}
+    a = process_acquisition(tiny_acquisition, "3dml", {**raw, "block_frames": 8})
+    b = process_acquisition(tiny_acquisition, "3dml", {**raw, "block_frames": 13})
+    np.testing.assert_allclose(a.localizations[:, :4], b.localizations[:, :4], rtol=0, atol=1e-6)

@@ -1,0 +1,389 @@
+"""3DML-ResNet inference: sliding windows with averaging, top-N per frame, localizations in mm.
+
+Sliding window (the paper: "infer super-localization for each input US frame several times by
+shifting the batch of N images a single frame at a time"). Windows of N frames start at 0, stride,
+2*stride, ... (stride 1 = the paper). A frame's maps (Pos, X_E, Y_E) and count are the plain mean of
+the estimates of every window that holds it. When the windows do not reach the last frames
+(T - N not a multiple of the stride), one more window ending at the last frame is run, and it counts
+only for the frames no other window covered, so the result does not depend on how the frames are
+split into blocks. An acquisition shorter than N frames is one window of all its frames.
+
+Streaming: `SlidingWindowRunner.push(frames)` returns the frames that no later window can touch
+(all windows holding them have run) and keeps the rest; `finish()` returns the remainder. Pushing
+the frames in any block sizes gives exactly what one push of all of them gives; the pipeline's
+blocks may overlap: `push(block, start)` skips frames already pushed.
+
+Detections: in frame i, the N_i pixels with the highest averaged Pos, N_i = round(averaged count of
+the counting network) or a given number per frame (`bubbles_per_frame`). A detection in pixel
+(iz, ix) with offsets (X_E, Y_E) lies at
+    z_mm = z0 + (iz + X_E - 0.5) * dz,   x_mm = x0 + (ix + Y_E - 0.5) * dx
+(pixel centres at origin + index * pixel size; offsets in [0, 1] map to [-0.5, 0.5] pixel). The
+intensity column is the envelope of the input frame at that pixel (as the classical methods report).
+
+The network expects pixels of the size it was trained on (`input.pixel_size_lambda` in its card);
+another pixel size is refused with a clear message (resample the acquisition first).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+
+from ultrasound_ai.core.errors import InputError
+
+__all__ = [
+    "FrameEstimate",
+    "SlidingWindowRunner",
+    "DmlLocalizationRunner",
+    "load_dml_model",
+    "select_detections",
+    "estimates_to_localizations",
+    "localize_3dml",
+    "model_predictor",
+    "DmlFrameCounter",
+    "pipeline_counter",
+]
+
+PredictFn = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
+
+
+@dataclass
+class FrameEstimate:
+    """One frame's averaged network output."""
+
+    index: int  # global 0-based frame index
+    envelope: np.ndarray  # [Z, X] the input frame (float32)
+    maps: np.ndarray  # [3, Z, X] mean Pos, X_E (z offset), Y_E (x offset)
+    count: float  # mean predicted number of bubbles
+    n_estimates: int  # how many windows were averaged
+
+
+def _envelope(block, what: str) -> np.ndarray:
+    a = np.asarray(block)
+    if a.ndim != 3:
+        raise InputError(f"{what}: expected frames [T, Z, X], got shape {a.shape}")
+    if a.dtype.kind == "c":
+        a = np.abs(a)
+    elif a.dtype.kind not in "iuf":
+        raise InputError(f"{what}: expected complex IQ or real B-mode frames, got dtype {a.dtype}")
+    a = a.astype(np.float32, copy=False)
+    if not np.all(np.isfinite(a)):
+        raise InputError(f"{what}: frames contain NaN or infinite values")
+    return a
+
+
+class SlidingWindowRunner:
+    """Runs `predict` on sliding windows of a frame stream and averages each frame's estimates.
+
+    predict(windows [B, n, Z, X] float32) -> (maps [B, n, 3, Z, X], counts [B, n]), numpy arrays.
+    """
+
+    def __init__(self, predict: PredictFn, window_frames: int, stride: int = 1, batch_windows: int = 4):
+        if int(window_frames) < 1:
+            raise InputError(f"window_frames must be a positive number of frames, got {window_frames}")
+        if not 1 <= int(stride) <= int(window_frames):
+            raise InputError(f"window stride must be in [1, window_frames = {window_frames}], got {stride}")
+        self.predict = predict
+        self.n = int(window_frames)
+        self.stride = int(stride)
+        self.batch_windows = max(1, int(batch_windows))
+        self._frames: list[np.ndarray] = []  # raw frames from self._raw_start on
+        self._raw_start = 0
+        self._end = 0  # frames pushed so far
+        self._next_start = 0  # start of the next regular window
+        self._emit = 0  # first frame not yet returned
+        self._sum_maps: dict[int, np.ndarray] = {}
+        self._sum_count: dict[int, float] = {}
+        self._n_est: dict[int, int] = {}
+        self._shape: tuple[int, int] | None = None
+        self._finished = False
+
+    @property
+    def frames_pushed(self) -> int:
+        return self._end
+
+    def push(self, frames, start: int | None = None) -> list[FrameEstimate]:
+        """Add frames (the stream continues at `start`, default: where it stopped); returns finished frames."""
+        if self._finished:
+            raise RuntimeError("SlidingWindowRunner: push() after finish()")
+        env = _envelope(frames, "3DML-ResNet input block")
+        if start is not None:
+            start = int(start)
+            if start > self._end or start < 0:
+                raise InputError(f"3DML-ResNet input block: starts at frame {start} but the stream is at frame "
+                                 f"{self._end} (blocks must be contiguous or overlap the previous one)")
+            env = env[self._end - start:]  # overlapping frames were pushed already
+        if env.shape[0] == 0:
+            return []
+        if self._shape is None:
+            self._shape = env.shape[1:]
+        elif env.shape[1:] != self._shape:
+            raise InputError(f"3DML-ResNet input block: frames are {env.shape[1]} x {env.shape[2]} but earlier "
+                             f"ones were {self._shape[0]} x {self._shape[1]}")
+        self._frames.extend(env)
+        self._end += env.shape[0]
+        starts = []
+        while self._next_start + self.n <= self._end:
+            starts.append(self._next_start)
+            self._next_start += self.stride
+        self._run(starts, self.n)
+        return self._collect(self._next_start)
+
+    def finish(self) -> list[FrameEstimate]:
+        """Run the last window if frames are left uncovered; return every frame not yet returned."""
+        if self._finished:
+            return []
+        self._finished = True
+        if self._end == 0:
+            return []
+        uncovered = [t for t in range(self._emit, self._end) if self._n_est.get(t, 0) == 0]
+        if uncovered:
+            n = min(self.n, self._end)
+            self._run([self._end - n], n, only=set(uncovered))
+        return self._collect(self._end)
+
+    def _window(self, s: int, n: int) -> np.ndarray:
+        i = s - self._raw_start
+        return np.stack(self._frames[i:i + n])
+
+    def _run(self, starts: list[int], n: int, only: set | None = None) -> None:
+        for b in range(0, len(starts), self.batch_windows):
+            group = starts[b:b + self.batch_windows]
+            windows = np.stack([self._window(s, n) for s in group])
+            maps, counts = self.predict(windows)
+            maps = np.asarray(maps, dtype=np.float64)
+            counts = np.asarray(counts, dtype=np.float64)
+            if maps.shape != (len(group), n, 3) + windows.shape[2:] or counts.shape != (len(group), n):
+                raise RuntimeError(f"window predictor returned maps {maps.shape} and counts {counts.shape} for "
+                                   f"windows {windows.shape}")
+            for k, s in enumerate(group):
+                for j in range(n):
+                    t = s + j
+                    if only is not None and t not in only:
+                        continue
+                    if t in self._sum_maps:
+                        self._sum_maps[t] += maps[k, j]
+                        self._sum_count[t] += counts[k, j]
+                        self._n_est[t] += 1
+                    else:
+                        self._sum_maps[t] = maps[k, j].copy()
+                        self._sum_count[t] = float(counts[k, j])
+                        self._n_est[t] = 1
+
+    def _collect(self, upto: int) -> list[FrameEstimate]:
+        out = []
+        for t in range(self._emit, upto):
+            n_est = self._n_est.pop(t)
+            out.append(FrameEstimate(index=t, envelope=self._frames[t - self._raw_start],
+                                     maps=(self._sum_maps.pop(t) / n_est).astype(np.float32),
+                                     count=self._sum_count.pop(t) / n_est, n_estimates=n_est))
+        self._emit = max(self._emit, upto)
+        # Keep the raw frames later windows need, including the last N for a final tail window.
+        keep_from = max(0, min(self._emit, self._next_start, self._end - self.n))
+        drop = keep_from - self._raw_start
+        if drop > 0:
+            del self._frames[:drop]
+            self._raw_start = keep_from
+        return out
+
+
+def select_detections(maps: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
+    """The n pixels with the highest Pos: (iz, ix, z_offset_px, x_offset_px, pos), by decreasing Pos."""
+    pos = maps[0]
+    n = int(max(0, min(int(n), pos.size)))
+    if n == 0:
+        e = np.zeros(0)
+        return e.astype(np.int64), e.astype(np.int64), e, e, e
+    flat = pos.reshape(-1)
+    idx = np.argpartition(-flat, n - 1)[:n] if n < flat.size else np.arange(flat.size)
+    # Ties broken by pixel index, so the order (and the kept set) is reproducible.
+    idx = idx[np.lexsort((idx, -flat[idx]))]
+    iz, ix = np.unravel_index(idx, pos.shape)
+    zoff = maps[1].reshape(-1)[idx].astype(np.float64) - 0.5
+    xoff = maps[2].reshape(-1)[idx].astype(np.float64) - 0.5
+    return iz.astype(np.int64), ix.astype(np.int64), zoff, xoff, flat[idx].astype(np.float64)
+
+
+def estimates_to_localizations(estimates: Iterable[FrameEstimate], pixel_size_mm, origin_mm,
+                               bubbles_per_frame=None) -> np.ndarray:
+    """Averaged frame estimates -> localizations [K, 4] = (frame, z_mm, x_mm, intensity).
+
+    bubbles_per_frame: None = the counting network's rounded count per frame; an int = that many in
+    every frame; a mapping/array indexed by the global frame index = per-frame numbers.
+    """
+    dz, dx = (float(v) for v in pixel_size_mm)
+    z0, x0 = (float(v) for v in origin_mm)
+    rows = []
+    for est in estimates:
+        if bubbles_per_frame is None:
+            n = int(np.floor(est.count + 0.5))
+        elif np.isscalar(bubbles_per_frame):
+            n = int(bubbles_per_frame)
+        else:
+            n = int(bubbles_per_frame[est.index])
+        if n < 0:
+            raise InputError(f"bubbles per frame must be >= 0, got {n} for frame {est.index}")
+        iz, ix, zoff, xoff, _ = select_detections(est.maps, n)
+        if iz.size == 0:
+            continue
+        r = np.empty((iz.size, 4))
+        r[:, 0] = est.index
+        r[:, 1] = z0 + (iz + zoff) * dz
+        r[:, 2] = x0 + (ix + xoff) * dx
+        r[:, 3] = est.envelope[iz, ix]
+        rows.append(r)
+    return np.concatenate(rows) if rows else np.zeros((0, 4))
+
+
+# ------------------------------------------------------------------------------------ the model
+
+
+def load_dml_model(model=None, device="auto"):
+    """(DmlLocalizer in eval mode on `device`, card). `model`: None (the installed default of method
+    ulm_3dml_resnet), a model name, a .pt path, or a DmlLocalizer (its card is then {})."""
+    from ultrasound_ai.core.device import resolve_device
+    from ultrasound_ai.ulm.dml_resnet import METHOD, DmlLocalizer
+
+    dev = resolve_device(device)
+    if isinstance(model, DmlLocalizer):
+        return model.to(dev).eval(), {}
+    from ultrasound_ai.models.checkpoint import load_into, read_card
+    from ultrasound_ai.models.registry import default_model, find_model
+
+    path = default_model(METHOD).pt_path if model is None else find_model(os.fspath(model))
+    card = read_card(path)
+    if str(card.get("method", "")).lower() != METHOD:
+        raise InputError(f"model {path}: its card says method {card.get('method')!r}, expected {METHOD!r}")
+    net = DmlLocalizer(card.get("configuration") or {})
+    card = load_into(net, path, map_location="cpu", dtype="float32")
+    return net.to(dev).eval(), card
+
+
+def model_predictor(net, device=None) -> PredictFn:
+    """A SlidingWindowRunner predictor running `net` (no gradients) on its device."""
+    import torch
+
+    dev = device if device is not None else next(net.parameters()).device
+
+    def predict(windows: np.ndarray):
+        with torch.no_grad():
+            out = net(torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32)).to(dev))
+        return out["maps"].float().cpu().numpy(), out["count"].float().cpu().numpy()
+
+    return predict
+
+
+def _check_pixel_size(card: dict, pixel_size_mm, wavelength_mm, what: str) -> None:
+    inp = card.get("input") if isinstance(card, dict) else None
+    want = inp.get("pixel_size_lambda") if isinstance(inp, dict) else None
+    if want is None or wavelength_mm is None:
+        return
+    have = np.asarray(pixel_size_mm, dtype=np.float64) / float(wavelength_mm)
+    want = np.asarray(want, dtype=np.float64).reshape(-1)
+    if want.shape != (2,) or not np.allclose(have, want, rtol=0.05, atol=0):
+        raise InputError(f"{what}: pixels of {have.round(4).tolist()} wavelengths (z, x), but model "
+                         f"{card.get('name', '?')!r} was trained on {want.tolist()}; resample the acquisition "
+                         f"to its pixel size first")
+
+
+class DmlLocalizationRunner:
+    """Streaming 3DML-ResNet localization of an acquisition's frames, block by block.
+
+        runner = DmlLocalizationRunner(pixel_size_mm, origin_mm, wavelength_mm, model=None, device="auto")
+        for start, block in blocks:  rows = runner.push(block, start)   # [K, 4] finished frames
+        rows = runner.finish()
+    """
+
+    def __init__(self, pixel_size_mm, origin_mm, wavelength_mm=None, *, model=None, device="auto",
+                 bubbles_per_frame=None, window_stride: int = 1, window_frames: int | None = None,
+                 batch_windows: int = 4):
+        self.net, self.card = load_dml_model(model, device)
+        _check_pixel_size(self.card, pixel_size_mm, wavelength_mm, "3DML-ResNet input")
+        if bubbles_per_frame is not None and np.isscalar(bubbles_per_frame) and int(bubbles_per_frame) < 0:
+            raise InputError(f"bubbles per frame must be >= 0 or None (counting network), got {bubbles_per_frame}")
+        self.pixel_size_mm = tuple(float(v) for v in pixel_size_mm)
+        self.origin_mm = tuple(float(v) for v in origin_mm)
+        self.bubbles_per_frame = bubbles_per_frame
+        n = int(window_frames or self.net.config.window_frames)
+        self.runner = SlidingWindowRunner(model_predictor(self.net), n, stride=window_stride,
+                                          batch_windows=batch_windows)
+
+    def _rows(self, estimates) -> np.ndarray:
+        return estimates_to_localizations(estimates, self.pixel_size_mm, self.origin_mm, self.bubbles_per_frame)
+
+    def push(self, block, start: int | None = None) -> np.ndarray:
+        return self._rows(self.runner.push(block, start))
+
+    def finish(self) -> np.ndarray:
+        return self._rows(self.runner.finish())
+
+
+class DmlFrameCounter:
+    """Bubbles per frame from the counting network alone (for the classical methods' top-N).
+
+    counts(frames [n, Z, X], start) -> int [n]: the frames are cut into consecutive groups of N (the
+    window length; the last group may be shorter), each group normalised by its maximum as a window
+    is, and every frame's count rounded to the nearest integer.
+    """
+
+    def __init__(self, model=None, device="auto", window_frames: int | None = None, *, pixel_size_mm=None,
+                 wavelength_mm=None):
+        import torch
+
+        self.net, self.card = load_dml_model(model, device)
+        if pixel_size_mm is not None:
+            _check_pixel_size(self.card, pixel_size_mm, wavelength_mm, "counting network input")
+        self.n = int(window_frames or self.net.config.window_frames)
+        self._torch = torch
+        self._device = next(self.net.parameters()).device
+
+    def __call__(self, frames, start: int = 0) -> np.ndarray:
+        from ultrasound_ai.ulm.dml_resnet import normalise_windows
+
+        torch = self._torch
+        env = _envelope(frames, "counting network input")
+        out = np.zeros(env.shape[0], np.int64)
+        with torch.no_grad():
+            for a in range(0, env.shape[0], self.n):
+                w = torch.from_numpy(np.ascontiguousarray(env[a:a + self.n])).to(self._device)
+                c = self.net.counter(normalise_windows(w[None])[0])
+                out[a:a + w.shape[0]] = np.floor(c.float().cpu().numpy() + 0.5).astype(np.int64)
+        return out
+
+
+def pipeline_counter(ctx) -> DmlFrameCounter:
+    """Factory for `pipeline.register_counter("default", pipeline_counter)` (a LocalizerContext in)."""
+    return DmlFrameCounter(ctx.params.model, ctx.device if ctx.device is not None else ctx.params.device,
+                           pixel_size_mm=ctx.pixel_size_mm, wavelength_mm=ctx.wavelength_mm)
+
+
+def localize_3dml(acquisition, *, model=None, device="auto", bubbles_per_frame=None, window_stride: int = 1,
+                  block_frames: int = 200, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Localize every frame of an Acquisition (or an acquisition file path): [K, 4] (frame, z_mm, x_mm,
+    intensity). Never reads the ground truth."""
+    from ultrasound_ai.io.ulm_files import Acquisition, acquisition_info, iter_blocks
+
+    if isinstance(acquisition, Acquisition):
+        geo = (acquisition.pixel_size_mm, acquisition.origin_mm, acquisition.wavelength_mm)
+        total = acquisition.n_frames
+        frames = acquisition.frames
+        blocks = ((s, frames[s:s + block_frames]) for s in range(0, total, block_frames))
+    elif isinstance(acquisition, (str, os.PathLike)):
+        info = acquisition_info(acquisition)
+        geo = (info.pixel_size_mm, info.origin_mm, info.wavelength_mm)
+        total = info.n_frames
+        blocks = iter_blocks(acquisition, block_frames)
+    else:
+        raise InputError(f"3DML-ResNet: expected an Acquisition or an acquisition file, got {type(acquisition).__name__}")
+    runner = DmlLocalizationRunner(*geo, model=model, device=device, bubbles_per_frame=bubbles_per_frame,
+                                   window_stride=window_stride)
+    parts = []
+    for start, block in blocks:
+        parts.append(runner.push(block, start))
+        if progress is not None:
+            progress(min(start + len(block), total), total)
+    parts.append(runner.finish())
+    return np.concatenate(parts)

@@ -1,0 +1,225 @@
+"""3DML-ResNet and the bubble-counting network (Pustovalov et al., EUSIPCO 2024).
+
+3DML-ResNet. Input: a window of N B-mode frames (the envelope |IQ|) [B, N, Z, X], divided by the
+window's maximum (the paper normalises each batch by its maximum; here each window of a batch by its
+own, so a window's output does not depend on what else shares the batch). The window is one 3D
+volume (time, z, x) with one channel; every convolution is 3x3x3 with zero padding, so each output
+frame sees "groups of 3 frames" (its neighbours in time) and the output has N frames:
+
+    conv_first: 1 -> width                               ("layered input")
+    R residual blocks: y = x + res_scale * conv(PReLU(conv(x)))   (weighted sum with the input)
+    conv_mid: width -> width, plus the layered input     (global skip)
+    conv_last: width -> 3, then a sigmoid                (Pos, X_E, Y_E per frame and pixel)
+
+Channel 0 (Pos) is the probability that a bubble lies in that low-resolution pixel, channels 1 and
+2 (X_E: axial/z, Y_E: lateral/x, the paper's "vertical" and "horizontal") are the bubble's offset
+from the pixel centre in pixels, mapped from [-0.5, 0.5) to [0, 1) ("normalised to [0, 1] ... all
+CNN outputs remain positive"): offset = X_E - 0.5.
+
+The weighted sum uses a fixed weight (`res_scale`, 0.1 as in EDSR-style super-resolution ResNets;
+the paper says "weighted" without a value); `learnable_res_scale=True` makes it a parameter per block.
+PReLU has one slope per layer (PyTorch's default).
+
+Parameter count of the "paper" configuration (width 96, 10 blocks), exactly:
+  conv_first 1*96*27 + 96 = 2,688; 20 block convs 20 * (96*96*27 + 96) = 4,978,560;
+  10 PReLU slopes = 10; conv_mid 248,928; conv_last 96*3*27 + 3 = 7,779  -> 5,237,965
+(the reference's "5.2 M parameters, 21 MB fp32"). The counting network is separate and not included.
+
+Counting network (the paper: "convolutional layers followed by fully connected layers, predicts the
+number of bubbles present in each ultrasound frame independently"): every frame of the normalised
+window alone, [B*N, 1, Z, X] -> four 3x3 convs (two with stride 2) with PReLU -> global average
+pooling -> FC -> PReLU -> FC -> softplus = bubbles per 1000 pixels; times the frame's area / 1000 =
+the count. Pooling before the FC layers makes it work on any frame size (trained on crops, applied
+to whole frames) with counts that scale with the area.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ultrasound_ai.core.errors import InputError
+
+__all__ = [
+    "METHOD",
+    "PRESETS",
+    "DmlConfig",
+    "DmlResNet",
+    "BubbleCounter",
+    "DmlLocalizer",
+    "dml_config",
+    "build_model",
+    "count_parameters",
+    "normalise_windows",
+]
+
+METHOD = "ulm_3dml_resnet"
+# Counts are predicted as a density per this many pixels (keeps the raw output near 1).
+_COUNT_AREA_UNIT = 1000.0
+
+
+@dataclass(frozen=True)
+class DmlConfig:
+    width: int = 32  # channels of the 3D ResNet
+    blocks: int = 5  # residual blocks
+    res_scale: float = 0.1  # weight of the residual branch in each block's sum
+    learnable_res_scale: bool = False
+    counter_width: int = 16  # channels of the counting network's first conv
+    counter_hidden: int = 64  # width of its hidden fully connected layer
+    window_frames: int = 8  # N: frames per window (training crops and inference)
+
+    def validate(self) -> "DmlConfig":
+        for name in ("width", "blocks", "counter_width", "counter_hidden", "window_frames"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"3DML-ResNet configuration: {name} must be a positive integer, got {v!r}")
+        if not (isinstance(self.res_scale, (int, float)) and 0 < float(self.res_scale) <= 1):
+            raise InputError(f"3DML-ResNet configuration: res_scale must be in (0, 1], got {self.res_scale!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, DmlConfig] = {
+    # The paper: 96 channels, 10 residual blocks, batches of 10 frames.
+    "paper": DmlConfig(width=96, blocks=10, counter_width=32, counter_hidden=128, window_frames=10),
+    # What we ship: about 7 GFLOP per frame and window pass at 84 x 143 (CPU-usable), trained on crops.
+    "shipped": DmlConfig(width=32, blocks=5, counter_width=16, counter_hidden=64, window_frames=8),
+    # Tests.
+    "tiny": DmlConfig(width=8, blocks=2, counter_width=4, counter_hidden=16, window_frames=4),
+}
+
+
+def dml_config(spec: str | Mapping | DmlConfig | None = None) -> DmlConfig:
+    """A preset name, a DmlConfig, or a mapping {"preset": name, field: value, ...} -> DmlConfig."""
+    if spec is None:
+        spec = "shipped"
+    if isinstance(spec, DmlConfig):
+        return spec.validate()
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise InputError(f"3DML-ResNet preset {spec!r}: unknown; expected one of {sorted(PRESETS)}")
+        return PRESETS[spec]
+    if not isinstance(spec, Mapping):
+        raise InputError(f"3DML-ResNet configuration: expected a preset name or a mapping, got {type(spec).__name__}")
+    spec = dict(spec)
+    base = dml_config(spec.pop("preset", "shipped"))
+    fields = {f.name for f in dataclasses.fields(DmlConfig)}
+    unknown = sorted(set(spec) - fields)
+    if unknown:
+        raise InputError(f"3DML-ResNet configuration: unknown key(s) {unknown}; expected 'preset' and some of "
+                         f"{sorted(fields)}")
+    return dataclasses.replace(base, **spec).validate()
+
+
+def normalise_windows(frames: torch.Tensor) -> torch.Tensor:
+    """[B, N, Z, X] -> each window divided by its own maximum (all-zero windows stay zero)."""
+    peak = frames.flatten(1).amax(dim=1).clamp_min(torch.finfo(frames.dtype).tiny)
+    return frames / peak.view(-1, *([1] * (frames.dim() - 1)))
+
+
+def _conv3(cin: int, cout: int) -> nn.Conv3d:
+    return nn.Conv3d(cin, cout, kernel_size=3, padding=1)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, width: int, res_scale: float, learnable: bool):
+        super().__init__()
+        self.conv1 = _conv3(width, width)
+        self.act = nn.PReLU()
+        self.conv2 = _conv3(width, width)
+        if learnable:
+            self.res_scale = nn.Parameter(torch.tensor(float(res_scale)))
+        else:
+            self.register_buffer("res_scale", torch.tensor(float(res_scale)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.res_scale * self.conv2(self.act(self.conv1(x)))
+
+
+class DmlResNet(nn.Module):
+    """The 3D ResNet: normalised windows [B, N, Z, X] -> maps [B, N, 3, Z, X] in [0, 1]."""
+
+    def __init__(self, config: DmlConfig):
+        super().__init__()
+        c = config.width
+        self.conv_first = _conv3(1, c)
+        self.blocks = nn.Sequential(*[_ResidualBlock(c, config.res_scale, config.learnable_res_scale)
+                                      for _ in range(config.blocks)])
+        self.conv_mid = _conv3(c, c)
+        self.conv_last = _conv3(c, 3)
+        with torch.no_grad():
+            # Bubbles occupy ~1 % of the pixels: start Pos near that prior instead of 0.5 everywhere,
+            # so the first steps do not spend themselves on pushing the whole map down.
+            self.conv_last.bias[0].fill_(-4.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layered = self.conv_first(x.unsqueeze(1))
+        y = self.conv_mid(self.blocks(layered)) + layered
+        out = torch.sigmoid(self.conv_last(y))  # [B, 3, N, Z, X]
+        return out.transpose(1, 2)
+
+
+class BubbleCounter(nn.Module):
+    """Frames [M, Z, X] (normalised) -> bubbles per frame [M] (non-negative)."""
+
+    def __init__(self, config: DmlConfig):
+        super().__init__()
+        c, h = config.counter_width, config.counter_hidden
+        self.features = nn.Sequential(
+            nn.Conv2d(1, c, 3, padding=1), nn.PReLU(),
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.PReLU(),
+            nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), nn.PReLU(),
+            nn.Conv2d(4 * c, 4 * c, 3, padding=1), nn.PReLU(),
+        )
+        self.head = nn.Sequential(nn.Linear(4 * c, h), nn.PReLU(), nn.Linear(h, 1))
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        m, z, x = frames.shape
+        f = self.features(frames.unsqueeze(1)).mean(dim=(2, 3))
+        density = F.softplus(self.head(f)).squeeze(1)
+        return density * (z * x / _COUNT_AREA_UNIT)
+
+
+class DmlLocalizer(nn.Module):
+    """Both networks behind one state dict (one checkpoint).
+
+    forward(frames [B, N, Z, X], raw envelope) -> {"maps": [B, N, 3, Z, X], "count": [B, N]}; the
+    windows are normalised here, so training and inference cannot disagree about it.
+    """
+
+    def __init__(self, config: DmlConfig | str | Mapping | None = None):
+        super().__init__()
+        self.config = dml_config(config)
+        self.resnet = DmlResNet(self.config)
+        self.counter = BubbleCounter(self.config)
+
+    def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        if frames.dim() != 4:
+            raise InputError(f"3DML-ResNet input: expected windows [B, N, Z, X], got shape {tuple(frames.shape)}")
+        b, n, z, x = frames.shape
+        if min(z, x) < 3:
+            raise InputError(f"3DML-ResNet input: frames must be at least 3 x 3 pixels, got {z} x {x}")
+        x_n = normalise_windows(frames)
+        maps = self.resnet(x_n)
+        count = self.counter(x_n.reshape(b * n, z, x)).view(b, n)
+        return {"maps": maps, "count": count}
+
+
+def build_model(config: DmlConfig | str | Mapping | None = None) -> DmlLocalizer:
+    return DmlLocalizer(config)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+def configuration_dict(config: DmlConfig) -> dict[str, Any]:
+    """What a model card's "configuration" holds: enough for dml_config() to rebuild the model."""
+    return config.to_dict()

@@ -1,0 +1,316 @@
+"""A seeded B-mode image simulator with ground truth, for pre-training, fine-tuning and tests.
+
+An image is built in four steps, each a crude but physically motivated stand-in:
+
+1. Echogenicity map (linear backscatter amplitude, 1 = reference tissue) of an organ: curved tissue
+   layers (skin, fat, gland, muscle, fascia...), vessels or cysts (anechoic, with posterior enhancement),
+   and a smooth random texture modulation. Organs: breast, thyroid, liver, muscle.
+2. An optional lesion, which decides the class label:
+   * benign (label 0): round or oval, smooth boundary; hypo-, iso- (with a dark halo, as a capsule) or
+     hyperechoic; no posterior effect or posterior enhancement;
+   * malignant (label 1): irregular, spiculated boundary, hypoechoic and heterogeneous, with an echogenic
+     rim and posterior acoustic shadowing;
+   * normal (label 2): no lesion (an all-background mask).
+   Posterior effects are applied per column below the lesion's deepest point, decaying with depth.
+3. Speckle: complex Gaussian scatterers weighted by the echogenicity (an amplitude) convolved with a complex
+   (baseband) point-spread function, axial resolution finer than lateral, then the envelope.
+4. Depth attenuation (partly compensated, as TGC would), log compression to a 45 dB dynamic range, and
+   scaling to [0, 1].
+
+Geometry: rows are depth (axial), columns lateral; the field of view is fov_mm (lateral, depth) whatever
+the pixel count, so the speckle grain keeps its physical size. The class order follows BUSI's folders:
+CLASS_NAMES = ("benign", "malignant", "normal").
+
+Everything is drawn from one numpy Generator, so a seed gives the same image on every machine.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from ultrasound_ai.core.atomic import atomic_output
+from ultrasound_ai.core.errors import InputError
+
+__all__ = ["SIMULATOR_VERSION", "CLASS_NAMES", "ORGANS", "BModeImage", "simulate_bmode", "simulate_batch",
+           "sample_seed", "write_busi_folder"]
+
+SIMULATOR_VERSION = "usfm-bmode-1"
+CLASS_NAMES = ("benign", "malignant", "normal")
+ORGANS = ("breast", "thyroid", "liver", "muscle")
+LESION_CLASSES = (0, 1)
+
+
+@dataclass
+class BModeImage:
+    image: np.ndarray  # float32 [H, W] in [0, 1]
+    mask: np.ndarray  # uint8 [H, W]: 1 inside the lesion
+    label: int  # index into CLASS_NAMES
+    organ: str
+    pixel_spacing_mm: tuple[float, float]  # (x = lateral column spacing, y = depth row spacing), ITK order
+    info: dict = field(default_factory=dict)
+
+    @property
+    def class_name(self) -> str:
+        return CLASS_NAMES[self.label]
+
+
+def _rng(seed) -> np.random.Generator:
+    if isinstance(seed, np.random.Generator):
+        return seed
+    return np.random.default_rng(seed)
+
+
+def sample_seed(base_seed: int, index: int) -> np.random.SeedSequence:
+    """The seed of image `index` of a simulated data set (independent streams per index)."""
+    return np.random.SeedSequence([int(base_seed) & 0xFFFFFFFF, 7, int(index)])
+
+
+def _smooth_noise(rng, shape, sigma_px) -> np.ndarray:
+    n = ndimage.gaussian_filter(rng.standard_normal(shape), sigma_px, mode="wrap")
+    return n / (n.std() + 1e-12)
+
+
+def _interface(rng, x_mm, depth_mm, amplitude_mm, period_range=(15.0, 60.0)) -> np.ndarray:
+    """A smooth curved boundary depth(x) in mm."""
+    period = rng.uniform(*period_range)
+    phase = rng.uniform(0, 2 * np.pi)
+    second = rng.uniform(-0.4, 0.4)
+    return depth_mm + amplitude_mm * (np.sin(2 * np.pi * x_mm / period + phase) + second * np.sin(4 * np.pi * x_mm / period))
+
+
+def _layers(rng, z, x_mm, boundaries_mm, values) -> np.ndarray:
+    """Echogenicity of stacked layers: values[k] between boundaries k-1 and k (curves over x)."""
+    e = np.full(z.shape, float(values[-1]))
+    # Paint deepest first, so each shallower layer overwrites above its lower boundary.
+    for k in range(len(boundaries_mm) - 1, -1, -1):
+        e = np.where(z < boundaries_mm[k][None, :], values[k], e)
+    return e
+
+
+def _ellipse(z, x, cz, cx, a, b, angle) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    u = ((x - cx) * c + (z - cz) * s) / a
+    v = (-(x - cx) * s + (z - cz) * c) / b
+    return u * u + v * v
+
+
+def _organ(rng, organ: str, z, x, depth_mm, width_mm, sigma_px) -> tuple[np.ndarray, list]:
+    """Echogenicity map of the organ's tissue and the anechoic structures (vessels, cysts) in it."""
+    xs = x[0]
+    skin = _interface(rng, xs, rng.uniform(1.0, 2.0), 0.2)
+    anechoic = []
+    if organ == "breast":
+        fat = _interface(rng, xs, rng.uniform(5, 9), rng.uniform(0.5, 2.0))
+        gland = _interface(rng, xs, rng.uniform(22, 30), rng.uniform(1.0, 3.0))
+        retro = gland + rng.uniform(3, 6)
+        e = _layers(rng, z, xs, [skin, fat, gland, retro], [2.2, 0.55, 1.3, 0.5, 0.9])
+        # Fibrous striations in the gland and the muscle: thin oblique bright streaks.
+        streak = np.sin(2 * np.pi * (z * np.cos(0.25) + x * np.sin(0.25)) / rng.uniform(2.5, 4.0))
+        e = e * (1.0 + 0.25 * np.clip(streak, 0, None) * ((z > gland[None]) | ((z > fat[None]) & (z < gland[None]))))
+    elif organ == "thyroid":
+        strap = _interface(rng, xs, rng.uniform(4, 6), 0.5)
+        capsule = _interface(rng, xs, rng.uniform(8, 11), 0.8)
+        back = _interface(rng, xs, rng.uniform(28, 34), 1.5)
+        e = _layers(rng, z, xs, [skin, strap, capsule, back], [2.0, 0.8, 0.7, 1.5, 0.8])
+        side = rng.choice([0.15, 0.85])
+        anechoic.append((rng.uniform(14, 22), side * width_mm, rng.uniform(3.0, 4.5), rng.uniform(3.0, 4.5), 0.0))
+    elif organ == "liver":
+        wall = _interface(rng, xs, rng.uniform(6, 10), 1.0)
+        diaphragm = _interface(rng, xs, rng.uniform(0.8, 0.95) * depth_mm, 3.0)
+        e = _layers(rng, z, xs, [skin, wall, diaphragm, diaphragm + 1.2], [2.0, 0.7, 1.0, 2.5, 0.6])
+        for _ in range(int(rng.integers(1, 4))):
+            r = rng.uniform(1.0, 2.5)
+            anechoic.append((rng.uniform(12, depth_mm * 0.75), rng.uniform(0, width_mm), r * rng.uniform(1.0, 2.0), r,
+                             rng.uniform(0, np.pi)))
+    elif organ == "muscle":
+        fat = _interface(rng, xs, rng.uniform(3, 6), 0.6)
+        bounds = [skin, fat]
+        values = [2.0, 0.6]
+        d = fat
+        while True:
+            d = d + rng.uniform(6, 14)
+            if d.min() > depth_mm:
+                break
+            bounds += [d, d + 0.8]
+            values += [0.8, 2.2]  # muscle belly, then a bright fascia
+        values.append(0.8)
+        e = _layers(rng, z, xs, bounds, values)
+        fib = np.sin(2 * np.pi * (z + 0.15 * x) / rng.uniform(1.5, 2.5))
+        e = e * (1.0 + 0.3 * np.clip(fib, 0, None))
+    else:
+        raise InputError(f"B-mode simulator organ {organ!r}: unknown; expected one of {list(ORGANS)}")
+    # Simple cysts: anechoic, smooth; they are not lesions of the label (distractors for thresholding).
+    for _ in range(int(rng.integers(0, 2))):
+        r = rng.uniform(1.2, 3.0)
+        anechoic.append((rng.uniform(10, depth_mm * 0.8), rng.uniform(0.1, 0.9) * width_mm, r * rng.uniform(1.0, 1.5),
+                         r, rng.uniform(0, np.pi)))
+    e = e * np.exp(0.2 * _smooth_noise(rng, z.shape, 4 * sigma_px))
+    return e, anechoic
+
+
+def _lesion_shape(rng, z, x, label, depth_mm, width_mm) -> tuple[np.ndarray, dict]:
+    """Boolean lesion mask from a polar radius function: smooth for benign, spiculated for malignant."""
+    r0 = rng.uniform(3.5, 8.0)
+    cz = rng.uniform(max(10.0, r0 + 4), max(11.0, depth_mm * 0.65))
+    cx = rng.uniform(0.25, 0.75) * width_mm
+    if label == 0:
+        aspect = rng.uniform(1.0, 1.7)  # wider than tall ("parallel" orientation)
+        angle = rng.uniform(-0.3, 0.3)
+        harmonics = [(k, rng.uniform(0, 0.04), rng.uniform(0, 2 * np.pi)) for k in (2, 3)]
+        spikes = []
+    else:
+        aspect = rng.uniform(0.7, 1.1)  # often taller than wide
+        angle = rng.uniform(-np.pi, np.pi)
+        harmonics = [(k, rng.uniform(0.05, 0.15), rng.uniform(0, 2 * np.pi)) for k in range(3, 8)]
+        spikes = [(rng.uniform(-np.pi, np.pi), rng.uniform(0.25, 0.6), rng.uniform(0.05, 0.12))
+                  for _ in range(int(rng.integers(4, 9)))]
+    c, s = np.cos(angle), np.sin(angle)
+    u = ((x - cx) * c + (z - cz) * s) / aspect
+    v = -(x - cx) * s + (z - cz) * c
+    rho = np.hypot(u, v)
+    theta = np.arctan2(v, u)
+    radius = np.ones_like(theta)
+    for k, amp, ph in harmonics:
+        radius += amp * np.cos(k * theta + ph)
+    for th, amp, width in spikes:
+        d = np.angle(np.exp(1j * (theta - th)))
+        radius += amp * np.exp(-0.5 * (d / width) ** 2)
+    mask = rho < r0 * radius
+    return mask, {"centre_mm": [float(cx), float(cz)], "radius_mm": float(r0)}
+
+
+def _posterior(mask: np.ndarray, z_mm: np.ndarray, factor: float, decay_mm: float, sigma_px: float) -> np.ndarray:
+    """Multiplicative map: below each column's deepest masked pixel, 1 + (factor - 1) exp(-dz / decay)."""
+    rows = np.arange(mask.shape[0])[:, None]
+    deepest = np.where(mask.any(axis=0), np.max(np.where(mask, rows, -1), axis=0), -1)
+    dz_mm = z_mm[:, 0:1] - np.where(deepest >= 0, z_mm[np.clip(deepest, 0, None), 0], np.inf)[None, :]
+    effect = np.where(dz_mm > 0, np.exp(-np.clip(dz_mm, 0, None) / decay_mm), 0.0)
+    effect = ndimage.gaussian_filter1d(effect, sigma_px, axis=1)  # soft lateral edges
+    return 1.0 + (factor - 1.0) * effect
+
+
+def simulate_bmode(seed=None, size: int | Sequence[int] = 128, *, organ: str | None = None, label: int | None = None,
+                   fov_mm: Sequence[float] = (40.0, 40.0), dynamic_range_db: float = 45.0) -> BModeImage:
+    """One simulated B-mode image [H, W] with its lesion mask and class label (see the module docstring).
+
+    seed: an int, a SeedSequence or a numpy Generator. size: H = W, or (H, W). organ: one of ORGANS
+    (random when None). label: 0 benign, 1 malignant, 2 normal (random when None).
+    fov_mm: (lateral width, depth) of the field of view.
+    """
+    rng = _rng(seed)
+    h, w = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
+    if h < 8 or w < 8:
+        raise InputError(f"B-mode simulator size: expected at least 8x8 pixels, got {h}x{w}")
+    if label is not None and label not in (0, 1, 2):
+        raise InputError(f"B-mode simulator label: expected 0 (benign), 1 (malignant) or 2 (normal), got {label!r}")
+    organ = organ if organ is not None else ORGANS[int(rng.integers(len(ORGANS)))]
+    label = int(rng.integers(3)) if label is None else int(label)
+    width_mm, depth_mm = float(fov_mm[0]), float(fov_mm[1])
+    dx, dz = width_mm / w, depth_mm / h
+    z, x = np.meshgrid((np.arange(h) + 0.5) * dz, (np.arange(w) + 0.5) * dx, indexing="ij")
+    sigma_px = 1.0 / dx  # 1 mm in pixels, for smoothing scales
+
+    e, anechoic = _organ(rng, organ, z, x, depth_mm, width_mm, sigma_px)
+    post = np.ones_like(e)
+    for cz, cx, a, b, ang in anechoic:
+        inside = _ellipse(z, x, cz, cx, a, b, ang) < 1.0
+        if not inside.any():
+            continue
+        wall = (_ellipse(z, x, cz, cx, a + 0.4, b + 0.4, ang) < 1.0) & ~inside
+        e = np.where(wall, e * 1.8, e)
+        e = np.where(inside, 0.02, e)
+        post = post * _posterior(inside, z, rng.uniform(1.3, 1.7), rng.uniform(4, 10), 0.5 * sigma_px)
+
+    mask = np.zeros((h, w), dtype=bool)
+    info: dict = {"organ": organ, "class": CLASS_NAMES[label]}
+    if label in LESION_CLASSES:
+        mask, shape_info = _lesion_shape(rng, z, x, label, depth_mm, width_mm)
+        info.update(shape_info)
+        tex = _smooth_noise(rng, (h, w), 1.5 * sigma_px)
+        if label == 0:
+            echo = rng.choice(["hypo", "iso", "hyper"], p=[0.6, 0.2, 0.2])
+            level = {"hypo": rng.uniform(0.15, 0.35), "iso": rng.uniform(0.8, 1.0), "hyper": rng.uniform(1.8, 2.5)}[echo]
+            inner = level * np.exp(0.1 * tex)
+            ring = ndimage.binary_dilation(mask, iterations=max(1, int(round(0.6 * sigma_px)))) & ~mask
+            # A thin dark halo (capsule) delimits iso- and hyperechoic lesions.
+            e = np.where(ring, e * (0.35 if echo != "hypo" else 1.6), e)
+            effect = rng.choice(["none", "enhancement"]) if echo == "hypo" else "none"
+            factor = rng.uniform(1.3, 1.6) if effect == "enhancement" else 1.0
+        else:
+            echo = "hypo"
+            inner = rng.uniform(0.12, 0.3) * np.exp(0.35 * tex)  # heterogeneous interior
+            ring = ndimage.binary_dilation(mask, iterations=max(1, int(round(1.2 * sigma_px)))) & ~mask
+            e = np.where(ring, e * rng.uniform(1.3, 1.8), e)  # echogenic halo
+            effect = "shadowing"
+            factor = rng.uniform(0.2, 0.5)
+        e = np.where(mask, inner, e)
+        if factor != 1.0:
+            post = post * _posterior(mask, z, factor, rng.uniform(8, 25), 0.5 * sigma_px)
+        info.update(echogenicity=str(echo), posterior=str(effect))
+    e = e * post
+
+    # Speckle: echogenicity (amplitude)-weighted complex scatterers through an analytic PSF (FFT convolution).
+    scat = (rng.standard_normal((h, w)) + 1j * rng.standard_normal((h, w))) * np.clip(e, 0, None)
+    sig_z, sig_x = 0.25, 0.5  # mm: axial and lateral PSF widths
+    fz = np.fft.fftfreq(h, d=dz)[:, None]
+    fx = np.fft.fftfreq(w, d=dx)[None, :]
+    # Baseband (IQ) PSF: the carrier would alias on a coarse pixel grid and does not change the envelope.
+    # Fourier transform of exp(-z^2/2sz^2 - x^2/2sx^2):
+    psf_hat = np.exp(-2 * np.pi ** 2 * (fz ** 2 * sig_z ** 2 + fx ** 2 * sig_x ** 2))
+    env = np.abs(np.fft.ifft2(np.fft.fft2(scat) * psf_hat))
+    att = np.exp(-rng.uniform(0.005, 0.02) * z)  # residual attenuation after TGC
+    env = env * att + 1e-3 * rng.random((h, w))
+    ref = np.percentile(env, 99.5) + 1e-12
+    db = 20.0 * np.log10(env / ref + 1e-12)
+    image = np.clip((db + dynamic_range_db) / dynamic_range_db, 0.0, 1.0).astype(np.float32)
+    return BModeImage(image=image, mask=mask.astype(np.uint8), label=label, organ=organ,
+                      pixel_spacing_mm=(float(dx), float(dz)), info=info)
+
+
+def simulate_batch(base_seed: int, indices: Sequence[int], size=128, *, labels: Sequence[int] | None = None,
+                   organ: str | None = None) -> list[BModeImage]:
+    """Images `indices` of the data set `base_seed` (image i depends only on (base_seed, i)). With
+    `labels`, each image's class is drawn from that list (from the image's own stream)."""
+    out = []
+    for i in indices:
+        rng = np.random.default_rng(sample_seed(base_seed, i))
+        label = None if not labels else int(labels[int(rng.integers(len(labels)))])
+        out.append(simulate_bmode(rng, size, organ=organ, label=label))
+    return out
+
+
+def _write_png(array: np.ndarray, path: Path) -> None:
+    import SimpleITK as sitk
+
+    with atomic_output(path) as tmp:
+        sitk.WriteImage(sitk.GetImageFromArray(np.ascontiguousarray(array)), str(tmp))
+
+
+def write_busi_folder(folder: str | os.PathLike, count: int, seed: int = 0, size=128,
+                      labels: Sequence[int] = (0, 1, 2), progress=None) -> dict:
+    """Write `count` simulated images in the BUSI layout: CLASS/CLASS (n).png (8-bit grey) with
+    CLASS (n)_mask.png (0/255), n from 1 per class. Returns {"counts": {class: n}, "seed", "version"}."""
+    if count < 1:
+        raise InputError(f"simulate count: expected at least 1 image, got {count}")
+    labels = [int(v) for v in labels]
+    if not labels or any(v not in (0, 1, 2) for v in labels):
+        raise InputError(f"simulate labels: expected some of 0, 1, 2 (benign, malignant, normal), got {labels}")
+    folder = Path(folder)
+    counts = {name: 0 for name in CLASS_NAMES}
+    for i in range(count):
+        rng = np.random.default_rng(sample_seed(seed, i))
+        sample = simulate_bmode(rng, size, label=labels[int(rng.integers(len(labels)))])
+        name = sample.class_name
+        counts[name] += 1
+        stem = f"{name} ({counts[name]})"
+        _write_png(np.round(sample.image * 255).astype(np.uint8), folder / name / f"{stem}.png")
+        _write_png(sample.mask.astype(np.uint8) * 255, folder / name / f"{stem}_mask.png")
+        if progress is not None:
+            progress((i + 1) / count)
+    return {"counts": counts, "seed": int(seed), "simulator_version": SIMULATOR_VERSION, "size": size}

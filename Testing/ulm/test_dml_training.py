@@ -24,7 +24,7 @@ from ultrasound_ai.ulm.dml_training import (
 
 TINY_DATA = {
     "pool_size": 4, "pool_frames": 40, "sim_shape_zx": [32, 32], "crop_zx": [16, 16],
-    "bubbles_per_frame": [150, 150], "noise_db": [-40, -40], "val_sets": [[150, -40]], "val_frames": 12,
+    "bubbles_per_frame": [150, 150], "noise_db": [-40, -40], "clutter_db": None, "val_sets": [[150, -40]], "val_frames": 12,
     "val_shape_zx": [32, 32], "val_seed": 4242,
 }
 
@@ -183,6 +183,21 @@ def test_batches_depend_only_on_seed_rank_and_step(tmp_path):
     assert not torch.equal(other_rank[0], again[0])
     frames, pos, zoff, xoff, counts = seq[0]
     assert frames.shape == (4, 4, 16, 16) and counts.shape == (4, 4)
+
+
+def test_clutter_is_simulated_then_svd_filtered_by_default():
+    d = data_options({})
+    assert d["clutter_db"] == 20.0 and d["svd_cutoff"] == 4
+    kw = dict(seed=3, bubbles_per_frame=100, noise_db=-30, n_frames=20, shape_zx=(24, 28))
+    clean = simulated_entry(**kw, clutter_db=None)
+    unfiltered = simulated_entry(**kw, clutter_db=20.0, svd_cutoff=0)
+    filt = simulated_entry(**kw, clutter_db=20.0, svd_cutoff=4)
+    np.testing.assert_array_equal(clean["gt"], filt["gt"])  # same bubbles
+    # +20 dB tissue dominates the unfiltered envelope (rms 10 x a bubble); the SVD filter removes most of it.
+    med = {k: float(np.median(e["envelope"].astype(np.float32))) for k, e in
+           (("clean", clean), ("unfiltered", unfiltered), ("filtered", filt))}
+    assert med["unfiltered"] > 50 * med["clean"]
+    assert med["filtered"] < 0.1 * med["unfiltered"]
 
 
 def test_bad_data_options_are_refused():

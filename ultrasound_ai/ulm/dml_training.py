@@ -21,9 +21,10 @@ Data. A pool of simulated acquisitions (`ultrasound_ai.ulm.simulator`, PALA grid
 84 x 143, 1 kHz) is simulated lazily and cached per process (simulation costs seconds per
 acquisition): entry i has simulator seed train_seed * 1,000,000 + i and, drawn from its own
 generator, a concentration in `bubbles_per_frame` (per 84 x 143-lambda frame, scaled to the simulated
-area) and a noise level in `noise_db`. Tissue clutter is off by default (the network sees
-clutter-filtered frames); with `clutter_db` set, clutter is simulated and removed with the SVD
-filter of `ultrasound_ai.ulm.clutter` (`svd_cutoff`), as the pipeline does. A batch for step s
+area) and a noise level in `noise_db`. Tissue clutter (`clutter_db`, default +20 dB as the
+simulator's default) is simulated and removed with the SVD filter of `ultrasound_ai.ulm.clutter`
+(`svd_cutoff`, default 4 as the pipeline's), so the network sees what the pipeline gives it;
+`clutter_db: null` trains on ideal, clutter-free frames instead. A batch for step s
 (drawn from `step_numpy_rng(seed, rank, s)` only) is `batch_size` windows: a random entry, N
 consecutive frames, a `crop_zx` crop, a random lateral flip and time reversal (both keep the physics).
 
@@ -80,8 +81,8 @@ DATA_DEFAULTS: dict[str, Any] = {
     "crop_zx": [64, 64],
     "bubbles_per_frame": [40.0, 200.0],  # uniform range, per 84 x 143-lambda frame
     "noise_db": [-40.0, -20.0],  # uniform range, rms noise relative to the mean bubble peak
-    "clutter_db": None,  # None: no tissue (clutter-filtered data); a level: simulate it and SVD-filter it
-    "svd_cutoff": 4,  # components removed when clutter_db is set
+    "clutter_db": 20.0,  # tissue clutter, then removed by the SVD filter as the pipeline does; None = no tissue
+    "svd_cutoff": 4,  # singular components the SVD filter removes (the pipeline's default)
     "train_seed": 0,
     "flip": True,
     "time_reverse": True,

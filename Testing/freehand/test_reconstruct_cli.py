@@ -197,6 +197,28 @@ def test_demo_writes_a_slicer_scene_that_references_its_files(tmp_path):
     assert curve["type"] == "Curve" and curve["coordinateSystem"] == "LPS" and len(curve["controlPoints"]) == 20
     assert not [p for p in out.iterdir() if is_partial(p)]
 
+    # The scene really opens in MRML: the volumes with the NRRD's geometry, the curves in RAS.
+    from ultrasound_ai.io.volume import read_volume
+    from ultrasound_ai.mrml import curve_to_trajectory, ijk_to_ras, new_scene
+
+    scene = new_scene()
+    scene.SetURL(str(out / "scene.mrml"))
+    assert scene.Connect() == 1
+    volumes = {n.GetName(): n for n in (scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+                                         for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")))}
+    assert len(volumes) == 2
+    nrrd = read_volume(out / "tracked_volume.nrrd")
+    node = next(n for name, n in volumes.items() if name.startswith("tracked"))
+    np.testing.assert_allclose(ijk_to_ras(node), np.diag([-1, -1, 1, 1]) @ nrrd.ijk_to_lps(), atol=1e-6)
+    curves = [scene.GetNthNodeByClass(i, "vtkMRMLMarkupsCurveNode")
+              for i in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsCurveNode"))]
+    assert len(curves) == 3
+    lps = [np.array([p["position"] for p in json.loads((out / f).read_text())["markups"][0]["controlPoints"]])
+           for f in ("tracked_trajectory.mrk.json",)]
+    tracked_curve = next(c for c in curves if c.GetName().startswith("tracked"))
+    np.testing.assert_allclose(curve_to_trajectory(tracked_curve), lps[0], atol=1e-6)
+    scene.Clear(1)
+
 
 def test_job_task_runs_in_the_worker(scanned, tmp_path, monkeypatch):
     import io

@@ -69,7 +69,7 @@ class MaskedImageModel(nn.Module):
 
 
 def _conv_gn(cin: int, cout: int, k: int) -> nn.Sequential:
-    groups = 8 if cout % 8 == 0 else 1
+    groups = 8 if cout % 8 == 0 and cout >= 32 else 1  # >= 2 values per group even on 1x1 maps
     return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(groups, cout),
                          nn.ReLU(inplace=True))
 

@@ -1,0 +1,248 @@
+"""Attention-Reg at inference: the two-stage cascade (stage 1, then stage 2 on stage 1's output).
+
+Each stage is one forward pass: the MRI (or its gland label) and the TRUS resampled through the current
+estimate T_cur (fixed -> moving, LPS) are prepared on the region of interest exactly as in training
+(``preprocessing.prepare_input`` with the card's size, mode and margin), the network predicts a
+correction Δ, and T_cur <- T_cur · F · Δ · F⁻¹ (``attention_reg.apply_correction``; F = the correction
+frame: the ROI's axes, origin at the fixed label's centroid or at the ROI corner, as the card says).
+
+Checkpoints are NAME.pt + NAME.card.json written by the training harness (``training.py``); they load
+through ``ultrasound_ai.models.checkpoint.load_into`` (sha256-verified, weights only). Without explicit
+checkpoints the model registry supplies the shipped (or ULTRASOUND_AI_MODELS) stage-1 and stage-2 models
+of the requested mode.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ultrasound_ai.core.errors import InputError
+from ultrasound_ai.registration.attention_reg import (
+    CENTRES,
+    AttentionReg,
+    apply_correction,
+    config_from_dict,
+    correction_frame,
+)
+
+__all__ = [
+    "METHOD",
+    "MODES",
+    "StageModel",
+    "Cascade",
+    "correction_frame_for",
+    "load_stage",
+    "load_cascade",
+    "default_checkpoints",
+    "register_attention",
+]
+
+METHOD = "attention_reg"
+MODES = ("label", "image")
+TRAIN_HINT = ("train one with `ultrasound-ai registration train` (ultrasound_ai.registration.training."
+              "train_attention_reg; data.stage 1, then 2) and pass checkpoints=(stage1.pt, stage2.pt), or put "
+              "the .pt files with their .card.json in a folder named by ULTRASOUND_AI_MODELS")
+
+
+def correction_frame_for(prepared, centre: str = "centroid") -> np.ndarray:
+    """The correction frame F of a prepared pair: axes = the ROI grid's i, j, k directions (the network's
+    x, y, z), origin = the fixed label's centroid ("centroid") or the centre of ROI voxel (0, 0, 0) ("corner")."""
+    if centre not in CENTRES:
+        raise InputError(f"centre of rotation {centre!r}: expected one of {list(CENTRES)}")
+    M = np.asarray(prepared.roi.ijk_to_lps(), dtype=np.float64)
+    origin = np.asarray(prepared.centroid_lps, dtype=np.float64) if centre == "centroid" else M[:3, 3]
+    return correction_frame(origin, M[:3, :3])
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise InputError(f"mode {mode!r}: expected one of {list(MODES)} (the fixed channel: the MRI gland label or "
+                         "the MRI image)")
+    return mode
+
+
+@dataclass
+class StageModel:
+    """One loaded stage: the network in eval mode on its device plus what its card says about the input."""
+
+    model: AttentionReg
+    card: dict
+    path: Path
+    mode: str
+    margin: float
+    centre: str
+    stage: int | None = None
+
+    @property
+    def input_size(self) -> tuple:
+        return tuple(self.model.config.input_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prepare(self, case_or_volumes, T_cur):
+        from ultrasound_ai.registration.preprocessing import prepare_input
+
+        return prepare_input(case_or_volumes, T_cur, mode=self.mode, size=self.input_size, margin=self.margin)
+
+    @torch.no_grad()
+    def predict(self, arrays: np.ndarray) -> np.ndarray:
+        """Correction parameters [B, 6] (mm, degrees) for prepared arrays [B, 2, D, H, W]."""
+        x = torch.as_tensor(np.ascontiguousarray(arrays), dtype=torch.float32, device=self.device)
+        return self.model(x).double().cpu().numpy()
+
+    def step(self, case_or_volumes, T_cur) -> np.ndarray:
+        """One stage: prepare through T_cur, predict, compose; returns the new fixed -> moving transform."""
+        prepared = self.prepare(case_or_volumes, T_cur)
+        params = self.predict(np.asarray(prepared.array)[None])[0]
+        return apply_correction(T_cur, params, correction_frame_for(prepared, self.centre))
+
+
+def load_stage(path, device="auto", mode: str | None = None) -> StageModel:
+    """Load one Attention-Reg checkpoint (a .pt path, a registry name or a ModelEntry) on `device`.
+
+    The card must name method "attention_reg"; with `mode` given, the card's mode must match it.
+    """
+    from ultrasound_ai.core.device import resolve_device
+    from ultrasound_ai.models.checkpoint import load_into, read_card
+    from ultrasound_ai.models.registry import find_model
+
+    pt = find_model(os.fspath(path))
+    card = read_card(pt)
+    if str(card.get("method", "")).lower() != METHOD:
+        raise InputError(f"checkpoint {pt}: its card names method {card.get('method')!r}, expected {METHOD!r}")
+    inputs = card.get("input") or {}
+    card_mode = inputs.get("mode", card.get("mode"))
+    if card_mode not in MODES:
+        raise InputError(f"checkpoint {pt}: its card records no input mode ('label' or 'image')")
+    if mode is not None and _check_mode(mode) != card_mode:
+        raise InputError(f"checkpoint {pt}: trained in {card_mode!r} mode, but mode {mode!r} was asked for")
+    centre = inputs.get("centre", "centroid")
+    if centre not in CENTRES:
+        raise InputError(f"checkpoint {pt}: card input.centre {centre!r} is not one of {list(CENTRES)}")
+    margin = float(inputs.get("margin", 0.30))
+    try:
+        config = config_from_dict({k: v for k, v in dict(card["configuration"]).items() if k not in ("preset", "variant")})
+    except InputError as exc:
+        raise InputError(f"checkpoint {pt}: card configuration does not describe an Attention-Reg network: {exc}") from exc
+    dev = resolve_device(device)
+    model = AttentionReg(config).to(dev)
+    load_into(model, pt)
+    model.eval()
+    stage = card.get("stage")
+    return StageModel(model=model, card=card, path=Path(pt), mode=card_mode, margin=margin, centre=centre,
+                      stage=int(stage) if isinstance(stage, int) else None)
+
+
+def default_checkpoints(mode: str = "label") -> list[Path]:
+    """The installed stage-1 (required) and stage-2 (when present) Attention-Reg models of `mode`, from the
+    registry (ULTRASOUND_AI_MODELS folders first, then Resources/Models); cards with "default": true win."""
+    from ultrasound_ai.models.registry import list_models, model_dirs
+
+    _check_mode(mode)
+    found = []
+    for stage in (1, 2):
+        entries = [
+            e for e in list_models(METHOD)
+            if e.card.get("stage") == stage
+            and (e.card.get("input") or {}).get("mode", e.card.get("mode")) == mode
+            and (e.card.get("configuration") or {}).get("attention", True) is not False  # not Feature-Reg
+        ]
+        entries.sort(key=lambda e: not e.is_default)  # stable: keeps search order otherwise
+        if entries:
+            found.append(entries[0].pt_path)
+        elif stage == 1:
+            searched = ", ".join(str(d) for d in model_dirs(existing_only=False))
+            raise InputError(f"Attention-Reg: no shipped checkpoint exists for stage 1 in {mode!r} mode (searched "
+                             f"{searched}); {TRAIN_HINT}")
+    return found
+
+
+@dataclass
+class Cascade:
+    """Loaded stages, applied in order."""
+
+    stages: list = field(default_factory=list)
+
+    @property
+    def mode(self) -> str:
+        return self.stages[0].mode
+
+    def register(self, case_or_volumes, initial=None, progress: Callable[[float, str], None] | None = None,
+                 return_stages: bool = False):
+        """Fixed -> moving 4x4 after every stage; `initial` (4x4 or .tfm path; default identity, i.e. the
+        volumes' physical positions) starts it. With return_stages: (T_final, [T after stage 1, ...],
+        [seconds per stage])."""
+        T = _initial_transform(initial)
+        history, seconds = [], []
+        n = len(self.stages)
+        for i, stage in enumerate(self.stages):
+            if progress is not None:
+                progress(i / n, f"Attention-Reg stage {i + 1}/{n}")
+            t0 = time.perf_counter()
+            T = stage.step(case_or_volumes, T)
+            if stage.device.type == "cuda":
+                torch.cuda.synchronize(stage.device)
+            seconds.append(time.perf_counter() - t0)
+            history.append(T.copy())
+        if progress is not None:
+            progress(1.0, "Attention-Reg done")
+        return (T, history, seconds) if return_stages else T
+
+
+def load_cascade(checkpoints=None, mode: str | None = "label", device="auto") -> Cascade:
+    """Stages from `checkpoints` (a sequence of .pt paths / registry names, applied in order, or one path),
+    or the registry's default stage-1 + stage-2 models of `mode` when None."""
+    if checkpoints is None:
+        checkpoints = default_checkpoints(mode or "label")
+    elif isinstance(checkpoints, (str, os.PathLike)):
+        checkpoints = [checkpoints]
+    checkpoints = list(checkpoints)
+    if not checkpoints:
+        raise InputError(f"checkpoints: expected one or more Attention-Reg checkpoints (stage 1, stage 2), got none; "
+                         f"{TRAIN_HINT}")
+    stages = [load_stage(p, device=device, mode=mode) for p in checkpoints]
+    modes = {s.mode for s in stages}
+    if len(modes) > 1:
+        raise InputError(f"checkpoints: the stages were trained in different modes {sorted(modes)}; a cascade needs one")
+    numbered = [s.stage for s in stages if s.stage is not None]
+    if numbered != sorted(numbered):
+        raise InputError(f"checkpoints: stages given in the order {numbered}; pass stage 1 first, then stage 2")
+    return Cascade(stages)
+
+
+def _initial_transform(initial) -> np.ndarray:
+    if initial is None:
+        return np.eye(4)
+    if isinstance(initial, (str, os.PathLike)):
+        from ultrasound_ai.registration.case import read_transform_tfm
+
+        return read_transform_tfm(initial)
+    from ultrasound_ai.registration.case import check_rigid_matrix
+
+    return check_rigid_matrix(initial, "initial transform (fixed -> moving, LPS)")
+
+
+def register_attention(case_or_volumes, initial=None, checkpoints=None, mode: str = "label", device="auto",
+                       progress: Callable[[float, str], None] | None = None) -> np.ndarray:
+    """Register the TRUS onto the MRI with the Attention-Reg cascade; returns the 4x4 fixed -> moving LPS
+    transform (DESIGN.md convention).
+
+    case_or_volumes: a Case (or what ``preprocessing.prepare_input`` accepts); the fixed label is required.
+    initial: starting fixed -> moving transform (4x4 or ITK .tfm path); None = identity.
+    checkpoints: None = the installed default stage 1 + stage 2 of `mode`; or (stage1_path, stage2_path)
+        (any number of stages, applied in order).
+    mode: "label" (the fixed channel is the MRI gland label) or "image" (the MRI).
+    device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+    """
+    _check_mode(mode)
+    cascade = load_cascade(checkpoints, mode=mode, device=device)
+    return cascade.register(case_or_volumes, initial=initial, progress=progress)

@@ -86,7 +86,8 @@ def supervised_loss(pred: torch.Tensor, target: torch.Tensor, *, angle_weight: f
     l1_a = (pred[..., 3:] - target[..., 3:]).abs().mean()
     p = pearson_loss(pred, target, eps) if pred.shape[-2] >= 2 else pred.sum() * 0
     loss = l1_t + angle_weight * l1_a + pearson_weight * p
-    return loss, {"l1_translation_mm": float(l1_t), "l1_angle_deg": float(l1_a), "pearson": float(p)}
+    return loss, {"l1_translation_mm": float(l1_t.detach()), "l1_angle_deg": float(l1_a.detach()),
+                  "pearson": float(p.detach())}
 
 
 def info_nce(image_features: torch.Tensor, imu_features: torch.Tensor, tau: float = 0.1,
@@ -141,4 +142,4 @@ def alignment_loss(output, imu_angle: torch.Tensor, tau: float = 0.1, *,
         raise InputError("alignment_loss: the output has no IMU features (an images-only variant)")
     la = info_nce(output.image_features, output.acc_features, tau)
     lp = pearson_prior(output.params[..., 3:], imu_angle, output.imu_weights, detach_weights=detach_weights)
-    return la + lp, {"info_nce": float(la), "prior": float(lp)}
+    return la + lp, {"info_nce": float(la.detach()), "prior": float(lp.detach())}

@@ -1,0 +1,729 @@
+"""UltrasoundAIULM Logic: ultrasound localization microscopy of an IQ acquisition held in the scene (or a file).
+
+Imports ``slicer``, ``vtk`` and the engine, never ``qt`` or ``ctk``: it runs inside the Slicer
+application and, for the tests, with the slicer-core wheel.
+
+    logic = UltrasoundAIULMLogic()
+    browser = logic.load_acquisition("acq.h5")                     # file -> two-component IQ sequence
+    nodes = logic.run({"inputSequence": browser, "method": "rs"})  # blocking: job, then nodes
+    launcher = logic.start(parameters)                             # non-blocking (the Widget's Apply)
+    ... launcher.drain() from a timer ...; logic.cancel()
+    nodes = logic.load_results(launcher.wait(), parameters)
+
+Parameters are a dict or any object (the Widget's parameter node wrapper) with these names:
+inputSequence (a vtkMRMLSequenceBrowserNode or vtkMRMLSequenceNode of two-component (real, imaginary)
+IQ volumes, as ultrasound_ai.mrml.complex_sequence makes them) or inputAcquisitionFile (an acquisition
+HDF5 file or a PALA IQ .mat file; used when there is no sequence), method ("rs" radial symmetry | "wa"
+weighted average | "3dml" 3DML-ResNet), resolutionFactor (rendering pixel = wavelength / factor),
+useCountingNetwork (per-frame counts from the counting network) or bubblesPerFrame, linkDistance
+(maximum linking distance, acquisition pixels), minTrackLength (points), svdCutoff (singular
+components removed per block; 0 = no clutter filter), blockFrames (frames per processing block),
+wavelengthMm / frameRateHz (0 = from the sequence's attributes; needed for sequences that have none),
+device ("auto", "cpu", "cuda[:N]", "mps"), createNewNodes (new nodes instead of replacing the previous
+run's).
+
+IQ in the scene. An acquisition is a browser over a sequence of single-slice two-component volumes in
+the geometry of ``ultrasound_ai.mrml.ulm_geometry`` (i = lateral -> L, j = depth -> I). The wavelength,
+which the volumes cannot carry, is the sequence attribute ``UltrasoundAI.WavelengthMm``; ground truth,
+when the acquisition has it, is a vtkMRMLTableNode referenced from the browser with the role
+``UltrasoundAI.GroundTruth`` (columns frame, z_mm, x_mm, bubble_id). Both save with the scene.
+
+Files. A sequence (or a PALA .mat file) is exported to ``<workdir>/inputs-<id>/<name>.h5`` for the job
+and that folder is removed when the run ends (results loaded, failed or cancelled): a long acquisition
+must not stay on disk twice. The result ``<workdir>/<name>-<method>-result.h5`` (ULM result contract)
+stays. An acquisition HDF5 file is read in place.
+
+Results (load_results), named after the input and the method, so that the same method run again
+replaces its nodes and another method adds its own (createNewNodes=True keeps them all):
+  "<name>-<method>-Density"    track count per λ/10 pixel; colour table Inferno (hot-like)
+  "<name>-<method>-Direction"  ±density (+ towards the probe); DivergingBlueRed, centred on 0
+  "<name>-<method>-Velocity"   mean speed, mm/s; Viridis (perceptual)
+  "<name>-<method>-Metrics"    vtkMRMLTableNode, only when the acquisition has ground truth
+The maps are single-slice scalar volumes placed by the same ulm_geometry convention as the IQ
+sequence, so they overlay the IQ exactly in the slice views and sit in its plane in 3D.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import vtk
+
+import slicer
+
+from ultrasound_ai.core.errors import InputError
+
+try:  # the Slicer application; slicer-core has no ScriptedLoadableModule
+    from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic as _LogicBase
+except ImportError:  # pragma: no cover - depends on the environment
+    _LogicBase = object
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "ulm.process"
+METHODS = ("rs", "wa", "3dml")
+METHOD_LABELS = {"rs": "RS (radial symmetry)", "wa": "WA (weighted average)", "3dml": "3DML-ResNet"}
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+WAVELENGTH_ATTRIBUTE = "UltrasoundAI.WavelengthMm"
+ACQUISITION_FILE_ATTRIBUTE = "UltrasoundAI.AcquisitionFile"
+GROUND_TRUTH_ROLE = "UltrasoundAI.GroundTruth"
+OUTPUT_ATTRIBUTE = "UltrasoundAI.Output"  # kind of result node: density, direction, velocity, metrics
+METHOD_ATTRIBUTE = "UltrasoundAI.Method"
+GT_COLUMNS = ("frame", "z_mm", "x_mm", "bubble_id")
+
+# Slicer's built-in colour tables (Libs/MRML/Core/Resources/ColorFiles): perceptual and diverging maps
+# matching the PNG export of ultrasound_ai.ulm.rendering (hot / RdBu / viridis).
+COLOR_NODE_IDS = {
+    "density": "vtkMRMLColorTableNodeFileInferno.txt",
+    "direction": "vtkMRMLColorTableNodeFileDivergingBlueRed.txt",
+    "velocity": "vtkMRMLColorTableNodeFileViridis.txt",
+}
+# result-file dataset -> (output kind, node name suffix)
+MAPS = (("density", "density", "Density"), ("direction", "direction", "Direction"),
+        ("velocity_mm_s", "velocity", "Velocity"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameters
+
+
+@dataclass
+class UlmRunParameters:
+    """The Logic's view of the panel, read from a dict or a parameter node wrapper."""
+
+    inputSequence: Any = None
+    inputAcquisitionFile: str | None = None
+    method: str = "rs"
+    resolutionFactor: float = 10.0
+    useCountingNetwork: bool = False
+    bubblesPerFrame: int = 40
+    linkDistance: float = 2.0
+    minTrackLength: int = 15
+    svdCutoff: int = 4
+    blockFrames: int = 800
+    wavelengthMm: float = 0.0
+    frameRateHz: float = 0.0
+    device: str = "auto"
+    createNewNodes: bool = False
+
+    @classmethod
+    def from_any(cls, parameters) -> "UlmRunParameters":
+        if isinstance(parameters, cls):
+            return parameters
+        if parameters is None:
+            raise InputError("parameters: expected a dict or a parameter node with inputSequence or inputAcquisitionFile")
+        fields = cls.__dataclass_fields__
+        if isinstance(parameters, dict):
+            unknown = sorted(set(parameters) - set(fields))
+            if unknown:
+                raise InputError(f"parameters: unknown name(s) {unknown}; expected some of {sorted(fields)}")
+            values = dict(parameters)
+        else:
+            values = {k: getattr(parameters, k) for k in fields if hasattr(parameters, k)}
+        out = cls(**values)
+        out.inputAcquisitionFile = _path_or_none(out.inputAcquisitionFile)
+        out.method = str(out.method or "").strip().lower()
+        if out.method not in METHODS:
+            raise InputError(f"method: expected one of {', '.join(METHODS)} (RS, WA, 3DML-ResNet), got {out.method!r}")
+        out.device = str(out.device or "auto").strip().lower()
+        out.resolutionFactor = _number(out.resolutionFactor, "resolutionFactor", "a positive factor (10 gives λ/10 pixels)")
+        out.linkDistance = _number(out.linkDistance, "linkDistance", "a positive distance in acquisition pixels")
+        out.useCountingNetwork = bool(out.useCountingNetwork)
+        if not out.useCountingNetwork:
+            out.bubblesPerFrame = _integer(out.bubblesPerFrame, "bubblesPerFrame", 1, "detections kept per frame")
+        out.minTrackLength = _integer(out.minTrackLength, "minTrackLength", 1, "points a track needs")
+        out.svdCutoff = _integer(out.svdCutoff, "svdCutoff", 0, "singular components removed per block")
+        out.blockFrames = _integer(out.blockFrames, "blockFrames", 2, "frames per processing block")
+        for name in ("wavelengthMm", "frameRateHz"):
+            value = _number(getattr(out, name) or 0.0, name, "a positive number, or 0 to read it from the sequence",
+                            allow_zero=True)
+            setattr(out, name, value)
+        if out.inputSequence is None and out.inputAcquisitionFile is None:
+            raise InputError("input: select an IQ sequence (inputSequence) or an acquisition file (inputAcquisitionFile)")
+        if out.inputSequence is not None and not isinstance(
+                out.inputSequence, (slicer.vtkMRMLSequenceBrowserNode, slicer.vtkMRMLSequenceNode)):
+            raise InputError(f"inputSequence: expected a vtkMRMLSequenceBrowserNode or vtkMRMLSequenceNode, "
+                             f"got {type(out.inputSequence).__name__}")
+        return out
+
+
+def _path_or_none(value) -> str | None:
+    # The wrapper's pathlib.Path field reads "." when the path line edit is empty.
+    if value is None:
+        return None
+    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+    text = text.strip()
+    return None if text in ("", ".") else text
+
+
+def _number(value, name: str, expected: str, allow_zero: bool = False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}: expected {expected}, got {value!r}") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise InputError(f"{name}: expected {expected}, got {value!r}")
+    return v
+
+
+def _integer(value, name: str, minimum: int, what: str) -> int:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}: expected an integer >= {minimum} ({what}), got {value!r}") from None
+    if not math.isfinite(v) or v != round(v) or v < minimum:
+        raise InputError(f"{name}: expected an integer >= {minimum} ({what}), got {value!r}")
+    return int(v)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ground truth table
+
+
+def _column(name: str, values, dtype) -> vtk.vtkDataArray:
+    from vtk.util import numpy_support
+
+    array = numpy_support.numpy_to_vtk(np.ascontiguousarray(values, dtype=dtype), deep=True)
+    array.SetName(name)
+    return array
+
+
+def gt_to_table(gt_positions, name: str = "GroundTruth", node=None, scene=None):
+    """A vtkMRMLTableNode holding ground truth [K, 4] = (frame, z_mm, x_mm, bubble_id) or [K, 3]
+    (bubble_id -1 then): one row per position, columns GT_COLUMNS."""
+    g = np.asarray(gt_positions, dtype=np.float64)
+    if g.ndim != 2 or g.shape[1] not in (3, 4):
+        raise InputError(f"gt_positions: expected [K, 4] = (frame, z_mm, x_mm, bubble_id) or [K, 3], got shape {g.shape}")
+    scene = scene if scene is not None else slicer.mrmlScene
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    ids = g[:, 3] if g.shape[1] == 4 else np.full(g.shape[0], -1.0)
+    table = vtk.vtkTable()
+    table.AddColumn(_column("frame", g[:, 0], np.int32))
+    table.AddColumn(_column("z_mm", g[:, 1], np.float64))
+    table.AddColumn(_column("x_mm", g[:, 2], np.float64))
+    table.AddColumn(_column("bubble_id", ids, np.int64 if ids.size and np.abs(ids).max() > 2**31 - 1 else np.int32))
+    node.SetAndObserveTable(table)
+    _column_titles_as_header(node)
+    return node
+
+
+def table_to_gt(node) -> np.ndarray:
+    """Inverse of gt_to_table: float64 [K, 4] (or [K, 3] when no row has a bubble id)."""
+    from vtk.util import numpy_support
+
+    if not isinstance(node, slicer.vtkMRMLTableNode):
+        raise InputError(f"ground truth table: expected a vtkMRMLTableNode, got {type(node).__name__}")
+    table = node.GetTable()
+    cols = []
+    for col in GT_COLUMNS:
+        array = table.GetColumnByName(col)
+        if array is None:
+            raise InputError(f"ground truth table {node.GetName()!r}: missing column {col!r}; expected {', '.join(GT_COLUMNS)}")
+        cols.append(numpy_support.vtk_to_numpy(array).astype(np.float64))
+    g = np.stack(cols, axis=1) if cols[0].size else np.zeros((0, 4))
+    return g[:, :3] if g.shape[0] and np.all(g[:, 3] < 0) else g
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Logic
+
+
+class UltrasoundAIULMLogic(_LogicBase):
+    """Processing behind the UltrasoundAIULM panel; usable from the Python console and tests."""
+
+    def __init__(self, workdir: str | os.PathLike | None = None, python: str | None = None,
+                 ask: Callable[[str], bool] | None = None):
+        """`ask(text) -> bool` asks the user before the engine's dependencies are installed (inside
+        Slicer, first use only; default: slicer.util.confirmOkCancelDisplay)."""
+        if _LogicBase is not object:
+            _LogicBase.__init__(self)
+        self.ask = ask
+        self._dependencies_ready = False
+        self._workdir_arg = Path(workdir) if workdir is not None else None
+        self.python = python
+        self.launcher = None
+        self._run_inputs: Path | None = None  # the running job's exported inputs (removed at its end)
+        self._run_stem: str | None = None
+
+    # -- folders -------------------------------------------------------------------------------------
+    @property
+    def workdir(self) -> Path:
+        if self._workdir_arg is None:
+            base = None
+            app = getattr(slicer, "app", None)
+            if app is not None and getattr(app, "temporaryPath", None):
+                base = app.temporaryPath
+            self._workdir_arg = Path(tempfile.mkdtemp(prefix="UltrasoundAIULM-", dir=base))
+        self._workdir_arg.mkdir(parents=True, exist_ok=True)
+        return self._workdir_arg
+
+    def ensure_dependencies(self) -> None:
+        """Inside the Slicer application, install what the engine needs (torch through SlicerPyTorch,
+        h5py, ...) after asking, once; outside it (slicer-core, tests) the environment is the user's."""
+        from ultrasound_ai.mrml import in_slicer_application
+
+        if self._dependencies_ready or not in_slicer_application():
+            return
+        from ultrasound_ai.mrml.dependencies import ensure_dependencies
+
+        ask = self.ask if self.ask is not None else slicer.util.confirmOkCancelDisplay
+        if not ensure_dependencies(ask=ask):
+            raise RuntimeError("UltrasoundAIULM needs PyTorch and a few Python packages; they were not installed")
+        self._dependencies_ready = True
+
+    # -- inputs --------------------------------------------------------------------------------------
+    @staticmethod
+    def read_acquisition_file(path):
+        """An acquisition HDF5 file or a PALA IQ .mat file as an Acquisition (InputError naming the file)."""
+        from ultrasound_ai.io.ulm_files import read_acquisition, read_pala_mat
+
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise InputError(f"acquisition file {path}: not found (expected an acquisition .h5 or a PALA IQ .mat file)")
+        if path.suffix.lower() == ".mat":
+            return read_pala_mat(path)
+        return read_acquisition(path)
+
+    def load_acquisition(self, path, name: str | None = None, scene=None):
+        """An IQ acquisition file (HDF5 contract or PALA .mat) as a browser over a two-component IQ
+        sequence (ultrasound_ai.mrml.complex_sequence), with the wavelength attribute and, when the file
+        has ground truth, the ground truth table. A browser loaded earlier from the same file is replaced."""
+        from ultrasound_ai.mrml import complex_sequence, resolve_scene
+
+        self.ensure_dependencies()  # reading HDF5 needs h5py
+        path = Path(path).expanduser().resolve()
+        acq = self.read_acquisition_file(path)
+        if acq.iq is None:
+            raise InputError(f"acquisition file {path}: holds B-mode frames; only complex IQ can be shown as a "
+                             f"two-component sequence (process the file directly with inputAcquisitionFile)")
+        scene = resolve_scene(scene)
+        for old in list(scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")):
+            if old.GetAttribute(ACQUISITION_FILE_ATTRIBUTE) == str(path):
+                self.remove_browser(old)
+        name = name or path.stem
+        browser = complex_sequence(acq.iq, acq.pixel_size_mm, acq.origin_mm, acq.frame_rate_hz, name=name, scene=scene)
+        browser.SetAttribute(ACQUISITION_FILE_ATTRIBUTE, str(path))
+        browser.GetMasterSequenceNode().SetAttribute(WAVELENGTH_ATTRIBUTE, repr(float(acq.wavelength_mm)))
+        if acq.gt_positions is not None:
+            table = gt_to_table(acq.gt_positions, name=f"{name}-GroundTruth", scene=scene)
+            browser.SetAndObserveNodeReferenceID(GROUND_TRUTH_ROLE, table.GetID())
+        return browser
+
+    @staticmethod
+    def remove_browser(browser) -> None:
+        """Remove a browser with its sequences, proxy nodes and ground truth table."""
+        from ultrasound_ai.mrml.sequences import _browser_sequences
+
+        scene = browser.GetScene()
+        if scene is None:
+            return
+        nodes = []
+        for seq in _browser_sequences(browser) if browser.GetMasterSequenceNode() is not None else []:
+            nodes += [browser.GetProxyNode(seq), seq]
+        nodes.append(browser.GetNodeReference(GROUND_TRUTH_ROLE))
+        scene.RemoveNode(browser)
+        for node in nodes:
+            _remove_with_helpers(scene, node)
+
+    @staticmethod
+    def iq_sequence(source):
+        """(browser or None, IQ vtkMRMLSequenceNode) of a browser or sequence, checked to hold
+        two-component (real, imaginary) volumes; InputError naming the node otherwise."""
+        browser = source if isinstance(source, slicer.vtkMRMLSequenceBrowserNode) else None
+        name = source.GetName() or "sequence"
+        if browser is not None:
+            seq = browser.GetMasterSequenceNode()
+            if seq is None:
+                raise InputError(f"input sequence browser {name!r}: has no sequence; expected a sequence of "
+                                 f"two-component (real, imaginary) IQ volumes")
+        elif isinstance(source, slicer.vtkMRMLSequenceNode):
+            seq = source
+        else:
+            raise InputError(f"inputSequence: expected a vtkMRMLSequenceBrowserNode or vtkMRMLSequenceNode, "
+                             f"got {type(source).__name__}")
+        if seq.GetNumberOfDataNodes() == 0:
+            raise InputError(f"input sequence {name!r}: has no frames; expected a sequence of two-component "
+                             f"(real, imaginary) IQ volumes")
+        first = seq.GetNthDataNode(0)
+        components = 0
+        if isinstance(first, slicer.vtkMRMLScalarVolumeNode) and first.GetImageData() is not None:
+            components = first.GetImageData().GetNumberOfScalarComponents()
+        if not isinstance(first, slicer.vtkMRMLVectorVolumeNode) or components != 2:
+            what = f"{components}-component volumes" if components else f"{first.GetClassName()} items"
+            if isinstance(first, slicer.vtkMRMLScalarVolumeNode) and not isinstance(first, slicer.vtkMRMLVectorVolumeNode):
+                what = "scalar volumes"
+            raise InputError(f"input sequence {name!r}: holds {what}; expected complex IQ as two-component "
+                             f"(real, imaginary) vector volumes (ultrasound_ai.mrml.complex_sequence)")
+        return browser, seq
+
+    def export_sequence(self, source, params: UlmRunParameters, folder) -> Path:
+        """Write the IQ sequence (with its ground truth table, when the browser has one) as an
+        acquisition HDF5 file in `folder`; returns its path."""
+        from ultrasound_ai.io.ulm_files import Acquisition, write_acquisition
+        from ultrasound_ai.mrml import sequence_to_complex
+
+        browser, seq = self.iq_sequence(source)
+        name = (browser or seq).GetName() or "IQ"
+        # Checked before the frames are read: a long sequence should not be converted to be refused.
+        wavelength = params.wavelengthMm or _float_attribute(seq, WAVELENGTH_ATTRIBUTE)
+        if not wavelength:
+            raise InputError(f"input sequence {name!r}: wavelength unknown (no {WAVELENGTH_ATTRIBUTE} attribute); "
+                             f"set the wavelength in mm (wavelengthMm)")
+        data = sequence_to_complex(seq)
+        rate = params.frameRateHz or data["frame_rate_hz"]
+        if not rate:
+            raise InputError(f"input sequence {name!r}: frame rate unknown (no frame-rate attribute and no time "
+                             f"index); set the frame rate in Hz (frameRateHz)")
+        gt = None
+        table = browser.GetNodeReference(GROUND_TRUTH_ROLE) if browser is not None else None
+        if table is not None:
+            gt = table_to_gt(table)
+        acq = Acquisition(iq=data["iq"], pixel_size_mm=tuple(data["pixel_size_mm"]), origin_mm=tuple(data["origin_mm"]),
+                          frame_rate_hz=float(rate), wavelength_mm=float(wavelength), gt_positions=gt,
+                          attrs={"source": f"Slicer sequence {name}"}, source=f"input sequence {name!r}")
+        return write_acquisition(acq, Path(folder) / f"{_safe_name(name)}.h5")
+
+    def prepare_inputs(self, params: UlmRunParameters, folder) -> tuple[Path, str]:
+        """(acquisition file the job reads, name of the run). A sequence or a .mat file is written into
+        `folder`; an acquisition .h5 file is checked (geometry, frames) and used in place."""
+        from ultrasound_ai.io.ulm_files import acquisition_info, write_acquisition
+
+        if params.inputSequence is not None:
+            browser, seq = self.iq_sequence(params.inputSequence)
+            stem = _safe_name((browser or seq).GetName() or "IQ")
+            return self.export_sequence(params.inputSequence, params, folder), stem
+        path = Path(params.inputAcquisitionFile).expanduser().resolve()
+        stem = _safe_name(path.stem)
+        if path.suffix.lower() == ".mat":
+            acq = self.read_acquisition_file(path)
+            return write_acquisition(acq, Path(folder) / f"{stem}.h5"), stem
+        if not path.is_file():
+            raise InputError(f"acquisition file {path}: not found (expected an acquisition .h5 or a PALA IQ .mat file)")
+        acquisition_info(path)  # a bad file fails here, with its name, before any job starts
+        return path, stem
+
+    # -- running -------------------------------------------------------------------------------------
+    def _job(self, params: UlmRunParameters, acquisition: Path, stem: str) -> dict:
+        parameters = {
+            "method": params.method,
+            "resolution_factor": params.resolutionFactor,
+            "link_distance_px": params.linkDistance,
+            "min_track_length": params.minTrackLength,
+            "svd_cutoff": params.svdCutoff if params.svdCutoff > 0 else None,
+            "block_frames": params.blockFrames,
+        }
+        if params.useCountingNetwork:
+            parameters["counting_network"] = True
+        else:
+            parameters["bubbles_per_frame"] = params.bubblesPerFrame
+        return {
+            "task": TASK_NAME,
+            "inputs": {"acquisition": str(acquisition)},
+            "outputs": {"result": str(self.workdir / f"{stem}-{params.method}-result.h5")},
+            "parameters": parameters,
+            "device": params.device,
+        }
+
+    def start(self, parameters, on_event: Callable[[dict], None] | None = None, *, task: str | None = None,
+              env: dict | None = None):
+        """Write the inputs and start the ULM job in a background process; returns its JobLauncher at
+        once (drain() its events from a timer). `task` and `env` choose another task name and add to
+        the worker's environment (plug-ins and tests)."""
+        from ultrasound_ai.jobs import JobLauncher
+
+        if self.launcher is not None and not self.launcher.done:
+            raise RuntimeError("a ULM job is already running; cancel it or wait for it first")
+        params = UlmRunParameters.from_any(parameters)
+        self.ensure_dependencies()
+        self.cleanup_inputs()
+        folder = self.workdir / f"inputs-{uuid.uuid4().hex[:8]}"
+        folder.mkdir(parents=True)
+        try:
+            acquisition, stem = self.prepare_inputs(params, folder)
+            job = self._job(params, acquisition, stem)
+            if task is not None:
+                job["task"] = task
+            self._run_inputs, self._run_stem = folder, stem
+            self.launcher = JobLauncher(job, python=self.python, on_event=on_event, env=env).start()
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            self._run_inputs = None
+            raise
+        return self.launcher
+
+    def run(self, parameters, on_event=None, wait: bool = True, timeout: float | None = None, **start_kwargs):
+        """Start the job; with wait=True block until it ends and return load_results' nodes (raising
+        InputError / RuntimeError when the job failed, Cancelled when it was cancelled). With
+        wait=False return the JobLauncher, as start() does."""
+        launcher = self.start(parameters, on_event=on_event, **start_kwargs)
+        if not wait:
+            return launcher
+        try:
+            result = launcher.wait(timeout)
+        except BaseException:
+            launcher.cancel(grace_s=2.0)
+            launcher.wait()
+            self.cleanup_inputs()
+            raise
+        return self.load_results(result, parameters)
+
+    def cancel(self) -> None:
+        """Ask the running job to stop; it is killed with its whole process tree after a grace period."""
+        if self.launcher is not None and not self.launcher.done:
+            self.launcher.cancel()
+
+    def cleanup_inputs(self) -> None:
+        """Remove the exported inputs of the last run (never while its job runs)."""
+        if self.launcher is not None and not self.launcher.done:
+            return
+        if self._run_inputs is not None:
+            shutil.rmtree(self._run_inputs, ignore_errors=True)
+            self._run_inputs = None
+
+    # -- results -------------------------------------------------------------------------------------
+    def load_results(self, result, parameters) -> dict:
+        """Turn a finished job into nodes (module docstring); returns {"density", "direction",
+        "velocity": volume nodes, "metrics": table node or None, "result": the task's result dict,
+        "result_file": path}. A failed job raises InputError (bad input) or RuntimeError with the job's
+        message; a cancelled one raises Cancelled. Nothing is created then. The run's exported inputs
+        are removed in every case."""
+        from ultrasound_ai.core.errors import Cancelled
+        from ultrasound_ai.io.ulm_files import read_result
+
+        if hasattr(result, "wait") and hasattr(result, "drain"):  # a JobLauncher
+            result = result.wait()
+        try:
+            params = UlmRunParameters.from_any(parameters)
+            if result.status == "cancelled":
+                raise Cancelled(result.error or "ULM processing cancelled")
+            if not result.ok:
+                message = f"ULM processing failed: {result.error}"
+                raise InputError(message) if result.exit_code == 2 else RuntimeError(message)
+            payload = result.result or {}
+            result_path = Path(result.outputs.get("result") or payload.get("result", ""))
+            ulm = read_result(result_path)
+        finally:
+            self.cleanup_inputs()
+        if ulm.image_shape is None:
+            raise RuntimeError(f"ULM result {result_path}: holds no rendered maps")
+        method = str(payload.get("method") or ulm.attrs.get("method") or params.method)
+        stem = self._run_stem or _result_stem(result_path, method)
+        base = f"{stem}-{method}"
+        scene = _scene_of(params)
+        new = bool(params.createNewNodes)
+
+        nodes = {}
+        for dataset, kind, suffix in MAPS:
+            image = getattr(ulm, dataset)
+            if image is None:
+                raise RuntimeError(f"ULM result {result_path}: no {dataset!r} map")
+            node = self._find_output(scene, "vtkMRMLScalarVolumeNode", f"{base}-{suffix}", kind, new)
+            node = map_to_node(image, ulm.pixel_size_mm, ulm.origin_mm, name=f"{base}-{suffix}", node=node, scene=scene)
+            _tag(node, kind, method)
+            set_map_display(node, kind, image)
+            nodes[kind] = node
+
+        metrics_node = None
+        metrics = payload.get("metrics")
+        if metrics:
+            metrics_node = self._find_output(scene, "vtkMRMLTableNode", f"{base}-Metrics", "metrics", new)
+            metrics_node = metrics_to_table(metrics, name=f"{base}-Metrics", node=metrics_node, scene=scene)
+            _tag(metrics_node, "metrics", method)
+        nodes.update({"metrics": metrics_node, "result": payload, "result_file": result_path})
+        return nodes
+
+    @staticmethod
+    def _find_output(scene, class_name: str, name: str, kind: str, new: bool):
+        """The previous run's node of this name and kind (replaced), or None (a new one is made).
+        With new=True a new node with a unique name is made instead, so earlier results stay."""
+        if new:
+            return scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
+        for node in scene.GetNodesByClass(class_name):
+            if node.GetName() == name and node.GetAttribute(OUTPUT_ATTRIBUTE) == kind:
+                return node
+        return None
+
+    @staticmethod
+    def show_results(nodes: dict, scene=None) -> None:
+        """Density as the slice views' background (direction available as foreground at 0 opacity)
+        and the views' slice showing it in 3D. Works on whatever slice views the scene has (none with
+        slicer-core)."""
+        density = nodes["density"]
+        scene = scene or density.GetScene()
+        for composite in scene.GetNodesByClass("vtkMRMLSliceCompositeNode"):
+            composite.SetBackgroundVolumeID(density.GetID())
+            composite.SetForegroundVolumeID(nodes["direction"].GetID())
+            composite.SetForegroundOpacity(0.0)
+        # The maps lie in the coronal plane (ulm_geometry): show the coronal (green) view's slice in 3D.
+        for slice_node in scene.GetNodesByClass("vtkMRMLSliceNode"):
+            get = getattr(slice_node, "GetOrientation", None) or slice_node.GetOrientationString
+            if get() == "Coronal":
+                slice_node.JumpSliceByOffsetting(0.0, 0.0, 0.0)  # through A = 0, the maps' plane
+                slice_node.SetSliceVisible(True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers shared with the scenarios
+
+
+def map_to_node(image, pixel_size_mm, origin_mm, name: str = "ULM map", node=None, scene=None, thickness_mm=None):
+    """A rendered ULM map [H, W] (rows = depth z, columns = lateral x; `pixel_size_mm` [dz, dx],
+    `origin_mm` [z0, x0]) as a single-slice scalar volume placed by ulm_geometry, the IQ sequence's
+    convention: voxel (i, j, 0) = (column, row) lies at LPS (x0 + i dx, 0, -(z0 + j dz))."""
+    from ultrasound_ai.io.volume import Volume
+    from ultrasound_ai.mrml import ulm_geometry, volume_to_node
+
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 2 or 0 in image.shape:
+        raise InputError(f"ULM map {name!r}: expected a 2-D image [H, W], got shape {image.shape}")
+    spacing, origin, direction = ulm_geometry(pixel_size_mm, origin_mm, thickness_mm)
+    volume = Volume(array=image[np.newaxis], spacing_xyz=spacing, origin_lps=origin, direction=direction)
+    return volume_to_node(volume, name=name, node=node, scene=scene)
+
+
+def map_ras_position(row: float, col: float, pixel_size_mm, origin_mm) -> np.ndarray:
+    """RAS mm of map pixel (row, col) by the documented convention (for checks): LPS (x, 0, -z)."""
+    z = float(origin_mm[0]) + row * float(pixel_size_mm[0])
+    x = float(origin_mm[1]) + col * float(pixel_size_mm[1])
+    return np.array([-x, 0.0, -z])
+
+
+def display_range(image, kind: str) -> tuple[float, float]:
+    """Window of a map: density 0 .. its 99th percentile of non-zero pixels (track counts span decades),
+    direction symmetric about 0 (so the diverging table's centre is "no net flow"), velocity 0 .. the
+    99th percentile."""
+    a = np.asarray(image, dtype=np.float64)
+    if kind == "direction":
+        values = np.abs(a[a != 0])
+        top = float(np.percentile(values, 99)) if values.size else 1.0
+        return -max(top, 1.0), max(top, 1.0)
+    values = a[a > 0]
+    top = float(np.percentile(values, 99)) if values.size else 1.0
+    return 0.0, max(top, 1e-6)
+
+
+def set_map_display(node, kind: str, image) -> None:
+    """Colour table and window of a map's display node (COLOR_NODE_IDS)."""
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    display.SetAndObserveColorNodeID(COLOR_NODE_IDS[kind])
+    lo, hi = display_range(image, kind)
+    display.AutoWindowLevelOff()
+    display.SetWindowLevelMinMax(lo, hi)
+    if kind != "direction":
+        # Empty pixels see-through when the map is a foreground layer over the IQ.
+        display.SetApplyThreshold(True)
+        display.SetLowerThreshold(1e-6)
+        display.SetUpperThreshold(float(np.max(image)) + 1.0)
+
+
+def flatten_metrics(metrics: dict, prefix: str = "") -> dict:
+    """{"jaccard": .., "raw": {"jaccard": ..}} -> {"jaccard": .., "raw.jaccard": ..}; non-numbers dropped."""
+    out = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten_metrics(value, f"{name}."))
+        elif value is None:
+            out[name] = float("nan")  # JSON null: undefined (no true positive, ...)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
+def metrics_to_table(metrics: dict, name: str = "Metrics", node=None, scene=None):
+    """A two-column vtkMRMLTableNode: "metric" (unit-bearing names, nested ones dotted) and "value"."""
+    if not isinstance(metrics, dict) or not metrics:
+        raise InputError(f"metrics: expected a non-empty dict of name -> number, got {metrics!r}")
+    scene = scene if scene is not None else slicer.mrmlScene
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    names = vtk.vtkStringArray()
+    names.SetName("metric")
+    values = vtk.vtkDoubleArray()
+    values.SetName("value")
+    for key, value in flatten_metrics(metrics).items():
+        names.InsertNextValue(key)
+        values.InsertNextValue(value)
+    table = vtk.vtkTable()
+    table.AddColumn(names)
+    table.AddColumn(values)
+    node.SetAndObserveTable(table)
+    _column_titles_as_header(node)
+    return node
+
+
+def table_to_metrics(node) -> dict:
+    """Inverse of metrics_to_table (flattened names)."""
+    table = node.GetTable()
+    names, values = table.GetColumnByName("metric"), table.GetColumnByName("value")
+    if names is None or values is None:
+        raise InputError(f"metrics table {node.GetName()!r}: expected the columns 'metric' and 'value'")
+    return {names.GetValue(k): values.GetValue(k) for k in range(table.GetNumberOfRows())}
+
+
+def _float_attribute(node, name: str) -> float | None:
+    text = node.GetAttribute(name)
+    try:
+        value = float(text) if text else None
+    except ValueError:
+        raise InputError(f"{node.GetName()!r}: attribute {name} is not a number: {text!r}") from None
+    return value if value and math.isfinite(value) and value > 0 else None
+
+
+def _scene_of(params: UlmRunParameters):
+    if params.inputSequence is not None and params.inputSequence.GetScene() is not None:
+        return params.inputSequence.GetScene()
+    from ultrasound_ai.mrml import resolve_scene
+
+    return resolve_scene(None)
+
+
+def _result_stem(path: Path, method: str) -> str:
+    suffix = f"-{method}-result"
+    stem = path.stem
+    return stem[: -len(suffix)] if stem.endswith(suffix) else stem
+
+
+def _tag(node, kind: str, method: str) -> None:
+    node.SetAttribute(OUTPUT_ATTRIBUTE, kind)
+    node.SetAttribute(METHOD_ATTRIBUTE, method)
+
+
+def _remove_with_helpers(scene, node) -> None:
+    """Remove a node with its storage and display nodes (the scene keeps them otherwise)."""
+    if node is None or node.GetScene() is not scene:
+        return
+    helpers = []
+    for getter in ("GetNumberOfStorageNodes", "GetNumberOfDisplayNodes"):
+        if hasattr(node, getter):
+            nth = node.GetNthStorageNode if "Storage" in getter else node.GetNthDisplayNode
+            helpers += [nth(k) for k in range(getattr(node, getter)())]
+    scene.RemoveNode(node)
+    for helper in helpers:
+        if helper is not None and helper.GetScene() is scene:
+            scene.RemoveNode(helper)
+
+
+def _column_titles_as_header(node) -> None:
+    # Renamed in Slicer 5.9 (the old name warns); older Slicer has only the old one.
+    if hasattr(node, "SetUseColumnTitleAsColumnHeader"):
+        node.SetUseColumnTitleAsColumnHeader(True)
+    elif hasattr(node, "SetUseColumnNameAsColumnHeader"):
+        node.SetUseColumnNameAsColumnHeader(True)
+
+
+def _safe_name(name: str) -> str:
+    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).strip("._")
+    return keep or "IQ"

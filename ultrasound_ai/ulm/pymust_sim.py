@@ -12,13 +12,13 @@ ground truth for a given `UlmSimConfig`); only the image formation differs:
 - Amplitudes: bubble reflectivity = |amplitude| of the fast simulator (log-normal, mean 1). Frames are
   divided by the peak |IQ| of a unit scatterer at the centre of the field of view, so "1" is the mean
   bubble peak amplitude, the 0 dB reference of `clutter_db` and `noise_db` as in the fast path.
-- Tissue (`clutter_db`, None = off): random point scatterers over the FOV plus a margin, moving rigidly
-  with the fast path's slow sinusoidal motion, decorrelating with `tissue_decorrelation_s`. SIMUS is
-  linear in the reflectivities, so the tissue is two fixed reflectivity patterns R1, R2 mixed as
-  cos(phi) R1 + sin(phi) R2 with phi a random walk (correlation exp(-tau / T)); and because the tissue
-  moves by ~lambda/350 per frame, its beamformed images are simulated at key frames (every
-  `tissue_keyframe_every` frames) and interpolated linearly in between. Its rms amplitude over the
-  FOV is set to `clutter_db` from the first key frame.
+- Tissue (`clutter_db`, None = off): random point scatterers over the FOV plus a margin, following
+  the fast path's tissue model (`simulator.TissueModel`): slow rigid sinusoidal motion and a smooth,
+  low-rank decorrelation. SIMUS is linear in the reflectivities, so the tissue is two fixed
+  reflectivity patterns R1, R2 mixed as cos(phi) R1 + sin(phi) R2 with phi(t) the model's smooth
+  mixing angle; and because the tissue moves by far less than a wavelength per frame, its beamformed
+  images are simulated at key frames (every `tissue_keyframe_every` frames) and interpolated linearly
+  in between. Its rms amplitude over the FOV is set to `clutter_db` from the first key frame.
 - Noise (`noise_db`, None = off): white Gaussian noise on every RF channel of every transmission
   (so it is beamformed like real thermal noise), scaled so that its rms in the compounded image is
   `noise_db` relative to the mean bubble peak amplitude.
@@ -36,7 +36,7 @@ from typing import Callable
 import numpy as np
 
 from ultrasound_ai.core.errors import InputError
-from ultrasound_ai.ulm.simulator import ULM_SIM_VERSION, FlowSimulator, UlmSimConfig
+from ultrasound_ai.ulm.simulator import ULM_SIM_VERSION, FlowSimulator, TissueModel, UlmSimConfig
 
 PYMUST_MODE = "pymust"
 # Frames per write to the acquisition file.
@@ -199,10 +199,7 @@ class PymustFrameSimulator:
             self._tissue_z = rng.uniform(tz0, tz1, n_tissue)
             self._tissue_x = rng.uniform(tx0, tx1, n_tissue)
             self._tissue_rc = rng.standard_normal((2, n_tissue))
-            self._tissue_phase0 = rng.uniform(0, 2 * math.pi, size=2)
-            self._mix_phi0 = float(rng.uniform(0, 2 * math.pi))
-            # Random walk of the mixing angle: E[cos(dphi)] = exp(-D t / 2) = exp(-t / T) -> D = 2 / T.
-            self._mix_step = math.sqrt(2.0 * fl.dt / cfg.tissue_decorrelation_s)
+            self.tissue = TissueModel(cfg, rng)  # the fast path's slow motion and mixing angle
             self._keys: dict[int, np.ndarray] = {}
             self._tissue_scale = None  # set from the first key frame
             self.n_tissue = n_tissue
@@ -267,11 +264,8 @@ class PymustFrameSimulator:
 
     # -- tissue ----------------------------------------------------------------------------------
     def _tissue_offset_mm(self, frame: int) -> tuple[float, float]:
-        cfg = self.cfg
-        amp = cfg.tissue_motion_lambda * self.flow.lam
-        w = 2.0 * math.pi * cfg.tissue_motion_hz
-        t = frame * self.flow.dt
-        return amp * math.sin(w * t + self._tissue_phase0[0]), amp * math.sin(w * t * 0.7 + self._tissue_phase0[1])
+        dz, dx = self.tissue.displacement_mm([frame])
+        return float(dz[0]), float(dx[0])
 
     def _tissue_key(self, frame: int) -> np.ndarray:
         """Normalised tissue images [2, Z, X] (patterns R1, R2) at a key frame."""
@@ -287,7 +281,8 @@ class PymustFrameSimulator:
             self._keys[frame] = imgs * self._tissue_scale
         return self._keys[frame]
 
-    def _tissue_frame(self, frame: int, phi: float) -> np.ndarray:
+    def _tissue_frame(self, frame: int) -> np.ndarray:
+        phi = float(self.tissue.angle([frame])[0])
         n = int(self.probe.tissue_keyframe_every)
         a = (frame // n) * n
         w = (frame - a) / n
@@ -301,22 +296,12 @@ class PymustFrameSimulator:
         """Per frame: (positions [B, 2] mm, reflectivities [B], gt rows [K, 4]); the same stepping
         sequence as `FlowSimulator.blocks`, so the ground truth equals the fast simulator's."""
         fl = self.flow
-        fz0, fz1, fx0, fx1 = fl.fov
-        for f in range(int(self.cfg.n_frames)):
-            pos = fl.positions()
-            in_fov = (pos[:, 0] >= fz0) & (pos[:, 0] < fz1) & (pos[:, 1] >= fx0) & (pos[:, 1] < fx1)
-            g = np.empty((int(in_fov.sum()), 4))
-            g[:, 0] = f
-            g[:, 1:3] = pos[in_fov]
-            g[:, 3] = fl.ids[in_fov]
-            rc = np.abs(fl.amp).astype(np.float64)
-            yield pos, rc, g[np.argsort(g[:, 3], kind="stable")]
-            fl._advance()
-            fl._regulate(int(in_fov.sum()))
+        for _ in range(int(self.cfg.n_frames)):
+            st = fl.step()
+            yield st.positions, np.abs(st.amplitudes).astype(np.float64), st.gt
 
     def frames(self, progress: Callable[[int, int], None] | None = None):
         T = int(self.cfg.n_frames)
-        phi = self._mix_phi0 if self._tissue_on else 0.0
         for f, (pos, rc, gt) in enumerate(self._bubble_states()):
             rfs = [self._simus(pos[:, 0], pos[:, 1], rc, k, self.n_t) for k in range(len(self.tilts))]
             if self._noise_std is not None:
@@ -324,8 +309,7 @@ class PymustFrameSimulator:
                     rf += self._rng_noise.standard_normal(rf.shape) * self._noise_std
             img = self._beamform(rfs) / self.ref_peak
             if self._tissue_on:
-                img += self._tissue_frame(f, phi)
-                phi += self._mix_step * float(self._rng_tissue.standard_normal())
+                img += self._tissue_frame(f)
             if progress is not None:
                 progress(f + 1, T)
             yield f, img.astype(np.complex64), gt

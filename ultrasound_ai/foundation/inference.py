@@ -148,6 +148,8 @@ def segment_file(input_path, output_path, model, *, device="auto", probabilities
             raise InputError(f"output {output_path}: PNG holds one frame, the input has {out.shape[0]}; use .nrrd")
         if k == 2:
             out = out * 255
+    if ref.GetDimension() == 3 and out.ndim == 2:
+        out = out[None]  # a one-slice volume stays a one-slice volume
     img = sitk.GetImageFromArray(out)
     if ref.GetDimension() == img.GetDimension():
         img.CopyInformation(ref)
@@ -155,6 +157,8 @@ def segment_file(input_path, output_path, model, *, device="auto", probabilities
         sitk.WriteImage(img, str(tmp), True)
     if probabilities_path:
         fg = probs[..., 1:, :, :].sum(axis=-3).astype(np.float32)  # probability of any structure
+        if ref.GetDimension() == 3 and fg.ndim == 2:
+            fg = fg[None]
         pimg = sitk.GetImageFromArray(fg)
         if ref.GetDimension() == pimg.GetDimension():
             pimg.CopyInformation(ref)

@@ -300,6 +300,7 @@ class UltrasoundAIULMLogic(_LogicBase):
         sequence (ultrasound_ai.mrml.complex_sequence), with the wavelength attribute and, when the file
         has ground truth, the ground truth table. A browser loaded earlier from the same file is replaced."""
         from ultrasound_ai.mrml import complex_sequence, resolve_scene
+        from ultrasound_ai.mrml.sequences import FRAME_RATE_ATTRIBUTE
 
         self.ensure_dependencies()  # reading HDF5 needs h5py
         path = Path(path).expanduser().resolve()
@@ -312,9 +313,14 @@ class UltrasoundAIULMLogic(_LogicBase):
             if old.GetAttribute(ACQUISITION_FILE_ATTRIBUTE) == str(path):
                 self.remove_browser(old)
         name = name or path.stem
-        browser = complex_sequence(acq.iq, acq.pixel_size_mm, acq.origin_mm, acq.frame_rate_hz, name=name, scene=scene)
+        # Frame numbers as index values, the rate as the bridge's attribute: a sequence node merges
+        # numeric index values closer than its tolerance (0.001 by default), i.e. the time stamps of
+        # any acquisition faster than 1 kHz.
+        browser = complex_sequence(acq.iq, acq.pixel_size_mm, acq.origin_mm, None, name=name, scene=scene)
+        seq = browser.GetMasterSequenceNode()
+        seq.SetAttribute(FRAME_RATE_ATTRIBUTE, repr(float(acq.frame_rate_hz)))
+        seq.SetAttribute(WAVELENGTH_ATTRIBUTE, repr(float(acq.wavelength_mm)))
         browser.SetAttribute(ACQUISITION_FILE_ATTRIBUTE, str(path))
-        browser.GetMasterSequenceNode().SetAttribute(WAVELENGTH_ATTRIBUTE, repr(float(acq.wavelength_mm)))
         if acq.gt_positions is not None:
             table = gt_to_table(acq.gt_positions, name=f"{name}-GroundTruth", scene=scene)
             browser.SetAndObserveNodeReferenceID(GROUND_TRUTH_ROLE, table.GetID())

@@ -206,14 +206,15 @@ class _PausingContext:
 
 def paused_process_task(job, ctx):
     """``ulm.process`` that stops after its first block until it is cancelled."""
-    from ultrasound_ai.ulm.tasks import process_task
+    from ultrasound_ai.jobs.registry import resolve_task
 
-    return process_task(job, _PausingContext(ctx, _PAUSE_AT))
+    return resolve_task("ulm.process")(job, _PausingContext(ctx, _PAUSE_AT))
 
 
 def _paused_task_env() -> dict:
     paths = [_MODULE_DIR] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {"ULTRASOUND_AI_EXTRA_TASKS": f"{_PAUSED_TARGET}={PAUSED_TASK}", "PYTHONPATH": os.pathsep.join(paths)}
+    extra = ",".join(filter(None, [os.environ.get("ULTRASOUND_AI_EXTRA_TASKS", ""), f"{_PAUSED_TARGET}={PAUSED_TASK}"]))
+    return {"ULTRASOUND_AI_EXTRA_TASKS": extra, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def cancel_scenario(acquisition_path, workdir, timeout_s: float = 180.0) -> None:

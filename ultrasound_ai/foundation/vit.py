@@ -219,7 +219,8 @@ class VisionTransformer(nn.Module):
         d = cfg.embed_dim
         self.patch_embed = nn.Conv2d(cfg.in_chans, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.use_cls_token else None
-        rates = torch.linspace(0, cfg.drop_path, cfg.depth).tolist() if cfg.depth > 1 else [cfg.drop_path]
+        # Stochastic depth grows linearly from 0 (first block) to drop_path (last block).
+        rates = [cfg.drop_path * i / (cfg.depth - 1) for i in range(cfg.depth)] if cfg.depth > 1 else [cfg.drop_path]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(d, eps=1e-6)  # on the token sequence (MIM decoder input)
         self.fc_norm = nn.LayerNorm(d, eps=1e-6)  # on the mean-pooled feature

@@ -102,8 +102,8 @@ def test_registry_and_bad_parameters(clean_acquisition):
         process_acquisition(clean_acquisition, "rs", dict(link_distance_px=-1))
     with pytest.raises(InputError, match="unknown"):
         process_acquisition(clean_acquisition, "rs", dict(linking=3))
-    with pytest.raises(InputError, match="counting network"):
-        process_acquisition(clean_acquisition, "rs", UlmParams(counting_network=True))
+    with pytest.raises(InputError, match="counting network.*no_such_counter.pt"):
+        process_acquisition(clean_acquisition, "rs", UlmParams(counting_network=True, model="/nowhere/no_such_counter.pt"))
     with pytest.raises(InputError, match="device"):
         process_acquisition(clean_acquisition, "rs", dict(device="tpu"))
 
@@ -146,3 +146,139 @@ def test_cli_bad_inputs_exit_2(tmp_path, case, capsys):
     assert code == 2
     assert {"2d": "3-D", "dtype": "complex64", "no_pixel_size": "pixel_size_mm"}[case] in err
     assert not (tmp_path / "out.h5").exists() and not [p for p in tmp_path.iterdir() if is_partial(p)]
+
+
+# ------------------------------------------------------------------- short tail, counter, window stride
+
+
+def _first_frames(acq, n):
+    from ultrasound_ai.io.ulm_files import Acquisition
+
+    return Acquisition(iq=acq.iq[:n], pixel_size_mm=acq.pixel_size_mm, origin_mm=acq.origin_mm,
+                       frame_rate_hz=acq.frame_rate_hz, wavelength_mm=acq.wavelength_mm)
+
+
+def test_short_last_block_is_merged_into_the_previous_one(clean_acquisition):
+    from ultrasound_ai.ulm.clutter import svd_filter
+
+    acq = _first_frames(clean_acquisition, 20)
+    pushed = []
+
+    class Record:
+        def __init__(self, ctx):
+            pass
+
+        def push(self, frames, start):
+            pushed.append((start, frames.copy()))
+            return np.zeros((0, 4))
+
+        def finish(self):
+            return np.zeros((0, 4))
+
+    register_localizer("record-test", Record)
+    # 20 frames in blocks of 8 with cutoff 4: the 4-frame tail (no more frames than the cutoff) used to
+    # fail in parse_cutoff; it is filtered together with the block before it.
+    process_acquisition(acq, "record-test", dict(svd_cutoff=4, block_frames=8, device="cpu"))
+    assert [(s, f.shape[0]) for s, f in pushed] == [(0, 8), (8, 12)]
+    np.testing.assert_allclose(pushed[0][1], svd_filter(acq.iq[:8], 4), atol=1e-4)
+    np.testing.assert_allclose(pushed[1][1], svd_filter(acq.iq[8:], 4), atol=1e-4)
+    # The same through a real method: every frame localized once, with its N detections.
+    res = process_acquisition(acq, "rs", dict(svd_cutoff=4, block_frames=8, bubbles_per_frame=5, max_maxima=None,
+                                              min_track_length=2, device="cpu"))
+    assert np.bincount(res.localizations[:, 0].astype(int), minlength=20).tolist() == [5] * 20
+    # With a band-pass too (overlapping blocks), the merged tail still tiles the frames exactly.
+    pushed.clear()
+    process_acquisition(_first_frames(clean_acquisition, 70), "record-test",
+                        dict(svd_cutoff=4, band_hz=(20, 400), block_frames=40, margin_frames=4, device="cpu"))
+    starts = [s for s, _ in pushed]
+    assert starts == [0, 36] and sum(f.shape[0] for _, f in pushed) == 70
+    with pytest.raises(InputError, match="block_frames"):
+        process_acquisition(acq, "rs", dict(svd_cutoff=4, block_frames=4))
+
+
+@pytest.fixture(scope="module")
+def tiny_dml_checkpoint(tmp_path_factory):
+    """A randomly initialised tiny 3DML-ResNet + counter saved through the checkpoint API."""
+    import torch
+
+    from ultrasound_ai.models.checkpoint import save_checkpoint
+    from ultrasound_ai.ulm.dml_resnet import build_model
+
+    torch.manual_seed(0)
+    net = build_model("tiny")
+    path = tmp_path_factory.mktemp("dml_counter") / "dml_tiny.pt"
+    card = {"name": "dml_tiny_pipeline_test", "method": "ulm_3dml_resnet", "configuration": net.config.to_dict(),
+            "input": {"pixel_size_lambda": [1.0, 1.0]}, "training": {}, "metrics": {}}
+    save_checkpoint(net.state_dict(), path, card)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_acq():
+    from ultrasound_ai.ulm.simulator import UlmSimConfig, simulate_acquisition
+
+    return simulate_acquisition(UlmSimConfig(n_frames=24, bubbles_per_frame=8, clutter_db=20.0, noise_db=-30.0,
+                                             seed=5, shape_zx=(24, 28)))
+
+
+@pytest.fixture
+def one_torch_thread():
+    import torch
+
+    # Tiny convolutions run faster on one thread than on two contended ones.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_counting_network_drives_the_classical_methods(tiny_dml_checkpoint, tiny_acq, tmp_path, one_torch_thread):
+    from ultrasound_ai.ulm.clutter import svd_filter
+    from ultrasound_ai.ulm.dml_inference import DmlFrameCounter
+
+    params = dict(counting_network=True, model=str(tiny_dml_checkpoint), device="cpu", max_maxima=None,
+                  min_track_length=2)
+    res = process_acquisition(tiny_acq, "rs", dict(params))
+    # The counts are the checkpoint's counting network on the SVD-filtered block (one block here).
+    counts = DmlFrameCounter(tiny_dml_checkpoint, "cpu")(svd_filter(tiny_acq.iq, 4), 0)
+    assert counts.shape == (24,) and counts.sum() > 0
+    ref = process_acquisition(tiny_acq, "rs", dict(params, counting_network=False, bubbles_per_frame=counts))
+    np.testing.assert_array_equal(res.localizations, ref.localizations)
+    assert res.attrs["params"]["counting_network"] is True
+    # Through the CLI as well (wa), and a missing checkpoint is named in a clear error (exit 2).
+    acq_path, out = tmp_path / "a.h5", tmp_path / "r.h5"
+    write_acquisition(tiny_acq, acq_path)
+    assert main(["ulm", "process", str(acq_path), "--method", "wa", "--counting-network", "--model",
+                 str(tiny_dml_checkpoint), "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    assert read_result(out).localizations.shape[0] > 0
+    assert main(["ulm", "process", str(acq_path), "--counting-network", "--model", str(tmp_path / "gone.pt"),
+                 "--out", str(tmp_path / "r2.h5"), "--quiet"]) == 2
+    assert not (tmp_path / "r2.h5").exists()
+    with pytest.raises(InputError, match="counting network.*gone.pt"):
+        process_acquisition(tiny_acq, "rs", dict(params, model="/missing/gone.pt"))
+
+
+def test_window_stride_reaches_the_3dml_runner(tiny_dml_checkpoint, tiny_acq, one_torch_thread, tmp_path):
+    from ultrasound_ai.ulm.dml_inference import localize_3dml
+
+    base = dict(model=str(tiny_dml_checkpoint), device="cpu", svd_cutoff=None, bubbles_per_frame=4,
+                min_track_length=2, block_frames=10)
+    got = {}
+    for stride in (1, 3):
+        res = process_acquisition(tiny_acq, "3dml", dict(base, window_stride=stride))
+        ref = localize_3dml(tiny_acq, model=tiny_dml_checkpoint, device="cpu", bubbles_per_frame=4, window_stride=stride)
+        np.testing.assert_allclose(res.localizations[:, :4], ref, rtol=0, atol=1e-6)
+        assert res.attrs["params"]["window_stride"] == stride
+        got[stride] = res.localizations
+    assert not np.array_equal(got[1], got[3])  # the stride really changed the averaging
+    for bad in (0, 1.5, "two"):
+        with pytest.raises(InputError, match="window stride"):
+            process_acquisition(tiny_acq, "3dml", dict(base, window_stride=bad))
+    acq_path, out = tmp_path / "a.h5", tmp_path / "r.h5"
+    write_acquisition(tiny_acq, acq_path)
+    cli = ["ulm", "process", str(acq_path), "--method", "3dml", "--model", str(tiny_dml_checkpoint), "--device", "cpu",
+           "--svd-cutoff", "0", "--bubbles-per-frame", "4", "--min-track-length", "2", "--block-frames", "10",
+           "--out", str(out), "--quiet"]
+    assert main(cli + ["--window-stride", "3"]) == 0
+    np.testing.assert_array_equal(read_result(out).localizations, got[3])
+    assert main(cli + ["--window-stride", "0"]) == 2

@@ -70,6 +70,7 @@ def process(args: argparse.Namespace) -> int:
         resolution_factor=args.resolution_factor,
         device=args.device,
         model=args.model,
+        window_stride=args.window_stride,
     )
     result = process_acquisition(args.acquisition, args.method, params, args.out, png=args.png,
                                  show_progress=not args.quiet)
@@ -157,7 +158,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-gap", type=int, default=0, help="frames a track may skip (gap closing, default 0)")
     p.add_argument("--min-track-length", type=int, default=15, help="minimum points per track (default 15)")
     p.add_argument("--resolution-factor", type=float, default=10.0, help="rendering pixel = wavelength / factor (default 10)")
-    p.add_argument("--model", default=None, help="network model for --method 3dml (default: the installed one)")
+    p.add_argument("--model", default=None, help="network model (3DML-ResNet checkpoint .pt or model name) for "
+                   "--method 3dml and for --counting-network (default: the installed one)")
+    p.add_argument("--window-stride", type=int, default=1,
+                   help="3DML-ResNet sliding-window stride in frames (default 1, the paper's; larger is faster)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=process)

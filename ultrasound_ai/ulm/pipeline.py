@@ -7,7 +7,9 @@ Streaming. Frames are read `block_frames` at a time (`iter_blocks`), so a 20,000
 never sits whole in memory. Consecutive blocks overlap by 2*margin frames when a temporal band-pass
 is used: each block is filtered whole and only its middle part is localized (the first block keeps
 its start, the last its end), so the kept parts tile the acquisition exactly and the filter's edge
-transients are thrown away. Localizers are streaming objects (`push(frames, start)` returns the rows
+transients are thrown away. When clutter filters are on, a last block shorter than half a block (or
+than the filters need, e.g. no more frames than the SVD cutoff) is merged into the block before it,
+so every filtered block has enough frames for a meaningful SVD / band-pass. Localizers are streaming objects (`push(frames, start)` returns the rows
 of the frames they have finished, `finish()` the rest), and the tracker keeps its open tracks from
 one block to the next, so tracks continue across block boundaries. Closed tracks are smoothed,
 differentiated, interpolated and rendered at once; only the localizations table grows with the
@@ -19,7 +21,8 @@ Localization methods are looked up in a small registry: `register_localizer(name
 `factory(ctx: LocalizerContext)` returns an object with `push(frames, start) -> [K, 4]` rows =
 (global frame, z_mm, x_mm, intensity) and `finish() -> [K, 4]`. Counting networks for the classical
 methods (`counting_network=True`) come from `register_counter(name, factory)`: `factory(ctx)` returns
-`counts(frames, start) -> [n]` bubbles per frame.
+`counts(frames, start) -> [n]` bubbles per frame. The default counter is the 3DML-ResNet checkpoint's
+counting network (`params.model`, or the installed default), imported only when it is used.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ class UlmParams:
     smooth_window: int = 5                 # moving-average window along tracks (points)
     resolution_factor: float = 10.0        # rendering pixel = wavelength / factor [--resolution-factor]
     device: str = "auto"                   # torch device for the SVD and networks [--device]
-    model: Any = None                      # network model for learned methods (None = installed default)
+    model: Any = None                      # network model for learned methods (None = installed default) [--model]
+    window_stride: int = 1                 # 3DML-ResNet sliding-window stride, frames (1 = the paper's) [--window-stride]
 
     def validate(self) -> "UlmParams":
         if self.counting_network:
@@ -83,6 +87,12 @@ class UlmParams:
             raise InputError(f"min track length: expected >= 1 point, got {self.min_track_length!r}")
         if int(self.max_gap) < 0:
             raise InputError(f"max gap: expected >= 0 frames, got {self.max_gap!r}")
+        try:
+            stride_ok = int(self.window_stride) == self.window_stride and int(self.window_stride) >= 1
+        except (TypeError, ValueError):
+            stride_ok = False
+        if not stride_ok:
+            raise InputError(f"window stride: expected a whole number of frames >= 1, got {self.window_stride!r}")
         if not np.isfinite(self.resolution_factor) or self.resolution_factor <= 0:
             raise InputError(f"resolution factor: expected a positive number, got {self.resolution_factor!r}")
         return self
@@ -172,12 +182,26 @@ def _dml_factory(ctx: LocalizerContext):
 
     return DmlLocalizationRunner(ctx.pixel_size_mm, ctx.origin_mm, ctx.wavelength_mm, model=ctx.params.model,
                                  device=ctx.device if ctx.device is not None else ctx.params.device,
-                                 bubbles_per_frame=ctx.params.bubbles_per_frame)
+                                 bubbles_per_frame=ctx.params.bubbles_per_frame,
+                                 window_stride=int(ctx.params.window_stride))
+
+
+def _default_counter(ctx: LocalizerContext):
+    """The 3DML-ResNet checkpoint's counting network (imported lazily: torch models only when used)."""
+    from .dml_inference import pipeline_counter
+
+    try:
+        return pipeline_counter(ctx)
+    except InputError as exc:
+        # Say which feature needed the checkpoint and how to do without it.
+        raise InputError(f"counting network: {exc} (give a 3DML-ResNet checkpoint with --model PATH, or "
+                         f"--bubbles-per-frame N)") from exc
 
 
 register_localizer("rs", lambda ctx: ClassicalLocalizer(ctx, "rs"))
 register_localizer("wa", lambda ctx: ClassicalLocalizer(ctx, "wa"))
 register_localizer("3dml", _dml_factory)  # the 3DML-ResNet engineer may re-register with their own factory
+register_counter("default", _default_counter)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,6 +255,43 @@ def _geometry(source):
         return (info.kind, info.shape, info.pixel_size_mm, info.origin_mm, info.frame_rate_hz, info.wavelength_mm,
                 lambda b, o: iter_blocks(source, b, o), str(source))
     raise InputError(f"ULM processing: expected an acquisition file path or an Acquisition, got {type(source).__name__}")
+
+
+def _min_filtered_frames(params: UlmParams) -> int:
+    """Fewest frames a block needs for the clutter filters (0 when no filter is on)."""
+    need = 0
+    if params.svd_cutoff is not None:
+        c = params.svd_cutoff
+        if np.isscalar(c):
+            need = int(c) + 1  # at least one component must be kept
+        else:
+            c = list(c)
+            k1 = int(c[0]) if len(c) else 0
+            k2 = 0 if len(c) < 2 or c[1] is None else int(c[1])
+            need = k2 if k2 > 0 else k1 + 1
+    if params.band_hz is not None:
+        # sosfiltfilt's default padding: 3 * (2 * sections + 1) frames; one section per 2nd-order stage.
+        sections = 2 if float(params.band_hz[0]) > 0 else 1
+        need = max(need, 3 * (2 * sections + 1) + 1)
+    return need
+
+
+def _merge_short_tail(blocks, t_total: int, min_frames: int):
+    """Pass (start, block) through, but fold a last block shorter than `min_frames` into the one before
+    it (overlapping frames taken once), so the filters never see a too-short tail."""
+    prev = None
+    for start, block in blocks:
+        n = block.shape[0]
+        if prev is not None:
+            p_start, p_block = prev
+            p_end = p_start + p_block.shape[0]
+            if start + n >= t_total and n < min_frames:
+                yield p_start, np.concatenate([p_block, block[p_end - start:]], axis=0)
+                return
+            yield prev
+        prev = (start, block)
+    if prev is not None:
+        yield prev
 
 
 def _clutter(block: np.ndarray, params: UlmParams, frame_rate_hz: float, device) -> np.ndarray:
@@ -323,9 +384,16 @@ def process_acquisition(source, method: str = "rs", params: UlmParams | dict | N
     block_frames = int(params.block_frames)
     if 2 * margin >= block_frames:
         raise InputError(f"block_frames ({block_frames}) must exceed twice the overlap margin ({margin})")
+    blocks = blocks_fn(block_frames, 2 * margin)
+    need = _min_filtered_frames(params)
+    if need:
+        if block_frames < need:
+            raise InputError(f"block_frames ({block_frames}) is too short for the clutter filters (svd cutoff "
+                             f"{params.svd_cutoff!r}, band {params.band_hz!r}): they need at least {need} frames per block")
+        blocks = _merge_short_tail(blocks, t_total, max(need, block_frames // 2))
     bar = tqdm(total=t_total, desc=f"ulm {name}", unit="frame", disable=not show_progress)
     try:
-        for start, block in blocks_fn(block_frames, 2 * margin):
+        for start, block in blocks:
             check_cancel()
             n = block.shape[0]
             a = 0 if start == 0 else margin

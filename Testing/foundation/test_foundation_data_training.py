@@ -287,3 +287,24 @@ def test_label_efficiency_study_tiny_setting(tmp_path):
 
     write_section("label_efficiency", "t", text, path=tmp_path / "B.md", command="test")
     assert "<!-- BEGIN label_efficiency:cpu -->" in (tmp_path / "B.md").read_text()
+
+
+def test_torchrun_ddp_pretraining_two_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from ultrasound_ai.core.training import torchrun_command
+
+    cfg = {"method": "usfm", "output_dir": str(tmp_path / "ddp"), "device": "cpu", "model": MICRO,
+           "data": {"train_count": 8, "val_count": 2, "masking": {"mask_patch_size": 8}},
+           "schedule": {"steps": 2, "batch_size": 2, "validate_every": 2, "checkpoint_every": 2, "log_every": 1,
+                        "best_metric": "loss"}}
+    (tmp_path / "c.json").write_text(json.dumps(cfg))
+    cmd = torchrun_command(tmp_path / "c.json", "ultrasound_ai.foundation.training:PretrainTask", 2,
+                           python=sys.executable)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    card = json.loads((tmp_path / "ddp" / "final.card.json").read_text())
+    assert card["training"]["world_size"] == 2 and card["configuration"]["task"] == "pretrain"

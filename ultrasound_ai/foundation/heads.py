@@ -49,6 +49,14 @@ class SimMIMDecoder(nn.Module):
         return self.shuffle(self.proj(fmap))
 
 
+def _freeze_unused(*modules: nn.Module) -> None:
+    # Encoder parts a task never calls keep their weights (so encoders move between tasks by key) but
+    # take no gradient; DistributedDataParallel would otherwise wait for their gradients forever.
+    for m in modules:
+        for p in m.parameters():
+            p.requires_grad_(False)
+
+
 def _tokens_to_map(enc: VisionTransformer, tokens: torch.Tensor) -> torch.Tensor:
     wh, ww = enc.cfg.grid
     p = tokens[:, enc.num_prefix:]
@@ -62,6 +70,7 @@ class MaskedImageModel(nn.Module):
         super().__init__()
         self.encoder = VisionTransformer(cfg)
         self.decoder = SimMIMDecoder(cfg.embed_dim, cfg.patch_size, cfg.in_chans)
+        _freeze_unused(self.encoder.fc_norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens, _ = self.encoder.forward_features(x)
@@ -127,6 +136,7 @@ class SegmentationModel(nn.Module):
         self.encoder = VisionTransformer(cfg)
         self.blocks = feature_blocks(cfg.depth)
         self.head = UPerNetHead(cfg.embed_dim, num_classes, channels)
+        _freeze_unused(self.encoder.norm, self.encoder.fc_norm)  # the head reads raw block outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [B, K, H, W] at the input's size."""

@@ -196,31 +196,6 @@ def test_short_last_block_is_merged_into_the_previous_one(clean_acquisition):
         process_acquisition(acq, "rs", dict(svd_cutoff=4, block_frames=4))
 
 
-@pytest.fixture(scope="module")
-def tiny_dml_checkpoint(tmp_path_factory):
-    """A randomly initialised tiny 3DML-ResNet + counter saved through the checkpoint API."""
-    import torch
-
-    from ultrasound_ai.models.checkpoint import save_checkpoint
-    from ultrasound_ai.ulm.dml_resnet import build_model
-
-    torch.manual_seed(0)
-    net = build_model("tiny")
-    path = tmp_path_factory.mktemp("dml_counter") / "dml_tiny.pt"
-    card = {"name": "dml_tiny_pipeline_test", "method": "ulm_3dml_resnet", "configuration": net.config.to_dict(),
-            "input": {"pixel_size_lambda": [1.0, 1.0]}, "training": {}, "metrics": {}}
-    save_checkpoint(net.state_dict(), path, card)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_acq():
-    from ultrasound_ai.ulm.simulator import UlmSimConfig, simulate_acquisition
-
-    return simulate_acquisition(UlmSimConfig(n_frames=24, bubbles_per_frame=8, clutter_db=20.0, noise_db=-30.0,
-                                             seed=5, shape_zx=(24, 28)))
-
-
 @pytest.fixture
 def one_torch_thread():
     import torch

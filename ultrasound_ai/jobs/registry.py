@@ -29,6 +29,7 @@ TASKS: dict[str, str] = {
     "diagnostics": "ultrasound_ai.core.diagnostics:diagnostics_task",
     "freehand.reconstruct": "ultrasound_ai.freehand.tasks:reconstruct_task",
     "registration.register": "ultrasound_ai.registration.tasks:register_task",
+    "ulm.process": "ultrasound_ai.ulm.tasks:process_task",
 }
 
 

@@ -21,21 +21,11 @@ if str(MODULE_DIR) not in sys.path:
 from UltrasoundAIULMLib import scenarios  # noqa: E402
 
 
-def _ulm_task_registered() -> bool:
-    from ultrasound_ai.jobs.registry import available_tasks
-
-    return "ulm.process" in available_tasks()
-
-
-needs_task = pytest.mark.skipif(not _ulm_task_registered(), reason="the ulm.process job task is not registered yet")
-
-
 @pytest.fixture(scope="module")
 def acquisition_path(tmp_path_factory):
     return scenarios.make_acquisition(tmp_path_factory.mktemp("ulm") / "acq.h5")
 
 
-@needs_task
 def test_rs_in_a_background_job(scene, acquisition_path, tmp_path):
     out = scenarios.process_scenario(acquisition_path, tmp_path / "rs", "rs", repeat=True)
     nodes = out["nodes"]
@@ -46,7 +36,6 @@ def test_rs_in_a_background_job(scene, acquisition_path, tmp_path):
     assert sorted(p.name for p in (tmp_path / "rs").iterdir()) == [f"{name}-rs-result.h5"]
 
 
-@needs_task
 def test_cancel_leaves_nothing(scene, acquisition_path, tmp_path):
     scenarios.cancel_scenario(acquisition_path, tmp_path / "cancel")
 

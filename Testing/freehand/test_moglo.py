@@ -1,0 +1,237 @@
+"""MoGLo-Net: correlation op, attention shapes, losses, grid resampling, training beats a constant-motion
+predictor, and the pose method (no peeking at tforms, other frame sizes resampled with the geometry)."""
+
+import json
+from itertools import product
+
+import numpy as np
+import pytest
+import torch
+
+from ultrasound_ai.core.errors import InputError
+from ultrasound_ai.core.geometry import chain_relative, params_to_matrix, to_relative
+from ultrasound_ai.freehand import sweep_windows as sw
+from ultrasound_ai.freehand.moglo_losses import cosine_loss, moglo_loss, triplet_loss, weighted_l1
+from ultrasound_ai.freehand.moglo_model import (ChannelAttention, GlobalLocalAttention, MogloConfig, MogloNet,
+                                                SpatialAttention, make_config, patch_correlation)
+
+
+# ------------------------------------------------------------------------------------------ correlation
+
+
+def _loop_correlation(f1, f2, kernel, stride, radius):
+    b, c, h, w = f1.shape
+    k, r = kernel // 2, radius - kernel // 2
+    p1 = np.pad(f1, ((0, 0), (0, 0), (k, k), (k, k)))
+    p2 = np.pad(f2, ((0, 0), (0, 0), (radius, radius), (radius, radius)))
+    cy = list(range(stride // 2, h, stride))
+    cx = list(range(stride // 2, w, stride))
+    d = 2 * r + 1
+    out = np.zeros((b, d * d, len(cy), len(cx)))
+    for n, (i, y), (j, x) in product(range(b), enumerate(cy), enumerate(cx)):
+        a = p1[n, :, y:y + kernel, x:x + kernel]
+        for (iy, dy), (ix, dx) in product(enumerate(range(-r, r + 1)), enumerate(range(-r, r + 1))):
+            yy, xx = y + radius + dy - k, x + radius + dx - k
+            bb = p2[n, :, yy:yy + kernel, xx:xx + kernel]
+            out[n, iy * d + ix, i, j] = (a * bb).sum() / ((np.linalg.norm(a) + 1e-6) * (np.linalg.norm(bb) + 1e-6))
+    return out
+
+
+@pytest.mark.parametrize("shape,kernel,stride,radius", [((2, 3, 16, 16), 3, 4, 8), ((1, 2, 13, 10), 3, 4, 4),
+                                                         ((1, 2, 9, 12), 1, 2, 3)])
+def test_correlation_matches_direct_loop(shape, kernel, stride, radius):
+    g = torch.Generator().manual_seed(0)
+    f1 = torch.randn(shape, generator=g, dtype=torch.float64)
+    f2 = torch.randn(shape, generator=g, dtype=torch.float64)
+    got = patch_correlation(f1, f2, kernel, stride, radius)
+    want = _loop_correlation(f1.numpy(), f2.numpy(), kernel, stride, radius)
+    assert got.dtype == torch.float64 and got.shape == want.shape
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+def test_correlation_finds_a_known_shift_and_paper_sizes():
+    # f2 = f1 shifted by (dy, dx) = (2, -1): the cost peaks (cosine 1) at that displacement.
+    f1 = torch.randn(1, 8, 64, 64, dtype=torch.float64)
+    f2 = torch.roll(f1, shifts=(2, -1), dims=(2, 3))
+    cv = patch_correlation(f1, f2)  # paper: 3x3 kernel, stride 4, +-8 px -> 225 costs at 16 x 16 centres
+    assert cv.shape == (1, 225, 16, 16)
+    best = cv[0, :, 4:12, 4:12].argmax(0)  # interior centres (no wrap-around)
+    assert torch.all(best == (2 + 7) * 15 + (-1 + 7))
+    assert torch.allclose(cv[0, (2 + 7) * 15 + 6, 4:12, 4:12], torch.ones(8, 8, dtype=torch.float64))
+    assert patch_correlation(f1.float(), f2.float()).dtype == torch.float32
+    with pytest.raises(InputError):
+        patch_correlation(f1, f2[:, :, :8])
+
+
+# ---------------------------------------------------------------------------------- model and attention
+
+
+def test_model_shapes_units_and_config_errors():
+    torch.manual_seed(0)
+    cfg = make_config("tiny")
+    model = MogloNet(cfg).eval()
+    model.set_normalisation([0.0, 0.0, 0.5, 0.0, 0.0, 0.0], [0.1, 0.1, 0.2, 0.3, 0.3, 0.3])
+    frames = torch.randint(0, 256, (2, 5, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        out = model(frames)
+    assert out.local_raw.shape == out.global_raw.shape == out.params.shape == (2, 4, 6)
+    assert out.scores.shape == (2, 4, 256) and torch.all((out.scores >= 0) & (out.scores <= 1))
+    assert out.embedding.shape == (2, 4, 2 * cfg.feature_dim)  # 1 x 1 global map at 64 px
+    # params = the two heads' mean, de-normalised: mm and degrees.
+    want = 0.5 * (out.local_raw + out.global_raw) * model.param_std + model.param_mean
+    assert torch.allclose(out.params, want)
+    # Every pair is a function of its own and earlier pairs only (LSTMs run forward in time).
+    frames2 = frames.clone()
+    frames2[:, 4] = 255 - frames2[:, 4]
+    with torch.no_grad():
+        out2 = model(frames2)
+    assert torch.allclose(out2.params[:, :3], out.params[:, :3], atol=1e-5)
+    assert not torch.allclose(out2.params[:, 3], out.params[:, 3])
+    with pytest.raises(InputError, match="multiples of 64"):
+        MogloConfig(frame_shape=(100, 128))
+    with pytest.raises(InputError, match="needs"):
+        model(torch.zeros(1, 5, 32, 32))
+    assert MogloConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert make_config("paper").corr_channels == 225 and make_config("paper").centre_grid == (16, 16)
+    assert make_config("paper", corr_layout="centres").corr_channels == 256
+
+
+def test_cbam_and_global_local_attention():
+    x = torch.randn(3, 32, 4, 4)
+    assert ChannelAttention(32, 16)(x).shape == (3, 32, 1, 1)
+    assert SpatialAttention()(x).shape == (3, 1, 4, 4)
+    gla = GlobalLocalAttention(8, 32, reduction=4).eval()
+    local = torch.randn(3, 8, 64, 64)  # 16 x 16 patches of the 4 x 4 global map
+    with torch.no_grad():
+        loc, glob, scores = gla(local, x)
+    assert loc.shape == (3, 32, 4, 4) and glob.shape == (3, 32, 4, 4) and scores.shape == (3, 256)
+    p = gla.patches(local, (4, 4))
+    assert p.shape == (3, 256, 8, 4, 4)
+    assert torch.equal(p[:, 16 * 2 + 5], local[:, :, 8:12, 20:24])  # row-major patch order
+    with pytest.raises(InputError):
+        gla(torch.randn(3, 8, 60, 64), x)
+
+
+# -------------------------------------------------------------------------------------------- losses
+
+
+def test_losses_known_values():
+    y = torch.tensor([[[1.0, -2.0, 0.0, 0.5, 0.0, 0.0]]])
+    p = y + torch.tensor([[[0.5, 0.5, -1.0, 0.0, 0.0, 0.0]]])
+    assert weighted_l1(p, y, weighted=False).item() == pytest.approx(2.0 / 6)
+    # weights (|y| + 2): 3, 4, 2 on the three errors
+    assert weighted_l1(p, y).item() == pytest.approx((0.5 * 3 + 0.5 * 4 + 1.0 * 2) / 6)
+    assert cosine_loss(y, y).item() == pytest.approx(0.0, abs=1e-7)
+    assert cosine_loss(-y, y).item() == pytest.approx(2.0)
+    # Triplet: anchor 0; sample 1 moves like it (positive), sample 2 the opposite way (negative).
+    t = torch.tensor([[1.0, 0, 0, 0, 0, 0], [2.0, 0, 0, 0, 0, 0], [-1.0, 0, 0, 0, 0, 0]])
+    good = torch.tensor([[0.0, 0.0], [0.05, 0.0], [3.0, 0.0]])  # d(a,p) = 0.05, d(a,n) = 3: no loss
+    bad = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.2, 0.0]])  # d(a,p) = 1, d(a,n) = 0.2: 0.8 + 0.1
+    assert triplet_loss(good, t).item() == pytest.approx(0.0)
+    assert triplet_loss(bad, t).item() == pytest.approx(0.9)
+    assert triplet_loss(bad[:2], t[:2]).item() == 0.0  # fewer than 3 clips
+    terms = moglo_loss(p, p, y, torch.zeros(1, 1, 4))
+    assert set(terms) == {"loss", "l1", "cosine", "triplet"}
+    with pytest.raises(InputError):
+        weighted_l1(p[..., :5], y[..., :5])
+
+
+# ------------------------------------------------------------------------------------- grid resampling
+
+
+def test_grid_resampling_known_answer_and_relative_round_trip():
+    # A ramp in mm along x and y: bilinear resampling reproduces it at the new pixel centres.
+    H, W, sx, sy = 40, 50, 0.2, 0.25
+    yy, xx = np.mgrid[0:H, 0:W]
+    frames = np.stack([(xx * sx * 2 + yy * sy * 3).astype(np.float32)] * 2)
+    geom = sw.grid_geometry((H, W), (sx, sy), (20, 24), (0.3, 0.4))
+    out = sw.resample_frames(frames, geom)
+    ys, xs = np.mgrid[0:20, 0:24]
+    want = (geom.offset_mm[0] + xs * 0.3) * 2 + (geom.offset_mm[1] + ys * 0.4) * 3
+    np.testing.assert_allclose(out[0], want, atol=2e-3)
+    # the grid is centred on the frame
+    assert geom.offset_mm[0] + 23 * 0.3 / 2 == pytest.approx((W - 1) * sx / 2)
+    rel = params_to_matrix(np.array([[0.3, -0.2, 0.5, 1.0, -2.0, 0.5]]), "YZX")
+    net = sw.to_network_relative(rel, geom)
+    np.testing.assert_allclose(sw.from_network_relative(net, geom), rel, atol=1e-12)
+    assert sw.clip_starts(13, 5) == [0, 4, 8]
+    assert sw.clip_starts(14, 5) == [0, 4, 8, 9]
+    with pytest.raises(InputError):
+        sw.clip_starts(3, 5)
+    with pytest.raises(InputError):
+        sw.resample_frames(frames[:, :10], geom)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def _pool(seeds, n_frames, mcfg):
+    from ultrasound_ai.freehand.moglo_training import _pool_from_sweeps
+    from ultrasound_ai.freehand.simulator import simulate_sweep
+
+    sweeps = [simulate_sweep(s, n_frames=n_frames, tactic="linear", frame_shape=mcfg.frame_shape,
+                             pixel_spacing=mcfg.pixel_spacing_mm, n_imus=0, reverse=False) for s in seeds]
+    return _pool_from_sweeps(sweeps, [f"sim-{s}" for s in seeds], mcfg), sweeps
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from ultrasound_ai.freehand.moglo_training import model_config, train_moglo
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("moglo")
+    config = {"output_dir": str(out / "run"), "name": "moglo_tiny_test", "device": "cpu", "seed": 3,
+              "model": {"preset": "tiny"},
+              "schedule": {"steps": 300, "batch_size": 8, "lr": 2e-3, "warmup_steps": 20, "log_every": 50,
+                           "validate_every": 300, "checkpoint_every": 300}}
+    mcfg = model_config(config["model"])
+    train_pool, _ = _pool([501, 502, 503], 40, mcfg)
+    val_pool, val_sweeps = _pool([601, 602], 24, mcfg)
+    result = train_moglo(config, resume=False, train_pool=train_pool, val_pool=val_pool, progress_bar=False)
+    return result, train_pool, val_pool, val_sweeps
+
+
+def test_tiny_model_beats_constant_motion_on_out_of_plane_translation(trained):
+    result, train_pool, val_pool, _ = trained
+    m = result.metrics
+    const = train_pool.all_targets().astype(np.float64).mean(0)[2]
+    want_const = np.mean(np.concatenate([np.abs(y[:, 2] - const) for y in val_pool.targets]))
+    assert m["tz_mae_const_mm"] == pytest.approx(want_const, rel=1e-5)
+    assert m["tz_mae_mm"] < m["tz_mae_const_mm"], m
+    card = result.card
+    assert card["method"] == "moglo"
+    assert card["input"]["frame_shape_hw"] == [64, 64] and card["input"]["pixel_spacing_mm"] == [0.6, 0.6]
+    assert card["configuration"]["clip_frames"] == 5 and "YZX" in card["input"]["output"]
+
+
+def test_method_ignores_tforms_and_resamples_other_grids(trained):
+    from ultrasound_ai.freehand.methods import get_method
+    from ultrasound_ai.io.sweep import Sweep
+
+    result, _, _, val_sweeps = trained
+    sweep = val_sweeps[0]
+    method = get_method("moglo")
+    a = method.estimate(sweep, checkpoint=str(result.final_path), device="cpu")
+    b = method.estimate(sweep.without_truth(), checkpoint=str(result.final_path), device="cpu")
+    np.testing.assert_array_equal(a.tforms, b.tforms)
+    assert np.allclose(a.tforms[0], np.eye(4))
+    assert a.attrs["network_pixel_spacing_mm"] == [0.6, 0.6]
+    # The same frames inside a larger canvas (zero margins) at the same spacing: the centred grid picks
+    # out the original frames, and the estimate comes back in the large frame's coordinates (the offset
+    # carried through): T_big = S T_small S^-1 with S the shift of the small frame inside the big one.
+    pad_y, pad_x = 6, 10
+    big = np.pad(sweep.frames, ((0, 0), (pad_y, pad_y), (pad_x, pad_x)))
+    c = method.estimate(Sweep(frames=big, pixel_spacing_xy=sweep.pixel_spacing_xy), checkpoint=str(result.final_path),
+                        device="cpu")
+    s = np.eye(4)
+    s[:2, 3] = [pad_x * 0.6, pad_y * 0.6]
+    np.testing.assert_allclose(c.tforms, s @ a.tforms @ np.linalg.inv(s), atol=1e-6)
+    assert c.attrs["network_grid_offset_mm"] == pytest.approx([pad_x * 0.6, pad_y * 0.6, 0.0])
+    # Finer frames (half the spacing, twice the pixels) are resampled onto the card's 0.6 mm grid.
+    fine = np.repeat(np.repeat(sweep.frames, 2, axis=1), 2, axis=2)
+    d = method.estimate(Sweep(frames=fine, pixel_spacing_xy=(0.3, 0.3)), checkpoint=str(result.final_path),
+                        device="cpu", overlap="none")
+    assert d.tforms.shape == (sweep.n_frames, 4, 4)
+    assert d.attrs["network_pixel_spacing_mm"] == [0.6, 0.6] and d.attrs["network_frame_shape_hw"] == [64, 64]
+    with pytest.raises(InputError):
+        method.estimate(sweep, checkpoint=str(result.final_path), device="cpu", overlap="sideways")

@@ -165,12 +165,18 @@ def test_grid_resampling_known_answer_and_relative_round_trip():
 # ------------------------------------------------------------------------------------------ training
 
 
-def _pool(seeds, n_frames, mcfg):
+SP = 0.3  # the tiny preset at 0.3-mm pixels (19 mm): speckle is resolved, and it simulates fast
+
+
+def _pool(seeds, speeds_mm_s, n_frames, mcfg):
     from ultrasound_ai.freehand.moglo_training import _pool_from_sweeps
+    from ultrasound_ai.freehand.phantom import Psf
     from ultrasound_ai.freehand.simulator import simulate_sweep
 
+    # Linear forward sweeps, one beam profile (sigma_e 0.6 mm) so that decorrelation maps to one distance.
     sweeps = [simulate_sweep(s, n_frames=n_frames, tactic="linear", frame_shape=mcfg.frame_shape,
-                             pixel_spacing=mcfg.pixel_spacing_mm, n_imus=0, reverse=False) for s in seeds]
+                             pixel_spacing=mcfg.pixel_spacing_mm, n_imus=0, reverse=False, speed_mm_s=v,
+                             rotation_deg_s=4.0, psf=Psf()) for s, v in zip(seeds, speeds_mm_s)]
     return _pool_from_sweeps(sweeps, [f"sim-{s}" for s in seeds], mcfg), sweeps
 
 
@@ -180,13 +186,16 @@ def trained(tmp_path_factory):
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("moglo")
+    # Four slow training sweeps (3-6 mm/s) seen at frame strides 1-3 (0.15-0.9 mm per pair): one anatomy at
+    # several speeds, so the speed must be read from the speckle, not from which sweep it is. Validation:
+    # unseen anatomy at 6.5-13.5 mm/s, stride 1.
     config = {"output_dir": str(out / "run"), "name": "moglo_tiny_test", "device": "cpu", "seed": 3,
-              "model": {"preset": "tiny"},
-              "schedule": {"steps": 300, "batch_size": 8, "lr": 2e-3, "warmup_steps": 20, "log_every": 50,
-                           "validate_every": 300, "checkpoint_every": 300}}
+              "model": {"preset": "tiny", "pixel_spacing_mm": SP}, "data": {"frame_strides": [1, 2, 3]},
+              "schedule": {"steps": 600, "batch_size": 8, "lr": 2e-3, "warmup_steps": 20, "log_every": 50,
+                           "validate_every": 600, "checkpoint_every": 600}}
     mcfg = model_config(config["model"])
-    train_pool, _ = _pool([501, 502, 503], 40, mcfg)
-    val_pool, val_sweeps = _pool([601, 602], 24, mcfg)
+    train_pool, _ = _pool([501, 502, 503, 504], np.linspace(3.0, 6.0, 4), 32, mcfg)
+    val_pool, val_sweeps = _pool([601, 602, 603], [6.5, 10.0, 13.5], 16, mcfg)
     result = train_moglo(config, resume=False, train_pool=train_pool, val_pool=val_pool, progress_bar=False)
     return result, train_pool, val_pool, val_sweeps
 
@@ -194,14 +203,19 @@ def trained(tmp_path_factory):
 def test_tiny_model_beats_constant_motion_on_out_of_plane_translation(trained):
     result, train_pool, val_pool, _ = trained
     m = result.metrics
-    const = train_pool.all_targets().astype(np.float64).mean(0)[2]
+    # The constant predictor is the training mean motion over the strides trained on.
+    const = train_pool.training_targets([1, 2, 3]).astype(np.float64).mean(0)[2]
     want_const = np.mean(np.concatenate([np.abs(y[:, 2] - const) for y in val_pool.targets]))
     assert m["tz_mae_const_mm"] == pytest.approx(want_const, rel=1e-5)
     assert m["tz_mae_mm"] < m["tz_mae_const_mm"], m
+    # ... and the best constant there is for these validation sweeps (their median) does worse too.
+    tz = np.concatenate([y[:, 2] for y in val_pool.targets]).astype(np.float64)
+    assert m["tz_mae_mm"] < np.abs(tz - np.median(tz)).mean(), m
     card = result.card
     assert card["method"] == "moglo"
-    assert card["input"]["frame_shape_hw"] == [64, 64] and card["input"]["pixel_spacing_mm"] == [0.6, 0.6]
+    assert card["input"]["frame_shape_hw"] == [64, 64] and card["input"]["pixel_spacing_mm"] == [SP, SP]
     assert card["configuration"]["clip_frames"] == 5 and "YZX" in card["input"]["output"]
+    assert card["training"]["frame_strides"] == [1, 2, 3]
 
 
 def test_method_ignores_tforms_and_resamples_other_grids(trained):
@@ -215,7 +229,7 @@ def test_method_ignores_tforms_and_resamples_other_grids(trained):
     b = method.estimate(sweep.without_truth(), checkpoint=str(result.final_path), device="cpu")
     np.testing.assert_array_equal(a.tforms, b.tforms)
     assert np.allclose(a.tforms[0], np.eye(4))
-    assert a.attrs["network_pixel_spacing_mm"] == [0.6, 0.6]
+    assert a.attrs["network_pixel_spacing_mm"] == [SP, SP]
     # The same frames inside a larger canvas (zero margins) at the same spacing: the centred grid picks
     # out the original frames, and the estimate comes back in the large frame's coordinates (the offset
     # carried through): T_big = S T_small S^-1 with S the shift of the small frame inside the big one.
@@ -224,14 +238,38 @@ def test_method_ignores_tforms_and_resamples_other_grids(trained):
     c = method.estimate(Sweep(frames=big, pixel_spacing_xy=sweep.pixel_spacing_xy), checkpoint=str(result.final_path),
                         device="cpu")
     s = np.eye(4)
-    s[:2, 3] = [pad_x * 0.6, pad_y * 0.6]
+    s[:2, 3] = [pad_x * SP, pad_y * SP]
     np.testing.assert_allclose(c.tforms, s @ a.tforms @ np.linalg.inv(s), atol=1e-6)
-    assert c.attrs["network_grid_offset_mm"] == pytest.approx([pad_x * 0.6, pad_y * 0.6, 0.0])
-    # Finer frames (half the spacing, twice the pixels) are resampled onto the card's 0.6 mm grid.
+    assert c.attrs["network_grid_offset_mm"] == pytest.approx([pad_x * SP, pad_y * SP, 0.0])
+    # Finer frames (half the spacing, twice the pixels) are resampled onto the card's grid.
     fine = np.repeat(np.repeat(sweep.frames, 2, axis=1), 2, axis=2)
-    d = method.estimate(Sweep(frames=fine, pixel_spacing_xy=(0.3, 0.3)), checkpoint=str(result.final_path),
+    d = method.estimate(Sweep(frames=fine, pixel_spacing_xy=(SP / 2, SP / 2)), checkpoint=str(result.final_path),
                         device="cpu", overlap="none")
     assert d.tforms.shape == (sweep.n_frames, 4, 4)
-    assert d.attrs["network_pixel_spacing_mm"] == [0.6, 0.6] and d.attrs["network_frame_shape_hw"] == [64, 64]
+    assert d.attrs["network_pixel_spacing_mm"] == [SP, SP] and d.attrs["network_frame_shape_hw"] == [64, 64]
     with pytest.raises(InputError):
         method.estimate(sweep, checkpoint=str(result.final_path), device="cpu", overlap="sideways")
+
+
+def test_strided_clips_compose_the_consecutive_pair_targets(trained):
+    from ultrasound_ai.freehand.moglo_training import data_options, draw_clips
+
+    _, train_pool, _, _ = trained
+    y1, y3 = train_pool.targets[0].astype(np.float64), train_pool.strided_targets(3)[0].astype(np.float64)
+    m1 = params_to_matrix(y1, "YZX", degrees=True)
+    np.testing.assert_allclose(params_to_matrix(y3, "YZX", degrees=True)[4], m1[4] @ m1[5] @ m1[6], atol=1e-5)
+    frames, targets = draw_clips(train_pool, np.random.default_rng(0), 64, 5, [1, 3])
+    assert frames.shape == (64, 5, 64, 64) and targets.shape == (64, 4, 6)
+    # A stride-3 clip of 5 frames spans 13: every clip's frames are rows of some sweep at stride 1 or 3.
+    strides_seen = set()
+    for f, y in zip(frames.numpy(), targets.numpy()):
+        for i, sweep in enumerate(train_pool.frames):
+            for k in (1, 3):
+                hits = [s for s in range(len(sweep) - 4 * k) if np.array_equal(sweep[s:s + 4 * k + 1:k], f)]
+                if hits:
+                    np.testing.assert_allclose(y, train_pool.strided_targets(k)[i][hits[0]:hits[0] + 4 * k:k])
+                    strides_seen.add(k)
+    assert strides_seen == {1, 3}
+    for bad in ([], [0], [1.5], "2", [True]):
+        with pytest.raises(InputError, match="frame_strides"):
+            data_options({"frame_strides": bad})

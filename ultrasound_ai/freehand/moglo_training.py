@@ -55,6 +55,10 @@ DATA_DEFAULTS: dict[str, Any] = {
     "triplet_weight": 0.005,
     "triplet_margin": 0.1,
     "val_overlap": "last",
+    # Frame-skip augmentation: clips take every k-th frame, k drawn uniformly from these strides, so one
+    # anatomy is seen at several speeds and the speed can only be read from the speckle decorrelation
+    # (with one speed per sweep a small pool is memorised sweep by sweep). [1] = the paper's sampling.
+    "frame_strides": [1],
 }
 
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -102,6 +106,11 @@ def data_options(config) -> dict:
     for key in ("train_sweeps", "train_frames", "val_sweeps", "val_frames"):
         if not isinstance(d[key], int) or d[key] < (2 if key.endswith("frames") else 1):
             raise InputError(f"data.{key}: expected a positive integer (frames >= 2), got {d[key]!r}")
+    strides = d["frame_strides"]
+    if (not isinstance(strides, (list, tuple)) or not strides
+            or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in strides)):
+        raise InputError(f"data.frame_strides: expected a non-empty list of integers >= 1, got {strides!r}")
+    d["frame_strides"] = [int(k) for k in strides]
     if d["val_overlap"] not in ("last", "none"):
         raise InputError(f"data.val_overlap: expected 'last' or 'none', got {d['val_overlap']!r}")
     return d
@@ -133,6 +142,27 @@ class SweepPool:
 
     def all_targets(self) -> np.ndarray:
         return np.concatenate(self.targets, 0)
+
+    def strided_targets(self, stride: int) -> list:
+        """Per sweep, the targets [N-stride, 6] of the pairs (i, i+stride) (stride 1: `targets`)."""
+        if stride == 1:
+            return self.targets
+        cache = self.__dict__.setdefault("_strided", {})
+        if stride not in cache:
+            from ultrasound_ai.core.geometry import invert_rigid, matrix_to_params
+            from ultrasound_ai.freehand.moglo_model import PARAM_CONVENTION
+
+            out = []
+            for t in self.tforms:
+                rel = invert_rigid(t[:-stride]) @ t[stride:] if len(t) > stride else np.zeros((0, 4, 4))
+                out.append(matrix_to_params(rel, PARAM_CONVENTION, degrees=True).astype(np.float32)
+                           if len(rel) else np.zeros((0, 6), np.float32))
+            cache[stride] = out
+        return cache[stride]
+
+    def training_targets(self, strides: Sequence[int]) -> np.ndarray:
+        """All pair targets at the given frame strides (the normalisation statistics of training)."""
+        return np.concatenate([y for k in strides for y in self.strided_targets(int(k))], 0)
 
 
 _POOLS: dict[str, SweepPool] = {}
@@ -187,17 +217,24 @@ def build_pool(kind: str, d: Mapping, mcfg, progress: Callable[[str], None] | No
     return pool
 
 
-def draw_clips(pool: SweepPool, rng: np.random.Generator, n_clips: int, clip_frames: int):
-    """(frames [B, T, h, w] float32, targets [B, T-1, 6] float32) of random clips from the pool."""
+def draw_clips(pool: SweepPool, rng: np.random.Generator, n_clips: int, clip_frames: int,
+               strides: Sequence[int] = (1,)):
+    """(frames [B, T, h, w] float32, targets [B, T-1, 6] float32) of random clips from the pool: for each
+    clip a stride k from `strides`, a sweep long enough for it, a start; frames s, s+k, ..., s+(T-1)k."""
     xs, ys = [], []
-    usable = [i for i, f in enumerate(pool.frames) if len(f) >= clip_frames]
-    if not usable:
+    span = {int(k): (clip_frames - 1) * int(k) + 1 for k in strides}
+    if not any(len(f) >= span[min(span)] for f in pool.frames):
         raise InputError(f"training pool: no sweep has the {clip_frames} frames of one clip")
     for _ in range(n_clips):
+        k = int(strides[int(rng.integers(len(strides)))]) if len(strides) > 1 else int(strides[0])
+        usable = [i for i, f in enumerate(pool.frames) if len(f) >= span[k]]
+        if not usable:  # this stride does not fit any sweep: fall back to the smallest
+            k = min(span)
+            usable = [i for i, f in enumerate(pool.frames) if len(f) >= span[k]]
         i = usable[int(rng.integers(len(usable)))]
-        s = int(rng.integers(len(pool.frames[i]) - clip_frames + 1))
-        xs.append(np.asarray(pool.frames[i][s:s + clip_frames], dtype=np.float32))
-        ys.append(pool.targets[i][s:s + clip_frames - 1])
+        s = int(rng.integers(len(pool.frames[i]) - span[k] + 1))
+        xs.append(np.asarray(pool.frames[i][s:s + span[k]:k], dtype=np.float32))
+        ys.append(pool.strided_targets(k)[i][s:s + span[k] - 1:k])
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.float32))
 
 
@@ -226,17 +263,19 @@ class MogloTask:
                            "margin": float(d["triplet_margin"])}
         mcfg = model_config(config)
         model = MogloNet(mcfg)
-        y = self._pools(config, "train").all_targets().astype(np.float64)
+        self._strides = list(d["frame_strides"])
+        y = self._pools(config, "train").training_targets(self._strides).astype(np.float64)
         model.set_normalisation(y.mean(0), np.maximum(y.std(0), 1e-3))
         return model
 
     def batches(self, config: TrainConfig, rank: int, world_size: int, start_step: int) -> Iterator:
         pool = self._pools(config, "train")
         t = model_config(config).clip_frames
+        strides = data_options(config)["frame_strides"]
         step = start_step
         while True:
             rng = step_numpy_rng(config.seed, rank, step)
-            frames, targets = draw_clips(pool, rng, config.schedule["batch_size"], t)
+            frames, targets = draw_clips(pool, rng, config.schedule["batch_size"], t, strides)
             yield frames, targets, int(rng.integers(2 ** 31))
             step += 1
 
@@ -272,7 +311,8 @@ class MogloTask:
         mcfg = model_config(config)
         training: dict = {"loss": (f"weighted L1 ((|y|+2)^1) + (1 - cosine) + {d['triplet_weight']} x triplet "
                                    f"(margin {d['triplet_margin']}) on normalised parameters; heads averaged"),
-                          "clip_sampling": "uniform sweep, uniform start, per step from (seed, rank, step)"}
+                          "clip_sampling": "uniform stride, uniform sweep, uniform start, per step from (seed, rank, step)",
+                          "frame_strides": list(d["frame_strides"])}
         if self._train_override is not None:
             training["data"] = "sweep pools supplied by the caller"
             training["train_sweeps"] = list(self._train_override.names)

@@ -62,8 +62,11 @@ class UltrasoundAI(ScriptedLoadableModule):
 class UltrasoundAIParameterNode:
     inputBrowser: vtkMRMLSequenceBrowserNode
     inputSweepFile: pathlib.Path
-    method: Annotated[str, Choice(["tracked", "imu"])] = "imu"
+    method: Annotated[str, Choice(["auto", "tracked", "imu", "fima", "moglo"])] = "auto"
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
+    checkpoint: pathlib.Path
+    onlineAlignment: bool = False
+    imuSelection: str = ""
     outputSpacing: Annotated[float, WithinRange(0.05, 5.0)] = 0.5
     compounding: Annotated[str, Choice(["mean", "max", "latest"])] = "mean"
     fillHoles: Annotated[str, Choice(["none", "gaussian", "nearest"])] = "none"
@@ -192,6 +195,9 @@ class UltrasoundAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "inputSweepFile": str(p.inputSweepFile) if p.inputSweepFile else None,
             "method": p.method,
             "device": p.device,
+            "checkpoint": str(p.checkpoint) if p.checkpoint else None,
+            "onlineAlignment": p.onlineAlignment,
+            "imuSelection": p.imuSelection,
             "outputSpacing": p.outputSpacing,
             "compounding": p.compounding,
             "fillHoles": p.fillHoles,
@@ -238,6 +244,8 @@ class UltrasoundAIWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.metricsTableView.setMRMLTableNode(nodes["metrics"])
         else:
             text += "  No tracked poses in the sweep: no accuracy metrics."
+        if nodes.get("imu_weights") is not None:
+            self.ui.imuWeightsTableView.setMRMLTableNode(nodes["imu_weights"])
         self.ui.statusLabel.text = text
         # The parameter node's output selectors are left alone: a run with another method must not
         # write into this method's nodes.

@@ -42,6 +42,15 @@ def test_tracked_and_imu_into_one_browser(scene, sweep_path, tmp_path):
                             f"{browser.GetName()}-tracked-ImageToReference", f"{browser.GetName()}-imu-ImageToReference"])
     # Dead reckoning drifts; the tracked row is exact.
     assert imu["metrics"]["fdr_pct"] > tracked["metrics"]["fdr_pct"]
+    # The IMU weights the method gave (dead reckoning combines every IMU) come back as a table node
+    # holding the estimate file's imu_weights; the tracker has none.
+    from ultrasound_ai.io.sweep import read_sweep
+    from UltrasoundAILib.logic import table_to_imu_weights
+
+    estimate = read_sweep(imu["nodes"]["result"]["estimate"])
+    assert tracked["nodes"]["imu_weights"] is None and estimate.imu_weights is not None
+    assert imu["nodes"]["imu_weights"].GetName() == f"{browser.GetName()}-imu-ImuWeights"
+    assert np.array_equal(table_to_imu_weights(imu["nodes"]["imu_weights"]), estimate.imu_weights)
 
 
 def test_cancel_leaves_nothing(scene, sweep_path, tmp_path):
@@ -138,3 +147,89 @@ def test_module_folder_passes_static_checks():
     fields = set(next(iter(mc.parameter_classes(MODULE_DIR)[0].values())))
     bound = {name for name, _, _ in mc.ui_parameter_names(MODULE_DIR / "Resources" / "UI" / "UltrasoundAI.ui")}
     assert bound == fields
+
+
+def _tiny_moglo_model(folder: Path, default: bool = True) -> Path:
+    """An untrained tiny MoGLo-Net saved as an installed model (its weights do not matter here: the test
+    is about which method and model the Logic picks and passes on)."""
+    import torch
+
+    from ultrasound_ai.freehand.moglo_model import MogloNet, make_config
+    from ultrasound_ai.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    cfg = make_config("tiny")
+    model = MogloNet(cfg)
+    model.set_normalisation([0, 0, 0.4, 0, 0, 0], [0.1, 0.1, 0.2, 0.2, 0.2, 0.2])
+    folder.mkdir(parents=True, exist_ok=True)
+    card = {"name": "moglo_tiny", "method": "moglo", "default": default,
+            "configuration": {"preset": "tiny", **cfg.to_dict()},
+            "input": {"frame_shape_hw": list(cfg.frame_shape), "pixel_spacing_mm": [cfg.pixel_spacing_mm] * 2},
+            "training": {"data": "none (untrained, for a module test)"}, "metrics": {}}
+    save_checkpoint(model.state_dict(), folder / "moglo_tiny.pt", card)
+    return folder / "moglo_tiny.pt"
+
+
+def test_auto_method_picks_by_imu_data_and_installed_models(scene, tmp_path, monkeypatch):
+    from ultrasound_ai.core.errors import InputError
+    from ultrasound_ai.models import registry
+    from UltrasoundAILib.logic import UltrasoundAILogic, resolve_method
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setattr(registry, "SHIPPED_MODELS_DIR", empty)
+    monkeypatch.setenv(registry.ENV_VAR, str(empty))
+    # Nothing installed: the classical methods.
+    assert resolve_method("auto", has_imu=True, has_tforms=True) == "imu"
+    assert resolve_method("auto", has_imu=False, has_tforms=True) == "tracked"
+    assert resolve_method("moglo", has_imu=True, has_tforms=False) == "moglo"
+    with pytest.raises(InputError, match="MoGLo-Net"):
+        resolve_method("auto", has_imu=False, has_tforms=False)
+    # A MoGLo-Net model installed: the default for sweeps without IMU data (FiMA is not installed, so a
+    # sweep with IMUs still gets dead reckoning).
+    pt = _tiny_moglo_model(tmp_path / "models")
+    monkeypatch.setenv(registry.ENV_VAR, str(pt.parent))
+    assert resolve_method("auto", has_imu=False, has_tforms=True) == "moglo"
+    assert resolve_method("auto", has_imu=True, has_tforms=True) == "imu"
+
+    # Through the Logic and a real job (the worker inherits ULTRASOUND_AI_MODELS): a sweep without IMUs.
+    sweep = scenarios.make_sweep(tmp_path / "noimu.h5", n_frames=8, imu=False)
+    logic = UltrasoundAILogic(workdir=tmp_path / "work")
+    nodes = logic.run({"inputSweepFile": str(sweep), "method": "auto", "outputSpacing": 0.8, "device": "cpu"})
+    assert logic.last_method == "moglo" and nodes["result"]["method"] == "moglo"
+    assert nodes["volume"].GetName() == "noimu-moglo-Volume" and nodes["imu_weights"] is None
+    # An explicit checkpoint path reaches the method (the same untrained weights: the same poses).
+    from ultrasound_ai.io.sweep import read_sweep
+
+    first = read_sweep(nodes["result"]["estimate"]).tforms
+    nodes = logic.run({"inputSweepFile": str(sweep), "method": "moglo", "checkpoint": str(pt), "device": "cpu",
+                       "outputSpacing": 0.8})
+    assert np.array_equal(read_sweep(nodes["result"]["estimate"]).tforms, first)
+    with pytest.raises(InputError, match="missing.pt|not found"):
+        logic.run({"inputSweepFile": str(sweep), "method": "moglo", "checkpoint": str(tmp_path / "missing.pt"),
+                   "device": "cpu"})
+
+
+def test_network_options_reach_the_job(scene, sweep_path, tmp_path):
+    from ultrasound_ai.core.errors import InputError
+    from UltrasoundAILib.logic import (ReconstructionParameters, UltrasoundAILogic, imu_weights_to_table,
+                                       parse_imu_selection, table_to_imu_weights)
+
+    logic = UltrasoundAILogic(workdir=tmp_path)
+    params = ReconstructionParameters.from_any({"inputSweepFile": str(sweep_path), "method": "fima",
+                                                "onlineAlignment": True, "imuSelection": " 0, 2", "checkpoint": "m.pt"})
+    job = logic._job(params, Path(sweep_path), "s")
+    assert job["parameters"]["method_params"] == {"online_align": True, "imus": [0, 2]}
+    assert job["parameters"]["checkpoint"] == "m.pt"
+    params = ReconstructionParameters.from_any({"inputSweepFile": str(sweep_path), "method": "imu",
+                                                "onlineAlignment": True, "imuSelection": "1", "checkpoint": "m.pt"})
+    job = logic._job(params, Path(sweep_path), "s")
+    assert job["parameters"]["method_params"] == {} and job["parameters"]["checkpoint"] is None
+    assert parse_imu_selection("") is None and parse_imu_selection("3;1") == [3, 1]
+    for bad in ("a,b", "1,1", "-1", ","):
+        with pytest.raises(InputError, match="imuSelection"):
+            ReconstructionParameters.from_any({"inputSweepFile": str(sweep_path), "imuSelection": bad})
+    w = np.random.default_rng(0).dirichlet(np.ones(3), size=7).astype(np.float32)
+    assert np.array_equal(table_to_imu_weights(imu_weights_to_table(w, scene=scene)), w)
+    with pytest.raises(InputError, match=r"\[N-1, M\]"):
+        imu_weights_to_table(w[0], scene=scene)

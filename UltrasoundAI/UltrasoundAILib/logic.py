@@ -12,10 +12,14 @@ application and, for the tests, with the slicer-core wheel.
 
 Parameters are a dict or any object (the Widget's parameter node wrapper) with these names:
 inputBrowser (vtkMRMLSequenceBrowserNode) or inputSweepFile (path; used when there is no browser),
-method ("tracked" | "imu" | any registered pose method), device ("auto", "cpu", "cuda[:N]", "mps"),
-outputSpacing (mm), compounding ("mean" | "max" | "latest"), fillHoles ("none" | "gaussian" |
-"nearest"), outputVolume / outputTrajectory (nodes to fill; found or created by name when None),
-createNewNodes (bool: new nodes instead of replacing the previous run's).
+method ("auto" | "tracked" | "imu" | "fima" | "moglo" | any registered pose method; "auto" picks FiMA
+for sweeps with IMU data and MoGLo-Net for sweeps without, when their models are installed, see
+``resolve_method``), device ("auto", "cpu", "cuda[:N]", "mps"), checkpoint (a .pt path or model name
+for the networks; empty = the installed default), onlineAlignment (bool: FiMA's test-time alignment),
+imuSelection (FiMA: comma-separated 0-based IMU indices to use; empty = all), outputSpacing (mm),
+compounding ("mean" | "max" | "latest"), fillHoles ("none" | "gaussian" | "nearest"), outputVolume /
+outputTrajectory (nodes to fill; found or created by name when None), createNewNodes (bool: new nodes
+instead of replacing the previous run's).
 
 Files. The Logic's work folder (``workdir``; a new temporary folder by default, under Slicer's
 temporary path inside Slicer) holds a browser's exported sweep, ``inputs/<browser>.h5``, and the job's
@@ -37,6 +41,8 @@ again replaces its nodes and another method adds its own (createNewNodes=True ke
   "<browser>-<method>-Volume"            the reconstruction (volume rendering on where available)
   "<browser>-<method>-Trajectory"        markups curve through the frame centres
   "<browser>-<method>-Metrics"           vtkMRMLTableNode, only when the sweep has tracked poses
+  "<browser>-<method>-ImuWeights"        vtkMRMLTableNode, only when the method fuses IMUs (FiMA): one
+                                         row per frame pair, the fusion weight of each IMU
 Estimates are in the contract's frame (frame 0 = identity, DESIGN.md), so the estimated transforms,
 the volume and the trajectory agree with each other; the tracked ImageToReference of the input
 browser stays in the tracker's frame.
@@ -67,7 +73,8 @@ except ImportError:  # pragma: no cover - depends on the environment
 log = logging.getLogger(__name__)
 
 TASK_NAME = "freehand.reconstruct"
-METHODS = ("tracked", "imu")  # offered in the panel; FiMA and MoGLo-Net join later
+METHODS = ("auto", "tracked", "imu", "fima", "moglo")  # offered in the panel
+IMU_METHODS = ("fima",)  # methods that take onlineAlignment / imuSelection
 DEVICES = ("auto", "cpu", "cuda", "mps")
 COMPOUNDING = ("mean", "max", "latest")
 FILL_HOLES = ("none", "gaussian", "nearest")
@@ -92,8 +99,11 @@ class ReconstructionParameters:
 
     inputBrowser: Any = None
     inputSweepFile: str | None = None
-    method: str = "imu"
+    method: str = "auto"
     device: str = "auto"
+    checkpoint: str | None = None
+    onlineAlignment: bool = False
+    imuSelection: str = ""
     outputSpacing: float = 0.5
     compounding: str = "mean"
     fillHoles: str = "none"
@@ -119,6 +129,10 @@ class ReconstructionParameters:
         out.inputSweepFile = _path_or_none(out.inputSweepFile)
         out.method = str(out.method or "").strip()
         out.device = str(out.device or "auto").strip().lower()
+        out.checkpoint = _path_or_none(out.checkpoint)
+        out.onlineAlignment = bool(out.onlineAlignment)
+        out.imuSelection = str(out.imuSelection or "").strip()
+        parse_imu_selection(out.imuSelection)  # a bad list fails here, naming the field
         try:
             out.outputSpacing = float(out.outputSpacing)
         except (TypeError, ValueError):
@@ -138,6 +152,46 @@ class ReconstructionParameters:
                 f"inputBrowser: expected a vtkMRMLSequenceBrowserNode, got {type(out.inputBrowser).__name__}"
             )
         return out
+
+
+def parse_imu_selection(text: str) -> list[int] | None:
+    """ "0, 2,3" -> [0, 2, 3]; "" -> None (all IMUs). InputError for anything else."""
+    text = str(text or "").strip()
+    if not text:
+        return None
+    try:
+        values = [int(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"imuSelection: expected comma-separated IMU indices such as '0,1,3', got {text!r}") from None
+    if not values or min(values) < 0 or len(set(values)) != len(values):
+        raise InputError(f"imuSelection: expected distinct IMU indices >= 0, got {text!r}")
+    return values
+
+
+def resolve_method(method: str, has_imu: bool, has_tforms: bool) -> str:
+    """The method a run uses: anything but "auto" as it is. "auto": FiMA for a sweep with IMU data and
+    MoGLo-Net for one without, when a default model of that method is installed (Resources/Models or
+    ULTRASOUND_AI_MODELS); otherwise the classical choice: IMU dead reckoning with IMUs, the tracker's
+    poses without them. InputError when nothing fits."""
+    if method != "auto":
+        return method
+    from ultrasound_ai.models.registry import default_model
+
+    def installed(name: str) -> bool:
+        try:
+            default_model(name)
+            return True
+        except Exception:  # noqa: BLE001 - not installed (or unreadable): fall back
+            return False
+
+    if has_imu:
+        return "fima" if installed("fima") else "imu"
+    if installed("moglo"):
+        return "moglo"
+    if has_tforms:
+        return "tracked"
+    raise InputError("method 'auto': the sweep has neither IMU data nor tracker poses and no MoGLo-Net model is "
+                     "installed; choose a method and a checkpoint (MoGLo-Net needs a trained model)")
 
 
 def _path_or_none(value) -> str | None:
@@ -251,6 +305,7 @@ class UltrasoundAILogic(_LogicBase):
         self._workdir_arg = Path(workdir) if workdir is not None else None
         self.python = python
         self.launcher = None
+        self.last_method = None  # the method the last start() used ("auto" resolved)
 
     # -- folders -------------------------------------------------------------------------------------
     @property
@@ -393,9 +448,21 @@ class UltrasoundAILogic(_LogicBase):
                 "spacing_mm": params.outputSpacing,
                 "compounding": params.compounding,
                 "fill_holes": params.fillHoles,
+                "checkpoint": params.checkpoint if params.method not in ("tracked", "imu") else None,
+                "method_params": self._method_params(params),
             },
             "device": params.device,
         }
+
+    @staticmethod
+    def _method_params(params: ReconstructionParameters) -> dict:
+        if params.method not in IMU_METHODS:
+            return {}
+        out = {"online_align": params.onlineAlignment}
+        imus = parse_imu_selection(params.imuSelection)
+        if imus is not None:
+            out["imus"] = imus
+        return out
 
     def start(self, parameters, on_event: Callable[[dict], None] | None = None, *, task: str | None = None,
               env: dict | None = None):
@@ -408,9 +475,17 @@ class UltrasoundAILogic(_LogicBase):
             raise RuntimeError("a reconstruction is already running; cancel it or wait for it first")
         params = ReconstructionParameters.from_any(parameters)
         self.ensure_dependencies()
-        self._check_method(params.method)
+        if params.method != "auto":
+            self._check_method(params.method)
         source = params.inputBrowser if params.inputBrowser is not None else params.inputSweepFile
         sweep_path = self.prepare_inputs(source)
+        if params.method == "auto":
+            from ultrasound_ai.io.sweep import read_sweep
+
+            sweep = read_sweep(sweep_path)
+            params.method = resolve_method("auto", sweep.imu_acc is not None, sweep.tforms is not None)
+            self._check_method(params.method)
+        self.last_method = params.method
         stem = _safe_name(params.inputBrowser.GetName() if params.inputBrowser is not None else Path(sweep_path).stem)
         job = self._job(params, sweep_path, stem)
         if task is not None:
@@ -500,8 +575,14 @@ class UltrasoundAILogic(_LogicBase):
             metrics_node = self._find_output(scene, "vtkMRMLTableNode", f"{base}-Metrics", "metrics", new)
             metrics_node = metrics_to_table(metrics, name=f"{base}-Metrics", node=metrics_node, scene=scene)
             self._tag(metrics_node, "metrics", method)
+        weights_node = None
+        if estimate.imu_weights is not None:
+            weights_node = self._find_output(scene, "vtkMRMLTableNode", f"{base}-ImuWeights", "imu_weights", new)
+            weights_node = imu_weights_to_table(estimate.imu_weights, name=f"{base}-ImuWeights", node=weights_node,
+                                                scene=scene)
+            self._tag(weights_node, "imu_weights", method)
         return {"estimate": sequence, "volume": volume_node, "trajectory": curve, "metrics": metrics_node,
-                "browser": browser, "result": payload}
+                "imu_weights": weights_node, "browser": browser, "result": payload}
 
     def _browser_for_file(self, sweep_file):
         if sweep_file is None:
@@ -588,6 +669,34 @@ def metrics_to_table(metrics: dict, name: str = "Metrics", node=None, scene=None
     node.SetAndObserveTable(table)
     _column_titles_as_header(node)
     return node
+
+
+def imu_weights_to_table(weights, name: str = "ImuWeights", node=None, scene=None):
+    """A vtkMRMLTableNode of fusion weights [N-1, M]: column "pair" (frame pair i -> i+1) and one column
+    "imu_k" per IMU (Slicer's plot module draws them against "pair")."""
+    w = np.asarray(weights, dtype=np.float32)
+    if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
+        raise InputError(f"imu_weights: expected an array [N-1, M], got shape {w.shape}")
+    scene = scene if scene is not None else slicer.mrmlScene
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    table = vtk.vtkTable()
+    table.AddColumn(_int_column("pair", np.arange(w.shape[0])))
+    for k in range(w.shape[1]):
+        table.AddColumn(_float_column(f"imu_{k}", w[:, k]))
+    node.SetAndObserveTable(table)
+    _column_titles_as_header(node)
+    return node
+
+
+def table_to_imu_weights(node) -> np.ndarray:
+    """Inverse of imu_weights_to_table: float32 [N-1, M]."""
+    table = node.GetTable()
+    cols = [table.GetColumnByName(f"imu_{k}") for k in range(table.GetNumberOfColumns())]
+    cols = [c for c in cols if c is not None]
+    if not cols:
+        raise InputError(f"IMU weights table {node.GetName()!r}: expected columns imu_0, imu_1, ...")
+    return np.array([[c.GetValue(r) for c in cols] for r in range(table.GetNumberOfRows())], dtype=np.float32)
 
 
 def table_to_metrics(node) -> dict:

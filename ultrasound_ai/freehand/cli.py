@@ -30,11 +30,60 @@ def simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _method_params(args: argparse.Namespace) -> dict:
+    """Method parameters given on the command line (only those given; the method checks them)."""
+    from ultrasound_ai.core.errors import InputError
+
+    params = {}
+    if args.online_align is not None:
+        params["online_align"] = bool(args.online_align)
+    if args.align_steps is not None:
+        params["align_steps"] = args.align_steps
+    if args.align_lr is not None:
+        params["align_lr"] = args.align_lr
+    if args.imus is not None:
+        try:
+            params["imus"] = [int(v) for v in str(args.imus).split(",") if v.strip()]
+        except ValueError:
+            raise InputError(f"--imus {args.imus!r}: expected comma-separated IMU indices such as 0,2") from None
+    if params and args.method != "fima":
+        raise InputError(f"--online-align/--align-steps/--align-lr/--imus are options of the fima method, "
+                         f"not of {args.method!r}")
+    return params
+
+
 def reconstruct(args: argparse.Namespace) -> int:
     """Estimate a sweep's poses with a registered method and compound a volume (freehand/reconstruct.py)."""
     from ultrasound_ai.freehand.reconstruct import reconstruct_command
 
+    args.method_params = _method_params(args)
     return reconstruct_command(args)
+
+
+TRAIN_METHODS = ("fima", "rem", "rem-prime", "rem-f", "rem-f-prime", "moglo")
+
+
+def train(args: argparse.Namespace) -> int:
+    """Train FiMA (or one of its ablations, chosen by --method) or MoGLo-Net through the training harness."""
+    import json
+    import sys
+
+    from ultrasound_ai.core.training_config import config_from_args
+
+    if args.method == "moglo":
+        from ultrasound_ai.freehand.moglo_training import DEFAULT_CONFIG, train_moglo
+
+        cfg = config_from_args(args, defaults=DEFAULT_CONFIG)
+        result = train_moglo(cfg, resume=args.resume, progress_bar=not args.quiet)
+    else:
+        from ultrasound_ai.freehand.fima_training import DEFAULT_CONFIG, train_fima
+
+        cfg = config_from_args(args, defaults=DEFAULT_CONFIG)
+        result = train_fima(cfg, variant=args.method, resume=args.resume, progress_bar=not args.quiet)
+    if not args.quiet:
+        print(f"trained {result.steps} steps; weights in {result.output_dir} (final.pt, best.pt)", file=sys.stderr)
+    print(json.dumps({"output_dir": str(result.output_dir), "steps": result.steps, "metrics": result.metrics}))
+    return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -88,7 +137,7 @@ def export_scan(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    group = subparsers.add_parser("freehand", help="freehand 3D ultrasound: simulate, import, export, reconstruct, evaluate")
+    group = subparsers.add_parser("freehand", help="freehand 3D ultrasound: simulate, import, export, reconstruct, evaluate, train")
     verbs = group.add_subparsers(dest="verb", metavar="VERB")
 
     p = verbs.add_parser("simulate", help="simulate a freehand sweep (frames, ground-truth poses, IMUs)")
@@ -123,7 +172,22 @@ def add_parser(subparsers) -> None:
 
     p = verbs.add_parser("reconstruct", help=RECONSTRUCT_HELP)
     add_reconstruct_arguments(p)
+    p.add_argument("--online-align", action=argparse.BooleanOptionalAction, default=None,
+                   help="fima: run (or, with --no-online-align, skip) online alignment on the sweep "
+                   "(default: the checkpoint's setting, on for the fima variant)")
+    p.add_argument("--align-steps", type=int, metavar="N", help="fima: online alignment Adam steps (default 60)")
+    p.add_argument("--align-lr", type=float, metavar="LR", help="fima: online alignment learning rate (default 2e-6)")
+    p.add_argument("--imus", metavar="I,J,...", help="fima: indices of the sweep's IMUs to use (default: all)")
     p.set_defaults(func=reconstruct)
+
+    from ultrasound_ai.core.training_config import add_training_arguments
+
+    p = verbs.add_parser("train", help="train FiMA (or an ablation: rem, rem-prime, rem-f, rem-f-prime) or MoGLo-Net")
+    p.add_argument("--method", required=True, choices=TRAIN_METHODS,
+                   help="fima and its ablations (fima_training.py) or moglo (moglo_training.py)")
+    add_training_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=train)
 
     p = verbs.add_parser("evaluate", help=EVALUATE_HELP)
     add_evaluate_arguments(p)

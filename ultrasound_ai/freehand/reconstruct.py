@@ -390,7 +390,8 @@ def reconstruct_command(args) -> int:
         run = run_reconstruction(args.sweep, args.method, out_sweep=args.out_sweep, out_volume=args.out_volume,
                                  out_png=args.png, spacing_mm=args.spacing, compounding=args.compounding,
                                  fill_holes=args.fill_holes, fill_kernel_mm=args.fill_kernel, device=args.device,
-                                 checkpoint=args.checkpoint, progress=progress)
+                                 checkpoint=args.checkpoint, method_params=getattr(args, "method_params", None),
+                                 progress=progress)
     finally:
         if bar is not None:
             bar.close()

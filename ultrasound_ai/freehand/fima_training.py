@@ -6,24 +6,34 @@ pixel_spacing_mm, with ``n_imus`` IMUs for the IMU variants); ``data.source: fol
 (``*.h5`` with ``tforms``, and IMU data for the IMU variants) and resamples their frames onto the grid
 (`sweep_windows`, centred grid; the grid offset is carried into the targets).
 
-A window is N frames s, s+k, ..., s+(N-1)k of one sweep: N is drawn per step from ``data.window_frames``
-(default: the model's ``window_frames``), the stride k per window from ``data.frame_strides`` (several
-strides show one anatomy at several speeds, so speed must be read from speckle decorrelation and cannot be
-memorised per sweep). Targets per pair: (tx, ty, tz mm, static-xyz degrees) of T_{i<-i+k} on the grid,
-the network's own output convention (`fima_model`). IMU inputs per pair come from `imu_pair_inputs` on
-the IMU samples of the window's own frames, so a strided pair's relative angle is R_i^T R_{i+k} and its
-acceleration the mean of frames i and i+k (recomputed, never summed from consecutive pairs).
-``data.imu_subsets``: for the adaptive fusion, each batch uses a random non-empty subset of the IMUs, so
-that a model trained with 4 IMUs also serves a probe with fewer.
+A window is N frames of one sweep, N drawn per step from ``data.window_frames`` (default: the model's
+``window_frames``, which is also the window length of inference). With ``data.frame_strides`` the frames
+are taken every k-th: ``stride_mode: pair`` (default) draws k per pair, so the apparent speed varies inside
+a window as in a real freehand sweep; ``stride_mode: window`` one k per window (MoGLo-Net's augmentation).
+Several strides show one anatomy at several speeds, so speed must be read from speckle decorrelation and
+cannot be memorised per sweep. Per-pair strides also keep the Pearson term meaningful: inside a
+constant-stride window of a steady sweep the targets vary only by tremor, and correlating with that noise
+held a tiny model back (measured). Targets per pair: (tx, ty, tz mm, static-xyz degrees) of T_{a<-b} on
+the grid for the pair's frames a, b, the network's own output convention (`fima_model`). IMU inputs come
+from `imu_pair_inputs` on the IMU samples of the window's own frames, so a strided pair's relative angle
+is R_a^T R_b and its acceleration the mean of frames a and b (recomputed, never summed from consecutive
+pairs). ``data.imu_subsets``: for the adaptive fusion, each batch uses a random non-empty subset of the
+IMUs, so that a model trained with 4 IMUs also serves a probe with fewer.
 
 Batch for step s: ``batch_size`` windows (one N per step so they stack) drawn from
 `step_numpy_rng(seed, rank, s)`. Loss: `fima_losses.supervised_loss` (paper eq. 2: L1 on translations +
-1.745 x L1 on degrees (the authors' x100 on radians) + (1 - Pearson) per parameter across each window's
-pairs). Optimiser: Adam at the paper's initial lr 2e-4; the paper halves it every 30 of 200 epochs, here a
-cosine decay to 5 % over ``schedule.steps`` (a run-length-independent equivalent that survives raising
-the steps on resume); both are configurable (``schedule.lr_schedule: step`` with gamma 0.5). The head's
-bias starts at the training pool's mean motion (its weights scaled by 0.1), so training starts from the
-constant-motion predictor instead of from noise.
+1.745 x L1 on degrees (the authors' x100 on radians) + ``data.pearson_weight`` x (1 - Pearson) per
+parameter across each window's pairs). Optimiser: Adam at the paper's initial lr 2e-4; the paper halves it
+every 30 of 200 epochs, here a cosine decay to 5 % over ``schedule.steps`` (run-length independent, and it
+survives raising the steps on resume); both are configurable (``schedule.lr_schedule: step``, gamma 0.5).
+The head's bias starts at the training pool's mean motion (its weights scaled by 0.1), so training starts
+from the constant-motion predictor instead of from noise.
+
+Batch norm: training normalises with the statistics of small batches of a few sweeps, and the running
+averages lag the moving weights; evaluated with them, estimates shifted by tenths of a millimetre between
+validations (measured). Before each validation (and so before best.pt / final.pt are written) the running
+statistics are re-estimated on ``data.bn_recalibration_batches`` fixed training batches
+(`recalibrate_batch_norm`); training itself never reads them.
 
 Validation on fixed held-out sweeps (whole sweeps through `fima_method.predict_pairs`, all IMUs, no online
 alignment): ``tz_mae_mm`` (first: picks best.pt) the mean absolute error of the out-of-plane translation per
@@ -49,7 +59,8 @@ from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.core.training import TrainConfig, TrainResult, load_config, step_numpy_rng, train
 
 __all__ = ["DEFAULT_CONFIG", "DATA_DEFAULTS", "PARAM_CONVENTION", "FimaTask", "FimaPool", "train_fima",
-           "model_config", "data_options", "build_pool", "pool_from_sweeps", "draw_windows", "validation_metrics"]
+           "model_config", "data_options", "build_pool", "pool_from_sweeps", "window_indices", "pair_targets",
+           "draw_windows", "validation_metrics"]
 
 METHOD = "fima"
 # The network's output angles (fima_model): static x, y, z rotations, R = Rz Ry Rx, degrees.
@@ -68,8 +79,11 @@ DATA_DEFAULTS: dict[str, Any] = {
     "val_dir": None,
     "window_frames": None,  # [min, max] frames per training window; None = the model's window_frames
     "frame_strides": [1],
+    "stride_mode": "pair",  # pair: a stride per pair (speed varies in a window) | window: one per window
     "imu_subsets": False,
     "pearson_weight": 1.0,
+    # Batch-norm statistics re-estimated on this many training batches before each validation (0: off).
+    "bn_recalibration_batches": 16,
 }
 
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -133,8 +147,13 @@ def data_options(config) -> dict:
         if len(w) != 2 or w[0] > w[1]:
             raise InputError(f"data.window_frames: expected [min, max] with 2 <= min <= max, got {d['window_frames']!r}")
         d["window_frames"] = w
+    if d["stride_mode"] not in ("window", "pair"):
+        raise InputError(f"data.stride_mode: expected 'window' or 'pair', got {d['stride_mode']!r}")
     if not isinstance(d["imu_subsets"], bool):
         raise InputError(f"data.imu_subsets: expected true or false, got {d['imu_subsets']!r}")
+    nb = d["bn_recalibration_batches"]
+    if isinstance(nb, bool) or not isinstance(nb, int) or nb < 0:
+        raise InputError(f"data.bn_recalibration_batches: expected an integer >= 0, got {nb!r}")
     pw = d["pearson_weight"]
     if isinstance(pw, bool) or not isinstance(pw, (int, float)) or not np.isfinite(pw) or pw < 0:
         raise InputError(f"data.pearson_weight: expected a number >= 0, got {pw!r}")
@@ -205,6 +224,8 @@ class FimaPool:
 
 
 _POOLS: dict[str, FimaPool] = {}
+# Batch-norm recalibration draws its batches as if at steps 2^40, 2^40 + 1, ...: never a training step's.
+_RECALIBRATION_STEP = 2 ** 40
 
 
 def pool_from_sweeps(sweeps: Sequence, names: Sequence[str], mcfg) -> FimaPool:
@@ -283,43 +304,95 @@ def check_pool(pool: FimaPool, mcfg, what: str, min_frames: int) -> None:
                          "shortest training window (data.window_frames)")
 
 
+def window_indices(rng: np.random.Generator, n_frames: int, strides: Sequence[int], mode: str,
+                   lengths: Sequence[int]) -> tuple[int, np.ndarray]:
+    """(sweep index, frame indices [n_frames]) of one training window.
+
+    mode "window": one stride k per window, frames s, s+k, ..., s+(n-1)k. mode "pair": a stride per pair,
+    so the apparent speed varies inside the window as in a real freehand sweep. A sweep too short for the
+    drawn strides falls back to the smallest stride."""
+    ks = np.asarray(strides, dtype=np.int64)
+    if mode == "pair":
+        steps = ks[rng.integers(len(ks), size=n_frames - 1)]
+    else:
+        steps = np.full(n_frames - 1, ks[int(rng.integers(len(ks)))])
+    span = int(steps.sum()) + 1
+    usable = [i for i, n in enumerate(lengths) if n >= span]
+    if not usable:
+        steps = np.full(n_frames - 1, int(ks.min()))
+        span = int(steps.sum()) + 1
+        usable = [i for i, n in enumerate(lengths) if n >= span]
+    i = usable[int(rng.integers(len(usable)))]
+    s = int(rng.integers(lengths[i] - span + 1))
+    return i, s + np.concatenate([[0], np.cumsum(steps)])
+
+
+def pair_targets(tforms: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Targets [len(idx)-1, 6] (mm, static-xyz degrees) of T_{a<-b} = inv(T_a) T_b for consecutive a, b in idx."""
+    from ultrasound_ai.core.geometry import invert_rigid, matrix_to_params
+
+    t = tforms[idx]
+    return matrix_to_params(invert_rigid(t[:-1]) @ t[1:], PARAM_CONVENTION, degrees=True).astype(np.float32)
+
+
 def draw_windows(pool: FimaPool, rng: np.random.Generator, n_windows: int, n_frames: int,
-                 strides: Sequence[int] = (1,), imus: Optional[Sequence[int]] = None, with_imus: bool = False):
+                 strides: Sequence[int] = (1,), imus: Optional[Sequence[int]] = None, with_imus: bool = False,
+                 stride_mode: str = "window"):
     """One batch: frames [B, n, h, w] float32, targets [B, n-1, 6], IMU acc / angle [B, n-1, M, 3] (or None).
 
-    For each window a stride k from `strides`, a sweep long enough for it, a start s: frames s, s+k, ...
+    Each window's frames come from `window_indices` (a sweep, a start, strides from `strides`).
     `imus`: the IMU indices to use (default all).
     """
     from ultrasound_ai.freehand.fima_model import imu_pair_inputs
 
-    span = {int(k): (n_frames - 1) * int(k) + 1 for k in strides}
-    if not any(len(f) >= span[min(span)] for f in pool.frames):
+    lengths = [len(f) for f in pool.frames]
+    if max(lengths) < n_frames:
         raise InputError(f"training pool: no sweep has the {n_frames} frames of one window")
     xs, ys, accs, angs = [], [], [], []
     for _ in range(n_windows):
-        k = int(strides[int(rng.integers(len(strides)))]) if len(strides) > 1 else int(strides[0])
-        usable = [i for i, f in enumerate(pool.frames) if len(f) >= span[k]]
-        if not usable:  # this stride does not fit any sweep: fall back to the smallest
-            k = min(span)
-            usable = [i for i, f in enumerate(pool.frames) if len(f) >= span[k]]
-        i = usable[int(rng.integers(len(usable)))]
-        s = int(rng.integers(len(pool.frames[i]) - span[k] + 1))
-        sel = slice(s, s + span[k], k)
-        xs.append(np.asarray(pool.frames[i][sel], dtype=np.float32))
-        ys.append(pool.strided_targets(k)[i][s:s + span[k] - 1:k])
+        i, idx = window_indices(rng, n_frames, strides, stride_mode, lengths)
+        xs.append(np.asarray(pool.frames[i][idx], dtype=np.float32))
+        ys.append(pair_targets(pool.tforms[i], idx))
         if with_imus:
             a, e = pool.imu_acc[i], pool.imu_euler[i]
             if imus is not None:
                 a, e = a[list(imus)], e[list(imus)]
-            # Pair inputs of the selected frames themselves (frame i and i+k), not sums of consecutive pairs.
-            pa, pr = imu_pair_inputs(a[:, sel], e[:, sel])
+            # Pair inputs of the selected frames themselves (frames a and b of each pair), never sums of
+            # consecutive pairs: the relative rotation R_a^T R_b and the mean specific force of a and b.
+            pa, pr = imu_pair_inputs(a[:, idx], e[:, idx])
             accs.append(pa)
             angs.append(pr)
     frames = torch.from_numpy(np.stack(xs))
-    targets = torch.from_numpy(np.stack(ys).astype(np.float32))
+    targets = torch.from_numpy(np.stack(ys))
     if not with_imus:
         return frames, targets, None, None
     return frames, targets, torch.stack(accs), torch.stack(angs)
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(model, batches, device) -> int:
+    """Replace every BatchNorm's running statistics by their plain average over `batches` (forward passes
+    in train mode, no gradients); returns the number of BatchNorm layers. Training normalises with batch
+    statistics, so the running averages (momentum 0.1 over small batches of a few sweeps, while the weights
+    move) can be far from what the current weights produce; inference with them shifts every estimate.
+    Re-estimating them for the current weights is the usual fix ("update_bn"); it does not change training,
+    which never reads the running statistics."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    saved = [(m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+        m.train()
+    try:
+        for frames, _, acc, ang in batches:
+            model(frames.to(device), None if acc is None else acc.to(device), None if ang is None else ang.to(device))
+    finally:
+        for m, (momentum, training) in zip(norms, saved):
+            m.momentum = momentum
+            m.train(training)
+    return len(norms)
 
 
 # --------------------------------------------------------------------------------------------- task
@@ -379,7 +452,7 @@ class FimaTask:
                 count = int(rng.integers(1, m + 1))
                 imus = sorted(int(i) for i in rng.choice(m, size=count, replace=False))
             yield draw_windows(pool, rng, config.schedule["batch_size"], n, d["frame_strides"], imus,
-                               with_imus=bool(m))
+                               with_imus=bool(m), stride_mode=d["stride_mode"])
             step += 1
 
     def training_step(self, model, batch, device) -> dict:
@@ -398,8 +471,13 @@ class FimaTask:
     def validate(self, model, config: TrainConfig, device) -> dict:
         from ultrasound_ai.freehand.fima_method import imu_inputs, predict_pairs
 
+        d = data_options(config)
         pool = self._pools(config, "val")
         inner = model.module if hasattr(model, "module") else model
+        if d["bn_recalibration_batches"]:
+            # Fixed batches (their own generator, not a training step's), so validation stays repeatable.
+            fixed = self.batches(config, 0, 1, _RECALIBRATION_STEP)
+            recalibrate_batch_norm(inner, (next(fixed) for _ in range(d["bn_recalibration_batches"])), device)
         preds = []
         for i, f in enumerate(pool.frames):
             acc, ang = (imu_inputs(pool.imu_acc[i], pool.imu_euler[i]) if inner.cfg.uses_imus else (None, None))
@@ -425,6 +503,7 @@ class FimaTask:
             "window_frames": [lo, hi],
             "window_sampling": "N uniform per step; per window uniform stride, sweep and start, from (seed, rank, step)",
             "frame_strides": list(d["frame_strides"]),
+            "stride_mode": d["stride_mode"],
             "imu_subsets": bool(d["imu_subsets"]),
             "head_init": "bias = training mean motion, weights x 0.1",
             "constant_motion_params": [float(v) for v in self.constant_motion(config)],

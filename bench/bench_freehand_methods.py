@@ -8,6 +8,13 @@ Writes the "freehand_methods" section of BENCHMARKS.md: mean (sd) over the sweep
 the per-sweep table. Methods that need a checkpoint they do not find are reported as skipped.
 
     python bench/bench_freehand_methods.py [--methods imu tracked] [--device auto] [--frames 200]
+    python bench/bench_freehand_methods.py --methods imu tracked \
+        --row ReM rem runs/rem/best.pt --row ReM+F fima runs/fima/best.pt online_align=false \
+        --row FiMA fima runs/fima/best.pt
+
+A ``--row LABEL METHOD CHECKPOINT [KEY=VALUE ...]`` adds a row for a learned method with given weights and
+method parameters (values parsed as JSON when they parse: ``online_align=false``, ``imus=[0,2]``), so that
+ablations trained side by side land in one table.
 """
 
 from __future__ import annotations
@@ -46,8 +53,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--frames", type=int, default=benchmark_set.DEFAULT_FRAMES)
     ap.add_argument("--cache", default=None, help="benchmark set folder (default: bench/data/freehand-v1)")
+    ap.add_argument("--row", nargs="+", action="append", default=[], metavar="LABEL METHOD CHECKPOINT [K=V]",
+                    help="a learned method with these weights (and method parameters) as its own row")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)
+    rows = _parse_rows(args.row)
 
     t0 = time.perf_counter()
     paths, manifest = benchmark_set.ensure_benchmark_set(
@@ -57,6 +67,11 @@ def main(argv=None) -> int:
     methods = args.methods or available_methods()
     # Sanity row last, the methods of interest first.
     methods = [m for m in methods if m != "tracked"] + (["tracked"] if "tracked" in methods else [])
+    # Every row: label -> (method, keyword arguments of estimate).
+    runs = {label: (method, kw) for label, method, kw in rows}
+    runs.update({m: (m, {}) for m in methods if m not in runs})
+    order = [label for label, _, _ in rows] + [m for m in methods if m not in dict.fromkeys(r[0] for r in rows)]
+    methods = order
 
     per_sweep = {m: [] for m in methods}
     timing = {m: 0.0 for m in methods}
@@ -68,7 +83,7 @@ def main(argv=None) -> int:
                 continue
             try:
                 t = time.perf_counter()
-                est = get_method(m).estimate(sweep, device=args.device)
+                est = get_method(runs[m][0]).estimate(sweep, device=args.device, **runs[m][1])
                 timing[m] += time.perf_counter() - t
             except Exception as exc:  # noqa: BLE001 - e.g. a learned method without its checkpoint
                 skipped[m] = f"{type(exc).__name__}: {exc}"
@@ -110,6 +125,8 @@ def main(argv=None) -> int:
         "assumption that the probe is at rest at the first and last frame (v0 = 0, bias from ∫a dt = 0); the "
         "simulated sweeps are already moving at their first frame, so its translation drifts by the unknown initial "
         "velocity × duration while its rotation (MEA) stays within a fraction of a degree.\n"
+        + "".join(f"\n`{label}`: method `{method}`, " + ", ".join(f"{k} `{v}`" for k, v in kw.items()) + "\n"
+                  for label, method, kw in rows)
         + ("".join(f"\nSkipped `{m}`: {why}\n" for m, why in skipped.items()))
         + "\nPer sweep (FDR %, MD mm, MEA °):\n\n" + report.markdown_table(sweep_header, sweep_rows)
     )
@@ -124,6 +141,28 @@ def main(argv=None) -> int:
                              device=device)
         print(f"wrote the freehand_methods section of {report.BENCHMARKS}")
     return 0
+
+
+def _parse_rows(specs) -> list:
+    """``--row`` arguments -> [(label, method, {checkpoint, params...})]; a clear error for a bad one."""
+    rows = []
+    for spec in specs:
+        if len(spec) < 3:
+            raise SystemExit(f"--row {' '.join(spec)}: expected LABEL METHOD CHECKPOINT [KEY=VALUE ...]")
+        label, method, checkpoint, *pairs = spec
+        if not Path(checkpoint).is_file():
+            raise SystemExit(f"--row {label}: checkpoint {checkpoint} does not exist")
+        kw = {"checkpoint": checkpoint}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise SystemExit(f"--row {label}: expected KEY=VALUE, got {pair!r}")
+            try:
+                kw[key] = json.loads(value)
+            except json.JSONDecodeError:
+                kw[key] = value
+        rows.append((label, method, kw))
+    return rows
 
 
 if __name__ == "__main__":

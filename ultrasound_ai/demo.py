@@ -24,6 +24,8 @@ from xml.sax.saxutils import quoteattr
 import numpy as np
 
 DEMO_METHODS = ("tracked", "imu")
+# Learned methods join the default list when a model for them is installed (shipped or ULTRASOUND_AI_MODELS).
+LEARNED_DEMO_METHODS = ("fima", "moglo")
 DEFAULT_SEED = 7
 DEFAULT_FRAMES = 200
 # Table-1 columns (FiMA paper) and the TUS-REC pixel errors, as (key, header, format).
@@ -56,8 +58,9 @@ def add_parser(subparsers) -> None:
                    help="frame size in pixels (default: the simulator's 248 x 260, jittered)")
     p.add_argument("--tactic", choices=("linear", "curved", "loop", "sector"), default="curved",
                    help="scanning tactic (default: curved)")
-    p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS), metavar="METHOD",
-                   help=f"pose methods to run (default: {' '.join(DEMO_METHODS)})")
+    p.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                   help=f"pose methods to run (default: {' '.join(DEMO_METHODS)}, plus "
+                        f"{' and '.join(LEARNED_DEMO_METHODS)} when a model for them is installed)")
     p.add_argument("--spacing", type=float, default=0.3, metavar="MM", help="voxel size in mm (default: 0.3)")
     p.add_argument("--no-png", action="store_true", help="skip the pictures")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -163,8 +166,15 @@ def format_table(rows: dict) -> str:
     return "\n".join(out)
 
 
+def default_demo_methods() -> list:
+    """tracked and imu, then each learned method that has an installed model."""
+    from ultrasound_ai.models.registry import list_models
+
+    return list(DEMO_METHODS) + [m for m in LEARNED_DEMO_METHODS if list_models(m)]
+
+
 def run_demo(out_dir="demo-output", seed: int = DEFAULT_SEED, n_frames: int = DEFAULT_FRAMES, frame_shape=None,
-             tactic: str = "curved", methods=DEMO_METHODS, spacing_mm: float = 0.3, png: bool = True,
+             tactic: str = "curved", methods=None, spacing_mm: float = 0.3, png: bool = True,
              device="auto", quiet: bool = False, log=print) -> dict:
     """Run the demo; returns {"metrics": {method: dict}, "files": [paths], "seconds": {...}}."""
     from tqdm import tqdm
@@ -176,7 +186,7 @@ def run_demo(out_dir="demo-output", seed: int = DEFAULT_SEED, n_frames: int = DE
     from ultrasound_ai.freehand.simulator import simulate_sweep
     from ultrasound_ai.io.sweep import write_sweep
 
-    methods = list(methods)
+    methods = default_demo_methods() if methods is None else list(methods)
     unknown = [m for m in methods if m not in available_methods()]
     if unknown:
         raise InputError(f"demo: unknown method(s) {', '.join(unknown)}; available: {', '.join(available_methods())}")

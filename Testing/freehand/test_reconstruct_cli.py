@@ -181,7 +181,7 @@ def test_demo_writes_a_slicer_scene_that_references_its_files(tmp_path):
 
     lines = []
     result = run_demo(tmp_path / "demo", n_frames=20, frame_shape=(48, 52), spacing_mm=0.6, png=False, quiet=True,
-                      log=lines.append)
+                      methods=("tracked", "imu"), log=lines.append)
     out = tmp_path / "demo"
     assert set(result["metrics"]) == {"tracked", "imu"}
     assert abs(result["metrics"]["tracked"]["md_mm"]) < 1e-9
@@ -241,3 +241,23 @@ def test_job_task_runs_in_the_worker(scanned, tmp_path, monkeypatch):
     bad = dict(job, parameters={"method": "imu", "colour": "red"}, outputs={"estimate": str(tmp_path / "x.h5")})
     assert execute(bad, EventWriter(io.StringIO())) == 2
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_demo_adds_learned_methods_only_when_a_model_is_installed(tmp_path, monkeypatch):
+    from ultrasound_ai.demo import default_demo_methods
+    from ultrasound_ai.freehand.fima_model import FimaNet, make_config
+    from ultrasound_ai.models import registry
+    from ultrasound_ai.models.checkpoint import save_checkpoint
+
+    empty, models = tmp_path / "empty", tmp_path / "models"
+    empty.mkdir()
+    models.mkdir()
+    monkeypatch.setattr(registry, "SHIPPED_MODELS_DIR", empty)
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    assert default_demo_methods() == ["tracked", "imu"]
+    cfg = make_config("tiny", "fima")
+    save_checkpoint(FimaNet(cfg).state_dict(), models / "fima_tiny.pt",
+                    {"name": "fima_tiny", "method": "fima", "configuration": {"preset": "tiny", **cfg.to_dict()},
+                     "input": {}, "training": {}, "metrics": {}})
+    monkeypatch.setenv(registry.ENV_VAR, str(models))
+    assert default_demo_methods() == ["tracked", "imu", "fima"]

@@ -12,6 +12,11 @@ the per-sweep table. Methods that need a checkpoint they do not find are reporte
         --row ReM rem runs/rem/best.pt --row ReM+F fima runs/fima/best.pt online_align=false \
         --row FiMA fima runs/fima/best.pt
 
+``--constant-velocity N`` adds the constant-velocity guess: every frame moves by the mean frame-to-frame
+motion (6 parameters, static-xyz degrees, averaged) of N training-like sweeps simulated with the set's
+settings and seeds 300000.. (those of the training configs, disjoint from the set's), chained from the
+identity. It needs no image: what a learned method must beat to show it reads the motion from the frames.
+
 A ``--row LABEL METHOD CHECKPOINT [KEY=VALUE ...]`` adds a row for a learned method with given weights and
 method parameters (values parsed as JSON when they parse: ``online_align=false``, ``imus=[0,2]``), so that
 ablations trained side by side land in one table.
@@ -31,6 +36,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from ultrasound_ai.core.geometry import chain_relative  # noqa: E402
 from ultrasound_ai.freehand import benchmark_set  # noqa: E402
 from ultrasound_ai.freehand.methods import available_methods, get_method  # noqa: E402
 from ultrasound_ai.freehand.metrics import evaluate_sweep  # noqa: E402
@@ -55,6 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=None, help="benchmark set folder (default: bench/data/freehand-v1)")
     ap.add_argument("--row", nargs="+", action="append", default=[], metavar="LABEL METHOD CHECKPOINT [K=V]",
                     help="a learned method with these weights (and method parameters) as its own row")
+    ap.add_argument("--constant-velocity", type=int, default=0, metavar="N",
+                    help="add the constant-velocity guess from N simulated training-like sweeps (0: none)")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)
     rows = _parse_rows(args.row)
@@ -73,6 +81,10 @@ def main(argv=None) -> int:
     order = [label for label, _, _ in rows] + [m for m in methods if m not in dict.fromkeys(r[0] for r in rows)]
     methods = order
 
+    const_rel = None
+    if args.constant_velocity > 0:
+        const_rel = constant_velocity_motion(args.constant_velocity, manifest)
+        methods = methods + [CONST_ROW]
     per_sweep = {m: [] for m in methods}
     timing = {m: 0.0 for m in methods}
     skipped = {}
@@ -83,12 +95,15 @@ def main(argv=None) -> int:
                 continue
             try:
                 t = time.perf_counter()
-                est = get_method(runs[m][0]).estimate(sweep, device=args.device, **runs[m][1])
+                if m == CONST_ROW:
+                    est_tforms = chain_relative(np.broadcast_to(const_rel, (sweep.n_frames - 1, 4, 4)))
+                else:
+                    est_tforms = get_method(runs[m][0]).estimate(sweep, device=args.device, **runs[m][1]).tforms
                 timing[m] += time.perf_counter() - t
             except Exception as exc:  # noqa: BLE001 - e.g. a learned method without its checkpoint
                 skipped[m] = f"{type(exc).__name__}: {exc}"
                 continue
-            metrics = evaluate_sweep(est.tforms, sweep.tforms, sweep.frames.shape[1:], sweep.pixel_spacing_xy)
+            metrics = evaluate_sweep(est_tforms, sweep.tforms, sweep.frames.shape[1:], sweep.pixel_spacing_xy)
             per_sweep[m].append((entry, metrics))
         print(f"  {path.name}: " + ", ".join(
             f"{m} FDR {per_sweep[m][-1][1]['fdr_pct']:.1f}%" for m in methods if m not in skipped), flush=True)
@@ -127,6 +142,9 @@ def main(argv=None) -> int:
         "velocity × duration while its rotation (MEA) stays within a fraction of a degree.\n"
         + "".join(f"\n`{label}`: method `{method}`, " + ", ".join(f"{k} `{v}`" for k, v in kw.items()) + "\n"
                   for label, method, kw in rows)
+        + (f"\n`{CONST_ROW}`: every frame moves by the mean frame-to-frame motion of {args.constant_velocity} "
+           f"sweeps simulated with the set's settings (seeds {CONST_SEED}–{CONST_SEED + args.constant_velocity - 1}, "
+           "tactics in turn), chained from the identity.\n" if const_rel is not None else "")
         + ("".join(f"\nSkipped `{m}`: {why}\n" for m, why in skipped.items()))
         + "\nPer sweep (FDR %, MD mm, MEA °):\n\n" + report.markdown_table(sweep_header, sweep_rows)
     )
@@ -141,6 +159,28 @@ def main(argv=None) -> int:
                              device=device)
         print(f"wrote the freehand_methods section of {report.BENCHMARKS}")
     return 0
+
+
+CONST_ROW = "constant velocity"
+CONST_SEED = 300_000
+
+
+def constant_velocity_motion(n_sweeps: int, manifest: dict) -> np.ndarray:
+    """The mean frame-to-frame motion [4, 4] of n simulated sweeps made with the set's settings."""
+    from ultrasound_ai.core.geometry import matrix_to_params, params_to_matrix, to_relative
+    from ultrasound_ai.freehand.simulator import simulate_sweep
+    from ultrasound_ai.freehand.trajectories import TACTICS
+
+    params = []
+    for k in range(n_sweeps):
+        sw = simulate_sweep(CONST_SEED + k, n_frames=int(manifest["n_frames"]), tactic=TACTICS[k % len(TACTICS)],
+                            frame_shape=tuple(manifest["frame_shape_hw"]), pixel_spacing=manifest["pixel_spacing_mm"],
+                            n_imus=0)
+        params.append(matrix_to_params(to_relative(sw.tforms), "xyz", degrees=True))
+        print(f"  constant velocity: sweep {k + 1}/{n_sweeps} simulated", flush=True)
+    mean = np.concatenate(params).mean(0)
+    print(f"  constant velocity per frame: {np.round(mean, 4).tolist()} (mm, static-xyz degrees)", flush=True)
+    return params_to_matrix(mean, "xyz", degrees=True)
 
 
 def _parse_rows(specs) -> list:

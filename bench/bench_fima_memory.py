@@ -58,6 +58,7 @@ def child(preset: str, frames: int, align: bool, threads: int) -> dict:
     torch.manual_seed(0)
     cfg = make_config(preset, "fima")
     net = FimaNet(cfg).eval()
+    n_parameters = count_parameters(net)
     card = {"name": f"fima_{preset}_random", "method": "fima", "variant": "fima",
             "description": "random weights for the memory benchmark",
             "configuration": {"preset": preset, **cfg.to_dict()},
@@ -86,7 +87,7 @@ def child(preset: str, frames: int, align: bool, threads: int) -> dict:
         seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert est.tforms.shape == (frames, 4, 4)
-    return {"preset": preset, "align": align, "parameters": count_parameters(FimaNet(cfg)),
+    return {"preset": preset, "align": align, "parameters": n_parameters,
             "grid": list(cfg.frame_shape), "grid_mm": cfg.pixel_spacing_mm, "window": cfg.window_frames[1],
             "frames": frames, "seconds": seconds, "ms_per_frame": 1e3 * seconds / frames,
             "before_gib": before / GIB, "peak_gib": peak / GIB, "threads": threads}

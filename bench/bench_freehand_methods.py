@@ -9,7 +9,7 @@ the per-sweep table. Methods that need a checkpoint they do not find are reporte
 
     python bench/bench_freehand_methods.py [--methods imu tracked] [--device auto] [--frames 200]
     python bench/bench_freehand_methods.py --methods imu tracked \
-        --row ReM rem runs/rem/best.pt --row ReM+F fima runs/fima/best.pt online_align=false \
+        --row ReM fima runs/rem/best.pt --row ReM+F fima runs/fima/best.pt online_align=false \
         --row FiMA fima runs/fima/best.pt
 
 ``--constant-velocity N`` adds the constant-velocity guess: every frame moves by the mean frame-to-frame
@@ -46,6 +46,11 @@ COLUMNS = (("fdr_pct", "FDR (%)", 2), ("adr_pct", "ADR (%)", 2), ("md_mm", "MD (
            ("hd_mm", "HD (mm)", 2), ("mea_deg", "MEA (°)", 3), ("gpe_mm", "GPE (mm)", 2), ("lpe_mm", "LPE (mm)", 3))
 
 
+# The constant-velocity row's label and the seed of its first simulated sweep (the training configs' range).
+CONST_ROW = "constant velocity"
+CONST_SEED = 300_000
+
+
 def _report_module():
     spec = importlib.util.spec_from_file_location("bench_report", HERE / "report.py")
     module = importlib.util.module_from_spec(spec)
@@ -75,11 +80,11 @@ def main(argv=None) -> int:
     methods = args.methods or available_methods()
     # Sanity row last, the methods of interest first.
     methods = [m for m in methods if m != "tracked"] + (["tracked"] if "tracked" in methods else [])
-    # Every row: label -> (method, keyword arguments of estimate).
-    runs = {label: (method, kw) for label, method, kw in rows}
-    runs.update({m: (m, {}) for m in methods if m not in runs})
-    order = [label for label, _, _ in rows] + [m for m in methods if m not in dict.fromkeys(r[0] for r in rows)]
-    methods = order
+    # Every row: label -> (method, keyword arguments of estimate); the --row rows first.
+    runs = {m: (m, {}) for m in methods}
+    runs.update({label: (method, kw) for label, method, kw in rows})
+    labels = [label for label, _, _ in rows]
+    methods = labels + [m for m in methods if m not in labels]
 
     const_rel = None
     if args.constant_velocity > 0:
@@ -159,10 +164,6 @@ def main(argv=None) -> int:
                              device=device)
         print(f"wrote the freehand_methods section of {report.BENCHMARKS}")
     return 0
-
-
-CONST_ROW = "constant velocity"
-CONST_SEED = 300_000
 
 
 def constant_velocity_motion(n_sweeps: int, manifest: dict) -> np.ndarray:

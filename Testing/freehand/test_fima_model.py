@@ -1,6 +1,8 @@
 """FiMA network (tiny config) and losses: shapes, scan-order and time-reversal symmetries, IMU handling,
 the encode/decode split, chunked inference, and hand-computed loss values."""
 
+import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -87,6 +89,34 @@ def test_encode_decode_split_and_chunked_inference(fima):
     dec = {id(p) for p in fima.decoder_parameters()}
     assert all(id(p) not in dec for p in fima.stages.parameters())
     assert all(id(p) in dec for p in fima.head.parameters())
+
+
+def test_imu_units_rescale_the_inputs_and_the_skip_keeps_each_pairs_reading(fima):
+    acc, ang = _imus()
+    feats = fima.encode(_frames()).detach()
+    scaled = FimaNet(dataclasses.replace(fima.cfg, imu_acc_unit_m_s2=2 * fima.cfg.imu_acc_unit_m_s2,
+                                         imu_angle_unit_deg=0.5 * fima.cfg.imu_angle_unit_deg)).eval()
+    scaled.load_state_dict(fima.state_dict())
+    with torch.no_grad():
+        ref = fima.decode(feats, acc, ang)
+        torch.testing.assert_close(scaled.decode(feats, 2 * acc, 0.5 * ang).params, ref.params)
+        assert not torch.allclose(scaled.decode(feats, acc, ang).params, ref.params, atol=1e-4)
+        # With the temporal attention silenced only the per-pair skip carries the IMUs: a change of pair
+        # 3's IMU angle must then reach pair 3's fused feature and no other pair's.
+        fusion = copy.deepcopy(fima.fusion)
+        for attn in fusion.attn.values():
+            attn.out_proj.weight.zero_()
+            attn.out_proj.bias.zero_()
+        bumped = ang.clone()
+        bumped[:, 3] += 4.0
+        a = acc / fima.cfg.imu_acc_unit_m_s2
+        x0 = fusion(ref.image_features, a, ang / fima.cfg.imu_angle_unit_deg)[0]
+        x1 = fusion(ref.image_features, a, bumped / fima.cfg.imu_angle_unit_deg)[0]
+    change = (x1 - x0).norm(dim=-1)  # [B, L]
+    assert bool((change[:, 3] > 1e-3).all())
+    torch.testing.assert_close(change[:, [0, 1, 2, 4, 5]], torch.zeros(2, 5))
+    with pytest.raises(InputError, match="imu_angle_unit_deg"):
+        make_config("tiny", "fima", imu_angle_unit_deg=0.0)
 
 
 def test_ssmf_column_order_is_the_row_order_of_the_transposed_map():

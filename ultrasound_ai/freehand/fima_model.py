@@ -24,9 +24,10 @@ Output per frame pair i: (tx, ty, tz) in mm and (ax, ay, az) in degrees of T_{i<
 ``geometry.chain_relative`` the poses.
 
 IMU inputs per frame pair (`imu_pair_inputs`), for M >= 1 IMUs: the mean specific force of frames i and
-i+1 in m/s^2 (the network divides it by g) and each IMU's relative rotation R_i^T R_{i+1} as static-xyz
+i+1 in m/s^2 and each IMU's relative rotation R_i^T R_{i+1} as static-xyz
 Euler angles in degrees. IMU axes are the image axes (DESIGN.md), so the relative rotation is directly
-comparable with the predicted angles; it is what the Pearson prior of online alignment uses.
+comparable with the predicted angles; it is what the Pearson prior of online alignment uses. The
+network divides them by the config's `imu_acc_unit_m_s2` and `imu_angle_unit_deg` before the fusion.
 
 Split for online alignment: `encode(frames)` (CNN + SSM-F: the expensive part) returns `FimaFeatures`
 (the pooled stage outputs and the pooled final map); `decode(features, imu_acc, imu_angle)` runs the
@@ -103,6 +104,11 @@ class FimaConfig:
     n_imus: int = 4
     fusion_heads: int = 8
     fusion_ffn_mult: int = 2
+    # Units the IMU inputs are divided by before the fusion (the pre-processing the paper takes from
+    # MoNet): a relative rotation between frames is a fraction of a degree, and fed raw it is too small
+    # against the image features for the fusion to learn to pass it on.
+    imu_acc_unit_m_s2: float = GRAVITY_M_S2
+    imu_angle_unit_deg: float = 0.25
     online_alignment: bool = True
     chunk_size: int = 64
     scan_backend: str = "auto"
@@ -117,6 +123,9 @@ class FimaConfig:
             raise InputError(f"FimaConfig.blocks must be 4 positive block counts, got {self.blocks!r}")
         if self.base_width < 1 or self.n_imus < 1:
             raise InputError("FimaConfig: base_width and n_imus must be >= 1")
+        if not (self.imu_acc_unit_m_s2 > 0 and self.imu_angle_unit_deg > 0):
+            raise InputError(f"FimaConfig: imu_acc_unit_m_s2 and imu_angle_unit_deg must be > 0, got "
+                             f"{self.imu_acc_unit_m_s2} and {self.imu_angle_unit_deg}")
         if (8 * self.base_width) % self.fusion_heads:
             raise InputError(f"FimaConfig: fusion_heads={self.fusion_heads} must divide the stage-4 width "
                              f"{8 * self.base_width}")
@@ -344,6 +353,8 @@ class AdaptiveImuFusion(nn.Module):
     features (projected to a query) with each IMU's key, softmax over the M IMUs, weights the values:
     F_mod [B, L, d]. A multi-head attention over time with the image features as queries fuses each
     F_mod; the two results are added to the image features, then a feed-forward network follows.
+    The weighted values F_mod themselves are added too: attention without positions pools over the
+    window, and the skip keeps each frame pair's own IMU reading (its relative rotation) in reach.
     """
 
     def __init__(self, dim: int, heads: int, ffn_mult: int = 2):
@@ -367,7 +378,7 @@ class AdaptiveImuFusion(nn.Module):
         return (w.unsqueeze(-1) * v).sum(-2), w
 
     def forward(self, image: torch.Tensor, acc: torch.Tensor, ang: torch.Tensor):
-        """image [B, L, d]; acc [B, L, M, 3] in g; ang [B, L, M, 3] in degrees.
+        """image [B, L, d]; acc [B, L, M, 3] and ang [B, L, M, 3] in the config's IMU units.
 
         Returns (fused [B, L, d], F_A [B, L, d], acc weights [B, L, M], angle weights [B, L, M]).
         """
@@ -375,7 +386,7 @@ class AdaptiveImuFusion(nn.Module):
         fr, wr = self.weighted("ang", image, ang)
         att_a = self.attn["acc"](image, fa, fa, need_weights=False)[0]
         att_r = self.attn["ang"](image, fr, fr, need_weights=False)[0]
-        x = self.norm1(image + att_a + att_r)
+        x = self.norm1(image + fa + fr + att_a + att_r)
         return self.norm2(x + self.ffn(x)), fa, wa, wr
 
 
@@ -514,7 +525,7 @@ class FimaNet(nn.Module):
         x = image
         if self.fusion is not None:
             acc, ang = self._check_imu(imu_acc, imu_angle, image.shape[:2])
-            x, fa, wa, wr = self.fusion(image, acc / GRAVITY_M_S2, ang)
+            x, fa, wa, wr = self.fusion(image, acc / self.cfg.imu_acc_unit_m_s2, ang / self.cfg.imu_angle_unit_deg)
             out.acc_features, out.acc_weights, out.imu_weights = fa, wa, wr
         out.params = self.head(self.head_ssm(x))
         return out

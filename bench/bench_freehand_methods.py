@@ -68,6 +68,8 @@ def main(argv=None) -> int:
                     help="a learned method with these weights (and method parameters) as its own row")
     ap.add_argument("--constant-velocity", type=int, default=0, metavar="N",
                     help="add the constant-velocity guess from N simulated training-like sweeps (0: none)")
+    ap.add_argument("--paired", nargs=2, action="append", default=[], metavar=("A", "B"),
+                    help="report row A against row B sweep by sweep (FDR difference, wins, sign test)")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)
     rows = _parse_rows(args.row)
@@ -114,14 +116,15 @@ def main(argv=None) -> int:
             f"{m} FDR {per_sweep[m][-1][1]['fdr_pct']:.1f}%" for m in methods if m not in skipped), flush=True)
 
     report = _report_module()
-    header = ["method"] + [h for _, h, _ in COLUMNS] + ["s/sweep"]
+    header = ["method"] + [h for _, h, _ in COLUMNS] + ["s/sweep", "ms/frame"]
     summary_rows = []
     for m in methods:
         if m in skipped or not per_sweep[m]:
             continue
         vals = {k: np.array([r[1][k] for r in per_sweep[m]]) for k, _, _ in COLUMNS}
         summary_rows.append([f"`{m}`"] + [f"{vals[k].mean():.{d}f} ({vals[k].std(ddof=1):.{d}f})" for k, _, d in COLUMNS]
-                            + [f"{timing[m] / len(per_sweep[m]):.3f}"])
+                            + [f"{timing[m] / len(per_sweep[m]):.3f}",
+                               f"{1e3 * timing[m] / (len(per_sweep[m]) * int(manifest['n_frames'])):.2f}"])
     sweep_header = ["sweep", "tactic", "seed", "reversed"] + [f"{m} {h}" for m in methods if m not in skipped
                                                                for _, h, _ in COLUMNS[:1] + COLUMNS[2:3] + COLUMNS[5:6]]
     sweep_rows = []
@@ -151,6 +154,7 @@ def main(argv=None) -> int:
            f"sweeps simulated with the set's settings (seeds {CONST_SEED}–{CONST_SEED + args.constant_velocity - 1}, "
            "tactics in turn), chained from the identity.\n" if const_rel is not None else "")
         + ("".join(f"\nSkipped `{m}`: {why}\n" for m, why in skipped.items()))
+        + "".join("\n" + paired_line(a, b, per_sweep) + "\n" for a, b in args.paired)
         + "\nPer sweep (FDR %, MD mm, MEA °):\n\n" + report.markdown_table(sweep_header, sweep_rows)
     )
     print(body)
@@ -164,6 +168,21 @@ def main(argv=None) -> int:
                              device=device)
         print(f"wrote the freehand_methods section of {report.BENCHMARKS}")
     return 0
+
+
+def paired_line(a: str, b: str, per_sweep: dict) -> str:
+    """Row a against row b on the same sweeps: mean (sd) FDR difference, wins and a two-sided sign test."""
+    from math import comb
+
+    for m in (a, b):
+        if not per_sweep.get(m):
+            return f"Paired `{a}` vs `{b}`: no results for `{m}`."
+    d = np.array([x[1]["fdr_pct"] - y[1]["fdr_pct"] for x, y in zip(per_sweep[a], per_sweep[b])])
+    wins, n = int((d < 0).sum()), int((d != 0).sum())
+    k = min(wins, n - wins)
+    p = min(1.0, 2 * sum(comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return (f"Paired `{a}` vs `{b}` over {len(d)} sweeps: FDR difference {d.mean():+.2f} ({d.std(ddof=1):.2f}) "
+            f"percentage points (negative: `{a}` better); `{a}` lower on {wins} of {n} sweeps (sign test p = {p:.3f}).")
 
 
 def constant_velocity_motion(n_sweeps: int, manifest: dict) -> np.ndarray:

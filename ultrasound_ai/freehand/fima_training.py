@@ -534,8 +534,9 @@ class FimaTask:
                 "window_frames": [int(v) for v in mcfg.window_frames],
                 "n_imus": mcfg.n_imus if mcfg.uses_imus else 0,
                 "imus": imus,
-                "imu_inputs": ("per pair: mean specific force of frames i, i+1 (m/s^2, divided by g in the network) "
-                               "and each IMU's relative rotation R_i^T R_i+1 as static-xyz degrees"),
+                "imu_inputs": (f"per pair: mean specific force of frames i, i+1 (m/s^2) and each IMU's relative "
+                               f"rotation R_i^T R_i+1 as static-xyz degrees; the network divides them by "
+                               f"{mcfg.imu_acc_unit_m_s2} m/s^2 and {mcfg.imu_angle_unit_deg} degrees"),
                 "intensity_normalisation": "uint8 0..255 -> x * 2 / 255 - 1 (in the network)",
                 "resampling": ("frames resampled onto a grid of frame_shape_hw at pixel_spacing_mm (x first) "
                                "centred on the frame's centre; linear, anti-aliased when shrinking; 0 outside"),

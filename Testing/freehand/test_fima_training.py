@@ -90,6 +90,24 @@ def test_tiny_rem_beats_constant_motion_on_out_of_plane_translation(trained_rem)
     assert (result.output_dir / "best.pt").exists() and (result.output_dir / "final.card.json").exists()
 
 
+def test_turning_the_scene_turns_only_the_gravity_in_the_specific_force():
+    from ultrasound_ai.freehand.fima_training import random_rotation, turn_gravity
+    from ultrasound_ai.freehand.imu_dead_reckoning import GRAVITY_M_S2, imu_rotations
+
+    rng = np.random.default_rng(3)
+    q = random_rotation(rng)
+    np.testing.assert_allclose(q @ q.T, np.eye(3), atol=1e-12)
+    assert np.linalg.det(q) == pytest.approx(1.0)
+    euler = rng.uniform(-60, 60, size=(2, 7, 3))
+    acc = rng.normal(size=(2, 7, 3)) + [0, 0, 9.81]
+    rot = imu_rotations(euler)
+    world = np.einsum("mnij,mnj->mni", rot, acc) + GRAVITY_M_S2  # a = R f + g
+    turned_rot = np.einsum("ij,mnjk->mnik", q, rot)
+    expected = np.einsum("mnji,mnj->mni", turned_rot, np.einsum("ij,mnj->mni", q, world) - GRAVITY_M_S2)
+    np.testing.assert_allclose(turn_gravity(acc, euler, q), expected, atol=1e-4)
+    np.testing.assert_allclose(turn_gravity(acc, euler, np.eye(3)), acc, atol=1e-5)
+
+
 def test_windows_carry_their_own_frames_targets_and_imu_inputs():
     from ultrasound_ai.freehand.fima_training import data_options, draw_windows, model_config, pair_targets
 
@@ -112,8 +130,15 @@ def test_windows_carry_their_own_frames_targets_and_imu_inputs():
     # IMU subsets (adaptive fusion): fewer IMUs per pair.
     _, _, acc2, _ = draw_windows(pool, rng, 2, 5, [1], imus=[2], with_imus=True)
     assert acc2.shape == (2, 4, 1, 3)
+    # Gravity augmentation: the same window, the same angles, a turned gravity (|f| of the gravity kept).
+    rng_a, rng_b = np.random.default_rng(5), np.random.default_rng(5)
+    f1, y1, a1, r1 = draw_windows(pool, rng_a, 3, 5, [1], with_imus=True)
+    f2, y2, a2, r2 = draw_windows(pool, rng_b, 3, 5, [1], with_imus=True, gravity_augment=True)
+    assert torch.equal(f1, f2) and torch.equal(y1, y2) and torch.equal(r1, r2)
+    assert (a1 - a2).abs().max() > 1.0
+    np.testing.assert_allclose(a2.norm(dim=-1).mean().item(), a1.norm(dim=-1).mean().item(), rtol=0.05)
     for bad in ({"frame_strides": []}, {"window_frames": [5, 3]}, {"stride_mode": "frame"}, {"pearson_weight": -1},
-                {"imu_subsets": "yes"}, {"colour": 1}):
+                {"imu_subsets": "yes"}, {"gravity_augment": 1}, {"colour": 1}):
         with pytest.raises(InputError, match="data"):
             data_options(bad)
 

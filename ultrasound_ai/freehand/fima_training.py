@@ -18,7 +18,10 @@ the grid for the pair's frames a, b, the network's own output convention (`fima_
 from `imu_pair_inputs` on the IMU samples of the window's own frames, so a strided pair's relative angle
 is R_a^T R_b and its acceleration the mean of frames a and b (recomputed, never summed from consecutive
 pairs). ``data.imu_subsets``: for the adaptive fusion, each batch uses a random non-empty subset of the
-IMUs, so that a model trained with 4 IMUs also serves a probe with fewer.
+IMUs, so that a model trained with 4 IMUs also serves a probe with fewer. ``data.gravity_augment`` (default
+on): each window is also seen with the whole scene turned by a uniformly random rotation (`turn_gravity`):
+only the gravity part of the specific force changes, so the gravity direction cannot identify a training
+sweep (without it, a small pool was memorised through the IMUs: good validation, poor held-out sweeps).
 
 Batch for step s: ``batch_size`` windows (one N per step so they stack) drawn from
 `step_numpy_rng(seed, rank, s)`. Loss: `fima_losses.supervised_loss` (paper eq. 2: L1 on translations +
@@ -81,6 +84,10 @@ DATA_DEFAULTS: dict[str, Any] = {
     "frame_strides": [1],
     "stride_mode": "pair",  # pair: a stride per pair (speed varies in a window) | window: one per window
     "imu_subsets": False,
+    # Each training window is also seen as if the whole scene were turned by a random rotation: the
+    # relative rotations are unchanged, the gravity in the specific force turns with it. Without it the
+    # gravity direction identifies a training sweep, and a small pool is memorised through the IMUs.
+    "gravity_augment": True,
     "pearson_weight": 1.0,
     # Batch-norm statistics re-estimated on this many training batches before each validation (0: off).
     "bn_recalibration_batches": 16,
@@ -149,8 +156,9 @@ def data_options(config) -> dict:
         d["window_frames"] = w
     if d["stride_mode"] not in ("window", "pair"):
         raise InputError(f"data.stride_mode: expected 'window' or 'pair', got {d['stride_mode']!r}")
-    if not isinstance(d["imu_subsets"], bool):
-        raise InputError(f"data.imu_subsets: expected true or false, got {d['imu_subsets']!r}")
+    for key in ("imu_subsets", "gravity_augment"):
+        if not isinstance(d[key], bool):
+            raise InputError(f"data.{key}: expected true or false, got {d[key]!r}")
     nb = d["bn_recalibration_batches"]
     if isinstance(nb, bool) or not isinstance(nb, int) or nb < 0:
         raise InputError(f"data.bn_recalibration_batches: expected an integer >= 0, got {nb!r}")
@@ -335,20 +343,43 @@ def pair_targets(tforms: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return matrix_to_params(invert_rigid(t[:-1]) @ t[1:], PARAM_CONVENTION, degrees=True).astype(np.float32)
 
 
+def turn_gravity(imu_acc: np.ndarray, imu_euler_deg: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Specific force [M, n, 3] (m/s^2, IMU axes) of the same motion with the whole scene turned by the
+    rotation q [3, 3] (Earth frame); imu_euler_deg [M, n, 3] the IMU orientations (static-xyz degrees).
+
+    With f = R^T (a - g): turning the scene maps R -> qR and a -> qa while g stays, so
+    f' = R^T q^T (q a - g) = f + R^T (g - q^T g); relative rotations R_i^T R_j are unchanged.
+    """
+    from ultrasound_ai.freehand.imu_dead_reckoning import GRAVITY_M_S2, imu_rotations
+
+    rot = imu_rotations(imu_euler_deg)  # [M, n, 3, 3]
+    delta = GRAVITY_M_S2 - q.T @ GRAVITY_M_S2
+    return (np.asarray(imu_acc, np.float64) + np.einsum("mnji,j->mni", rot, delta)).astype(np.float32)
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A rotation matrix drawn uniformly from SO(3) (a normalised Gaussian quaternion)."""
+    w, x, y, z = (v := rng.normal(size=4)) / np.linalg.norm(v)
+    return np.array([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                     [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                     [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]])
+
+
 def draw_windows(pool: FimaPool, rng: np.random.Generator, n_windows: int, n_frames: int,
                  strides: Sequence[int] = (1,), imus: Optional[Sequence[int]] = None, with_imus: bool = False,
-                 stride_mode: str = "window"):
+                 stride_mode: str = "window", gravity_augment: bool = False):
     """One batch: frames [B, n, h, w] float32, targets [B, n-1, 6], IMU acc / angle [B, n-1, M, 3] (or None).
 
     Each window's frames come from `window_indices` (a sweep, a start, strides from `strides`).
-    `imus`: the IMU indices to use (default all).
+    `imus`: the IMU indices to use (default all). `gravity_augment`: each window's scene turned by a
+    random rotation (`turn_gravity`).
     """
     from ultrasound_ai.freehand.fima_model import imu_pair_inputs
 
     lengths = [len(f) for f in pool.frames]
     if max(lengths) < n_frames:
         raise InputError(f"training pool: no sweep has the {n_frames} frames of one window")
-    xs, ys, accs, angs = [], [], [], []
+    xs, ys, raw = [], [], []
     for _ in range(n_windows):
         i, idx = window_indices(rng, n_frames, strides, stride_mode, lengths)
         xs.append(np.asarray(pool.frames[i][idx], dtype=np.float32))
@@ -357,11 +388,16 @@ def draw_windows(pool: FimaPool, rng: np.random.Generator, n_windows: int, n_fra
             a, e = pool.imu_acc[i], pool.imu_euler[i]
             if imus is not None:
                 a, e = a[list(imus)], e[list(imus)]
-            # Pair inputs of the selected frames themselves (frames a and b of each pair), never sums of
-            # consecutive pairs: the relative rotation R_a^T R_b and the mean specific force of a and b.
-            pa, pr = imu_pair_inputs(a[:, idx], e[:, idx])
-            accs.append(pa)
-            angs.append(pr)
+            raw.append((a[:, idx], e[:, idx]))
+    accs, angs = [], []
+    for a, e in raw:
+        if gravity_augment:  # drawn after the windows: the windows are the same with or without it
+            a = turn_gravity(a, e, random_rotation(rng))
+        # Pair inputs of the selected frames themselves (frames a and b of each pair), never sums of
+        # consecutive pairs: the relative rotation R_a^T R_b and the mean specific force of a and b.
+        pa, pr = imu_pair_inputs(a, e)
+        accs.append(pa)
+        angs.append(pr)
     frames = torch.from_numpy(np.stack(xs))
     targets = torch.from_numpy(np.stack(ys))
     if not with_imus:
@@ -452,7 +488,7 @@ class FimaTask:
                 count = int(rng.integers(1, m + 1))
                 imus = sorted(int(i) for i in rng.choice(m, size=count, replace=False))
             yield draw_windows(pool, rng, config.schedule["batch_size"], n, d["frame_strides"], imus,
-                               with_imus=bool(m), stride_mode=d["stride_mode"])
+                               with_imus=bool(m), stride_mode=d["stride_mode"], gravity_augment=d["gravity_augment"])
             step += 1
 
     def training_step(self, model, batch, device) -> dict:
@@ -505,6 +541,7 @@ class FimaTask:
             "frame_strides": list(d["frame_strides"]),
             "stride_mode": d["stride_mode"],
             "imu_subsets": bool(d["imu_subsets"]),
+            "gravity_augment": bool(d["gravity_augment"]),
             "head_init": "bias = training mean motion, weights x 0.1",
             "constant_motion_params": [float(v) for v in self.constant_motion(config)],
         }

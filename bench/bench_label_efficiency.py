@@ -3,7 +3,7 @@ pre-trained vs from scratch (>= 3 seeds per cell), and Otsu + largest component.
 `label_efficiency` section of BENCHMARKS.md (see ultrasound_ai/foundation/study.py).
 
     python bench/bench_label_efficiency.py [--device auto] [--output-dir runs/label_efficiency]
-        [--pretrained PATH] [--pretrain-steps N] [--finetune-steps N] [--quick] [--no-write]
+        [--pretrained PATH] [--pretrain-steps N] [--finetune-steps N] [--quick] [--no-write] [--note TEXT]
 
 --quick runs a micro setting in seconds (a smoke test; its numbers mean nothing and are not written
 unless --benchmarks names another file).
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="micro smoke-test setting")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     ap.add_argument("--benchmarks", help="write the section into this file instead of BENCHMARKS.md")
+    ap.add_argument("--note", help="a paragraph appended to the section (e.g. how loaded the machine was)")
     args = ap.parse_args(argv)
 
     import torch
@@ -59,6 +60,8 @@ def main(argv=None) -> int:
 
     results = run_study(settings, progress=progress)
     body = format_table(results)
+    if args.note:
+        body += "\n" + args.note.strip() + "\n"
     print(body)
     print(json.dumps(results["claims"]))
     target = Path(args.benchmarks) if args.benchmarks else BENCHMARKS

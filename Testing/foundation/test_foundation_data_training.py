@@ -190,11 +190,16 @@ def test_layer_wise_lr_decay_and_no_decay_groups(runs):
     from ultrasound_ai.core.training import load_config
     from ultrasound_ai.foundation.training import default_config
 
-    cfg = load_config({"output_dir": "x", "model": MICRO}, defaults=default_config("segment"))
     task = task_for("segment", data={"train": None, "class_names": []})
     model = SegmentationModel(vit_config("micro"), 2, 16)
-    groups = task.parameter_groups(model, cfg)
+    # From scratch: no layer decay by default.
+    cfg = load_config({"output_dir": "x", "model": MICRO}, defaults=default_config("segment"))
     lr = cfg.schedule["lr"]
+    assert all(g["lr"] == pytest.approx(lr) for g in task.parameter_groups(model, cfg))
+    # From a pre-trained encoder: 0.65 per block (parameter_groups does not read the file).
+    cfg = load_config({"output_dir": "x", "model": {**MICRO, "pretrained": "pre.pt"}},
+                      defaults=default_config("segment"))
+    groups = task.parameter_groups(model, cfg)
     by_param = {id(p): g for g in groups for p in g["params"]}
     depth = 4
     assert by_param[id(model.encoder.patch_embed.weight)]["lr"] == pytest.approx(lr * 0.65 ** (depth + 1))
@@ -213,6 +218,17 @@ def test_pretrained_encoder_must_match_the_vit_config(runs):
     load_pretrained_encoder(same, runs["pre"].final_path, same.encoder.cfg)
     state = torch.load(runs["pre"].final_path, weights_only=True)
     torch.testing.assert_close(same.encoder.patch_embed.weight, state["encoder.patch_embed.weight"])
+
+
+def test_pretrained_encoder_by_installed_name(runs, monkeypatch):
+    from ultrasound_ai.models.registry import ENV_VAR, find_model
+
+    monkeypatch.setenv(ENV_VAR, str(runs["pre"].final_path.parent))
+    name = runs["pre"].card["name"]
+    model = SegmentationModel(vit_config("micro"), 2, 16)
+    assert load_pretrained_encoder(model, name, model.encoder.cfg)["name"] == name
+    state = torch.load(find_model(name), weights_only=True)
+    torch.testing.assert_close(model.encoder.patch_embed.weight, state["encoder.patch_embed.weight"])
 
 
 def test_inference_returns_masks_in_the_input_geometry(runs, tmp_path):
@@ -287,6 +303,23 @@ def test_label_efficiency_study_tiny_setting(tmp_path):
 
     write_section("label_efficiency", "t", text, path=tmp_path / "B.md", command="test")
     assert "<!-- BEGIN label_efficiency:cpu -->" in (tmp_path / "B.md").read_text()
+
+
+def test_study_with_a_given_encoder_reports_its_card_and_keeps_arms_equal(tmp_path, runs):
+    from ultrasound_ai.foundation.study import QUICK_SETTINGS, cell_config, format_table, run_study, study_settings
+
+    s = study_settings({**QUICK_SETTINGS, "output_dir": str(tmp_path / "study"), "device": "cpu",
+                        "fractions": [1.0], "pretrained": str(runs["pre"].final_path),
+                        "finetune": {**QUICK_SETTINGS["finetune"], "steps": 2, "validate_every": 2}})
+    a, b = (cell_config(s, 1.0, 0, init, s["pretrained"]) for init in ("pretrained", "scratch"))
+    assert a["model"].pop("pretrained") == s["pretrained"] and b["model"].pop("pretrained") is None
+    assert {k: v for k, v in a.items() if k not in ("name", "output_dir")} == \
+        {k: v for k, v in b.items() if k not in ("name", "output_dir")}
+    res = run_study(s)
+    pre = res["pretrain"]
+    assert pre["steps"] == 30 and pre["batch_size"] == 8 and pre["data"]["train_count"] == 48
+    assert not (tmp_path / "study" / "pretrain").exists()  # nothing pre-trained again
+    assert "30 steps, batch 8, on 48 unlabelled images" in format_table(res)
 
 
 def test_torchrun_ddp_pretraining_two_processes(tmp_path):

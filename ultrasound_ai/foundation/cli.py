@@ -160,7 +160,8 @@ def add_parser(subparsers) -> None:
 
     p = training_parser("train", "fine-tune a segmentation or classification model")
     p.add_argument("--task", required=True, choices=["segment", "classify"])
-    p.add_argument("--pretrained", help="checkpoint (.pt) of a pre-trained encoder (same ViT configuration)")
+    p.add_argument("--pretrained", help="checkpoint (.pt) or installed model name of a pre-trained encoder "
+                                        "(same ViT configuration), e.g. usfm_vit_tiny_pretrained")
     p.add_argument("--label-fraction", type=float, dest="label_fraction", help="use this fraction of the labels")
     p.set_defaults(func=train)
 

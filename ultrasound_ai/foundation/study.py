@@ -9,7 +9,8 @@ labels used. The label subsets are nested (datasets.label_subset): for one seed,
 the 20 % set, and so on. Seed s fixes both the label subset and the fine-tuning run.
 
 Every run goes through the training harness into its own folder, so an interrupted study resumes where it
-stopped (finished runs are only re-evaluated).
+stopped (finished runs are only re-evaluated). Both arms share data, label subset, seed and schedule; only the
+encoder's start differs (and with it the default layer-wise lr decay: 0.65 pre-trained, none from scratch).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import numpy as np
 
 from ultrasound_ai.core.errors import InputError
 
-__all__ = ["STUDY_DEFAULTS", "QUICK_SETTINGS", "study_settings", "run_study", "format_table", "check_claims"]
+__all__ = ["STUDY_DEFAULTS", "QUICK_SETTINGS", "study_settings", "run_study", "format_table", "check_claims",
+           "cell_config", "given_pretraining_facts"]
 
 STUDY_DEFAULTS: dict = {
     "output_dir": "runs/label_efficiency",
@@ -78,6 +80,39 @@ def _schedule(part: Mapping, best_metric: str, best_mode: str) -> dict:
             "best_metric": best_metric, "best_mode": best_mode}
 
 
+def cell_config(s: Mapping, fraction: float, seed: int, init: str, pretrained: str | None) -> dict:
+    """The fine-tuning config of one study cell (init: "pretrained" or "scratch"); both arms differ only
+    in model.pretrained, so they share data, label subset, seed and schedule."""
+    f = s["finetune"]
+    out = Path(s["output_dir"])
+    return {
+        "method": "usfm", "name": f"usfm_study_{init}_f{fraction:g}_s{seed}",
+        "output_dir": str(out / f"{init}_f{fraction:g}_s{seed}"), "seed": int(seed), "device": s["device"],
+        "model": {"preset": s["preset"], "head_channels": int(f["head_channels"]),
+                  "pretrained": str(pretrained) if init == "pretrained" else None},
+        "data": {"source": "simulate", "train_seed": s["train_seed"], "train_count": s["train_count"],
+                 "val_seed": s["val_seed"], "val_count": s["val_count"], "classes": [0, 1],
+                 "label_fraction": float(fraction), "label_seed": int(seed)},
+        "schedule": _schedule(f, "dice", "max"),
+    }
+
+
+def given_pretraining_facts(path) -> dict:
+    """Pre-training facts of a given checkpoint, read from its card (steps, batch, wall time, data)."""
+    from ultrasound_ai.models.checkpoint import read_card
+    from ultrasound_ai.models.registry import find_model
+
+    card = read_card(find_model(path))
+    tr = card.get("training") or {}
+    sched = (tr.get("config") or {}).get("schedule") or {}
+    facts = {"given": str(path), "name": card.get("name"), "steps": tr.get("steps"),
+             "batch_size": sched.get("batch_size"), "wall_time_s": tr.get("wall_time_s"),
+             "val_loss": (tr.get("final_metrics") or {}).get("loss"), "data": tr.get("data") or {}}
+    if facts["steps"] and facts["wall_time_s"]:
+        facts["s_per_step"] = float(facts["wall_time_s"]) / int(facts["steps"])
+    return facts
+
+
 def _pretrain(s: dict, out: Path, progress_bar) -> tuple[str, dict]:
     from ultrasound_ai.foundation.training import train_foundation
 
@@ -93,8 +128,9 @@ def _pretrain(s: dict, out: Path, progress_bar) -> tuple[str, dict]:
     t0 = time.monotonic()
     res = train_foundation(cfg, "pretrain", progress_bar=progress_bar)
     wall = res.card.get("training", {}).get("wall_time_s", time.monotonic() - t0)
-    return str(res.final_path), {"steps": res.steps, "wall_time_s": wall, "s_per_step": wall / max(1, res.steps),
-                                 "val_loss": res.metrics.get("loss")}
+    return str(res.final_path), {"steps": res.steps, "batch_size": int(p["batch_size"]), "wall_time_s": wall,
+                                 "s_per_step": wall / max(1, res.steps), "val_loss": res.metrics.get("loss"),
+                                 "data": {"train_seed": p["train_seed"], "train_count": p["train_count"]}}
 
 
 def run_study(settings: Mapping | None = None, *, progress: Callable[[float, str], None] | None = None,
@@ -114,24 +150,16 @@ def run_study(settings: Mapping | None = None, *, progress: Callable[[float, str
     test_images, test_masks = [t.image for t in test], [t.mask for t in test]
 
     otsu = evaluate_segmentation(otsu_largest_component, test_images, test_masks)
-    pretrained, pre_facts = (s["pretrained"], {"given": s["pretrained"]})
-    if not pretrained:
+    pretrained, pre_facts = s["pretrained"], None
+    if pretrained:
+        pre_facts = given_pretraining_facts(pretrained)
+    else:
         pretrained, pre_facts = _pretrain(s, out, progress_bar)
 
-    f = s["finetune"]
     cells = list(itertools.product(s["fractions"], s["seeds"], ("pretrained", "scratch")))
     runs = []
     for n, (fraction, seed, init) in enumerate(cells):
-        cfg = {
-            "method": "usfm", "name": f"usfm_study_{init}_f{fraction:g}_s{seed}",
-            "output_dir": str(out / f"{init}_f{fraction:g}_s{seed}"), "seed": int(seed), "device": s["device"],
-            "model": {"preset": s["preset"], "head_channels": int(f["head_channels"]),
-                      "pretrained": pretrained if init == "pretrained" else None},
-            "data": {"source": "simulate", "train_seed": s["train_seed"], "train_count": s["train_count"],
-                     "val_seed": s["val_seed"], "val_count": s["val_count"], "classes": [0, 1],
-                     "label_fraction": float(fraction), "label_seed": int(seed)},
-            "schedule": _schedule(f, "dice", "max"),
-        }
+        cfg = cell_config(s, fraction, seed, init, pretrained)
         res = train_foundation(cfg, "segment", progress_bar=progress_bar)
         lm = load_model(res.best_path or res.final_path, s["device"], "segment")
         score = evaluate_segmentation(lambda im: segment(im, lm)[0], test_images, test_masks)
@@ -183,7 +211,8 @@ def format_table(results: Mapping) -> str:
     o = results["otsu"]["dice"]
     lines.append("| Otsu + largest component (no labels) | " + " | ".join(f"{o:.3f}" for _ in fr) + " |")
     n_lab = {f: max(1, int(np.ceil(f * s["train_count"] - 1e-9))) for f in fr}
-    pre = results.get("pretrain", {})
+    pre = results.get("pretrain") or {}
+    pdata = pre.get("data") or {}
     sps = [r["s_per_step"] for r in results["runs"] if np.isfinite(r.get("s_per_step", np.nan))]
     text = "\n".join(lines) + "\n\n"
     text += (f"Test Dice of the lesion (mean ± std over seeds {s['seeds']}) on {s['test_count']} simulated lesion "
@@ -191,9 +220,11 @@ def format_table(results: Mapping) -> str:
              f"{results['image_size_px']} px. Labelled images per column: "
              + ", ".join(f"{n_lab[f]}" for f in fr) + f" (nested subsets of a pool of {s['train_count']}, seed "
              f"{s['train_seed']}). Fine-tuning: {s['finetune']['steps']} steps, batch {s['finetune']['batch_size']}, "
-             f"AdamW lr {s['finetune']['lr']}, layer decay 0.65; best.pt chosen on {s['val_count']} validation images. "
-             f"Pre-training: {pre.get('steps', '?')} steps on {s['pretrain']['train_count']} unlabelled images "
-             f"(seed {s['pretrain']['train_seed']})")
+             f"AdamW lr {s['finetune']['lr']}, layer decay 0.65 for the pre-trained encoder and none from scratch; "
+             f"best.pt chosen on {s['val_count']} validation images. "
+             f"Pre-training{' (' + str(pre['name']) + ')' if pre.get('name') else ''}: {pre.get('steps', '?')} steps, "
+             f"batch {pre.get('batch_size', '?')}, on {pdata.get('train_count', '?')} unlabelled images "
+             f"(seed {pdata.get('train_seed', '?')})")
     if "s_per_step" in pre:
         text += f", {pre['s_per_step']:.3f} s/step"
     if sps:

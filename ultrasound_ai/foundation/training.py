@@ -12,7 +12,8 @@ Three TrainingTasks share one data layer:
 
 Fine-tuning uses AdamW (weight decay 0.05, none on biases, norms, LayerScale and bias tables), a cosine
 schedule with warm-up, and layer-wise lr decay (``model.layer_decay``, 0.65): block i of a depth-L encoder
-learns at lr * decay^(L - i), the patch embedding at lr * decay^(L + 1), the head at lr.
+learns at lr * decay^(L - i), the patch embedding at lr * decay^(L + 1), the head at lr. The decay defaults to
+1.0 (none) when the encoder starts from random weights (pre-training, fine-tuning from scratch).
 ``model.pretrained: PATH`` loads the encoder of a checkpoint written by this module (any task), after
 checking its card: method "usfm" and the same ViT architecture.
 
@@ -78,7 +79,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "head_channels": 64,
     "num_classes": None,  # default: 2 (segment; 4 for camus), the number of classes (classify)
     "dropout": 0.0,
-    "layer_decay": None,  # default 0.65 when fine-tuning, 1.0 for pre-training
+    "layer_decay": None,  # default 0.65 when fine-tuning a pre-trained encoder, else 1.0
     "pretrained": None,  # path of a usfm checkpoint whose encoder initialises the model
 }
 
@@ -164,7 +165,8 @@ def model_options(config: TrainConfig | Mapping, task: str, data: Mapping | None
         else:
             m["num_classes"] = len(data["classes"]) if data and data.get("source") == "simulate" else 3
     if m["layer_decay"] is None:
-        m["layer_decay"] = 1.0 if task == "pretrain" else 0.65
+        # Decay protects pre-trained features; on a random encoder it would only slow the early blocks.
+        m["layer_decay"] = 0.65 if (task != "pretrain" and m["pretrained"]) else 1.0
     if not 0 < float(m["layer_decay"]) <= 1:
         raise InputError(f"model.layer_decay: expected a number in (0, 1], got {m['layer_decay']!r}")
     m["vit"] = vit
@@ -248,10 +250,12 @@ def prepared_data(d: Mapping, task: str, size: int) -> dict:
 
 
 def load_pretrained_encoder(model: torch.nn.Module, path, vit: ViTConfig) -> dict:
-    """Copy the encoder of the usfm checkpoint `path` into `model.encoder`; returns its card."""
+    """Copy the encoder of the usfm checkpoint `path` (a .pt path or an installed model's name) into
+    `model.encoder`; returns its card."""
     from ultrasound_ai.models.checkpoint import load_checkpoint
+    from ultrasound_ai.models.registry import find_model
 
-    state, card = load_checkpoint(path)
+    state, card = load_checkpoint(find_model(path))
     if card.get("method") != METHOD:
         raise InputError(f"pretrained checkpoint {path}: method {card.get('method')!r}, expected {METHOD!r}")
     theirs = card.get("configuration", {}).get("vit")

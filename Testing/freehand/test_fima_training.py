@@ -138,9 +138,34 @@ def test_windows_carry_their_own_frames_targets_and_imu_inputs():
     assert (a1 - a2).abs().max() > 1.0
     np.testing.assert_allclose(a2.norm(dim=-1).mean().item(), a1.norm(dim=-1).mean().item(), rtol=0.05)
     for bad in ({"frame_strides": []}, {"window_frames": [5, 3]}, {"stride_mode": "frame"}, {"pearson_weight": -1},
-                {"imu_subsets": "yes"}, {"gravity_augment": 1}, {"colour": 1}):
+                {"imu_subsets": "yes"}, {"gravity_augment": 1}, {"colour": 1}, {"sim_pixel_spacing_mm": 0},
+                {"sim_spacing_jitter": 1.0}):
         with pytest.raises(InputError, match="data"):
             data_options(bad)
+
+
+def test_training_sweeps_are_simulated_at_a_scanner_spacing_and_resampled_onto_the_grid():
+    from ultrasound_ai.freehand.fima_training import model_config, pool_from_sweeps
+    from ultrasound_ai.freehand.simulator import simulate_sweep_for_grid
+
+    mcfg = model_config({"preset": "tiny", "variant": "rem", "pixel_spacing_mm": 0.3, "frame_shape": [24, 26]})
+    kw = {"tactic": "curved", "n_imus": 2}
+    acq = simulate_sweep_for_grid(7, 6, (24, 26), 0.3, 0.15, 0.1, **kw)
+    grid = simulate_sweep_for_grid(7, 6, (24, 26), 0.3, None, **kw)
+    sx, sy = acq.pixel_spacing_xy
+    assert sx == sy and 0.135 <= sx <= 0.165 and sx != 0.15  # jittered per seed
+    H, W = acq.frames.shape[1:]
+    for n_px, n_grid in ((H, 24), (W, 26)):  # the smallest frame that holds the grid's extent
+        assert (n_px - 1) * sx >= (n_grid - 1) * 0.3 > (n_px - 2) * sx
+    assert grid.frames.shape[1:] == (24, 26) and tuple(grid.pixel_spacing_xy) == (0.3, 0.3)
+    # same trajectory (the image origin sits at the face centre minus half the frame width, which differs)
+    np.testing.assert_allclose(acq.tforms[:, :3, :3], grid.tforms[:, :3, :3])
+    np.testing.assert_allclose(acq.imu_acc, grid.imu_acc)
+    np.testing.assert_array_equal(simulate_sweep_for_grid(7, 6, (24, 26), 0.3, 0.15, 0.1, **kw).frames, acq.frames)
+    pa, pg = pool_from_sweeps([acq], ["acq"], mcfg), pool_from_sweeps([grid], ["grid"], mcfg)
+    assert pa.frames[0].shape == pg.frames[0].shape == (6, 24, 26)
+    # the grid sits centred in the acquisition frame, less than a pixel from the simulated grid's origin
+    np.testing.assert_allclose(pa.targets[0], pg.targets[0], atol=5e-3)
 
 
 # ------------------------------------------------------------------------------- (e) CLI and checkpoints

@@ -49,6 +49,10 @@ DATA_DEFAULTS: dict[str, Any] = {
     "val_sweeps": 4,
     "val_frames": 80,
     "tactic": None,  # None = random per sweep (linear, curved, loop, sector)
+    # Simulated frames are formed at a scanner-like pixel size (jittered per sweep) and resampled onto the
+    # network grid as a user's sweep is; null simulates on the grid itself.
+    "sim_pixel_spacing_mm": 0.15,
+    "sim_spacing_jitter": 0.1,
     "train_dir": None,
     "val_dir": None,
     "weighted_l1": True,
@@ -111,6 +115,9 @@ def data_options(config) -> dict:
             or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in strides)):
         raise InputError(f"data.frame_strides: expected a non-empty list of integers >= 1, got {strides!r}")
     d["frame_strides"] = [int(k) for k in strides]
+    from ultrasound_ai.freehand.simulator import check_acquisition_options
+
+    check_acquisition_options(d)
     if d["val_overlap"] not in ("last", "none"):
         raise InputError(f"data.val_overlap: expected 'last' or 'none', got {d['val_overlap']!r}")
     return d
@@ -188,9 +195,12 @@ def _pool_from_sweeps(sweeps: Sequence, names: Sequence[str], mcfg) -> SweepPool
     return SweepPool(frames, targets, tforms, list(names), spacing, mcfg.frame_shape)
 
 
+_SHARED_DATA_KEYS = ("source", "tactic", "sim_pixel_spacing_mm", "sim_spacing_jitter")  # pool cache key
+
+
 def build_pool(kind: str, d: Mapping, mcfg, progress: Callable[[str], None] | None = None) -> SweepPool:
     """The training ("train") or validation ("val") pool for data options `d`, cached per process."""
-    key = json.dumps([kind, {k: d[k] for k in sorted(d) if k.startswith(kind) or k in ("source", "tactic")},
+    key = json.dumps([kind, {k: d[k] for k in sorted(d) if k.startswith(kind) or k in _SHARED_DATA_KEYS},
                       list(mcfg.frame_shape), mcfg.pixel_spacing_mm], sort_keys=True, default=str)
     if key in _POOLS:
         return _POOLS[key]
@@ -202,15 +212,16 @@ def build_pool(kind: str, d: Mapping, mcfg, progress: Callable[[str], None] | No
             raise InputError(f"data.{kind}_dir {d[f'{kind}_dir']}: no .h5 sweep files found")
         sweeps, names = [read_sweep(p) for p in paths], [p.name for p in paths]
     else:
-        from ultrasound_ai.freehand.simulator import simulate_sweep
+        from ultrasound_ai.freehand.simulator import simulate_sweep_for_grid
 
         seed0, count, n = d[f"{kind}_seed"], d[f"{kind}_sweeps"], d[f"{kind}_frames"]
         sweeps, names = [], []
         for i in range(count):
             if progress is not None:
                 progress(f"simulating {kind} sweep {i + 1}/{count}")
-            sweeps.append(simulate_sweep(seed0 + i, n_frames=n, tactic=d["tactic"], frame_shape=mcfg.frame_shape,
-                                         pixel_spacing=mcfg.pixel_spacing_mm, n_imus=0))
+            sweeps.append(simulate_sweep_for_grid(seed0 + i, n, mcfg.frame_shape, mcfg.pixel_spacing_mm,
+                                                  d["sim_pixel_spacing_mm"], d["sim_spacing_jitter"],
+                                                  tactic=d["tactic"], n_imus=0))
             names.append(f"sim-{seed0 + i}")
     pool = _pool_from_sweeps(sweeps, names, mcfg)
     _POOLS[key] = pool

@@ -129,9 +129,8 @@ def main(argv=None) -> int:
              f"{r['before_gib']:.2f}", f"{r['peak_gib']:.2f}", f"{r['peak_gib'] - r['before_gib']:.2f}"]
             for r in results]
     worst = max((r["peak_gib"] for r in results if not r["align"]), default=float("nan"))
-    body = (f"Command: `python bench/bench_fima_memory.py --threads {args.threads} --frames {args.frames}`. One sweep "
-            f"of {args.frames} frames at {FULL_SHAPE[0]}x{FULL_SHAPE[1]} px, {FULL_SPACING_MM} mm (the paper's frames), "
-            "4 IMUs, through the whole `fima` method (resampling onto the network grid, windows encoded 16 pairs at a "
+    body = (f"One sweep of {args.frames} frames at {FULL_SHAPE[0]}x{FULL_SHAPE[1]} px, {FULL_SPACING_MM} mm "
+            "(the paper's frames), 4 IMUs, through the whole `fima` method (resampling onto the network grid, windows encoded 16 pairs at a "
             "time, poses chained), each row in a fresh process; ReM+F configuration, random weights. Peak RSS is the "
             "process's high-water mark (torch, the sweep and the model included).\n\n"
             + report.markdown_table(header, rows)

@@ -168,6 +168,17 @@ def test_training_sweeps_are_simulated_at_a_scanner_spacing_and_resampled_onto_t
     np.testing.assert_allclose(pa.targets[0], pg.targets[0], atol=5e-3)
 
 
+def test_pairs_encoded_at_once_shrink_on_large_grids():
+    from ultrasound_ai.freehand.fima_method import auto_pair_chunk, method_options
+    from ultrasound_ai.freehand.fima_model import make_config
+
+    assert [auto_pair_chunk(s) for s in ((48, 52), (124, 130), (248, 260), (2000, 2000))] == [16, 16, 4, 1]
+    paper = make_config("paper", "rem")
+    assert tuple(paper.frame_shape) == (248, 260)
+    assert method_options({}, paper, 0)["pair_chunk"] == 4
+    assert method_options({"pair_chunk": 2}, paper, 0)["pair_chunk"] == 2  # an explicit value wins
+
+
 # ------------------------------------------------------------------------------- (e) CLI and checkpoints
 
 

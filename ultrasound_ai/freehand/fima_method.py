@@ -16,7 +16,9 @@ the sweep's image-mm coordinates (the grid offset carried through) and chained: 
 Parameters: ``online_align`` (bool; default: the card's ``online_alignment``, true for "fima"),
 ``align_steps`` (60), ``align_lr`` (2e-6), ``align_whole_network`` (false: adapt only the fusion, SSM-C and
 head on cached features), ``imus`` (indices of the sweep's IMUs to use; default all; the estimate's
-``imu_weights`` keep one column per IMU of the sweep, 0 for those left out), ``pair_chunk`` (16).
+``imu_weights`` keep one column per IMU of the sweep, 0 for those left out), ``pair_chunk`` (default
+`auto_pair_chunk`: 16 pairs up to the shipped grid's 124 x 130 px, fewer on larger grids, so that the paper
+configuration's 248 x 260 frames stay within the 8 GB inference bound).
 """
 
 from __future__ import annotations
@@ -31,11 +33,20 @@ from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.freehand.methods import MethodContext, PoseEstimate, PoseMethod
 
 __all__ = ["FimaMethod", "Prediction", "AlignOptions", "load_fima", "imu_inputs", "window_starts",
-           "encode_windows", "predict_pairs", "estimate_sweep", "method_options"]
+           "encode_windows", "predict_pairs", "estimate_sweep", "method_options", "auto_pair_chunk"]
 
 METHOD = "fima"
 PARAM_CONVENTION = "xyz"
 DEFAULT_PAIR_CHUNK = 16
+# Pairs x grid pixels encoded at once: the spatial scans' states grow with it (16 pairs of 124 x 130 px took
+# 0.3 GiB; 16 pairs of 248 x 260 px peaked at 10.2 GiB, measured in bench_fima_memory).
+PAIR_PIXEL_BUDGET = DEFAULT_PAIR_CHUNK * 124 * 130
+
+
+def auto_pair_chunk(frame_shape) -> int:
+    """Pairs encoded at once for a network grid of `frame_shape` (h, w): at most 16, within the budget."""
+    h, w = (int(v) for v in frame_shape)
+    return max(1, min(DEFAULT_PAIR_CHUNK, PAIR_PIXEL_BUDGET // (h * w)))
 
 
 @dataclass
@@ -201,7 +212,9 @@ def method_options(params: dict, cfg, n_imus_sweep: int) -> dict:
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not np.isfinite(lr) or lr <= 0:
         raise InputError(f"fima parameter align_lr: expected a positive finite number, got {lr!r}")
     whole = _flag(params, "align_whole_network", False)
-    chunk = params.get("pair_chunk", DEFAULT_PAIR_CHUNK)
+    chunk = params.get("pair_chunk")
+    if chunk is None:
+        chunk = auto_pair_chunk(cfg.frame_shape)
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise InputError(f"fima parameter pair_chunk: expected an integer >= 1, got {chunk!r}")
     online = _flag(params, "online_align", bool(cfg.online_alignment) and cfg.uses_imus)

@@ -17,8 +17,9 @@ Parameters: ``online_align`` (bool; default: the card's ``online_alignment``, tr
 ``align_steps`` (60), ``align_lr`` (2e-6), ``align_whole_network`` (false: adapt only the fusion, SSM-C and
 head on cached features), ``imus`` (indices of the sweep's IMUs to use; default all; the estimate's
 ``imu_weights`` keep one column per IMU of the sweep, 0 for those left out), ``pair_chunk`` (default
-`auto_pair_chunk`: 16 pairs up to the shipped grid's 124 x 130 px, fewer on larger grids, so that the paper
-configuration's 248 x 260 frames stay within the 8 GB inference bound).
+`auto_pair_chunk`: 16 pairs up to the shipped grid's 124 x 130 px, fewer on larger grids). It bounds the
+convolutions' memory only: SSM-F scans the whole window's tokens at once, which dominates the paper
+configuration's peak (BENCHMARKS.md fima_memory).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ __all__ = ["FimaMethod", "Prediction", "AlignOptions", "load_fima", "imu_inputs"
 METHOD = "fima"
 PARAM_CONVENTION = "xyz"
 DEFAULT_PAIR_CHUNK = 16
-# Pairs x grid pixels encoded at once: the spatial scans' states grow with it (16 pairs of 124 x 130 px took
-# 0.3 GiB; 16 pairs of 248 x 260 px peaked at 10.2 GiB, measured in bench_fima_memory).
+# Pairs x grid pixels run through the convolutions at once: the shipped grid's 16 pairs, fewer pairs on
+# larger grids (the stage activations grow with the pixels).
 PAIR_PIXEL_BUDGET = DEFAULT_PAIR_CHUNK * 124 * 130
 
 

@@ -164,7 +164,8 @@ def test_training_sweeps_are_simulated_at_a_scanner_spacing_and_resampled_onto_t
     np.testing.assert_array_equal(simulate_sweep_for_grid(7, 6, (24, 26), 0.3, 0.15, 0.1, **kw).frames, acq.frames)
     pa, pg = pool_from_sweeps([acq], ["acq"], mcfg), pool_from_sweeps([grid], ["grid"], mcfg)
     assert pa.frames[0].shape == pg.frames[0].shape == (6, 24, 26)
-    # the grid sits centred in the acquisition frame, less than a pixel from the simulated grid's origin
+    # the grid sits at the top of the acquisition frame, centred laterally, less than a pixel from the
+    # simulated grid's origin
     np.testing.assert_allclose(pa.targets[0], pg.targets[0], atol=5e-3)
 
 

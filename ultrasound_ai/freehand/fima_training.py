@@ -1,10 +1,11 @@
 """FiMA (and its ablations ReM', ReM, ReM+F', ReM+F) training through the harness (`core.training.train`).
 
 Data: a pool of sweeps made once per process (cached by its settings) and re-cut into random windows at
-every step. ``data.source: simulate`` simulates the sweeps on the model's grid (frame_shape at
-pixel_spacing_mm, with ``n_imus`` IMUs for the IMU variants); ``data.source: folder`` reads sweep files
+every step. ``data.source: simulate`` simulates the sweeps over the model's grid (at
+``data.sim_pixel_spacing_mm``, then resampled like any input; with ``n_imus`` IMUs for the IMU variants);
+``data.source: folder`` reads sweep files
 (``*.h5`` with ``tforms``, and IMU data for the IMU variants) and resamples their frames onto the grid
-(`sweep_windows`, centred grid; the grid offset is carried into the targets).
+(`sweep_windows`, grid from the top row; the grid offset is carried into the targets).
 
 A window is N frames of one sweep, N drawn per step from ``data.window_frames`` (default: the model's
 ``window_frames``, which is also the window length of inference). With ``data.frame_strides`` the frames

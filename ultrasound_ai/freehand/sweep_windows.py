@@ -4,11 +4,14 @@ Generic helpers for every learned freehand method (MoGLo-Net uses them; FiMA may
 
 The network grid. A model is trained for frames of ``frame_shape`` = (h, w) pixels at ``spacing_xy`` =
 (sx', sy') mm (the card's input facts). A sweep's frames (H, W) at (sx, sy) are resampled onto that grid
-with the grid's *centre* on the frame's centre, so a frame of another size loses (or gains zero-padded)
-margins evenly. The network's image-mm coordinates therefore differ from the sweep's by a fixed
-translation: pixel (0, 0) of the network grid sits at ``offset_mm`` = (((W-1)sx - (w-1)sx')/2,
-((H-1)sy - (h-1)sy')/2, 0) in the sweep's image-mm coordinates (DESIGN.md: origin at the centre of pixel
-(0, 0), x along columns, y along rows). Relative transforms convert exactly between the two:
+centred laterally and anchored at the top row (the transducer face) in depth: a frame of another width
+loses (or gains zero-padded) margins evenly at the sides, a deeper frame loses its far field. Depth
+anchoring matches how the models are trained (simulated frames start at the face) and keeps the depth-
+dependent speckle the network learnt: a grid centred in depth on a 37-mm-deep frame made the shipped FiMA
+and ReM read the out-of-plane direction backwards (demo sweep FDR 150 % centred, 14 % anchored). The
+network's image-mm coordinates therefore differ from the sweep's by a fixed translation: pixel (0, 0) of
+the network grid sits at ``offset_mm`` = (((W-1)sx - (w-1)sx')/2, 0, 0) in the sweep's image-mm
+coordinates (DESIGN.md: origin at the centre of pixel (0, 0), x along columns, y along rows). Relative transforms convert exactly between the two:
 ``T_sweep = Tr(o) @ T_net @ Tr(-o)`` (`to_network_relative` / `from_network_relative`), so the spacing
 and the geometry are carried through: estimates come back in the sweep's own image-mm coordinates.
 
@@ -75,12 +78,13 @@ def _shape(value, name: str) -> tuple[int, int]:
 
 def grid_geometry(source_shape_hw: Sequence[int], source_spacing_xy, frame_shape_hw: Sequence[int],
                   spacing_xy) -> GridGeometry:
-    """The centred network grid for frames of `source_shape_hw` at `source_spacing_xy` (x first)."""
+    """The network grid for frames of `source_shape_hw` at `source_spacing_xy` (x first): centred laterally,
+    from the top row (the transducer face) in depth."""
     H, W = _shape(source_shape_hw, "source frame shape")
     h, w = _shape(frame_shape_hw, "network frame shape")
     sx, sy = _pair(source_spacing_xy, "source pixel_spacing_mm")
     tx, ty = _pair(spacing_xy, "network pixel spacing")
-    off = ((W - 1) * sx - (w - 1) * tx) / 2.0, ((H - 1) * sy - (h - 1) * ty) / 2.0, 0.0
+    off = ((W - 1) * sx - (w - 1) * tx) / 2.0, 0.0, 0.0
     return GridGeometry((H, W), (sx, sy), (h, w), (tx, ty), off)
 
 

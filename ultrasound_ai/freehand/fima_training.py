@@ -588,7 +588,8 @@ class FimaTask:
                                f"{mcfg.imu_acc_unit_m_s2} m/s^2 and {mcfg.imu_angle_unit_deg} degrees"),
                 "intensity_normalisation": "uint8 0..255 -> x * 2 / 255 - 1 (in the network)",
                 "resampling": ("frames resampled onto a grid of frame_shape_hw at pixel_spacing_mm (x first) "
-                               "centred on the frame's centre; linear, anti-aliased when shrinking; 0 outside"),
+                               "centred laterally, from the top row (transducer face) in depth; linear, anti-aliased "
+                               "when shrinking; 0 outside"),
                 "output": ("per pair (tx, ty, tz) mm + Euler degrees static 'xyz' (R = Rz Ry Rx) of T_i<-i+1 = "
                            "inv(T_i) T_i+1 on the grid"),
                 "online_alignment": bool(mcfg.online_alignment),

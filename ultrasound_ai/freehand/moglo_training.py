@@ -347,7 +347,8 @@ class MogloTask:
                 "imus": 0,
                 "intensity_normalisation": "uint8 0..255 -> x / 127.5 - 1 (in the network)",
                 "resampling": ("frames resampled onto a grid of frame_shape_hw at pixel_spacing_mm (x first) "
-                               "centred on the frame's centre; linear, anti-aliased when shrinking; 0 outside"),
+                               "centred laterally, from the top row (transducer face) in depth; linear, anti-aliased "
+                               "when shrinking; 0 outside"),
                 "output": (f"per pair (tx, ty, tz) mm + Euler degrees '{PARAM_CONVENTION}' (intrinsic, "
                            "R = Ry Rz Rx) of T_i<-i+1 on the grid; local and global heads averaged"),
             },

@@ -1,10 +1,10 @@
 """MoGLo-Net as a pose method ("moglo"): sensorless, images only.
 
-Pipeline for one sweep: the frames are resampled onto the checkpoint's grid (card ``input``: frame shape
-and pixel spacing; grid centred laterally from the top row, `sweep_windows`), cut into clips of `clip_frames` (5) frames, the network
-predicts the relative transform of every consecutive pair on the grid, the transforms are moved back to
-the sweep's own image-mm coordinates (the grid offset is carried through) and chained, so
-``tforms[0]`` = identity and ``tforms[i]`` maps frame i's image mm to frame 0's.
+Pipeline for one sweep: the frames are resampled onto the checkpoint's grid (card ``input``: frame shape and
+pixel spacing; grid centred laterally from the top row, `sweep_windows`), cut into clips of `clip_frames`
+(5) frames, the network predicts the relative transform of every consecutive pair on the grid, the
+transforms are moved back to the sweep's own image-mm coordinates (the grid offset is carried through) and
+chained, so ``tforms[0]`` = identity and ``tforms[i]`` maps frame i's image mm to frame 0's.
 
 Clip overlap (parameter ``overlap``): "last" (default) slides the clip one frame at a time and takes each
 pair from the clip in which it is the last pair, so its LSTM has seen the most context (the authors

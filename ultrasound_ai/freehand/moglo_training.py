@@ -2,10 +2,10 @@
 
 Data: a pool of sweeps made once per process (cached by its settings) and re-cut into random 5-frame
 clips at every step, since the simulator costs ~0.1-0.25 s per frame. With ``data.source: simulate`` the
-sweeps are simulated directly on the model's grid (frame_shape at pixel_spacing_mm: no resampling; the
-frame of the simulator's probe becomes the network grid); with ``data.source: folder`` sweep files
-(``*.h5`` with ``tforms``) are resampled onto the grid (`sweep_windows`, grid from the top row, the offset carried
-into the targets). Targets: per-pair (tx, ty, tz mm, YZX degrees) of T_{i<-i+1} on the grid, normalised
+sweeps are simulated over the model's grid at ``data.sim_pixel_spacing_mm`` (null: on the grid itself);
+with ``data.source: folder`` sweep files (``*.h5`` with ``tforms``) are read. Either way the frames are
+resampled onto the grid as at inference (`sweep_windows`, grid from the top row, the offset carried into
+the targets). Targets: per-pair (tx, ty, tz mm, YZX degrees) of T_{i<-i+1} on the grid, normalised
 by the training pool's mean and standard deviation (stored in the model's buffers and the card).
 
 Batch for step s: `batch_size` clips drawn from `step_numpy_rng(seed, rank, s)` (sweep uniformly, start

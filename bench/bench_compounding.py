@@ -1,9 +1,12 @@
 """Benchmark compounding: 480x640 uint8 frames of a 1000-frame sweep into a 0.5 mm grid.
 
-Measures frames/s and peak memory of `reconstruct_volume` (mean, max, latest) on CPU with 2 torch
-threads and 1 thread (and on CUDA when available), against a plain torch `index_add_` pixel-nearest-neighbour
-insert (float32 pixel -> voxel mapping, boolean mask, two index_add_ calls per chunk), and writes the
-"compounding" section of BENCHMARKS.md.
+Measures frames/s (best and median of --repeats runs) and peak memory of `reconstruct_volume` (mean, max,
+latest) on CPU with 2 torch threads and 1 thread (and on CUDA when available), each against a plain torch
+`index_add_` pixel-nearest-neighbour insert (float32 pixel -> voxel mapping, boolean mask, two index_add_
+calls per chunk) timed in the same run with the same setting, and writes the "compounding" sections of
+BENCHMARKS.md. Waits for free cores first (bench/report.py: --allow-busy, --quiet-timeout).
+
+    python bench/bench_compounding.py [--devices cpu|cuda] [--threads 2,1] [--repeats 5]
 
 Data (frozen): frames = numpy default_rng(0) uniform uint8 [N, 480, 640], 0.15 mm pixels; poses = a
 linear sweep of 0.1 mm per frame out of plane (100 mm over 1000 frames) with 0.2 mm lateral drift
@@ -100,64 +103,77 @@ def plain_index_add(frames, tforms, grid, device, chunk_frames=8):
     return acc, cnt
 
 
-def run(device_name: str, frames, tforms, grid, repeats: int, baseline_frames: int, label: str = "",
+def run(device_name: str, frames, tforms, grid, repeats: int, baseline_frames: int, report, label: str = "",
         memory: bool = True):
+    """Rows for one device / thread setting: each compounding mode, then the plain insert it is compared with."""
     import torch
 
     from ultrasound_ai.core.device import resolve_device
 
     device = resolve_device(device_name)
     n = len(frames)
-    rows = []
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     def timed(fn):
-        best, best_cpu, mem = float("inf"), float("inf"), 0.0
-        for _ in range(repeats):
+        """Wall and CPU Timing of `repeats` runs (after one warm-up) and the peak memory of the first."""
+        wall, cpu, mem = report.Timing(), report.Timing(), 0.0
+        fn()
+        for i in range(repeats):
+            sync()
             if device.type == "cuda":
-                torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
             with PeakRSS() as rss:
                 t0, c0 = time.perf_counter(), time.process_time()
                 fn()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-            best, best_cpu = min(best, dt), min(best_cpu, cpu)
-            mem = max(mem, torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rss.extra_mb)
-        return n / best, n / best_cpu, mem
+                sync()
+                wall.seconds.append(time.perf_counter() - t0)
+                cpu.seconds.append(time.process_time() - c0)
+            if i == 0:  # later passes reuse memory the allocator kept: their RSS growth means nothing
+                mem = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else rss.extra_mb
+        return wall, cpu, mem
 
-    # Warm-up (allocator, kernels) on a few frames.
-    compounding.reconstruct_volume(frames[:4], tforms[:4], PIXEL_SPACING, grid=grid, device=device)
-    for mode in compounding.COMPOUNDING_MODES:
-        fps, cps, mem = timed(lambda: compounding.reconstruct_volume(frames, tforms, PIXEL_SPACING, grid=grid,
-                                                                       compounding=mode, device=device))
-        # A later pass reuses memory the allocator kept from the first: its RSS growth means nothing.
-        rows.append([f"reconstruct_volume {mode}{label}", f"{fps:.0f}", f"{cps:.0f}", f"{mem:.0f}" if memory else "—"])
-        print(f"{device}{label}: {mode}: {fps:.0f} frames/s, {cps:.0f} frames/CPU-s, peak +{mem:.0f} MB", flush=True)
-    if baseline_frames <= 0:
-        return rows
     nb = min(n, baseline_frames)
-    fps, cps, mem = timed(lambda: plain_index_add(frames[:nb], tforms[:nb], grid, device))
-    fps, cps = fps * nb / n, cps * nb / n  # timed() divides by n
-    rows.append([f"plain index_add_ (float32 mapping, mean){label}", f"{fps:.0f}", f"{cps:.0f}", f"{mem:.0f}"])
-    print(f"{device}{label}: plain index_add_: {fps:.0f} frames/s, {cps:.0f} frames/CPU-s, peak +{mem:.0f} MB", flush=True)
+    base_wall, base_cpu, base_mem = timed(lambda: plain_index_add(frames[:nb], tforms[:nb], grid, device))
+    rows = []
+    for mode in compounding.COMPOUNDING_MODES:
+        wall, cpu, mem = timed(lambda: compounding.reconstruct_volume(frames, tforms, PIXEL_SPACING, grid=grid,
+                                                                        compounding=mode, device=device))
+        best, median = wall.rate(n)
+        speedup = best / base_wall.rate(nb)[0]
+        rows.append([f"reconstruct_volume {mode}{label}", f"{best:,.0f}", f"{median:,.0f}", f"{speedup:.1f}×",
+                     f"{n / cpu.best:,.0f}", f"{mem:.0f}" if memory else "—"])
+        print(f"{device}{label}: {mode}: {best:.0f} frames/s (median {median:.0f}, {speedup:.1f}x the plain "
+              f"insert), {n / cpu.best:.0f} frames/CPU-s, peak +{mem:.0f} MB", flush=True)
+    best, median = base_wall.rate(nb)
+    rows.append([f"plain index_add_ (float32 mapping, mean){label}", f"{best:,.0f}", f"{median:,.0f}", "1.0×",
+                 f"{nb / base_cpu.best:,.0f}", f"{base_mem:.0f}" if memory else "—"])
+    print(f"{device}{label}: plain index_add_: {best:.0f} frames/s (median {median:.0f}), "
+          f"{nb / base_cpu.best:.0f} frames/CPU-s, peak +{base_mem:.0f} MB", flush=True)
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=1000, help="frames in the sweep (default 1000)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per case; the best is kept")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (best and median reported)")
     parser.add_argument("--baseline-frames", type=int, default=200,
                         help="frames timed for the slow plain index_add_ baseline (default 200)")
     parser.add_argument("--threads", default="2,1",
                         help="torch CPU thread counts to measure, comma-separated (default 2,1)")
+    parser.add_argument("--devices", default="auto",
+                        help="cpu, cuda or both comma-separated (default auto: cpu, and cuda when available)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md alone")
-    args = parser.parse_args(argv)
+    report = _report_module()
+    args = report.parse_bench_args(parser, argv)
 
     import torch
 
     threads = [int(t) for t in str(args.threads).split(",")]
+    devices = (["cpu"] + (["cuda"] if torch.cuda.is_available() else []) if args.devices == "auto"
+               else [d.strip() for d in args.devices.split(",") if d.strip()])
     rng = np.random.default_rng(0)
     frames = rng.integers(0, 256, (args.frames, H, W), dtype=np.uint8)
     tforms = sweep_poses(args.frames)
@@ -165,37 +181,41 @@ def main(argv=None) -> int:
     nk, nj, ni = grid.shape_kji
     print(f"grid {ni}x{nj}x{nk} voxels of {VOXEL_MM} mm, {args.frames} frames {W}x{H}", flush=True)
 
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    report = _report_module()
-    for dev in devices:
+    for k, dev in enumerate(devices):
+        if k:  # a second device is a second section: its own load record
+            report.begin_section(1, allow_busy=args.allow_busy, timeout_s=args.quiet_timeout)
         if dev == "cpu":
             rows = []
             for i, t in enumerate(threads):
                 torch.set_num_threads(t)
-                rows += run(dev, frames, tforms, grid, args.repeats, args.baseline_frames if i == 0 else 0,
+                rows += run(dev, frames, tforms, grid, args.repeats, args.baseline_frames, report,
                             label=f", {t} thread{'s' if t > 1 else ''}", memory=i == 0)
             torch.set_num_threads(threads[0])  # the section's machine line reports the thread count
         else:
-            rows = run(dev, frames, tforms, grid, args.repeats, args.baseline_frames)
+            rows = run(dev, frames, tforms, grid, args.repeats, args.baseline_frames, report)
         mem_note = ("peak CUDA memory allocated" if dev == "cuda"
                     else "peak resident memory above the level before the call (frames already in memory; "
                          "measured on the first thread setting only, later ones reuse the allocator's memory)")
+        goal = "≥ 10,000 frames/s on a CUDA device" if dev == "cuda" else "≥ 300 frames/s on 2 CPU cores"
         body = (
             f"{args.frames} frames of {W}x{H} uint8 (0.15 mm pixels) into a {ni}x{nj}x{nk} grid of {VOXEL_MM} mm "
-            f"({ni * nj * nk / 1e6:.1f} M voxels), pixel nearest neighbour; best of {args.repeats} runs; "
-            f"CPU with {' and '.join(map(str, threads))} torch threads; the plain baseline is timed on the first "
-            f"{min(args.frames, args.baseline_frames)} frames.\n\n"
-            + report.markdown_table(["method", "frames/s (wall)", "frames per CPU-second", "peak memory (MB)"], rows)
+            f"({ni * nj * nk / 1e6:.1f} M voxels), pixel nearest neighbour; {args.repeats} timed runs after a "
+            f"warm-up, best and median"
+            + (f"; CPU with {' and '.join(map(str, threads))} torch threads" if dev == "cpu" else "")
+            + f". The baseline, a plain torch `index_add_` insert (float32 pixel -> voxel mapping, boolean mask), "
+            f"is measured in the same run with the same setting on the first {min(args.frames, args.baseline_frames)} "
+            "frames; \"× plain\" is best frames/s over the baseline's best.\n\n"
+            + report.markdown_table(["method", "frames/s (best)", "frames/s (median)", "× plain insert",
+                                     "frames per CPU-second", "peak memory (MB)"], rows)
             + f"\n\nMemory: {mem_note}. Frames: numpy default_rng(0) uniform uint8; poses: 0.1 mm/frame "
             "linear sweep (100 mm per 1000 frames) tilting 0.02°/frame and rolling 0.005°/frame "
-            "(`bench/bench_compounding.py`, `sweep_poses`). Speed target: ≥ 300 frames/s on 2 CPU cores. "
-            "On a shared machine the wall-clock CPU figures are noisy "
-            "(other processes take cores). Frames per CPU-second is process CPU time over all threads; with "
-            "2 threads on an oversubscribed machine it also counts OpenMP spin-waiting, so the 1-thread "
-            "figure is the steadiest measure of per-core throughput."
+            f"(`bench/bench_compounding.py`, `sweep_poses`). Speed goal: {goal}. Frames per CPU-second is "
+            "process CPU time over all threads (best run)."
         )
         if not args.no_write:
             report.write_section("compounding", "Compounding (volume reconstruction)", body, device=dev)
+        else:
+            report.end_section()
     return 0
 
 

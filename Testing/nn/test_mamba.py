@@ -91,3 +91,22 @@ def test_gradients_flow_to_every_parameter():
     for name, p in m.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and float(p.grad.abs().sum()) > 0, name
     assert math.isfinite(float(m.A_log.grad.sum()))
+
+
+@pytest.mark.parametrize("d_conv", [1, 4])
+def test_scan_branch_streamed_in_pieces_equals_one_pass(d_conv):
+    # The causal convolution's left context and the scan state carried across pieces (some shorter than
+    # the kernel) reproduce the one-pass output.
+    from ultrasound_ai.nn.mamba import ScanBranch
+
+    torch.manual_seed(3)
+    br = ScanBranch(6, d_state=4, d_conv=d_conv, dt_rank=2).double()
+    br.chunk_size = 5
+    x, z = torch.randn(2, 6, 40, dtype=torch.float64), torch.randn(2, 6, 40, dtype=torch.float64)
+    whole = br(x, z)
+    state, outs = None, []
+    for s, e in ((0, 2), (2, 3), (3, 17), (17, 40)):
+        y, state = br(x[..., s:e], z[..., s:e], state=state, return_state=True)
+        outs.append(y)
+        assert state.conv.shape == (2, 6, d_conv - 1) and state.ssm.shape == (2, 6, 4)
+    torch.testing.assert_close(torch.cat(outs, -1), whole, rtol=1e-10, atol=1e-12)

@@ -12,14 +12,16 @@
 Parameter names (in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj) and shapes are those of
 ``mamba_ssm.modules.mamba_simple.Mamba``, so its state dicts load with `load_state_dict`. The scan
 branch (conv1d, x_proj, dt_proj, A_log, D) is also available on its own (`ScanBranch`), which the
-multi-directional ReMamba blocks use with separate parameters per scan order. No step()/inference
-cache: inputs are always whole sequences.
+multi-directional ReMamba blocks use with separate parameters per scan order. A scan branch can also
+run over a long sequence piece by piece: `ScanState` carries the causal convolution's last inputs and the
+scan's state from one piece to the next, and the pieces' outputs equal one pass over the whole sequence.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +30,7 @@ from torch import nn
 from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.nn.selective_scan import selective_scan
 
-__all__ = ["Mamba", "ScanBranch", "init_scan_parameters", "scan_branch_forward"]
+__all__ = ["Mamba", "ScanBranch", "ScanState", "init_scan_parameters", "scan_branch_forward"]
 
 
 def init_scan_parameters(module: nn.Module, d_inner: int, d_state: int = 16, d_conv: int = 4,
@@ -74,21 +76,50 @@ def _at_least_fp32(p: torch.Tensor) -> torch.Tensor:
     return p if p.dtype == torch.float64 else p.float()
 
 
+@dataclass
+class ScanState:
+    """What a scan branch carries from one piece of a sequence to the next.
+
+    conv: [B, d_inner, d_conv - 1], the last inputs of the causal convolution (its left context);
+    ssm: [B, d_inner, N], the selective scan's state after the piece's last step.
+    """
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+
 def scan_branch_forward(module: nn.Module, x: torch.Tensor, z: Optional[torch.Tensor] = None, *,
-                        backend: str = "auto", chunk_size: int = 64) -> torch.Tensor:
+                        backend: str = "auto", chunk_size: int = 64, state: Optional[ScanState] = None,
+                        return_state: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, ScanState]]:
     """conv1d + SiLU + selective scan of x [B, d_inner, L] with `module`'s scan parameters.
 
-    z [B, d_inner, L] (optional) gates the output by SiLU(z). Returns y [B, d_inner, L].
+    z [B, d_inner, L] (optional) gates the output by SiLU(z). Returns y [B, d_inner, L], and with
+    return_state the `ScanState` after the last step. `state` (from the previous piece of the sequence;
+    None = the sequence starts here) continues a sequence.
     """
     L = x.shape[-1]
-    x = F.silu(module.conv1d(x)[..., :L])  # keep the first L outputs: causal (left-padded) convolution
+    if state is None and not return_state:
+        xc = module.conv1d(x)[..., :L]  # keep the first L outputs: causal (left-padded) convolution
+        new_conv = None
+    else:
+        k = module.d_conv
+        left = x.new_zeros(x.shape[0], x.shape[1], k - 1) if state is None else state.conv.to(x.dtype)
+        xp = torch.cat([left, x], dim=-1)  # the left context replaces the zero padding
+        xc = F.conv1d(xp, module.conv1d.weight, module.conv1d.bias, groups=module.conv1d.groups)
+        new_conv = xp[..., xp.shape[-1] - (k - 1):]
+    x = F.silu(xc)
     x_dbl = module.x_proj(x.transpose(1, 2))  # [B, L, dt_rank + 2N]
     dt, Bm, Cm = torch.split(x_dbl, [module.dt_rank, module.d_state, module.d_state], dim=-1)
     delta = (dt @ module.dt_proj.weight.t()).transpose(1, 2)  # [B, d_inner, L]; bias goes to the scan
     A = -torch.exp(_at_least_fp32(module.A_log))
-    return selective_scan(x, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), _at_least_fp32(module.D), z=z,
-                          delta_bias=_at_least_fp32(module.dt_proj.bias), delta_softplus=True,
-                          backend=backend, chunk_size=chunk_size)
+    out = selective_scan(x, delta, A, Bm.transpose(1, 2), Cm.transpose(1, 2), _at_least_fp32(module.D), z=z,
+                         delta_bias=_at_least_fp32(module.dt_proj.bias), delta_softplus=True,
+                         return_last_state=return_state, initial_state=None if state is None else state.ssm,
+                         backend=backend, chunk_size=chunk_size)
+    if not return_state:
+        return out
+    y, h = out
+    return y, ScanState(new_conv, h)
 
 
 class ScanBranch(nn.Module):
@@ -100,8 +131,11 @@ class ScanBranch(nn.Module):
         self.backend = "auto"
         self.chunk_size = 64
 
-    def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return scan_branch_forward(self, x, z, backend=self.backend, chunk_size=self.chunk_size)
+    def forward(self, x: torch.Tensor, z: Optional[torch.Tensor] = None, state: Optional[ScanState] = None,
+                return_state: bool = False):
+        """y [B, d_inner, L] (and the `ScanState` after it with return_state); see `scan_branch_forward`."""
+        return scan_branch_forward(self, x, z, backend=self.backend, chunk_size=self.chunk_size, state=state,
+                                   return_state=return_state)
 
 
 class Mamba(nn.Module):

@@ -18,6 +18,10 @@ backends are interchangeable:
     returns out [B, D, L] (dtype of u), and with return_last_state the state h_L [B, D, N] (float32, or
     float64 for float64 inputs), as mamba_ssm does.
 
+One argument goes beyond mamba_ssm's: ``initial_state`` [B, D, N], the state h_0 before the first step
+(zeros when None). Passing the last state of one piece of a sequence as the initial state of the next
+scans a long sequence piece by piece with the result of one scan (streaming).
+
 `selective_scan_chunked` never materialises a [B, D, L, N] tensor for the whole sequence: it walks the
 sequence in chunks of `chunk_size` steps, carries the state between chunks, and inside a chunk runs a
 parallel scan written with cumulative sums of the log-decays S = cumsum(delta*A): h_t = exp(S_t) *
@@ -43,6 +47,7 @@ __all__ = [
     "selective_scan",
     "selective_scan_ref",
     "selective_scan_chunked",
+    "with_initial_state",
     "mamba_ssm_available",
     "BACKENDS",
 ]
@@ -56,6 +61,15 @@ ScanResult = Union[Tensor, Tuple[Tensor, Tensor]]
 # ------------------------------------------------------------------------------------------------
 # input checks and common preparation
 # ------------------------------------------------------------------------------------------------
+
+
+def _check_initial_state(u, A, initial_state):
+    if initial_state is None:
+        return
+    want = (u.shape[0], u.shape[1], A.shape[1])
+    if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
+        got = list(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
+        raise InputError(f"selective scan: initial_state must have shape [B, D, N] = {list(want)}, got {got}")
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
@@ -136,13 +150,14 @@ def _finish(u: Tensor, y: Tensor, D: Optional[Tensor], z: Optional[Tensor], dtyp
 
 
 def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                       return_last_state=False) -> ScanResult:
+                       return_last_state=False, initial_state=None) -> ScanResult:
     """The selective scan as a sequential loop over time; see the module docstring for shapes.
 
     Slow (one step of Python per time step) and O(B*D*N) in state: the oracle the fast paths are
     tested against.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    _check_initial_state(u, A, initial_state)
     dtype = _compute_dtype(u)
     b, d, L = u.shape
     delta = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
@@ -150,7 +165,7 @@ def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta
     Af = A.to(dtype)
     Bt = _as_btn(B, b, d, dtype)  # [b|1, d|1, L|1, n]
     Ct = _as_btn(C, b, d, dtype)
-    h = uf.new_zeros(b, d, Af.shape[1])
+    h = uf.new_zeros(b, d, Af.shape[1]) if initial_state is None else initial_state.to(dtype)
     ys = []
     for t in range(L):
         bt = Bt[:, :, t if Bt.shape[2] > 1 else 0]
@@ -202,18 +217,26 @@ def _scan_chunk(uf: Tensor, delta: Tensor, A: Tensor, Bt: Tensor, Ct: Tensor, h0
     a chunk that decays more steeply than that uses the doubling scan instead, which only multiplies
     decays <= 1 (about 3x the work, stable for any decay).
     """
-    T = uf.shape[-1]
     S = torch.cumsum(delta.unsqueeze(-1) * A[:, None, :], dim=2)  # [b, d, T, n]
-    if float(S.detach().abs().amax()) <= _SAFE_LOG_DECAY[S.dtype] if S.numel() else True:
-        x = (delta * uf).unsqueeze(-1) * Bt
+    if S.numel():
+        # With delta >= 0 and A <= 0 (Mamba's case) S only decreases along time: its last step is the
+        # extreme, which spares a pass over the whole chunk.
+        monotone = bool((A <= 0).all()) and bool((delta >= 0).all())
+        extreme = float((S[:, :, -1] if monotone else S).detach().abs().amax())
+        if extreme > _SAFE_LOG_DECAY[S.dtype]:
+            return _doubling_scan(uf, delta, A, Bt, Ct, h0)
+    x = (delta * uf).unsqueeze(-1) * Bt  # [b, d, T, n] per-step increments
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (uf, delta, A, Bt, Ct, h0)):
         P = torch.cumsum(torch.exp(-S) * x, dim=2)
         h = torch.exp(S) * (P + h0.unsqueeze(2))
-        return (h * Ct).sum(-1), h[:, :, -1]
-    return _doubling_scan(uf, delta, A, Bt, Ct, h0)
+    else:  # the same formula in place (no autograd record to keep): fewer passes over [b, d, T, n]
+        E = S.neg_().exp_()  # exp(-S)
+        h = torch.cumsum(x.mul_(E), dim=2).add_(h0.unsqueeze(2)).div_(E)
+    return (h * Ct).sum(-1), h[:, :, -1]
 
 
 def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                           return_last_state=False, chunk_size: int = 64,
+                           return_last_state=False, initial_state=None, chunk_size: int = 64,
                            checkpoint: Optional[bool] = None) -> ScanResult:
     """The selective scan in chunks of `chunk_size` time steps with a parallel scan inside each chunk.
 
@@ -223,6 +246,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     intermediates; None = on when gradients are being recorded and there is more than one chunk.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    _check_initial_state(u, A, initial_state)
     if int(chunk_size) < 1:
         raise InputError(f"selective scan: chunk_size must be >= 1, got {chunk_size}")
     chunk_size = int(chunk_size)
@@ -234,9 +258,9 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     Bt = _as_btn(B, b, d, dtype)
     Ct = _as_btn(C, b, d, dtype)
     n = Af.shape[1]
-    h = uf.new_zeros(b, d, n)
+    h = uf.new_zeros(b, d, n) if initial_state is None else initial_state.to(dtype)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias))
+        t is not None and t.requires_grad for t in (u, delta, A, B, C, delta_bias, initial_state))
     if checkpoint is None:
         checkpoint = needs_grad and L > chunk_size
     checkpoint = bool(checkpoint) and needs_grad
@@ -280,34 +304,69 @@ def mamba_ssm_available() -> bool:
     return _mamba_ssm_fn() is not None
 
 
+def with_initial_state(scan_fn, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False, initial_state=None) -> ScanResult:
+    """A scan that starts from zero (`scan_fn`, e.g. mamba_ssm's kernel, which takes no initial state) plus
+    the contribution of `initial_state`.
+
+    The recurrence is linear in h: started from h0 instead of 0, every state gains exp(S_t) * h0 with
+    S_t = sum_{s<=t} delta_s * A, so out_t gains (C_t . exp(S_t) h0) * SiLU(z_t) and the last state
+    exp(S_L) * h0. This materialises one [B, D, L, N] decay tensor: meant for pieces of a stream.
+    """
+    if initial_state is None:
+        return scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    _check_initial_state(u, A, initial_state)
+    out, last = scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, True)
+    dtype = _compute_dtype(u)
+    b, d, L = u.shape
+    h0 = initial_state.to(dtype)
+    dl = _prepare_delta(delta, delta_bias, delta_softplus, dtype)
+    decay = torch.exp(torch.cumsum(dl.unsqueeze(-1) * A.to(dtype)[:, None, :], dim=2))  # [b, d, L, n]
+    extra = (decay * h0.unsqueeze(2) * _as_btn(C, b, d, dtype)).sum(-1)
+    if z is not None:
+        extra = extra * F.silu(z.to(dtype))
+    out = (out.to(dtype) + extra).to(u.dtype)
+    if not return_last_state:
+        return out
+    return out, last.to(dtype) + (decay[:, :, -1] * h0 if L else h0)
+
+
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                   return_last_state=False, *, backend: str = "auto", chunk_size: int = 64) -> ScanResult:
+                   return_last_state=False, initial_state=None, *, backend: str = "auto",
+                   chunk_size: int = 64) -> ScanResult:
     """The selective scan through the chosen backend (module docstring for shapes and semantics).
 
     backend: "auto" = mamba_ssm's CUDA kernel for CUDA tensors in fp32/fp16/bf16 when it imports,
     else the chunked torch scan; "torch" = the chunked torch scan; "mamba_ssm" = the CUDA kernel
     (InputError if it does not import or the tensors are not on CUDA); "ref" = the sequential loop.
+    With the kernel, an `initial_state` is added by `with_initial_state`.
     """
     if backend not in BACKENDS:
         raise InputError(f"selective scan: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "ref":
-        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+        return selective_scan_ref(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                  initial_state)
     if backend in ("auto", "mamba_ssm"):
         fn = _mamba_ssm_fn()
         usable = (fn is not None and isinstance(u, torch.Tensor) and u.is_cuda
                   and u.dtype in (torch.float32, torch.float16, torch.bfloat16))
         if usable:
             _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-            # The kernel wants contiguous inputs and float32 A, D and delta_bias.
-            return fn(u.contiguous(), delta.contiguous(), A.float().contiguous(), B.contiguous(),
-                      C.contiguous(), None if D is None else D.float().contiguous(),
-                      None if z is None else z.contiguous(),
-                      None if delta_bias is None else delta_bias.float().contiguous(),
-                      delta_softplus, return_last_state)
+
+            def kernel(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+                # The kernel wants contiguous inputs and float32 A, D and delta_bias.
+                return fn(u.contiguous(), delta.contiguous(), A.float().contiguous(), B.contiguous(),
+                          C.contiguous(), None if D is None else D.float().contiguous(),
+                          None if z is None else z.contiguous(),
+                          None if delta_bias is None else delta_bias.float().contiguous(),
+                          delta_softplus, return_last_state)
+
+            return with_initial_state(kernel, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                      return_last_state, initial_state)
         if backend == "mamba_ssm":
             why = ("mamba_ssm does not import here" if fn is None
                    else "the inputs must be fp32/fp16/bf16 tensors on a CUDA device")
             raise InputError(f"selective scan: backend='mamba_ssm' was asked for but {why}; "
                              "use backend='auto' or 'torch'")
     return selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                                  chunk_size=chunk_size)
+                                  initial_state, chunk_size=chunk_size)

@@ -12,8 +12,6 @@ import pathlib
 from typing import Annotated
 
 import qt
-import vtk
-
 import slicer
 from slicer import vtkMRMLSequenceBrowserNode
 from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
@@ -24,21 +22,10 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from UltrasoundAIULMLib.logic import METHOD_LABELS, UltrasoundAIULMLogic
+# UltrasoundAIULMLib puts the engine on sys.path (a source checkout), so it is imported first.
+from UltrasoundAIULMLib.logic import METHOD_LABELS, METHODS, UltrasoundAIULMLogic
 
-
-def _ensure_engine_on_path():
-    """Make `import ultrasound_ai` work from a source checkout too (the engine sits beside the module
-    folders in an installed extension, one level up in the repository)."""
-    import sys
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
-        if os.path.isdir(os.path.join(candidate, "ultrasound_ai")) and candidate not in sys.path:
-            sys.path.append(candidate)
-
-
-_ensure_engine_on_path()
+from ultrasound_ai.mrml.job_panel import JobPanel, ParameterNodePanel
 
 
 class UltrasoundAIULM(ScriptedLoadableModule):
@@ -79,20 +66,12 @@ class UltrasoundAIULMParameterNode:
     createNewNodes: bool = False
 
 
-class UltrasoundAIULMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
-    POLL_MS = 100
+class UltrasoundAIULMWidget(ParameterNodePanel, ScriptedLoadableModuleWidget, VTKObservationMixin):
+    ParameterNode = UltrasoundAIULMParameterNode
 
     def __init__(self, parent=None):
         ScriptedLoadableModuleWidget.__init__(self, parent)
         VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._launcher = None
-        self._runParameters = None
-        self._timer = qt.QTimer()
-        self._timer.setInterval(self.POLL_MS)
-        self._timer.connect("timeout()", self.onTimer)
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -101,147 +80,42 @@ class UltrasoundAIULMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = UltrasoundAIULMLogic()
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
-        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.jobs = JobPanel(
+            self.logic, qt.QTimer(), self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel,
+            title="ULM processing", parameters=self.logicParameters, ready=self.inputsReady,
+            on_results=self.showResults, error_display=slicer.util.errorDisplay,
+            not_ready_tip="Select an IQ sequence or an acquisition file.", on_update=self.onUpdate,
+            model_label=self.ui.modelCardLabel, model_line=self.modelLine,
+            path_boxes=(self.ui.inputAcquisitionFilePathLineEdit,))
         self.ui.loadAcquisitionButton.connect("clicked(bool)", self.onLoadAcquisitionButton)
-        for index, method in enumerate(("rs", "wa", "3dml")):
+        self.setupPanel()
+
+    def onParameterNodeSet(self):
+        # connectGui refills the method combobox from its Choice: its item tooltips are set after it.
+        for index, method in enumerate(METHODS):
             self.ui.methodComboBox.setItemData(index, METHOD_LABELS[method], qt.Qt.ToolTipRole)
-        self.ui.progressBar.setRange(0, 1000)
-        self.initializeParameterNode()
 
-    def cleanup(self):
-        self._timer.stop()
-        if self._launcher is not None and not self._launcher.done:
-            self.logic.cancel()
-        self.removeObservers()
-
-    def enter(self):
-        self.initializeParameterNode()
-
-    def exit(self):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self._parameterNodeGuiTag = None
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-
-    def onSceneStartClose(self, caller, event):
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event):
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self):
-        self.setParameterNode(UltrasoundAIULMParameterNode(self.logic.getParameterNode()))
-
-    def setParameterNode(self, inputParameterNode):
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
-            self._updateButtons()
-
-    def _hasAcquisitionFile(self):
+    def _acquisitionFile(self):
         path = self._parameterNode.inputAcquisitionFile if self._parameterNode else None
-        return bool(path) and str(path) not in ("", ".") and os.path.isfile(str(path))
+        return str(path) if path and str(path) != "." and os.path.isfile(str(path)) else None
 
-    def _updateButtons(self, caller=None, event=None):
-        running = self._launcher is not None and not self._launcher.done
-        if running:
-            self.ui.applyButton.text = "Cancel"
-            self.ui.applyButton.toolTip = "Stop the running ULM processing."
-            self.ui.applyButton.enabled = True
-            return
-        self.ui.applyButton.text = "Apply"
-        ready = self._parameterNode is not None and (bool(self._parameterNode.inputSequence) or self._hasAcquisitionFile())
-        self.ui.applyButton.enabled = ready
-        self.ui.applyButton.toolTip = (
-            "Process in a background process." if ready else "Select an IQ sequence or an acquisition file."
-        )
-        self.ui.loadAcquisitionButton.enabled = self._hasAcquisitionFile()
+    def inputsReady(self):
+        p = self._parameterNode
+        return p is not None and (bool(p.inputSequence) or bool(self._acquisitionFile()))
+
+    def onUpdate(self, running):
+        self.ui.loadAcquisitionButton.enabled = not running and bool(self._acquisitionFile())
         counting = bool(self._parameterNode and self._parameterNode.useCountingNetwork)
         self.ui.bubblesPerFrameSpinBox.enabled = not counting
 
-    # -- actions --------------------------------------------------------------------------------
+    def modelLine(self):
+        return self.logic.model_line(self._parameterNode.method) if self._parameterNode else ""
+
     def onLoadAcquisitionButton(self):
         with slicer.util.tryWithErrorDisplay("Failed to load the acquisition.", waitCursor=True):
-            browser = self.logic.load_acquisition(str(self._parameterNode.inputAcquisitionFile))
+            browser = self.logic.load_acquisition(self._acquisitionFile())
             self._parameterNode.inputSequence = browser
             slicer.util.setSliceViewerLayers(background=browser.GetProxyNode(browser.GetMasterSequenceNode()), fit=True)
-
-    def onApplyButton(self):
-        if self._launcher is not None and not self._launcher.done:
-            self.logic.cancel()
-            self.ui.statusLabel.text = "Cancelling..."
-            self.ui.applyButton.enabled = False
-            return
-        with slicer.util.tryWithErrorDisplay("Failed to start the ULM processing.", waitCursor=True):
-            # The Logic installs the engine's dependencies on first use, after asking.
-            self._runParameters = self.logicParameters()
-            self.ui.statusLabel.text = "Starting..."
-            self._launcher = self.logic.start(self._runParameters)
-            self.ui.progressBar.value = 0
-            self.ui.progressBar.visible = True
-            self._timer.start()
-        if self._launcher is None:
-            self.ui.statusLabel.text = ""
-        self._updateButtons()
-
-    def logicParameters(self):
-        """A snapshot of the panel for the Logic (the parameter node may change while the job runs)."""
-        p = self._parameterNode
-        return {
-            "inputSequence": p.inputSequence,
-            "inputAcquisitionFile": str(p.inputAcquisitionFile) if p.inputAcquisitionFile else None,
-            "method": p.method,
-            "resolutionFactor": p.resolutionFactor,
-            "useCountingNetwork": p.useCountingNetwork,
-            "bubblesPerFrame": p.bubblesPerFrame,
-            "linkDistance": p.linkDistance,
-            "minTrackLength": p.minTrackLength,
-            "svdCutoff": p.svdCutoff,
-            "blockFrames": p.blockFrames,
-            "wavelengthMm": p.wavelengthMm,
-            "frameRateHz": p.frameRateHz,
-            "device": p.device,
-            "createNewNodes": p.createNewNodes,
-        }
-
-    def onTimer(self):
-        launcher = self._launcher
-        if launcher is None:
-            self._timer.stop()
-            return
-        # Events arrive on the launcher's thread; the GUI reads them here, on the GUI thread.
-        for event in launcher.drain():
-            if event.get("event") == "progress":
-                self.ui.progressBar.value = int(1000 * float(event.get("fraction", 0.0)))
-                self.ui.statusLabel.text = str(event.get("message", ""))
-            elif event.get("event") == "log":
-                self.ui.statusLabel.text = str(event.get("message", ""))
-        if not launcher.done:
-            return
-        self._timer.stop()
-        self._launcher = None
-        result = launcher.result
-        self.ui.progressBar.visible = False
-        if result.status == "cancelled" or not result.ok:
-            self.logic.cleanup_inputs()
-            if result.status == "cancelled":
-                self.ui.statusLabel.text = "Cancelled; nothing was changed."
-            else:
-                self.ui.statusLabel.text = "Failed."
-                slicer.util.errorDisplay(f"ULM processing failed: {result.error}")
-        else:
-            with slicer.util.tryWithErrorDisplay("Failed to load the results.", waitCursor=True):
-                nodes = self.logic.load_results(result, self._runParameters)
-                self.showResults(nodes, result.duration_s)
-        self._updateButtons()
 
     def showResults(self, nodes, duration_s):
         payload = nodes["result"]
@@ -259,40 +133,30 @@ class UltrasoundAIULMWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 class UltrasoundAIULMTest(ScriptedLoadableModuleTest):
-    """Runs, inside Slicer, the scenarios that Testing/mrml/test_ulm_module.py runs with slicer-core."""
+    """Runs, inside Slicer, the scenarios that Testing/mrml/test_ulm_module.py runs with slicer-core.
+    Each test_* stands alone (ctest runs each with setUp only; runTest runs them all)."""
 
     def setUp(self):
-        slicer.mrmlScene.Clear()
-
-    def runTest(self):
-        self.setUp()
-        self.test_rs()
-        self.setUp()
-        self.test_cancel()
-        self.setUp()
-        self.test_bad_input()
-
-    def _workdir(self):
         import tempfile
 
-        return pathlib.Path(tempfile.mkdtemp(prefix="UltrasoundAIULMTest-"))
+        slicer.mrmlScene.Clear()
+        self.work = pathlib.Path(tempfile.mkdtemp(prefix="UltrasoundAIULMTest-"))
 
     def test_rs(self):
         from UltrasoundAIULMLib import scenarios
 
-        work = self._workdir()
-        scenarios.process_scenario(scenarios.make_acquisition(work / "acq.h5"), work / "rs", "rs", repeat=True)
+        acquisition = scenarios.make_acquisition(self.work / "acq.h5")
+        scenarios.process_scenario(acquisition, self.work / "rs", "rs", repeat=True)
         self.delayDisplay("RS processing passed")
 
     def test_cancel(self):
         from UltrasoundAIULMLib import scenarios
 
-        work = self._workdir()
-        scenarios.cancel_scenario(scenarios.make_acquisition(work / "acq.h5"), work / "cancel")
+        scenarios.cancel_scenario(scenarios.make_acquisition(self.work / "acq.h5"), self.work / "cancel")
         self.delayDisplay("cancel passed")
 
     def test_bad_input(self):
         from UltrasoundAIULMLib import scenarios
 
-        scenarios.bad_input_scenario(self._workdir())
+        scenarios.bad_input_scenario(self.work)
         self.delayDisplay("bad input passed")

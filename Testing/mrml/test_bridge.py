@@ -6,10 +6,10 @@ import sys
 import numpy as np
 import pytest
 
+from ultrasound_ai import mrml
 from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.core.geometry import LPS_TO_RAS
 from ultrasound_ai.io.volume import Volume
-from ultrasound_ai import mrml
 
 
 def _rotation(axis, angle):

@@ -44,8 +44,9 @@ def test_tracked_and_imu_into_one_browser(scene, sweep_path, tmp_path):
     assert imu["metrics"]["fdr_pct"] > tracked["metrics"]["fdr_pct"]
     # The IMU weights the method gave (dead reckoning combines every IMU) come back as a table node
     # holding the estimate file's imu_weights; the tracker has none.
-    from ultrasound_ai.io.sweep import read_sweep
     from UltrasoundAILib.logic import table_to_imu_weights
+
+    from ultrasound_ai.io.sweep import read_sweep
 
     estimate = read_sweep(imu["nodes"]["result"]["estimate"])
     assert tracked["nodes"]["imu_weights"] is None and estimate.imu_weights is not None
@@ -62,8 +63,9 @@ def test_bad_input_gives_clear_errors(scene, tmp_path):
 
 
 def test_imu_table_round_trip_and_checks(scene):
-    from ultrasound_ai.core.errors import InputError
     from UltrasoundAILib.logic import imu_to_table, table_to_imu
+
+    from ultrasound_ai.core.errors import InputError
 
     rng = np.random.default_rng(3)
     acc = rng.normal(size=(3, 5, 3)).astype(np.float32)
@@ -84,8 +86,9 @@ def test_imu_table_round_trip_and_checks(scene):
 def test_results_attach_to_a_browser_loaded_from_the_input_file(scene, sweep_path, tmp_path):
     """A sweep file as input (no browser): the job reads the file itself; the results come back into a
     browser loaded from that file, which later runs reuse."""
-    from ultrasound_ai.mrml.sequences import _browser_sequences
     from UltrasoundAILib.logic import SWEEP_FILE_ATTRIBUTE, UltrasoundAILogic
+
+    from ultrasound_ai.mrml.sequences import _browser_sequences
 
     logic = UltrasoundAILogic(workdir=tmp_path)
     nodes = logic.run({"inputSweepFile": str(sweep_path), "method": "tracked", "outputSpacing": 0.8,
@@ -125,8 +128,8 @@ def test_task_rejects_bad_jobs(tmp_path, sweep_path):
 
 
 def test_task_is_registered():
-    from ultrasound_ai.jobs.registry import resolve_task
     from ultrasound_ai.freehand.tasks import reconstruct_task
+    from ultrasound_ai.jobs.registry import resolve_task
 
     assert resolve_task("freehand.reconstruct") is reconstruct_task
 
@@ -154,7 +157,7 @@ def _tiny_moglo_model(folder: Path, default: bool = True) -> Path:
     is about which method and model the Logic picks and passes on)."""
     import torch
 
-    from ultrasound_ai.freehand.moglo_model import MogloNet, make_config
+    from ultrasound_ai.freehand.moglo.model import MogloNet, make_config
     from ultrasound_ai.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
@@ -171,9 +174,10 @@ def _tiny_moglo_model(folder: Path, default: bool = True) -> Path:
 
 
 def test_auto_method_picks_by_imu_data_and_installed_models(scene, tmp_path, monkeypatch):
+    from UltrasoundAILib.logic import UltrasoundAILogic, resolve_method
+
     from ultrasound_ai.core.errors import InputError
     from ultrasound_ai.models import registry
-    from UltrasoundAILib.logic import UltrasoundAILogic, resolve_method
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -211,9 +215,15 @@ def test_auto_method_picks_by_imu_data_and_installed_models(scene, tmp_path, mon
 
 
 def test_network_options_reach_the_job(scene, sweep_path, tmp_path):
+    from UltrasoundAILib.logic import (
+        ReconstructionParameters,
+        UltrasoundAILogic,
+        imu_weights_to_table,
+        parse_imu_selection,
+        table_to_imu_weights,
+    )
+
     from ultrasound_ai.core.errors import InputError
-    from UltrasoundAILib.logic import (ReconstructionParameters, UltrasoundAILogic, imu_weights_to_table,
-                                       parse_imu_selection, table_to_imu_weights)
 
     logic = UltrasoundAILogic(workdir=tmp_path)
     params = ReconstructionParameters.from_any({"inputSweepFile": str(sweep_path), "method": "fima",

@@ -53,7 +53,6 @@ def test_bad_inputs_give_clear_errors_without_a_job(scene, case_dir, tmp_path):
 def test_segmentation_node_as_label(scene, case_dir, tmp_path):
     """A segmentation made from the labelmap is exported back onto the MRI grid voxel for voxel."""
     import slicer
-
     from UltrasoundAIRegistrationLib.logic import UltrasoundAIRegistrationLogic
 
     logic = UltrasoundAIRegistrationLogic(workdir=tmp_path)
@@ -68,8 +67,9 @@ def test_segmentation_node_as_label(scene, case_dir, tmp_path):
 
 def test_moving_under_a_transform_starts_from_it(scene, case_dir, tmp_path):
     """Without an initial transform node the start is what the views show: the TRUS's parent transform."""
-    from ultrasound_ai.mrml import apply_transform, matrix_to_transform_node_ras
     from UltrasoundAIRegistrationLib.logic import UltrasoundAIRegistrationLogic, moving_to_fixed_ras
+
+    from ultrasound_ai.mrml import apply_transform, matrix_to_transform_node_ras
 
     logic = UltrasoundAIRegistrationLogic(workdir=tmp_path)
     nodes = logic.load_case(case_dir)
@@ -100,8 +100,9 @@ def _tiny_checkpoint(folder: Path) -> Path:
 
 def test_attention_job_with_a_tiny_checkpoint(scene, case_dir, tmp_path):
     pytest.importorskip("ultrasound_ai.registration.inference")
-    from ultrasound_ai.core.geometry import is_rigid
     from UltrasoundAIRegistrationLib.logic import UltrasoundAIRegistrationLogic
+
+    from ultrasound_ai.core.geometry import is_rigid
 
     checkpoint = _tiny_checkpoint(tmp_path)
     logic = UltrasoundAIRegistrationLogic(workdir=tmp_path / "work")
@@ -118,8 +119,9 @@ def test_attention_job_with_a_tiny_checkpoint(scene, case_dir, tmp_path):
 
 def test_attention_mode_mismatch_is_a_clear_job_error(scene, case_dir, tmp_path):
     pytest.importorskip("ultrasound_ai.registration.inference")
-    from ultrasound_ai.core.errors import InputError
     from UltrasoundAIRegistrationLib.logic import UltrasoundAIRegistrationLogic
+
+    from ultrasound_ai.core.errors import InputError
 
     checkpoint = _tiny_checkpoint(tmp_path)
     logic = UltrasoundAIRegistrationLogic(workdir=tmp_path / "work")
@@ -172,10 +174,10 @@ def test_task_rejects_bad_jobs(case_dir, tmp_path):
 def test_task_in_process_metrics_without_truth(case_dir, tmp_path):
     """Without a truth the task still reports what it can: the surface shift, the part of the surface inside
     the TRUS data, and the Dice with the TRUS label; with the truth, SRE and TRE too."""
+    import io
+
     from ultrasound_ai.jobs.worker import EventWriter, execute
     from ultrasound_ai.registration.case import read_case, write_transform_tfm
-
-    import io
 
     case = read_case(case_dir)
     write_transform_tfm(case.truth_fixed_to_moving, tmp_path / "T0.tfm")

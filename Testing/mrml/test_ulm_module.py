@@ -45,8 +45,9 @@ def test_bad_input_gives_clear_errors_without_a_job(scene, tmp_path):
 
 
 def test_ground_truth_table_round_trip(scene):
-    from ultrasound_ai.core.errors import InputError
     from UltrasoundAIULMLib.logic import gt_to_table, table_to_gt
+
+    from ultrasound_ai.core.errors import InputError
 
     rng = np.random.default_rng(1)
     gt = np.column_stack([rng.integers(0, 50, 30), rng.normal(5, 1, 30), rng.normal(0, 2, 30),
@@ -66,8 +67,9 @@ def test_ground_truth_table_round_trip(scene):
 def test_map_placement_follows_ulm_geometry(scene):
     """A map pixel lands where the IQ pixel at the same (z, x) mm does; non-square pixels so an axis
     swap cannot pass."""
-    from ultrasound_ai.mrml import complex_sequence, ijk_to_ras
     from UltrasoundAIULMLib.logic import map_ras_position, map_to_node
+
+    from ultrasound_ai.mrml import complex_sequence, ijk_to_ras
 
     image = np.arange(6 * 9, dtype=np.float32).reshape(6, 9)
     node = map_to_node(image, (0.02, 0.03), (2.5, -1.0), name="M")
@@ -85,8 +87,9 @@ def test_map_placement_follows_ulm_geometry(scene):
 
 
 def test_parameters_are_checked():
-    from ultrasound_ai.core.errors import InputError
     from UltrasoundAIULMLib.logic import UlmRunParameters
+
+    from ultrasound_ai.core.errors import InputError
 
     p = UlmRunParameters.from_any({"inputAcquisitionFile": "a.h5", "method": "3DML", "useCountingNetwork": True,
                                    "bubblesPerFrame": None})
@@ -116,7 +119,9 @@ def test_job_carries_the_panel(tmp_path):
 
 
 def test_display_ranges():
-    from UltrasoundAIULMLib.logic import display_range, flatten_metrics
+    from UltrasoundAIULMLib.logic import display_range
+
+    from ultrasound_ai.mrml.tables import flatten_metrics
 
     direction = np.array([[0, -3, 5], [2, 0, -1]], np.float32)
     lo, hi = display_range(direction, "direction")

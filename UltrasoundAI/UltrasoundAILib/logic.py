@@ -53,22 +53,23 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import vtk
-
 import slicer
 
 from ultrasound_ai.core.errors import InputError
-
-try:  # the Slicer application; slicer-core has no ScriptedLoadableModule
-    from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic as _LogicBase
-except ImportError:  # pragma: no cover - depends on the environment
-    _LogicBase = object
+from ultrasound_ai.mrml.module_logic import (
+    ModuleLogic,
+    parameters_from,
+    path_or_none,
+    remove_browser,
+    remove_with_helpers,
+    safe_name,
+)
+from ultrasound_ai.mrml.tables import float_column, int_column, metrics_to_table, new_table_node, set_table
 
 log = logging.getLogger(__name__)
 
@@ -115,21 +116,11 @@ class ReconstructionParameters:
     def from_any(cls, parameters) -> "ReconstructionParameters":
         if isinstance(parameters, cls):
             return parameters
-        if parameters is None:
-            raise InputError("parameters: expected a dict or a parameter node with inputBrowser or inputSweepFile")
-        fields = cls.__dataclass_fields__
-        if isinstance(parameters, dict):
-            unknown = sorted(set(parameters) - set(fields))
-            if unknown:
-                raise InputError(f"parameters: unknown name(s) {unknown}; expected some of {sorted(fields)}")
-            values = dict(parameters)
-        else:
-            values = {k: getattr(parameters, k) for k in fields if hasattr(parameters, k)}
-        out = cls(**values)
-        out.inputSweepFile = _path_or_none(out.inputSweepFile)
+        out = parameters_from(cls, parameters, "inputBrowser or inputSweepFile")
+        out.inputSweepFile = path_or_none(out.inputSweepFile)
         out.method = str(out.method or "").strip()
         out.device = str(out.device or "auto").strip().lower()
-        out.checkpoint = _path_or_none(out.checkpoint)
+        out.checkpoint = path_or_none(out.checkpoint)
         out.onlineAlignment = bool(out.onlineAlignment)
         out.imuSelection = str(out.imuSelection or "").strip()
         parse_imu_selection(out.imuSelection)  # a bad list fails here, naming the field
@@ -194,35 +185,8 @@ def resolve_method(method: str, has_imu: bool, has_tforms: bool) -> str:
                      "installed; choose a method and a checkpoint (MoGLo-Net needs a trained model)")
 
 
-def _path_or_none(value) -> str | None:
-    # The wrapper's pathlib.Path field reads "." when the path line edit is empty.
-    if value is None:
-        return None
-    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
-    text = text.strip()
-    return None if text in ("", ".") else text
-
-
 # ---------------------------------------------------------------------------------------------------
 # IMU table
-
-
-def _float_column(name: str, values) -> vtk.vtkFloatArray:
-    array = vtk.vtkFloatArray()
-    array.SetName(name)
-    array.SetNumberOfValues(len(values))
-    for k, v in enumerate(values):
-        array.SetValue(k, float(v))
-    return array
-
-
-def _int_column(name: str, values) -> vtk.vtkIntArray:
-    array = vtk.vtkIntArray()
-    array.SetName(name)
-    array.SetNumberOfValues(len(values))
-    for k, v in enumerate(values):
-        array.SetValue(k, int(v))
-    return array
 
 
 def imu_to_table(imu_acc, imu_euler_deg, imu_position_mm=None, frame_rate_hz=None, name="IMU", node=None, scene=None):
@@ -234,19 +198,12 @@ def imu_to_table(imu_acc, imu_euler_deg, imu_position_mm=None, frame_rate_hz=Non
             f"imu_acc / imu_euler_deg: expected two arrays [M, N, 3] of the same shape, got {acc.shape} and {euler.shape}"
         )
     m, n, _ = acc.shape
-    scene = scene if scene is not None else slicer.mrmlScene
-    if node is None:
-        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
-    table = vtk.vtkTable()
+    node = new_table_node(name, node, scene)
     imu_index, frame_index = np.meshgrid(np.arange(m), np.arange(n), indexing="ij")
-    table.AddColumn(_int_column("imu", imu_index.reshape(-1)))
-    table.AddColumn(_int_column("frame", frame_index.reshape(-1)))
-    for c, col in enumerate(_ACC_COLUMNS):
-        table.AddColumn(_float_column(col, acc[:, :, c].reshape(-1)))
-    for c, col in enumerate(_EULER_COLUMNS):
-        table.AddColumn(_float_column(col, euler[:, :, c].reshape(-1)))
-    node.SetAndObserveTable(table)
-    _column_titles_as_header(node)
+    columns = [int_column("imu", imu_index.reshape(-1)), int_column("frame", frame_index.reshape(-1))]
+    columns += [float_column(col, acc[:, :, c].reshape(-1)) for c, col in enumerate(_ACC_COLUMNS)]
+    columns += [float_column(col, euler[:, :, c].reshape(-1)) for c, col in enumerate(_EULER_COLUMNS)]
+    set_table(node, columns)
     node.SetAttribute(IMU_POSITION_ATTRIBUTE, json.dumps(np.asarray(imu_position_mm, float).tolist())
                       if imu_position_mm is not None else None)
     node.SetAttribute(FRAME_RATE_ATTRIBUTE, repr(float(frame_rate_hz)) if frame_rate_hz is not None else None)
@@ -289,49 +246,19 @@ def table_to_imu(node) -> dict:
 # The Logic
 
 
-class UltrasoundAILogic(_LogicBase):
+class UltrasoundAILogic(ModuleLogic):
     """Processing behind the UltrasoundAI panel; usable from the Python console and tests."""
 
-    def __init__(self, workdir: str | os.PathLike | None = None, python: str | None = None,
-                 ask: Callable[[str], bool] | None = None):
-        """`ask(text) -> bool` asks the user before the engine's dependencies are installed (inside
-        Slicer, first use only; default: slicer.util.confirmOkCancelDisplay)."""
-        if _LogicBase is not object:
-            _LogicBase.__init__(self)
-        self.ask = ask
-        self._dependencies_ready = False
-        # Inputs and outputs of the jobs live here (kept after the run: the NRRD and the estimate are
-        # the user's results too). Inside Slicer the default is its temporary folder.
-        self._workdir_arg = Path(workdir) if workdir is not None else None
-        self.python = python
-        self.launcher = None
+    TASK_NAME = TASK_NAME
+    TITLE = "reconstruction"
+    Parameters = ReconstructionParameters
+    OUTPUT_ATTRIBUTE = OUTPUT_ATTRIBUTE
+    METHOD_ATTRIBUTE = METHOD_ATTRIBUTE
+    MODEL_METHODS = {"fima": "fima", "moglo": "moglo"}
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.last_method = None  # the method the last start() used ("auto" resolved)
-
-    # -- folders -------------------------------------------------------------------------------------
-    @property
-    def workdir(self) -> Path:
-        if self._workdir_arg is None:
-            base = None
-            app = getattr(slicer, "app", None)
-            if app is not None and getattr(app, "temporaryPath", None):
-                base = app.temporaryPath
-            self._workdir_arg = Path(tempfile.mkdtemp(prefix="UltrasoundAI-", dir=base))
-        self._workdir_arg.mkdir(parents=True, exist_ok=True)
-        return self._workdir_arg
-
-    def ensure_dependencies(self) -> None:
-        """Inside the Slicer application, install what the engine needs (torch through SlicerPyTorch,
-        h5py, ...) after asking, once; outside it (slicer-core, tests) the environment is the user's."""
-        from ultrasound_ai.mrml import in_slicer_application
-
-        if self._dependencies_ready or not in_slicer_application():
-            return
-        from ultrasound_ai.mrml.dependencies import ensure_dependencies
-
-        ask = self.ask if self.ask is not None else slicer.util.confirmOkCancelDisplay
-        if not ensure_dependencies(ask=ask):
-            raise RuntimeError("UltrasoundAI needs PyTorch and a few Python packages; they were not installed")
-        self._dependencies_ready = True
 
     # -- inputs --------------------------------------------------------------------------------------
     def load_sweep(self, path, name: str | None = None, scene=None):
@@ -364,18 +291,7 @@ class UltrasoundAILogic(_LogicBase):
     @staticmethod
     def remove_browser(browser) -> None:
         """Remove a browser with its sequences, proxy nodes and IMU table."""
-        from ultrasound_ai.mrml.sequences import _browser_sequences
-
-        scene = browser.GetScene()
-        if scene is None:
-            return
-        nodes = []
-        for seq in _browser_sequences(browser) if browser.GetMasterSequenceNode() is not None else []:
-            nodes += [browser.GetProxyNode(seq), seq]
-        nodes.append(browser.GetNodeReference(IMU_TABLE_ROLE))
-        scene.RemoveNode(browser)
-        for node in nodes:
-            _remove_with_helpers(scene, node)
+        remove_browser(browser, IMU_TABLE_ROLE)
 
     def prepare_inputs(self, source, workdir: str | os.PathLike | None = None) -> Path:
         """The sweep file a job reads: `source` is a sweep file path (checked, used as it is) or a
@@ -429,7 +345,7 @@ class UltrasoundAILogic(_LogicBase):
         # A subfolder: a work folder that also holds the user's own sweep files must never have one
         # overwritten by this export.
         folder = Path(workdir) if workdir is not None else self.workdir / "inputs"
-        path = folder / f"{_safe_name(name)}.h5"
+        path = folder / f"{safe_name(name, 'Sweep')}.h5"
         write_sweep(sweep.validate(name=f"input browser {name!r}"), path)
         return path
 
@@ -464,17 +380,9 @@ class UltrasoundAILogic(_LogicBase):
             out["imus"] = imus
         return out
 
-    def start(self, parameters, on_event: Callable[[dict], None] | None = None, *, task: str | None = None,
-              env: dict | None = None):
-        """Write the inputs and start the reconstruction job in a background process; returns its
-        JobLauncher at once (drain() its events from a timer). `task` and `env` choose another task
-        name and add to the worker's environment (plug-ins and tests)."""
-        from ultrasound_ai.jobs import JobLauncher
-
-        if self.launcher is not None and not self.launcher.done:
-            raise RuntimeError("a reconstruction is already running; cancel it or wait for it first")
-        params = ReconstructionParameters.from_any(parameters)
-        self.ensure_dependencies()
+    def make_job(self, params: ReconstructionParameters) -> dict:
+        """Check the method, write a browser's sweep (a sweep file is read in place) and resolve
+        "auto" from what the sweep holds; the job of the reconstruction."""
         if params.method != "auto":
             self._check_method(params.method)
         source = params.inputBrowser if params.inputBrowser is not None else params.inputSweepFile
@@ -486,12 +394,9 @@ class UltrasoundAILogic(_LogicBase):
             params.method = resolve_method("auto", sweep.imu_acc is not None, sweep.tforms is not None)
             self._check_method(params.method)
         self.last_method = params.method
-        stem = _safe_name(params.inputBrowser.GetName() if params.inputBrowser is not None else Path(sweep_path).stem)
-        job = self._job(params, sweep_path, stem)
-        if task is not None:
-            job["task"] = task
-        self.launcher = JobLauncher(job, python=self.python, on_event=on_event, env=env).start()
-        return self.launcher
+        stem = safe_name(params.inputBrowser.GetName() if params.inputBrowser is not None else Path(sweep_path).stem,
+                         "Sweep")
+        return self._job(params, sweep_path, stem)
 
     @staticmethod
     def _check_method(method: str) -> None:
@@ -501,33 +406,12 @@ class UltrasoundAILogic(_LogicBase):
         if method not in known:
             raise InputError(f"method: unknown pose method {method!r}; available: {', '.join(known)}")
 
-    def run(self, parameters, on_event=None, wait: bool = True, timeout: float | None = None, **start_kwargs):
-        """Start the job; with wait=True block until it ends and return load_results' nodes (raising
-        InputError / RuntimeError when the job failed, Cancelled when it was cancelled). With
-        wait=False return the JobLauncher, as start() does."""
-        launcher = self.start(parameters, on_event=on_event, **start_kwargs)
-        if not wait:
-            return launcher
-        try:
-            result = launcher.wait(timeout)
-        except BaseException:
-            launcher.cancel(grace_s=2.0)
-            launcher.wait()
-            raise
-        return self.load_results(result, parameters)
-
-    def cancel(self) -> None:
-        """Ask the running job to stop; it is killed with its whole process tree after a grace period."""
-        if self.launcher is not None and not self.launcher.done:
-            self.launcher.cancel()
-
     # -- results -------------------------------------------------------------------------------------
     def load_results(self, result, parameters) -> dict:
         """Turn a finished job into nodes (see the module docstring); returns {"estimate": sequence,
         "volume": volume node, "trajectory": curve node, "metrics": table node or None, "browser":
         browser, "result": the task's result dict}. A failed job raises InputError (bad input) or
         RuntimeError with the job's message; a cancelled one raises Cancelled. Nothing is created then."""
-        from ultrasound_ai.core.errors import Cancelled
         from ultrasound_ai.io.sweep import read_sweep
         from ultrasound_ai.io.volume import read_volume
         from ultrasound_ai.mrml import show_volume_rendering, trajectory_to_curve, volume_to_node
@@ -535,12 +419,7 @@ class UltrasoundAILogic(_LogicBase):
         if hasattr(result, "wait") and hasattr(result, "drain"):  # a JobLauncher
             result = result.wait()
         params = ReconstructionParameters.from_any(parameters)
-        if result.status == "cancelled":
-            raise Cancelled(result.error or "reconstruction cancelled")
-        if not result.ok:
-            message = f"reconstruction failed: {result.error}"
-            raise InputError(message) if result.exit_code == 2 else RuntimeError(message)
-        payload = result.result or {}
+        payload = self.finished_payload(result)
         estimate_path = Path(result.outputs.get("estimate") or payload.get("estimate", ""))
         volume_path = Path(result.outputs.get("volume") or payload.get("volume", ""))
         estimate = read_sweep(estimate_path)
@@ -557,30 +436,30 @@ class UltrasoundAILogic(_LogicBase):
         sequence = self._estimate_sequence(browser, estimate.tforms, estimate.pixel_spacing_xy, f"{base}-ImageToReference", new)
         sequence.SetAttribute(METHOD_ATTRIBUTE, method)
 
-        volume_node = params.outputVolume or self._find_output(scene, "vtkMRMLScalarVolumeNode", f"{base}-Volume", "volume", new)
+        volume_node = params.outputVolume or self.find_output(scene, "vtkMRMLScalarVolumeNode", f"{base}-Volume", "volume", new)
         volume_node = volume_to_node(volume, name=f"{base}-Volume", node=volume_node, scene=scene)
-        self._tag(volume_node, "volume", method)
+        self.tag(volume_node, "volume", method)
         try:
             show_volume_rendering(volume_node, preset="US-Fetal")
         except Exception as exc:  # noqa: BLE001 - a missing renderer must not lose the results
             log.warning("UltrasoundAI: volume rendering not shown: %s", exc)
 
-        curve = params.outputTrajectory or self._find_output(scene, "vtkMRMLMarkupsCurveNode", f"{base}-Trajectory", "trajectory", new)
+        curve = params.outputTrajectory or self.find_output(scene, "vtkMRMLMarkupsCurveNode", f"{base}-Trajectory", "trajectory", new)
         curve = trajectory_to_curve(frame_centres_lps(estimate), name=f"{base}-Trajectory", node=curve, scene=scene)
-        self._tag(curve, "trajectory", method)
+        self.tag(curve, "trajectory", method)
 
         metrics_node = None
         metrics = payload.get("metrics")
         if metrics:
-            metrics_node = self._find_output(scene, "vtkMRMLTableNode", f"{base}-Metrics", "metrics", new)
+            metrics_node = self.find_output(scene, "vtkMRMLTableNode", f"{base}-Metrics", "metrics", new)
             metrics_node = metrics_to_table(metrics, name=f"{base}-Metrics", node=metrics_node, scene=scene)
-            self._tag(metrics_node, "metrics", method)
+            self.tag(metrics_node, "metrics", method)
         weights_node = None
         if estimate.imu_weights is not None:
-            weights_node = self._find_output(scene, "vtkMRMLTableNode", f"{base}-ImuWeights", "imu_weights", new)
+            weights_node = self.find_output(scene, "vtkMRMLTableNode", f"{base}-ImuWeights", "imu_weights", new)
             weights_node = imu_weights_to_table(estimate.imu_weights, name=f"{base}-ImuWeights", node=weights_node,
                                                 scene=scene)
-            self._tag(weights_node, "imu_weights", method)
+            self.tag(weights_node, "imu_weights", method)
         return {"estimate": sequence, "volume": volume_node, "trajectory": curve, "metrics": metrics_node,
                 "imu_weights": weights_node, "browser": browser, "result": payload}
 
@@ -594,41 +473,22 @@ class UltrasoundAILogic(_LogicBase):
         return self.load_sweep(path)
 
     @staticmethod
-    def _tag(node, kind: str, method: str) -> None:
-        node.SetAttribute(OUTPUT_ATTRIBUTE, kind)
-        node.SetAttribute(METHOD_ATTRIBUTE, method)
-
-    @staticmethod
-    def _find_output(scene, class_name: str, name: str, kind: str, new: bool):
-        """The previous run's node of this name and kind (replaced), or None (a new one is made).
-        With new=True a unique name is used instead, so earlier results stay."""
-        if new:
-            return scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
-        for node in scene.GetNodesByClassByName(class_name, name) if hasattr(scene, "GetNodesByClassByName") else []:
-            if node.GetAttribute(OUTPUT_ATTRIBUTE) == kind:
-                return node
-        for node in scene.GetNodesByClass(class_name):
-            if node.GetName() == name and node.GetAttribute(OUTPUT_ATTRIBUTE) == kind:
-                return node
-        return None
-
-    @staticmethod
     def _estimate_sequence(browser, tforms, spacing, name: str, new: bool):
         """Add the estimate to the browser, removing a previous sequence of the same name (and its
         proxy) unless new=True."""
         from ultrasound_ai.mrml import poses_to_transform_sequence
-        from ultrasound_ai.mrml.sequences import _browser_sequences
+        from ultrasound_ai.mrml.sequences import browser_sequences
 
         scene = browser.GetScene()
         if new:
             name = scene.GenerateUniqueName(name)
         else:
-            for seq in _browser_sequences(browser):
+            for seq in browser_sequences(browser):
                 if seq.GetName() == name and seq.GetAttribute(OUTPUT_ATTRIBUTE) == "estimate":
                     proxy = browser.GetProxyNode(seq)
                     browser.RemoveSynchronizedSequenceNode(seq.GetID())
-                    _remove_with_helpers(scene, proxy)
-                    _remove_with_helpers(scene, seq)
+                    remove_with_helpers(scene, proxy)
+                    remove_with_helpers(scene, seq)
         seq = poses_to_transform_sequence(browser, tforms, spacing, name=name)
         seq.SetAttribute(OUTPUT_ATTRIBUTE, "estimate")
         proxy = browser.GetProxyNode(seq)
@@ -649,43 +509,15 @@ def frame_centres_lps(sweep) -> np.ndarray:
     return (np.asarray(sweep.tforms) @ centre)[:, :3]
 
 
-def metrics_to_table(metrics: dict, name: str = "Metrics", node=None, scene=None):
-    """A two-column vtkMRMLTableNode: "metric" (names carrying their units, e.g. fdr_pct) and "value"."""
-    if not isinstance(metrics, dict) or not metrics:
-        raise InputError(f"metrics: expected a non-empty dict of name -> number, got {metrics!r}")
-    scene = scene if scene is not None else slicer.mrmlScene
-    if node is None:
-        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
-    names = vtk.vtkStringArray()
-    names.SetName("metric")
-    values = vtk.vtkDoubleArray()
-    values.SetName("value")
-    for key, value in metrics.items():
-        names.InsertNextValue(str(key))
-        values.InsertNextValue(float("nan") if value is None else float(value))
-    table = vtk.vtkTable()
-    table.AddColumn(names)
-    table.AddColumn(values)
-    node.SetAndObserveTable(table)
-    _column_titles_as_header(node)
-    return node
-
-
 def imu_weights_to_table(weights, name: str = "ImuWeights", node=None, scene=None):
     """A vtkMRMLTableNode of fusion weights [N-1, M]: column "pair" (frame pair i -> i+1) and one column
     "imu_k" per IMU (Slicer's plot module draws them against "pair")."""
     w = np.asarray(weights, dtype=np.float32)
     if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
         raise InputError(f"imu_weights: expected an array [N-1, M], got shape {w.shape}")
-    scene = scene if scene is not None else slicer.mrmlScene
-    if node is None:
-        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
-    table = vtk.vtkTable()
-    table.AddColumn(_int_column("pair", np.arange(w.shape[0])))
-    for k in range(w.shape[1]):
-        table.AddColumn(_float_column(f"imu_{k}", w[:, k]))
-    node.SetAndObserveTable(table)
-    _column_titles_as_header(node)
+    node = new_table_node(name, node, scene)
+    set_table(node, [int_column("pair", np.arange(w.shape[0]))] + [float_column(f"imu_{k}", w[:, k])
+                                                                   for k in range(w.shape[1])])
     return node
 
 
@@ -697,40 +529,3 @@ def table_to_imu_weights(node) -> np.ndarray:
     if not cols:
         raise InputError(f"IMU weights table {node.GetName()!r}: expected columns imu_0, imu_1, ...")
     return np.array([[c.GetValue(r) for c in cols] for r in range(table.GetNumberOfRows())], dtype=np.float32)
-
-
-def table_to_metrics(node) -> dict:
-    """Inverse of metrics_to_table."""
-    table = node.GetTable()
-    names, values = table.GetColumnByName("metric"), table.GetColumnByName("value")
-    if names is None or values is None:
-        raise InputError(f"metrics table {node.GetName()!r}: expected the columns 'metric' and 'value'")
-    return {names.GetValue(k): values.GetValue(k) for k in range(table.GetNumberOfRows())}
-
-
-def _remove_with_helpers(scene, node) -> None:
-    """Remove a node with its storage and display nodes (the scene keeps them otherwise)."""
-    if node is None or node.GetScene() is not scene:
-        return
-    helpers = []
-    for getter in ("GetNumberOfStorageNodes", "GetNumberOfDisplayNodes"):
-        if hasattr(node, getter):
-            nth = node.GetNthStorageNode if "Storage" in getter else node.GetNthDisplayNode
-            helpers += [nth(k) for k in range(getattr(node, getter)())]
-    scene.RemoveNode(node)
-    for helper in helpers:
-        if helper is not None and helper.GetScene() is scene:
-            scene.RemoveNode(helper)
-
-
-def _column_titles_as_header(node) -> None:
-    # Renamed in Slicer 5.9 (the old name warns); older Slicer has only the old one.
-    if hasattr(node, "SetUseColumnTitleAsColumnHeader"):
-        node.SetUseColumnTitleAsColumnHeader(True)
-    else:
-        _column_titles_as_header(node)
-
-
-def _safe_name(name: str) -> str:
-    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).strip("._")
-    return keep or "Sweep"

@@ -47,7 +47,7 @@ def make_sweep(path, seed: int = 7, n_frames: int = 10, frame_shape=(40, 48), pi
     that an axis swap cannot pass."""
     import dataclasses
 
-    from ultrasound_ai.freehand.simulator import simulate_sweep
+    from ultrasound_ai.freehand.simulation.simulator import simulate_sweep
     from ultrasound_ai.io.sweep import write_sweep
 
     sweep = simulate_sweep(seed, n_frames=n_frames, frame_shape=tuple(frame_shape), pixel_spacing=tuple(pixel_spacing),
@@ -82,9 +82,8 @@ def reconstruct_scenario(sweep_path, method: str, workdir, browser=None, repeat:
     from ultrasound_ai.io.volume import read_volume
     from ultrasound_ai.mrml import curve_to_trajectory, ijk_to_ras, node_to_volume
     from ultrasound_ai.mrml.sequences import _browser_sequences
-    from UltrasoundAILib.logic import (
-        IMU_TABLE_ROLE, OUTPUT_ATTRIBUTE, UltrasoundAILogic, frame_centres_lps, table_to_metrics,
-    )
+    from ultrasound_ai.mrml.tables import table_to_metrics
+    from UltrasoundAILib.logic import IMU_TABLE_ROLE, OUTPUT_ATTRIBUTE, UltrasoundAILogic, frame_centres_lps
 
     workdir = Path(workdir)
     truth = read_sweep(sweep_path)

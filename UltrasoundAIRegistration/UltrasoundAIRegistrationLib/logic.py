@@ -47,24 +47,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+import slicer
 import vtk
 
-import slicer
-
 from ultrasound_ai.core.errors import InputError
-
-try:  # the Slicer application; slicer-core has no ScriptedLoadableModule
-    from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic as _LogicBase
-except ImportError:  # pragma: no cover - depends on the environment
-    _LogicBase = object
+from ultrasound_ai.mrml.module_logic import ModuleLogic, parameters_from, remove_with_helpers, safe_name
+from ultrasound_ai.mrml.tables import metrics_to_table
 
 log = logging.getLogger(__name__)
 
@@ -104,17 +97,7 @@ class RegistrationParameters:
     def from_any(cls, parameters) -> "RegistrationParameters":
         if isinstance(parameters, cls):
             return parameters
-        if parameters is None:
-            raise InputError("parameters: expected a dict or a parameter node with fixedVolume, fixedLabel, movingVolume")
-        fields = cls.__dataclass_fields__
-        if isinstance(parameters, dict):
-            unknown = sorted(set(parameters) - set(fields))
-            if unknown:
-                raise InputError(f"parameters: unknown name(s) {unknown}; expected some of {sorted(fields)}")
-            values = dict(parameters)
-        else:
-            values = {k: getattr(parameters, k) for k in fields if hasattr(parameters, k)}
-        out = cls(**values)
+        out = parameters_from(cls, parameters, "fixedVolume, fixedLabel, movingVolume")
         out.method = str(out.method or "").strip().lower()
         out.mode = str(out.mode or "label").strip().lower()
         out.device = str(out.device or "auto").strip().lower()
@@ -218,40 +201,6 @@ def _robust_unit(a: np.ndarray) -> np.ndarray:
     return np.clip((a - lo) / (hi - lo), 0.0, 1.0)
 
 
-def metrics_to_table(metrics: dict, name: str = "Metrics", node=None, scene=None):
-    """A two-column vtkMRMLTableNode: "metric" (names carrying their units, e.g. sre_mm) and "value"."""
-    if not isinstance(metrics, dict) or not metrics:
-        raise InputError(f"metrics: expected a non-empty dict of name -> number, got {metrics!r}")
-    scene = scene if scene is not None else slicer.mrmlScene
-    if node is None:
-        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
-    names = vtk.vtkStringArray()
-    names.SetName("metric")
-    values = vtk.vtkDoubleArray()
-    values.SetName("value")
-    for key, value in metrics.items():
-        names.InsertNextValue(str(key))
-        values.InsertNextValue(float("nan") if value is None else float(value))
-    table = vtk.vtkTable()
-    table.AddColumn(names)
-    table.AddColumn(values)
-    node.SetAndObserveTable(table)
-    if hasattr(node, "SetUseColumnTitleAsColumnHeader"):  # renamed in Slicer 5.9
-        node.SetUseColumnTitleAsColumnHeader(True)
-    else:  # pragma: no cover - older Slicer
-        node.SetUseColumnNameAsColumnHeader(True)
-    return node
-
-
-def table_to_metrics(node) -> dict:
-    """Inverse of metrics_to_table."""
-    table = node.GetTable()
-    names, values = table.GetColumnByName("metric"), table.GetColumnByName("value")
-    if names is None or values is None:
-        raise InputError(f"metrics table {node.GetName()!r}: expected the columns 'metric' and 'value'")
-    return {names.GetValue(k): values.GetValue(k) for k in range(table.GetNumberOfRows())}
-
-
 def label_surface_polydata(label):
     """vtkPolyData (RAS) of the boundary of a binary label Volume (discrete flying edges, then smoothed)."""
     from vtk.util import numpy_support
@@ -292,69 +241,19 @@ def _vtk_matrix(array) -> vtk.vtkMatrix4x4:
     return m
 
 
-def _safe_name(name: str) -> str:
-    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).strip("._")
-    return keep or "Volume"
-
-
-def _remove_with_helpers(scene, node) -> None:
-    """Remove a node with its storage and display nodes (the scene keeps them otherwise)."""
-    if node is None or node.GetScene() is not scene:
-        return
-    helpers = []
-    for getter in ("GetNumberOfStorageNodes", "GetNumberOfDisplayNodes"):
-        if hasattr(node, getter):
-            nth = node.GetNthStorageNode if "Storage" in getter else node.GetNthDisplayNode
-            helpers += [nth(k) for k in range(getattr(node, getter)())]
-    scene.RemoveNode(node)
-    for helper in helpers:
-        if helper is not None and helper.GetScene() is scene:
-            scene.RemoveNode(helper)
-
-
 # ---------------------------------------------------------------------------------------------------
 # The Logic
 
 
-class UltrasoundAIRegistrationLogic(_LogicBase):
+class UltrasoundAIRegistrationLogic(ModuleLogic):
     """Processing behind the UltrasoundAIRegistration panel; usable from the Python console and tests."""
 
-    def __init__(self, workdir: str | os.PathLike | None = None, python: str | None = None,
-                 ask: Callable[[str], bool] | None = None):
-        """`ask(text) -> bool` asks the user before the engine's dependencies are installed (inside Slicer,
-        first use only; default: slicer.util.confirmOkCancelDisplay)."""
-        if _LogicBase is not object:
-            _LogicBase.__init__(self)
-        self.ask = ask
-        self._dependencies_ready = False
-        self._workdir_arg = Path(workdir) if workdir is not None else None
-        self.python = python
-        self.launcher = None
-        self._run_inputs: Path | None = None
-
-    # -- folders -------------------------------------------------------------------------------------
-    @property
-    def workdir(self) -> Path:
-        if self._workdir_arg is None:
-            app = getattr(slicer, "app", None)
-            base = app.temporaryPath if app is not None and getattr(app, "temporaryPath", None) else None
-            self._workdir_arg = Path(tempfile.mkdtemp(prefix="UltrasoundAIRegistration-", dir=base))
-        self._workdir_arg.mkdir(parents=True, exist_ok=True)
-        return self._workdir_arg
-
-    def ensure_dependencies(self) -> None:
-        """Inside the Slicer application, install what the engine needs after asking, once; outside it
-        (slicer-core, tests) the environment is the user's."""
-        from ultrasound_ai.mrml import in_slicer_application
-
-        if self._dependencies_ready or not in_slicer_application():
-            return
-        from ultrasound_ai.mrml.dependencies import ensure_dependencies
-
-        ask = self.ask if self.ask is not None else slicer.util.confirmOkCancelDisplay
-        if not ensure_dependencies(ask=ask):
-            raise RuntimeError("UltrasoundAIRegistration needs PyTorch and a few Python packages; they were not installed")
-        self._dependencies_ready = True
+    TASK_NAME = TASK_NAME
+    TITLE = "registration"
+    Parameters = RegistrationParameters
+    OUTPUT_ATTRIBUTE = OUTPUT_ATTRIBUTE
+    METHOD_ATTRIBUTE = METHOD_ATTRIBUTE
+    MODEL_METHODS = {"attention": "attention_reg"}
 
     # -- inputs --------------------------------------------------------------------------------------
     @staticmethod
@@ -377,7 +276,7 @@ class UltrasoundAIRegistrationLogic(_LogicBase):
                                      "to a labelmap on the MRI grid (no visible segment?)")
                 return node_to_volume(temp, world=True)
             finally:
-                _remove_with_helpers(scene, temp)
+                remove_with_helpers(scene, temp)
         return node_to_volume(label_node, world=True)
 
     def initial_transform(self, params: RegistrationParameters) -> np.ndarray:
@@ -425,7 +324,9 @@ class UltrasoundAIRegistrationLogic(_LogicBase):
 
         checked = self.check_inputs(parameters)
         params = checked["params"]
-        folder = Path(folder) if folder is not None else self.workdir / f"inputs-{uuid.uuid4().hex[:8]}"
+        if folder is None:
+            folder = self.new_inputs_folder()
+        folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         inputs = {
             "fixed": write_volume(checked["fixed"], folder / "fixed.nrrd"),
@@ -449,79 +350,28 @@ class UltrasoundAIRegistrationLogic(_LogicBase):
 
     # -- running -------------------------------------------------------------------------------------
     def output_paths(self, params: RegistrationParameters) -> dict:
-        stem = f"{_safe_name(params.movingVolume.GetName())}-{params.method}"
+        stem = f"{safe_name(params.movingVolume.GetName(), 'Volume')}-{params.method}"
         return {"transform": str(self.workdir / f"{stem}.tfm"), "json": str(self.workdir / f"{stem}.json")}
 
-    def start(self, parameters, on_event: Callable[[dict], None] | None = None, *, task: str | None = None,
-              env: dict | None = None):
-        """Check and write the inputs, then start the registration job in a background process; returns its
-        JobLauncher at once (drain() its events from a timer). Bad input raises InputError before any job
-        starts. `task` and `env` choose another task name and add to the worker's environment (tests)."""
-        from ultrasound_ai.jobs import JobLauncher
-
-        if self.launcher is not None and not self.launcher.done:
-            raise RuntimeError("a registration is already running; cancel it or wait for it first")
-        params = RegistrationParameters.from_any(parameters)
-        self.ensure_dependencies()
+    def make_job(self, params: RegistrationParameters) -> dict:
+        """Check the inputs and write them into a new inputs folder (removed when the run ends)."""
         prepared = self.prepare_inputs(params)
-        self._run_inputs = prepared["folder"]
-        job = {
-            "task": task or TASK_NAME,
+        return {
+            "task": TASK_NAME,
             "inputs": prepared["inputs"],
             "outputs": self.output_paths(params),
             "parameters": {"method": params.method, "mode": params.mode, "iterations": params.miIterations,
                            "checkpoints": params.checkpoints},
             "device": params.device,
         }
-        try:
-            self.launcher = JobLauncher(job, python=self.python, on_event=on_event, env=env).start()
-        except BaseException:
-            self._remove_run_inputs()
-            raise
-        return self.launcher
-
-    def run(self, parameters, on_event=None, wait: bool = True, timeout: float | None = None, **start_kwargs):
-        """Start the job; with wait=True block until it ends and return load_results' nodes (raising
-        InputError / RuntimeError when the job failed, Cancelled when it was cancelled)."""
-        launcher = self.start(parameters, on_event=on_event, **start_kwargs)
-        if not wait:
-            return launcher
-        try:
-            result = launcher.wait(timeout)
-        except BaseException:
-            launcher.cancel(grace_s=2.0)
-            launcher.wait()
-            self._remove_run_inputs()
-            raise
-        return self.load_results(result, parameters)
-
-    def cancel(self) -> None:
-        """Ask the running job to stop; it is killed with its whole process tree after a grace period."""
-        if self.launcher is not None and not self.launcher.done:
-            self.launcher.cancel()
-
-    def _remove_run_inputs(self) -> None:
-        if self._run_inputs is not None:
-            shutil.rmtree(self._run_inputs, ignore_errors=True)
-            self._run_inputs = None
 
     # -- results -------------------------------------------------------------------------------------
     def load_results(self, result, parameters) -> dict:
         """Turn a finished job into nodes (see show_registration). The run's input files are removed
         whatever the outcome. A failed job raises InputError (bad input) or RuntimeError with the job's
         message; a cancelled one raises Cancelled; nothing is created then."""
-        from ultrasound_ai.core.errors import Cancelled
-
-        if hasattr(result, "wait") and hasattr(result, "drain"):  # a JobLauncher
-            result = result.wait()
-        self._remove_run_inputs()
+        payload = self.finished_payload(result)
         params = RegistrationParameters.from_any(parameters)
-        if result.status == "cancelled":
-            raise Cancelled(result.error or "registration cancelled")
-        if not result.ok:
-            message = f"registration failed: {result.error}"
-            raise InputError(message) if result.exit_code == 2 else RuntimeError(message)
-        payload = dict(result.result or {})
         T = np.asarray(payload["fixed_to_moving_lps"], dtype=np.float64)
         nodes = self.show_registration(T, params, metrics=payload.get("metrics") or None, method=payload.get("method"))
         nodes["result"] = payload
@@ -546,23 +396,23 @@ class UltrasoundAIRegistrationLogic(_LogicBase):
         scene = moving.GetScene()
         matrix = moving_to_fixed_ras(T_fixed_to_moving)
 
-        transform = params.outputTransform or self._find_output(
+        transform = params.outputTransform or self.find_output(
             scene, "vtkMRMLLinearTransformNode", f"{moving.GetName()}-Registration", "transform")
         transform = matrix_to_transform_node_ras(matrix, name=f"{moving.GetName()}-Registration", node=transform,
                                                  scene=scene)
-        self._tag(transform, "transform", method)
+        self.tag(transform, "transform", method)
         apply_transform(moving, transform)
 
         targets = None
         if params.biopsyTargets is not None:
             points, labels = fiducials_to_points(params.biopsyTargets, world=True)
             name = f"{params.biopsyTargets.GetName()}-TRUS"
-            targets = self._find_output(scene, "vtkMRMLMarkupsFiducialNode", name, "targets")
+            targets = self.find_output(scene, "vtkMRMLMarkupsFiducialNode", name, "targets")
             targets = points_to_fiducials(map_targets_to_moving(points, T_fixed_to_moving), labels, name=name,
                                           node=targets, scene=scene)
             # Local coordinates are TRUS coordinates; under the registration they overlay the MRI targets.
             apply_transform(targets, transform)
-            self._tag(targets, "targets", method)
+            self.tag(targets, "targets", method)
 
         gland = None
         try:
@@ -584,9 +434,9 @@ class UltrasoundAIRegistrationLogic(_LogicBase):
         metrics_node = None
         if metrics:
             name = f"{moving.GetName()}-Registration-Metrics"
-            metrics_node = self._find_output(scene, "vtkMRMLTableNode", name, "metrics")
+            metrics_node = self.find_output(scene, "vtkMRMLTableNode", name, "metrics")
             metrics_node = metrics_to_table(metrics, name=name, node=metrics_node, scene=scene)
-            self._tag(metrics_node, "metrics", method)
+            self.tag(metrics_node, "metrics", method)
         return {"transform": transform, "targets": targets, "gland": gland, "checkerboard": checkerboard,
                 "metrics": metrics_node}
 
@@ -625,7 +475,7 @@ class UltrasoundAIRegistrationLogic(_LogicBase):
         board = fixed.with_array(checkerboard_array(fixed, on_fixed, params.checkerboardSquareMm))
         scene = params.fixedVolume.GetScene()
         name = f"{params.fixedVolume.GetName()}-{params.movingVolume.GetName()}-Checkerboard"
-        node = node or self._find_output(scene, "vtkMRMLScalarVolumeNode", name, "checkerboard")
+        node = node or self.find_output(scene, "vtkMRMLScalarVolumeNode", name, "checkerboard")
         node = volume_to_node(board, name=name, node=node, scene=scene)
         node.SetAttribute(OUTPUT_ATTRIBUTE, "checkerboard")
         return node
@@ -636,7 +486,7 @@ class UltrasoundAIRegistrationLogic(_LogicBase):
         label = self.label_volume(params.fixedLabel, params.fixedVolume)
         scene = params.fixedVolume.GetScene()
         name = f"{params.fixedLabel.GetName()}-Gland"
-        model = self._find_output(scene, "vtkMRMLModelNode", name, "gland")
+        model = self.find_output(scene, "vtkMRMLModelNode", name, "gland")
         if model is None:
             model = scene.AddNewNodeByClass("vtkMRMLModelNode", name)
         model.SetAndObservePolyData(label_surface_polydata(label))
@@ -687,17 +537,3 @@ class UltrasoundAIRegistrationLogic(_LogicBase):
             landmarks = points_to_fiducials(case.landmarks_fixed, name=f"{name}-Landmarks", scene=scene)
         return {"fixed": fixed, "fixed_label": label, "moving": moving, "surface": surface, "truth": truth,
                 "landmarks": landmarks, "case": case}
-
-    # -- helpers -------------------------------------------------------------------------------------
-    @staticmethod
-    def _tag(node, kind: str, method: str) -> None:
-        node.SetAttribute(OUTPUT_ATTRIBUTE, kind)
-        node.SetAttribute(METHOD_ATTRIBUTE, str(method))
-
-    @staticmethod
-    def _find_output(scene, class_name: str, name: str, kind: str):
-        """The previous run's node of this name and kind (replaced), or None (a new one is made)."""
-        for node in scene.GetNodesByClass(class_name):
-            if node.GetName() == name and node.GetAttribute(OUTPUT_ATTRIBUTE) == kind:
-                return node
-        return None

@@ -94,10 +94,19 @@ def known_transform_scenario(case_dir, workdir) -> dict:
     checkerboard display, gland model; a second call replaces the nodes."""
     from ultrasound_ai.core.geometry import LPS_TO_RAS, apply_transform, invert_rigid, lps_to_ras_points
     from ultrasound_ai.io.volume import resample_volume
-    from ultrasound_ai.mrml import curve_to_trajectory, ijk_to_ras, node_to_volume, resolve_scene
-    from ultrasound_ai.mrml import transform_node_to_matrix_ras, world_matrix_ras
+    from ultrasound_ai.mrml import (
+        curve_to_trajectory,
+        ijk_to_ras,
+        node_to_volume,
+        resolve_scene,
+        transform_node_to_matrix_ras,
+        world_matrix_ras,
+    )
     from UltrasoundAIRegistrationLib.logic import (
-        OUTPUT_ATTRIBUTE, UltrasoundAIRegistrationLogic, checkerboard_array, moving_to_fixed_ras,
+        OUTPUT_ATTRIBUTE,
+        UltrasoundAIRegistrationLogic,
+        checkerboard_array,
+        moving_to_fixed_ras,
     )
 
     scene = resolve_scene(None)
@@ -220,8 +229,11 @@ def mi_job_scenario(case_dir, workdir, initial_sre_mm: float = 6.0, iterations: 
     import json
 
     from ultrasound_ai.mrml import matrix_to_transform_node_ras, resolve_scene, transform_node_to_matrix_ras
+    from ultrasound_ai.mrml.tables import table_to_metrics
     from UltrasoundAIRegistrationLib.logic import (
-        UltrasoundAIRegistrationLogic, fixed_to_moving_lps, moving_to_fixed_ras, table_to_metrics,
+        UltrasoundAIRegistrationLogic,
+        fixed_to_moving_lps,
+        moving_to_fixed_ras,
     )
 
     scene = resolve_scene(None)

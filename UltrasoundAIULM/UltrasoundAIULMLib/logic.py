@@ -47,25 +47,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
-import vtk
-
 import slicer
 
 from ultrasound_ai.core.errors import InputError
-
-try:  # the Slicer application; slicer-core has no ScriptedLoadableModule
-    from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic as _LogicBase
-except ImportError:  # pragma: no cover - depends on the environment
-    _LogicBase = object
+from ultrasound_ai.mrml.module_logic import ModuleLogic, parameters_from, path_or_none, remove_browser, safe_name
+from ultrasound_ai.mrml.tables import metrics_to_table, new_table_node, set_table
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +111,8 @@ class UlmRunParameters:
     def from_any(cls, parameters) -> "UlmRunParameters":
         if isinstance(parameters, cls):
             return parameters
-        if parameters is None:
-            raise InputError("parameters: expected a dict or a parameter node with inputSequence or inputAcquisitionFile")
-        fields = cls.__dataclass_fields__
-        if isinstance(parameters, dict):
-            unknown = sorted(set(parameters) - set(fields))
-            if unknown:
-                raise InputError(f"parameters: unknown name(s) {unknown}; expected some of {sorted(fields)}")
-            values = dict(parameters)
-        else:
-            values = {k: getattr(parameters, k) for k in fields if hasattr(parameters, k)}
-        out = cls(**values)
-        out.inputAcquisitionFile = _path_or_none(out.inputAcquisitionFile)
+        out = parameters_from(cls, parameters, "inputSequence or inputAcquisitionFile")
+        out.inputAcquisitionFile = path_or_none(out.inputAcquisitionFile)
         out.method = str(out.method or "").strip().lower()
         if out.method not in METHODS:
             raise InputError(f"method: expected one of {', '.join(METHODS)} (RS, WA, 3DML-ResNet), got {out.method!r}")
@@ -155,15 +136,6 @@ class UlmRunParameters:
             raise InputError(f"inputSequence: expected a vtkMRMLSequenceBrowserNode or vtkMRMLSequenceNode, "
                              f"got {type(out.inputSequence).__name__}")
         return out
-
-
-def _path_or_none(value) -> str | None:
-    # The wrapper's pathlib.Path field reads "." when the path line edit is empty.
-    if value is None:
-        return None
-    text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
-    text = text.strip()
-    return None if text in ("", ".") else text
 
 
 def _number(value, name: str, expected: str, allow_zero: bool = False) -> float:
@@ -190,7 +162,7 @@ def _integer(value, name: str, minimum: int, what: str) -> int:
 # Ground truth table
 
 
-def _column(name: str, values, dtype) -> vtk.vtkDataArray:
+def _column(name: str, values, dtype):
     from vtk.util import numpy_support
 
     array = numpy_support.numpy_to_vtk(np.ascontiguousarray(values, dtype=dtype), deep=True)
@@ -204,17 +176,11 @@ def gt_to_table(gt_positions, name: str = "GroundTruth", node=None, scene=None):
     g = np.asarray(gt_positions, dtype=np.float64)
     if g.ndim != 2 or g.shape[1] not in (3, 4):
         raise InputError(f"gt_positions: expected [K, 4] = (frame, z_mm, x_mm, bubble_id) or [K, 3], got shape {g.shape}")
-    scene = scene if scene is not None else slicer.mrmlScene
-    if node is None:
-        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
+    node = new_table_node(name, node, scene)
     ids = g[:, 3] if g.shape[1] == 4 else np.full(g.shape[0], -1.0)
-    table = vtk.vtkTable()
-    table.AddColumn(_column("frame", g[:, 0], np.int32))
-    table.AddColumn(_column("z_mm", g[:, 1], np.float64))
-    table.AddColumn(_column("x_mm", g[:, 2], np.float64))
-    table.AddColumn(_column("bubble_id", ids, np.int64 if ids.size and np.abs(ids).max() > 2**31 - 1 else np.int32))
-    node.SetAndObserveTable(table)
-    _column_titles_as_header(node)
+    set_table(node, (_column("frame", g[:, 0], np.int32), _column("z_mm", g[:, 1], np.float64),
+                     _column("x_mm", g[:, 2], np.float64),
+                     _column("bubble_id", ids, np.int64 if ids.size and np.abs(ids).max() > 2**31 - 1 else np.int32)))
     return node
 
 
@@ -239,48 +205,19 @@ def table_to_gt(node) -> np.ndarray:
 # The Logic
 
 
-class UltrasoundAIULMLogic(_LogicBase):
+class UltrasoundAIULMLogic(ModuleLogic):
     """Processing behind the UltrasoundAIULM panel; usable from the Python console and tests."""
 
-    def __init__(self, workdir: str | os.PathLike | None = None, python: str | None = None,
-                 ask: Callable[[str], bool] | None = None):
-        """`ask(text) -> bool` asks the user before the engine's dependencies are installed (inside
-        Slicer, first use only; default: slicer.util.confirmOkCancelDisplay)."""
-        if _LogicBase is not object:
-            _LogicBase.__init__(self)
-        self.ask = ask
-        self._dependencies_ready = False
-        self._workdir_arg = Path(workdir) if workdir is not None else None
-        self.python = python
-        self.launcher = None
-        self._run_inputs: Path | None = None  # the running job's exported inputs (removed at its end)
-        self._run_stem: str | None = None
+    TASK_NAME = TASK_NAME
+    TITLE = "ULM processing"
+    Parameters = UlmRunParameters
+    OUTPUT_ATTRIBUTE = OUTPUT_ATTRIBUTE
+    METHOD_ATTRIBUTE = METHOD_ATTRIBUTE
+    MODEL_METHODS = {"3dml": "ulm_3dml_resnet"}
 
-    # -- folders -------------------------------------------------------------------------------------
-    @property
-    def workdir(self) -> Path:
-        if self._workdir_arg is None:
-            base = None
-            app = getattr(slicer, "app", None)
-            if app is not None and getattr(app, "temporaryPath", None):
-                base = app.temporaryPath
-            self._workdir_arg = Path(tempfile.mkdtemp(prefix="UltrasoundAIULM-", dir=base))
-        self._workdir_arg.mkdir(parents=True, exist_ok=True)
-        return self._workdir_arg
-
-    def ensure_dependencies(self) -> None:
-        """Inside the Slicer application, install what the engine needs (torch through SlicerPyTorch,
-        h5py, ...) after asking, once; outside it (slicer-core, tests) the environment is the user's."""
-        from ultrasound_ai.mrml import in_slicer_application
-
-        if self._dependencies_ready or not in_slicer_application():
-            return
-        from ultrasound_ai.mrml.dependencies import ensure_dependencies
-
-        ask = self.ask if self.ask is not None else slicer.util.confirmOkCancelDisplay
-        if not ensure_dependencies(ask=ask):
-            raise RuntimeError("UltrasoundAIULM needs PyTorch and a few Python packages; they were not installed")
-        self._dependencies_ready = True
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._run_stem: str | None = None  # the running job's result name
 
     # -- inputs --------------------------------------------------------------------------------------
     @staticmethod
@@ -329,18 +266,7 @@ class UltrasoundAIULMLogic(_LogicBase):
     @staticmethod
     def remove_browser(browser) -> None:
         """Remove a browser with its sequences, proxy nodes and ground truth table."""
-        from ultrasound_ai.mrml.sequences import _browser_sequences
-
-        scene = browser.GetScene()
-        if scene is None:
-            return
-        nodes = []
-        for seq in _browser_sequences(browser) if browser.GetMasterSequenceNode() is not None else []:
-            nodes += [browser.GetProxyNode(seq), seq]
-        nodes.append(browser.GetNodeReference(GROUND_TRUTH_ROLE))
-        scene.RemoveNode(browser)
-        for node in nodes:
-            _remove_with_helpers(scene, node)
+        remove_browser(browser, GROUND_TRUTH_ROLE)
 
     @staticmethod
     def iq_sequence(source):
@@ -398,7 +324,7 @@ class UltrasoundAIULMLogic(_LogicBase):
         acq = Acquisition(iq=data["iq"], pixel_size_mm=tuple(data["pixel_size_mm"]), origin_mm=tuple(data["origin_mm"]),
                           frame_rate_hz=float(rate), wavelength_mm=float(wavelength), gt_positions=gt,
                           attrs={"source": f"Slicer sequence {name}"}, source=f"input sequence {name!r}")
-        return write_acquisition(acq, Path(folder) / f"{_safe_name(name)}.h5")
+        return write_acquisition(acq, Path(folder) / f"{safe_name(name, 'IQ')}.h5")
 
     def prepare_inputs(self, params: UlmRunParameters, folder) -> tuple[Path, str]:
         """(acquisition file the job reads, name of the run). A sequence or a .mat file is written into
@@ -407,10 +333,10 @@ class UltrasoundAIULMLogic(_LogicBase):
 
         if params.inputSequence is not None:
             browser, seq = self.iq_sequence(params.inputSequence)
-            stem = _safe_name((browser or seq).GetName() or "IQ")
+            stem = safe_name((browser or seq).GetName() or "IQ", "IQ")
             return self.export_sequence(params.inputSequence, params, folder), stem
         path = Path(params.inputAcquisitionFile).expanduser().resolve()
-        stem = _safe_name(path.stem)
+        stem = safe_name(path.stem, "IQ")
         if path.suffix.lower() == ".mat":
             acq = self.read_acquisition_file(path)
             return write_acquisition(acq, Path(folder) / f"{stem}.h5"), stem
@@ -441,61 +367,12 @@ class UltrasoundAIULMLogic(_LogicBase):
             "device": params.device,
         }
 
-    def start(self, parameters, on_event: Callable[[dict], None] | None = None, *, task: str | None = None,
-              env: dict | None = None):
-        """Write the inputs and start the ULM job in a background process; returns its JobLauncher at
-        once (drain() its events from a timer). `task` and `env` choose another task name and add to
-        the worker's environment (plug-ins and tests)."""
-        from ultrasound_ai.jobs import JobLauncher
-
-        if self.launcher is not None and not self.launcher.done:
-            raise RuntimeError("a ULM job is already running; cancel it or wait for it first")
-        params = UlmRunParameters.from_any(parameters)
-        self.ensure_dependencies()
-        self.cleanup_inputs()
-        folder = self.workdir / f"inputs-{uuid.uuid4().hex[:8]}"
-        folder.mkdir(parents=True)
-        try:
-            acquisition, stem = self.prepare_inputs(params, folder)
-            job = self._job(params, acquisition, stem)
-            if task is not None:
-                job["task"] = task
-            self._run_inputs, self._run_stem = folder, stem
-            self.launcher = JobLauncher(job, python=self.python, on_event=on_event, env=env).start()
-        except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
-            self._run_inputs = None
-            raise
-        return self.launcher
-
-    def run(self, parameters, on_event=None, wait: bool = True, timeout: float | None = None, **start_kwargs):
-        """Start the job; with wait=True block until it ends and return load_results' nodes (raising
-        InputError / RuntimeError when the job failed, Cancelled when it was cancelled). With
-        wait=False return the JobLauncher, as start() does."""
-        launcher = self.start(parameters, on_event=on_event, **start_kwargs)
-        if not wait:
-            return launcher
-        try:
-            result = launcher.wait(timeout)
-        except BaseException:
-            launcher.cancel(grace_s=2.0)
-            launcher.wait()
-            self.cleanup_inputs()
-            raise
-        return self.load_results(result, parameters)
-
-    def cancel(self) -> None:
-        """Ask the running job to stop; it is killed with its whole process tree after a grace period."""
-        if self.launcher is not None and not self.launcher.done:
-            self.launcher.cancel()
-
-    def cleanup_inputs(self) -> None:
-        """Remove the exported inputs of the last run (never while its job runs)."""
-        if self.launcher is not None and not self.launcher.done:
-            return
-        if self._run_inputs is not None:
-            shutil.rmtree(self._run_inputs, ignore_errors=True)
-            self._run_inputs = None
+    def make_job(self, params: UlmRunParameters) -> dict:
+        """Export a sequence (or convert a .mat file) into a new inputs folder, removed when the run
+        ends; an acquisition .h5 file is checked and read in place."""
+        acquisition, stem = self.prepare_inputs(params, self.new_inputs_folder())
+        self._run_stem = stem
+        return self._job(params, acquisition, stem)
 
     # -- results -------------------------------------------------------------------------------------
     def load_results(self, result, parameters) -> dict:
@@ -504,23 +381,14 @@ class UltrasoundAIULMLogic(_LogicBase):
         "result_file": path}. A failed job raises InputError (bad input) or RuntimeError with the job's
         message; a cancelled one raises Cancelled. Nothing is created then. The run's exported inputs
         are removed in every case."""
-        from ultrasound_ai.core.errors import Cancelled
         from ultrasound_ai.io.ulm_files import read_result
 
         if hasattr(result, "wait") and hasattr(result, "drain"):  # a JobLauncher
             result = result.wait()
-        try:
-            params = UlmRunParameters.from_any(parameters)
-            if result.status == "cancelled":
-                raise Cancelled(result.error or "ULM processing cancelled")
-            if not result.ok:
-                message = f"ULM processing failed: {result.error}"
-                raise InputError(message) if result.exit_code == 2 else RuntimeError(message)
-            payload = result.result or {}
-            result_path = Path(result.outputs.get("result") or payload.get("result", ""))
-            ulm = read_result(result_path)
-        finally:
-            self.cleanup_inputs()
+        payload = self.finished_payload(result)
+        params = UlmRunParameters.from_any(parameters)
+        result_path = Path(result.outputs.get("result") or payload.get("result", ""))
+        ulm = read_result(result_path)
         if ulm.image_shape is None:
             raise RuntimeError(f"ULM result {result_path}: holds no rendered maps")
         method = str(payload.get("method") or ulm.attrs.get("method") or params.method)
@@ -534,31 +402,20 @@ class UltrasoundAIULMLogic(_LogicBase):
             image = getattr(ulm, dataset)
             if image is None:
                 raise RuntimeError(f"ULM result {result_path}: no {dataset!r} map")
-            node = self._find_output(scene, "vtkMRMLScalarVolumeNode", f"{base}-{suffix}", kind, new)
+            node = self.find_output(scene, "vtkMRMLScalarVolumeNode", f"{base}-{suffix}", kind, new)
             node = map_to_node(image, ulm.pixel_size_mm, ulm.origin_mm, name=f"{base}-{suffix}", node=node, scene=scene)
-            _tag(node, kind, method)
+            self.tag(node, kind, method)
             set_map_display(node, kind, image)
             nodes[kind] = node
 
         metrics_node = None
         metrics = payload.get("metrics")
         if metrics:
-            metrics_node = self._find_output(scene, "vtkMRMLTableNode", f"{base}-Metrics", "metrics", new)
+            metrics_node = self.find_output(scene, "vtkMRMLTableNode", f"{base}-Metrics", "metrics", new)
             metrics_node = metrics_to_table(metrics, name=f"{base}-Metrics", node=metrics_node, scene=scene)
-            _tag(metrics_node, "metrics", method)
+            self.tag(metrics_node, "metrics", method)
         nodes.update({"metrics": metrics_node, "result": payload, "result_file": result_path})
         return nodes
-
-    @staticmethod
-    def _find_output(scene, class_name: str, name: str, kind: str, new: bool):
-        """The previous run's node of this name and kind (replaced), or None (a new one is made).
-        With new=True a new node with a unique name is made instead, so earlier results stay."""
-        if new:
-            return scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
-        for node in scene.GetNodesByClass(class_name):
-            if node.GetName() == name and node.GetAttribute(OUTPUT_ATTRIBUTE) == kind:
-                return node
-        return None
 
     @staticmethod
     def show_results(nodes: dict, scene=None) -> None:
@@ -634,51 +491,6 @@ def set_map_display(node, kind: str, image) -> None:
         display.SetUpperThreshold(float(np.max(image)) + 1.0)
 
 
-def flatten_metrics(metrics: dict, prefix: str = "") -> dict:
-    """{"jaccard": .., "raw": {"jaccard": ..}} -> {"jaccard": .., "raw.jaccard": ..}; non-numbers dropped."""
-    out = {}
-    for key, value in metrics.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten_metrics(value, f"{name}."))
-        elif value is None:
-            out[name] = float("nan")  # JSON null: undefined (no true positive, ...)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[name] = float(value)
-    return out
-
-
-def metrics_to_table(metrics: dict, name: str = "Metrics", node=None, scene=None):
-    """A two-column vtkMRMLTableNode: "metric" (unit-bearing names, nested ones dotted) and "value"."""
-    if not isinstance(metrics, dict) or not metrics:
-        raise InputError(f"metrics: expected a non-empty dict of name -> number, got {metrics!r}")
-    scene = scene if scene is not None else slicer.mrmlScene
-    if node is None:
-        node = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
-    names = vtk.vtkStringArray()
-    names.SetName("metric")
-    values = vtk.vtkDoubleArray()
-    values.SetName("value")
-    for key, value in flatten_metrics(metrics).items():
-        names.InsertNextValue(key)
-        values.InsertNextValue(value)
-    table = vtk.vtkTable()
-    table.AddColumn(names)
-    table.AddColumn(values)
-    node.SetAndObserveTable(table)
-    _column_titles_as_header(node)
-    return node
-
-
-def table_to_metrics(node) -> dict:
-    """Inverse of metrics_to_table (flattened names)."""
-    table = node.GetTable()
-    names, values = table.GetColumnByName("metric"), table.GetColumnByName("value")
-    if names is None or values is None:
-        raise InputError(f"metrics table {node.GetName()!r}: expected the columns 'metric' and 'value'")
-    return {names.GetValue(k): values.GetValue(k) for k in range(table.GetNumberOfRows())}
-
-
 def _float_attribute(node, name: str) -> float | None:
     text = node.GetAttribute(name)
     try:
@@ -700,36 +512,3 @@ def _result_stem(path: Path, method: str) -> str:
     suffix = f"-{method}-result"
     stem = path.stem
     return stem[: -len(suffix)] if stem.endswith(suffix) else stem
-
-
-def _tag(node, kind: str, method: str) -> None:
-    node.SetAttribute(OUTPUT_ATTRIBUTE, kind)
-    node.SetAttribute(METHOD_ATTRIBUTE, method)
-
-
-def _remove_with_helpers(scene, node) -> None:
-    """Remove a node with its storage and display nodes (the scene keeps them otherwise)."""
-    if node is None or node.GetScene() is not scene:
-        return
-    helpers = []
-    for getter in ("GetNumberOfStorageNodes", "GetNumberOfDisplayNodes"):
-        if hasattr(node, getter):
-            nth = node.GetNthStorageNode if "Storage" in getter else node.GetNthDisplayNode
-            helpers += [nth(k) for k in range(getattr(node, getter)())]
-    scene.RemoveNode(node)
-    for helper in helpers:
-        if helper is not None and helper.GetScene() is scene:
-            scene.RemoveNode(helper)
-
-
-def _column_titles_as_header(node) -> None:
-    # Renamed in Slicer 5.9 (the old name warns); older Slicer has only the old one.
-    if hasattr(node, "SetUseColumnTitleAsColumnHeader"):
-        node.SetUseColumnTitleAsColumnHeader(True)
-    elif hasattr(node, "SetUseColumnNameAsColumnHeader"):
-        node.SetUseColumnNameAsColumnHeader(True)
-
-
-def _safe_name(name: str) -> str:
-    keep = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)).strip("._")
-    return keep or "IQ"

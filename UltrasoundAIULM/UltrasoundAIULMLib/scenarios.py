@@ -88,9 +88,14 @@ def process_scenario(acquisition_path, workdir, method: str = "rs", repeat: bool
 
     from ultrasound_ai.io.ulm_files import read_acquisition, read_result
     from ultrasound_ai.mrml import ijk_to_ras, sequence_to_complex
+    from ultrasound_ai.mrml.tables import table_to_metrics
     from UltrasoundAIULMLib.logic import (
-        COLOR_NODE_IDS, GROUND_TRUTH_ROLE, OUTPUT_ATTRIBUTE, UltrasoundAIULMLogic, map_ras_position, table_to_gt,
-        table_to_metrics,
+        COLOR_NODE_IDS,
+        GROUND_TRUTH_ROLE,
+        OUTPUT_ATTRIBUTE,
+        UltrasoundAIULMLogic,
+        map_ras_position,
+        table_to_gt,
     )
 
     workdir = Path(workdir)

@@ -123,6 +123,9 @@ def _browser_sequences(browser) -> list:
     return nodes
 
 
+browser_sequences = _browser_sequences  # the public name (module Logics remove a browser's sequences)
+
+
 # -- matrices ----------------------------------------------------------------------------------------
 def _check_spacing(pixel_spacing_xy, what: str = "pixel_spacing_xy") -> np.ndarray:
     s = np.asarray(pixel_spacing_xy, dtype=np.float64).reshape(-1)

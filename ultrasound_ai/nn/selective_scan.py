@@ -26,9 +26,8 @@ scans a long sequence piece by piece with the result of one scan (streaming).
 sequence in chunks of `chunk_size` steps, carries the state between chunks, and inside a chunk runs a
 parallel scan written with cumulative sums of the log-decays S = cumsum(delta*A): h_t = exp(S_t) *
 (h0 + cumsum(exp(-S_s) * delta_s*B_s*u_s)) while |S| stays moderate within the chunk; a chunk that decays
-more steeply uses a Hillis-Steele doubling scan over products of decays <= 1 instead. Either way no
-exponential overflows and exp(S_t)*exp(-S_s) stays accurate. Smaller chunks keep more chunks on the fast
-path when decays are steep. With gradients enabled each
+more steeply is halved until it does, and a short one that still does uses a Hillis-Steele doubling scan
+over products of decays <= 1. Either way no exponential overflows and exp(S_t)*exp(-S_s) stays accurate. With gradients enabled each
 chunk is recomputed in the backward pass (activation checkpointing), so training memory is O(B*D*L)
 plus one chunk's O(B*D*chunk*N) as well.
 """
@@ -204,6 +203,13 @@ def _doubling_scan(uf: Tensor, delta: Tensor, A: Tensor, Bt: Tensor, Ct: Tensor,
 
 # exp(+-S) must stay finite with room for the increments it multiplies (float32 overflows near 88.7).
 _SAFE_LOG_DECAY = {torch.float32: 40.0, torch.float64: 300.0}
+# A chunk that decays too steeply is halved down to this many steps, then scanned by doubling.
+_MIN_SPLIT = 8
+
+
+def _steps(M: Tensor, s: int, e: int) -> Tensor:
+    """Time steps s:e of B or C in the [b|1, d|1, T|1, n] layout (a constant one is shared by all steps)."""
+    return M[:, :, s:e] if M.shape[2] > 1 else M
 
 
 def _scan_chunk(uf: Tensor, delta: Tensor, A: Tensor, Bt: Tensor, Ct: Tensor, h0: Tensor):
@@ -214,24 +220,37 @@ def _scan_chunk(uf: Tensor, delta: Tensor, A: Tensor, Bt: Tensor, Ct: Tensor, h0
     With S_t = cumsum(delta*A) inside the chunk (the log of the decay from the chunk start),
     h_t = exp(S_t) * (h0 + cumsum_s(exp(-S_s) * delta_s*B_s*u_s)): a handful of O(T) passes. The
     factorised exp(S_t)*exp(-S_s) = exp(S_t - S_s) <= 1 is exact up to rounding while |S| stays moderate;
-    a chunk that decays more steeply than that uses the doubling scan instead, which only multiplies
-    decays <= 1 (about 3x the work, stable for any decay).
+    a chunk that decays more steeply than that is halved, and below `_MIN_SPLIT` steps uses the doubling
+    scan, which only multiplies decays <= 1 (stable for any decay).
     """
     S = torch.cumsum(delta.unsqueeze(-1) * A[:, None, :], dim=2)  # [b, d, T, n]
+    R = None
     if S.numel():
         # With delta >= 0 and A <= 0 (Mamba's case) S only decreases along time: its last step is the
-        # extreme, which spares a pass over the whole chunk.
-        monotone = bool((A <= 0).all()) and bool((delta >= 0).all())
-        extreme = float((S[:, :, -1] if monotone else S).detach().abs().amax())
+        # extreme (no pass over the chunk to find it), and measuring S from half that, R = S_T / 2, halves
+        # the largest exponent: h_t = exp(S_t - R) * (exp(R) h0 + cumsum(exp(R - S_s) x_s)).
+        if bool((A <= 0).all()) and bool((delta >= 0).all()):
+            R = 0.5 * S[:, :, -1:]
+            extreme = float(R.detach().abs().amax())
+        else:
+            extreme = float(S.detach().abs().amax())
         if extreme > _SAFE_LOG_DECAY[S.dtype]:
-            return _doubling_scan(uf, delta, A, Bt, Ct, h0)
+            T = uf.shape[-1]
+            if T <= _MIN_SPLIT:
+                return _doubling_scan(uf, delta, A, Bt, Ct, h0)
+            # Halves decay less steeply: most of them stay on the fast path.
+            m = T // 2
+            y1, h1 = _scan_chunk(uf[..., :m], delta[..., :m], A, _steps(Bt, 0, m), _steps(Ct, 0, m), h0)
+            y2, h2 = _scan_chunk(uf[..., m:], delta[..., m:], A, _steps(Bt, m, T), _steps(Ct, m, T), h1)
+            return torch.cat([y1, y2], dim=-1), h2
     x = (delta * uf).unsqueeze(-1) * Bt  # [b, d, T, n] per-step increments
+    h0 = h0.unsqueeze(2) if R is None else h0.unsqueeze(2) * torch.exp(R)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (uf, delta, A, Bt, Ct, h0)):
-        P = torch.cumsum(torch.exp(-S) * x, dim=2)
-        h = torch.exp(S) * (P + h0.unsqueeze(2))
+        E = torch.exp(-S if R is None else R - S)
+        h = (torch.cumsum(x * E, dim=2) + h0) / E
     else:  # the same formula in place (no autograd record to keep): fewer passes over [b, d, T, n]
-        E = S.neg_().exp_()  # exp(-S)
-        h = torch.cumsum(x.mul_(E), dim=2).add_(h0.unsqueeze(2)).div_(E)
+        E = (S if R is None else S.sub_(R)).neg_().exp_()
+        h = torch.cumsum(x.mul_(E), dim=2).add_(h0).div_(E)
     return (h * Ct).sum(-1), h[:, :, -1]
 
 
@@ -267,9 +286,7 @@ def selective_scan_chunked(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     ys = []
     for s in range(0, L, chunk_size):
         e = min(s + chunk_size, L)
-        args = (uf[:, :, s:e], delta[:, :, s:e], Af,
-                Bt[:, :, s:e] if Bt.shape[2] > 1 else Bt,
-                Ct[:, :, s:e] if Ct.shape[2] > 1 else Ct, h)
+        args = (uf[:, :, s:e], delta[:, :, s:e], Af, _steps(Bt, s, e), _steps(Ct, s, e), h)
         if checkpoint:
             from torch.utils.checkpoint import checkpoint as _ckpt
 

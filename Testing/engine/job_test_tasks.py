@@ -3,16 +3,21 @@ through the engine's registry (see ultrasound_ai/jobs/registry.py)."""
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
 import subprocess
 import sys
 import time
 
+from ultrasound_ai.core.atomic import atomic_output
 from ultrasound_ai.core.errors import InputError
 
 # name -> function, as the worker's environment variable spells them.
 EXTRA_TASKS = ",".join(
-    f"job_test_tasks:{name}={name}" for name in ("chatty", "sleep_with_child", "stepwise_writer", "fail", "bad_input", "report_device")
+    f"job_test_tasks:{name}={name}"
+    for name in ("chatty", "sleep_with_child", "stepwise_writer", "fail", "bad_input", "report_device",
+                 "nested_writer", "slow_exit", "report_threads")
 )
 
 # Lines that look like protocol events: printed on stdout they must change nothing.
@@ -92,3 +97,43 @@ def bad_input(job, ctx):
 
 def report_device(job, ctx):
     return {"device": ctx.device}
+
+
+def nested_writer(job, ctx):
+    """Write output "data" the way engine tasks do: a library writer given ctx.output() makes its own
+    atomic_output on it. Logs "point N" at each stage and, at parameters["stop_at"], waits to be killed.
+
+    point 0: the temporary name is announced, nothing written; 1: half written; 2: complete, not renamed.
+    """
+    stop_at = int(job.parameters.get("stop_at", -1))
+
+    def point(n: int) -> None:
+        ctx.log(f"point {n}")
+        if n == stop_at:
+            time.sleep(120)
+
+    path = ctx.output("data")
+    point(0)
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        f.write(b"new " * 1000)
+        f.flush()
+        point(1)
+        f.write(b"new " * 1000)
+    point(2)
+    return {"bytes": 8000}
+
+
+def slow_exit(job, ctx):
+    """Write output "data", return, then take 3 s to exit (like a heavy library's teardown)."""
+    ctx.output("data").write_bytes(b"complete")
+    atexit.register(time.sleep, 3.0)
+    return {"ok": True}
+
+
+def report_threads(job, ctx):
+    """The thread policy as the task sees it, and torch's thread count once torch is imported."""
+    imported_before = "torch" in sys.modules
+    import torch
+
+    return {"torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch_imported_before_task": imported_before}

@@ -7,7 +7,7 @@ import pytest
 import SimpleITK as sitk
 
 from ultrasound_ai.core.atomic import is_partial
-from ultrasound_ai.core.errors import InputError
+from ultrasound_ai.core.errors import InputError, OutputWriteError
 from ultrasound_ai.io.volume import Volume, read_volume, resample_volume, write_volume
 
 SPACING = np.array([0.3, 0.7, 1.9])
@@ -153,9 +153,10 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(sitk, "WriteImage", broken_writer)
-    with pytest.raises(InputError, match="could not write"):
+    # A failed write is not bad input (exit 1, not 2).
+    with pytest.raises(OutputWriteError, match="could not write"):
         write_volume(make_volume(), tmp_path / "out.nrrd")
-    with pytest.raises(InputError, match="could not write"):
+    with pytest.raises(OutputWriteError, match="could not write"):
         write_volume(make_volume(), tmp_path / "out.mhd")
     assert os.listdir(tmp_path) == []
     with pytest.raises(InputError, match="unsupported extension"):

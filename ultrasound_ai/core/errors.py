@@ -17,6 +17,11 @@ class ChecksumError(InputError):
     """A checkpoint whose sha256 does not match its model card."""
 
 
+class OutputWriteError(RuntimeError):
+    """An output could not be written (a full disk, a file system turned read-only): not the user's
+    input, so exit code 1; the message names the user's path, never a temporary one."""
+
+
 class Cancelled(Exception):
     """The user asked the running task to stop. Maps to exit code 3."""
 

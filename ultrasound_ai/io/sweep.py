@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from ultrasound_ai.core.atomic import atomic_output
 from ultrasound_ai.core.errors import InputError
+from ultrasound_ai.io.hdf5_output import hdf5_output
 
 # Names with a meaning in the contract; everything else at the root is a free attribute.
 _DATASETS = ("frames", "tforms", "timestamps_s", "imu_acc", "imu_euler_deg", "imu_weights")
@@ -245,30 +245,27 @@ def read_sweep(path: str | os.PathLike) -> Sweep:
 
 def write_sweep(sweep: Sweep, path: str | os.PathLike) -> Path:
     """Validate and write `sweep` to `path` (HDF5) atomically; returns the path."""
-    import h5py
-
     p = Path(path)
     sweep.validate(name=f"sweep for {p}")
     for key in sweep.attrs:
         if key in _RESERVED_ATTRS or key in _DATASETS:
             raise InputError(f"sweep attribute '{key}' clashes with a contract field of the same name")
-    with atomic_output(p) as tmp:
-        # track_times off and fixed chunking: the same sweep always gives the same bytes.
-        with h5py.File(tmp, "w", track_order=True) as fh:
-            n, h, w = sweep.frames.shape
-            fh.create_dataset(
-                "frames", data=sweep.frames, chunks=(1, h, w), compression="gzip", compression_opts=1,
-                shuffle=False, track_times=False,
-            )
-            for key in _DATASETS[1:]:
-                value = getattr(sweep, key)
-                if value is not None:
-                    fh.create_dataset(key, data=value, track_times=False)
-            fh.attrs["pixel_spacing_mm"] = np.asarray(sweep.pixel_spacing_xy, dtype=np.float64)
-            if sweep.frame_rate_hz is not None:
-                fh.attrs["frame_rate_hz"] = float(sweep.frame_rate_hz)
-            if sweep.imu_position_mm is not None:
-                fh.attrs["imu_position_mm"] = np.asarray(sweep.imu_position_mm, dtype=np.float64)
-            for key, value in sweep.attrs.items():
-                fh.attrs[key] = _attr_to_hdf5(key, value)
+    # track_times off and fixed chunking: the same sweep always gives the same bytes.
+    with hdf5_output(p, track_order=True) as fh:
+        n, h, w = sweep.frames.shape
+        fh.create_dataset(
+            "frames", data=sweep.frames, chunks=(1, h, w), compression="gzip", compression_opts=1,
+            shuffle=False, track_times=False,
+        )
+        for key in _DATASETS[1:]:
+            value = getattr(sweep, key)
+            if value is not None:
+                fh.create_dataset(key, data=value, track_times=False)
+        fh.attrs["pixel_spacing_mm"] = np.asarray(sweep.pixel_spacing_xy, dtype=np.float64)
+        if sweep.frame_rate_hz is not None:
+            fh.attrs["frame_rate_hz"] = float(sweep.frame_rate_hz)
+        if sweep.imu_position_mm is not None:
+            fh.attrs["imu_position_mm"] = np.asarray(sweep.imu_position_mm, dtype=np.float64)
+        for key, value in sweep.attrs.items():
+            fh.attrs[key] = _attr_to_hdf5(key, value)
     return p

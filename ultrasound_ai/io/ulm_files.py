@@ -11,7 +11,9 @@ Acquisition (HDF5):
 
 Result (HDF5): `localizations` float64 [K, 5] = (frame, z_mm, x_mm, intensity, track_id; -1 when
 untracked); optional `density`, `direction`, `velocity_mm_s` float32 images [H, W] sharing the root
-attributes `pixel_size_mm` = [dz, dx] and `origin_mm` = [z0, x0] of the rendering grid.
+attributes `pixel_size_mm` = [dz, dx] and `origin_mm` = [z0, x0] of the rendering grid; optional
+`count_per_frame` int32 [T], the number of detections kept in each frame (from the counting network or
+a fixed N; the root attribute `count_source` says which).
 
 Policy on dtypes: complex128 IQ is converted to complex64 (MATLAB and numpy default to double; the
 precision lost is far below any ultrasound noise floor); real or integer IQ is refused, because the
@@ -30,12 +32,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ultrasound_ai.core.atomic import atomic_output
+from ultrasound_ai.core.atomic import atomic_output, ensure_free_space
 from ultrasound_ai.core.errors import InputError
+from ultrasound_ai.io.hdf5_output import hdf5_output
 
 ACQ_DATASETS = ("iq", "bmode", "gt_positions")
 ACQ_ATTRS = ("pixel_size_mm", "origin_mm", "frame_rate_hz", "wavelength_mm")
-RESULT_DATASETS = ("localizations", "density", "direction", "velocity_mm_s")
+RESULT_DATASETS = ("localizations", "density", "direction", "velocity_mm_s", "count_per_frame")
 RESULT_IMAGES = ("density", "direction", "velocity_mm_s")
 RESULT_ATTRS = ("pixel_size_mm", "origin_mm")
 # Free attributes that HDF5 cannot store natively (dicts, mixed lists) travel as JSON text.
@@ -407,6 +410,10 @@ class AcquisitionWriter:
         self._name = name
         self._gt: list[np.ndarray] = []
         self._written = np.zeros(self.shape[0], dtype=bool)
+        # Streamed, so not built in memory like the other HDF5 outputs (io/hdf5_output.py): refuse a
+        # disk that cannot hold the uncompressed frames now rather than let HDF5 meet ENOSPC (it
+        # crashes the process at exit then).
+        ensure_free_space(self.path, int(np.prod(self.shape)) * self.dtype.itemsize + (1 << 20))
         self._ctx = atomic_output(self.path)
         self._tmp = self._ctx.__enter__()
         try:
@@ -511,6 +518,8 @@ class UlmResult:
     velocity_mm_s: np.ndarray | None = None
     pixel_size_mm: tuple[float, float] | None = None
     origin_mm: tuple[float, float] | None = None
+    # Optional: detections kept in each frame [T] (counting network or fixed N), int32.
+    count_per_frame: np.ndarray | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
     source: str = field(default="ULM result", repr=False, compare=False)
 
@@ -550,6 +559,15 @@ class UlmResult:
         if shape is not None or self.pixel_size_mm is not None or self.origin_mm is not None:
             self.pixel_size_mm = _pair(self.pixel_size_mm, name, "pixel_size_mm", positive=True)
             self.origin_mm = _pair(self.origin_mm, name, "origin_mm", positive=False)
+        if self.count_per_frame is not None:
+            c = np.asarray(self.count_per_frame)
+            if c.ndim != 1 or c.dtype.kind not in "iu" or (c.size and c.min() < 0):
+                raise InputError(f"{name}: 'count_per_frame' must be non-negative integers [T] (one per frame), got "
+                                 f"dtype {c.dtype}, shape {c.shape}")
+            if loc.shape[0] and loc[:, 0].max() >= c.size:
+                raise InputError(f"{name}: 'count_per_frame' has {c.size} frames but a localization lies in frame "
+                                 f"{int(loc[:, 0].max())}")
+            self.count_per_frame = c.astype(np.int32)
         self.attrs = dict(self.attrs or {})
         for k in self.attrs:
             if k in RESULT_ATTRS or k in RESULT_DATASETS:
@@ -566,23 +584,22 @@ class UlmResult:
 
 def write_result(result: UlmResult, path: str | os.PathLike) -> Path:
     """Write a ULM result (HDF5) atomically; returns the path."""
-    import h5py
-
     if not isinstance(result, UlmResult):
         raise InputError(f"write_result: expected a UlmResult, got {type(result).__name__}")
     p = Path(path)
-    with atomic_output(p) as tmp:
-        with h5py.File(tmp, "w", track_order=True) as fh:
-            fh.create_dataset("localizations", data=result.localizations, track_times=False)
-            for key in RESULT_IMAGES:
-                img = getattr(result, key)
-                if img is not None:
-                    fh.create_dataset(key, data=img, track_times=False, compression="gzip", compression_opts=1)
-            if result.pixel_size_mm is not None:
-                fh.attrs["pixel_size_mm"] = np.asarray(result.pixel_size_mm, dtype=np.float64)
-                fh.attrs["origin_mm"] = np.asarray(result.origin_mm, dtype=np.float64)
-            for k, v in result.attrs.items():
-                fh.attrs[k] = _attr_to_hdf5(k, v, f"result for {p}")
+    with hdf5_output(p, track_order=True) as fh:
+        fh.create_dataset("localizations", data=result.localizations, track_times=False)
+        for key in RESULT_IMAGES:
+            img = getattr(result, key)
+            if img is not None:
+                fh.create_dataset(key, data=img, track_times=False, compression="gzip", compression_opts=1)
+        if result.count_per_frame is not None:
+            fh.create_dataset("count_per_frame", data=result.count_per_frame, track_times=False)
+        if result.pixel_size_mm is not None:
+            fh.attrs["pixel_size_mm"] = np.asarray(result.pixel_size_mm, dtype=np.float64)
+            fh.attrs["origin_mm"] = np.asarray(result.origin_mm, dtype=np.float64)
+        for k, v in result.attrs.items():
+            fh.attrs[k] = _attr_to_hdf5(k, v, f"result for {p}")
     return p
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ultrasound_ai.core.atomic import atomic_output
-from ultrasound_ai.core.errors import InputError
+from ultrasound_ai.core.atomic import atomic_output, scratch_folder
+from ultrasound_ai.core.errors import InputError, OutputWriteError
 
 # Extensions SimpleITK reads for us, longest first so ".nii.gz" wins over ".gz".
 READ_EXTENSIONS = (".nii.gz", ".nrrd", ".nhdr", ".nii", ".mha", ".mhd")
@@ -241,24 +241,27 @@ def write_volume(volume: Volume, path: str | os.PathLike, compress: bool = False
         try:
             sitk.WriteImage(image, str(tmp), useCompression=bool(compress))
         except RuntimeError as exc:
-            raise InputError(f"volume output {path}: SimpleITK could not write it: {exc}") from exc
+            raise OutputWriteError(f"volume output {path}: SimpleITK could not write it: {_itk_detail(exc)}") from exc
     return path
+
+
+def _itk_detail(exc: BaseException) -> str:
+    # ITK's message is long and names the C++ source; its last line says what failed.
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
 
 
 def _write_mhd(image, path: Path, compress: bool) -> None:
     """A MetaImage header names its data file, so write both, then fix the name in the header."""
-    import tempfile
-
     import SimpleITK as sitk
 
     data_name = path.name[: -len(".mhd")] + (".zraw" if compress else ".raw")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.partial-") as scratch:
+    with scratch_folder(path) as scratch:
         scratch_header = Path(scratch) / "volume.mhd"
         try:
             sitk.WriteImage(image, str(scratch_header), useCompression=bool(compress))
         except RuntimeError as exc:
-            raise InputError(f"volume output {path}: SimpleITK could not write it: {exc}") from exc
+            raise OutputWriteError(f"volume output {path}: SimpleITK could not write it: {_itk_detail(exc)}") from exc
         lines = scratch_header.read_text(encoding="latin-1").splitlines()
         scratch_data = None
         for n, line in enumerate(lines):

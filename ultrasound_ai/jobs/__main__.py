@@ -1,4 +1,5 @@
-"""``python -m ultrasound_ai.jobs run JOB.json [--events PATH | --events-fd N] [--cancel-file PATH]``.
+"""``python -m ultrasound_ai.jobs run JOB.json [--events PATH | --events-fd N] [--cancel-file PATH]
+[--threads N | --leave-free-cores K]``.
 
 Also ``python -m ultrasound_ai.jobs tasks`` lists the task names a job may use. See worker.py for the
 event channel and cancellation, protocol.py for JOB.json and the messages.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+from ultrasound_ai.core.threads import parse_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     channel.add_argument("--events", metavar="PATH", help="append JSON event lines to this file or named pipe")
     channel.add_argument("--events-fd", metavar="N", type=int, help="write JSON event lines to this inherited fd")
     run.add_argument("--cancel-file", metavar="PATH", help="cancel as soon as this file exists")
+    run.add_argument("--threads", metavar="N", type=parse_threads,
+                     help="torch/OpenMP threads (default: the cores this process may use, less --leave-free-cores)")
+    run.add_argument("--leave-free-cores", metavar="K", type=int, default=0,
+                     help="cores to leave for other programs, e.g. 1 for Slicer's GUI (default: 0)")
     sub.add_parser("tasks", help="list the available task names")
     return parser
 
@@ -28,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         from ultrasound_ai.jobs.worker import run
 
-        return run(args.job, events=args.events, events_fd=args.events_fd, cancel_file=args.cancel_file)
+        return run(args.job, events=args.events, events_fd=args.events_fd, cancel_file=args.cancel_file,
+                   threads=args.threads, leave_free_cores=max(0, args.leave_free_cores))
     if args.command == "tasks":
         from ultrasound_ai.core.errors import InputError, exit_code_for
         from ultrasound_ai.jobs.registry import available_tasks

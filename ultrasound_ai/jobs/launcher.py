@@ -4,7 +4,8 @@
     launcher.poll()      # "running" | "succeeded" | "failed" | "cancelled"  (never blocks)
     launcher.drain()     # new events since the last drain (never blocks; call it from a QTimer)
     launcher.progress    # (fraction, message) of the last progress event
-    launcher.cancel()    # SIGTERM now; the whole process tree is killed after grace_s (never blocks)
+    launcher.cancel()    # SIGTERM now; the whole process tree is killed after grace_s (never blocks);
+                         # returns "already finished" once the result arrived (outputs stay)
     result = launcher.wait()   # JobResult
 
 How it works: the launcher writes JOB.json (when given a dict) into a work folder, starts
@@ -158,8 +159,13 @@ class JobLauncher:
         workdir: str | os.PathLike | None = None,
         env: Mapping[str, str | None] | None = None,
         poll_interval: float = 0.05,
+        threads: int | None = None,
     ):
-        """`env` adds to (None values remove from) the inherited environment of the worker."""
+        """`env` adds to (None values remove from) the inherited environment of the worker.
+
+        `threads`: the worker's torch/OpenMP threads; by default it uses the cores it may run on, less
+        one for the GUI when started from Slicer (ultrasound_ai.core.threads).
+        """
         if not isinstance(job, (Job, Mapping, str, os.PathLike)):
             raise InputError(f"job must be a dict, a Job or the path of a JOB.json file, got {type(job).__name__}")
         self._job_arg = job
@@ -168,6 +174,9 @@ class JobLauncher:
         self._workdir_arg = Path(workdir) if workdir is not None else None
         self._env_arg = dict(env or {})
         self.poll_interval = float(poll_interval)
+        if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+            raise InputError(f"threads must be a positive integer or None, got {threads!r}")
+        self.threads = threads
 
         self.workdir: Path | None = None
         self.job_path: Path | None = None
@@ -246,7 +255,14 @@ class JobLauncher:
             str(self._events_path),
             "--cancel-file",
             str(self._cancel_path),
+            *self._thread_arguments(),
         ]
+
+    def _thread_arguments(self) -> list[str]:
+        if self.threads is not None:
+            return ["--threads", str(self.threads)]
+        # The GUI must stay responsive and keeps its own core (DESIGN.md, Threads).
+        return ["--leave-free-cores", "1"] if _inside_slicer() else []
 
     def start(self) -> "JobLauncher":
         """Start the worker and the reader thread; returns self. Raises RuntimeError if started twice."""
@@ -331,19 +347,23 @@ class JobLauncher:
         return self._result
 
     # -- cancel -----------------------------------------------------------------------------------
-    def cancel(self, grace_s: float = 5.0) -> None:
+    def cancel(self, grace_s: float = 5.0) -> str:
         """Ask the worker to stop now; kill its whole process tree after `grace_s` seconds. Never blocks.
 
         The job ends "cancelled" whether the worker stops by itself (exit code 3) or has to be killed.
+        Returns "cancelling", or "already finished" when the job ended before (a received "result"
+        counts: its outputs are in place and stay), or "not started".
         """
         with self._lock:
             if self._status == STATUS_PENDING:
                 self._status = STATUS_CANCELLED
                 self._result = JobResult(STATUS_CANCELLED, EXIT_CANCELLED, error="cancelled before it started")
                 self._done.set()
-                return
-            if self._done.is_set():
-                return
+                return "not started"
+            if self._done.is_set() or self._terminal is not None:
+                # After the terminal event the worker only exits; killing it now would turn a finished
+                # job into a "cancelled" one whose complete outputs stay on disk.
+                return "already finished"
             deadline = time.monotonic() + max(0.0, float(grace_s))
             self._kill_deadline = deadline if self._kill_deadline is None else min(self._kill_deadline, deadline)
             already = self._cancel_requested
@@ -358,6 +378,7 @@ class JobLauncher:
                 else:
                     self._proc.send_signal(signal.SIGTERM)
         self._wake.set()
+        return "cancelling"
 
     # -- background thread ------------------------------------------------------------------------
     def _refresh_tree(self) -> None:
@@ -488,7 +509,9 @@ class JobLauncher:
         kind = terminal.get("event") if terminal else None
         result = None
         outputs: dict[str, str] = {}
-        if kind == "result" and rc == EXIT_OK:
+        if kind == "result":
+            # The worker commits its outputs before it sends "result": whatever ends the process
+            # afterwards (a late kill, a crash in interpreter teardown), the job succeeded.
             status, exit_code, error = STATUS_SUCCEEDED, EXIT_OK, None
             result = terminal.get("result") if isinstance(terminal.get("result"), dict) else {}
             outputs = dict(terminal.get("outputs") or {})

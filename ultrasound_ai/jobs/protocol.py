@@ -14,16 +14,18 @@ folder can be moved as a whole. No other keys are allowed: a typo must not be si
 Events are JSON objects, one per line, UTF-8, each line flushed as soon as it is written, on a
 channel of their own (never stdout). Every event has an "event" key:
 
-    started    {"pid", "task", "device", "engine_version", "job"}
+    started    {"pid", "task", "device", "engine_version", "job", "threads"}
     progress   {"fraction" in [0, 1], never decreasing, "message"}
     log        {"message"}
-    partial    {"name", "path"}   a temporary output file exists (the launcher removes it if the
-                                  worker is killed before it could clean up)
+    partial    {"name", "path"}   a temporary output is about to be written (the launcher removes it
+                                  if the worker is killed before it could clean up); sent before
+                                  the file exists, once per temporary name (names never nest)
     result     {"result": {...}, "outputs": {name: final path}}        then exit code 0
     error      {"message", "exit_code", "type", ["traceback"]}          then exit code 2 or 1
     cancelled  {"message", "exit_code": 3}                              then exit code 3
 
-Exactly one of result / error / cancelled ends the stream.
+Exactly one of result / error / cancelled ends the stream. The outputs are in place before
+"result" is sent; after it the job is finished and a cancel changes nothing.
 """
 
 from __future__ import annotations

@@ -27,10 +27,29 @@ EXTRA_TASKS_ENV = "ULTRASOUND_AI_EXTRA_TASKS"
 # name -> "module:function". One line per task.
 TASKS: dict[str, str] = {
     "diagnostics": "ultrasound_ai.core.diagnostics:diagnostics_task",
+    "foundation.classify": "ultrasound_ai.foundation.tasks:classify_task",
+    "foundation.segment": "ultrasound_ai.foundation.tasks:segment_task",
     "freehand.reconstruct": "ultrasound_ai.freehand.tasks:reconstruct_task",
     "registration.register": "ultrasound_ai.registration.tasks:register_task",
     "ulm.process": "ultrasound_ai.ulm.tasks:process_task",
 }
+
+_HDF5 = (".h5", ".hdf5")
+_VOLUME = (".nii.gz", ".nrrd", ".nii", ".mha", ".mhd")  # ultrasound_ai.io.volume.WRITE_EXTENSIONS
+
+# name -> {output name: extensions its writer supports}. The worker checks a job's outputs against
+# this before the task starts (names and extensions), so a typo costs nothing but an error message.
+OUTPUT_EXTENSIONS: dict[str, dict[str, tuple[str, ...]]] = {
+    "diagnostics": {"report": (".json",)},
+    "freehand.reconstruct": {"estimate": _HDF5, "volume": _VOLUME, "png": (".png",)},
+    "registration.register": {"transform": (".tfm", ".txt", ".h5"), "json": (".json",)},
+    "ulm.process": {"result": _HDF5, "png": (".png",)},
+}
+
+
+def output_extensions(name: str) -> dict[str, tuple[str, ...]] | None:
+    """The outputs task `name` writes and their extensions; None for a task outside the engine's table."""
+    return OUTPUT_EXTENSIONS.get(name)
 
 
 def _parse_target(target: str, where: str) -> str:

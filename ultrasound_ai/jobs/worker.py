@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any, Callable, TextIO
 
 from ultrasound_ai import __version__
-from ultrasound_ai.core.atomic import atomic_output
+from ultrasound_ai.core import atomic
+from ultrasound_ai.core.atomic import atomic_output, check_output_path
 from ultrasound_ai.core.errors import EXIT_CANCELLED, EXIT_FAILURE, EXIT_OK, Cancelled, InputError, exit_code_for
 from ultrasound_ai.jobs.protocol import EVENT_NAMES, Job, encode_event, load_job, parse_job, to_jsonable
-from ultrasound_ai.jobs.registry import available_tasks, resolve_task
+from ultrasound_ai.jobs.registry import available_tasks, output_extensions, resolve_task
 
 
 class EventWriter:
@@ -89,8 +90,11 @@ class CancelState:
         self._event = threading.Event()
         self.cancel_file = Path(cancel_file) if cancel_file else None
         self.reason = ""
+        self.finished = False  # set once the outputs are committed: a cancel then comes too late
 
     def request(self, reason: str = "cancel requested") -> None:
+        if self.finished:
+            return
         self.reason = self.reason or reason
         self._event.set()
 
@@ -183,10 +187,9 @@ class TaskContext:
         if name not in self.job.outputs:
             given = ", ".join(sorted(self.job.outputs)) or "none"
             raise InputError(f"job has no output named {name!r} (outputs given: {given})")
+        # atomic_output announces the temporary name ("partial" event, see execute) before it is used.
         tmp = self._stack.enter_context(atomic_output(self.job.outputs[name]))
         self._outputs[name] = tmp
-        # Announce it so a launcher that has to kill us can still remove the half-written file.
-        self._events.emit("partial", name=name, path=str(tmp))
         return tmp
 
     def has_output(self, name: str) -> bool:
@@ -218,6 +221,7 @@ def execute(job: Job | dict | str | os.PathLike, events: EventWriter, cancel: Ca
         known = available_tasks()  # names only: an unknown task fails before "started"
         if loaded.task not in known:
             raise InputError(f"unknown task {loaded.task!r}; available tasks: {', '.join(sorted(known))}")
+        check_job_outputs(loaded)  # before any work: an unwritable folder must not cost an hour first
     except BaseException as exc:  # noqa: BLE001 - every failure is reported as an event + exit code
         return _report_failure(events, exc)
 
@@ -228,8 +232,24 @@ def execute(job: Job | dict | str | os.PathLike, events: EventWriter, cancel: Ca
         device=loaded.device,
         engine_version=__version__,
         job=str(loaded.path) if loaded.path else None,
+        threads=int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else None,
     )
     ctx = TaskContext(loaded, events, cancel)
+    names = {atomic.path_key(path): name for name, path in loaded.outputs.items()}
+
+    def announce(tmp: Path, final: Path) -> None:
+        # Every temporary output of this process, also those a library writer makes itself, is told
+        # to the launcher before it is written, so a killed worker leaves nothing the launcher misses.
+        events.emit("partial", name=names.get(atomic.path_key(final), final.name), path=str(tmp))
+
+    stop_announcing = atomic.add_listener(announce)
+    try:
+        return _execute_task(loaded, ctx, events, cancel)
+    finally:
+        stop_announcing()
+
+
+def _execute_task(loaded: Job, ctx: TaskContext, events: EventWriter, cancel: CancelState) -> int:
     try:
         # Importing the task's module can take seconds (torch); "started" has already told the launcher.
         task = resolve_task(loaded.task)
@@ -248,8 +268,21 @@ def execute(job: Job | dict | str | os.PathLike, events: EventWriter, cancel: Ca
     except BaseException as exc:  # noqa: BLE001 - e.g. a requested output that was never written
         return _report_failure(events, exc)
     ctx.progress(1.0, "done")
+    # The outputs are in place: from here on the job is finished, and a late cancel changes nothing.
+    cancel.finished = True
     events.emit("result", result=payload, outputs={k: str(v) for k, v in loaded.outputs.items()})
     return EXIT_OK
+
+
+def check_job_outputs(job: Job) -> None:
+    """Each output's folder exists or can be created and is writable, and its extension suits the
+    task's output of that name (registry.OUTPUT_EXTENSIONS); InputError naming the output otherwise."""
+    allowed = output_extensions(job.task)
+    for name, path in job.outputs.items():
+        exts = allowed.get(name) if allowed is not None else None
+        if allowed is not None and name not in allowed:
+            raise InputError(f"task {job.task!r}: unknown output {name!r}; expected some of {sorted(allowed)}")
+        check_output_path(path, what=f"output {name!r}", extensions=exts)
 
 
 def _report_failure(events: EventWriter, exc: BaseException) -> int:
@@ -267,8 +300,14 @@ def _report_failure(events: EventWriter, exc: BaseException) -> int:
 
 
 def run(job_path: str | os.PathLike, *, events: str | None = None, events_fd: int | None = None,
-        cancel_file: str | None = None) -> int:
-    """The `run` command: open the event channel, install the cancel handlers, execute the job."""
+        cancel_file: str | None = None, threads: int | None = None, leave_free_cores: int = 0) -> int:
+    """The `run` command: open the event channel, install the cancel handlers, execute the job.
+
+    threads: torch/OpenMP threads (None: the usable cores minus `leave_free_cores`; see core/threads.py).
+    """
+    from ultrasound_ai.core.threads import apply_thread_policy, choose_threads
+
+    apply_thread_policy(choose_threads(threads, leave_free=leave_free_cores))
     try:
         writer = EventWriter.open(events, events_fd)
     except InputError as exc:

@@ -2,7 +2,7 @@
 
 For each method in `available_methods()` (tracked is the sanity row: all zeros; imu the sensor-only
 baseline; FiMA / MoGLo-Net rows appear once they are registered) and each of the 20 held-out sweeps
-(`ultrasound_ai.freehand.benchmark_set`), estimate the poses from the sweep (without its truth, by
+(`ultrasound_ai.freehand.simulation.benchmark_set`), estimate the poses from the sweep (without its truth, by
 the registry's rule) and compute the FiMA Table-1 metrics and TUS-REC GPE/LPE against the truth.
 Writes the "freehand_methods" section of BENCHMARKS.md: mean (sd) over the sweeps per method and
 the per-sweep table. Methods that need a checkpoint they do not find are reported as skipped.
@@ -37,9 +37,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from ultrasound_ai.core.geometry import chain_relative  # noqa: E402
-from ultrasound_ai.freehand import benchmark_set  # noqa: E402
 from ultrasound_ai.freehand.methods import available_methods, get_method  # noqa: E402
 from ultrasound_ai.freehand.metrics import evaluate_sweep  # noqa: E402
+from ultrasound_ai.freehand.simulation import benchmark_set  # noqa: E402
 from ultrasound_ai.io.sweep import read_sweep  # noqa: E402
 
 COLUMNS = (("fdr_pct", "FDR (%)", 2), ("adr_pct", "ADR (%)", 2), ("md_mm", "MD (mm)", 2), ("sd_mm", "SD (mm)", 1),
@@ -48,6 +48,8 @@ COLUMNS = (("fdr_pct", "FDR (%)", 2), ("adr_pct", "ADR (%)", 2), ("md_mm", "MD (
 
 # The constant-velocity row's label and the seed of its first simulated sweep (the training configs' range).
 CONST_ROW = "constant velocity"
+INDEP_SET = "freehand-indep-v1"
+TACTIC_ORDER = ("linear", "curved", "sector", "loop")
 CONST_SEED = 300_000
 
 
@@ -63,7 +65,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=None, help="methods to run (default: every registered one)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--frames", type=int, default=benchmark_set.DEFAULT_FRAMES)
-    ap.add_argument("--cache", default=None, help="benchmark set folder (default: bench/data/freehand-v1)")
+    ap.add_argument("--set", default="freehand-v1", choices=("freehand-v1", INDEP_SET),
+                    help="the frozen set: the training simulator's held-out sweeps, or the independent family")
+    ap.add_argument("--cache", default=None, help="benchmark set folder (default: bench/data/<set>)")
     ap.add_argument("--row", nargs="+", action="append", default=[], metavar="LABEL METHOD CHECKPOINT [K=V]",
                     help="a learned method with these weights (and method parameters) as its own row")
     ap.add_argument("--constant-velocity", type=int, default=0, metavar="N",
@@ -75,9 +79,13 @@ def main(argv=None) -> int:
     rows = _parse_rows(args.row)
 
     t0 = time.perf_counter()
-    paths, manifest = benchmark_set.ensure_benchmark_set(
-        args.cache, n_frames=args.frames,
-        progress=lambda done, total, msg: print(f"  [{done}/{total}] {msg}", flush=True))
+    show = lambda done, total, msg: print(f"  [{done}/{total}] {msg}", flush=True)  # noqa: E731
+    if args.set == INDEP_SET:
+        from ultrasound_ai.validation.freehand_indep_set import ensure_indep_set
+
+        paths, manifest = ensure_indep_set(args.cache, progress=show)
+    else:
+        paths, manifest = benchmark_set.ensure_benchmark_set(args.cache, n_frames=args.frames, progress=show)
     print(f"benchmark set ready in {time.perf_counter() - t0:.0f} s", flush=True)
     methods = args.methods or available_methods()
     # Sanity row last, the methods of interest first.
@@ -90,7 +98,7 @@ def main(argv=None) -> int:
 
     const_rel = None
     if args.constant_velocity > 0:
-        const_rel = constant_velocity_motion(args.constant_velocity, manifest)
+        const_rel = constant_velocity_motion(args.constant_velocity, args.frames)
         methods = methods + [CONST_ROW]
     per_sweep = {m: [] for m in methods}
     timing = {m: 0.0 for m in methods}
@@ -103,7 +111,9 @@ def main(argv=None) -> int:
             try:
                 t = time.perf_counter()
                 if m == CONST_ROW:
-                    est_tforms = chain_relative(np.broadcast_to(const_rel, (sweep.n_frames - 1, 4, 4)))
+                    est_tforms = chain_relative(np.broadcast_to(
+                        about_frame_centre(const_rel, sweep.frames.shape[1:], sweep.pixel_spacing_xy, inverse=True),
+                        (sweep.n_frames - 1, 4, 4)))
                 else:
                     est_tforms = get_method(runs[m][0]).estimate(sweep, device=args.device, **runs[m][1]).tforms
                 timing[m] += time.perf_counter() - t
@@ -111,6 +121,8 @@ def main(argv=None) -> int:
                 skipped[m] = f"{type(exc).__name__}: {exc}"
                 continue
             metrics = evaluate_sweep(est_tforms, sweep.tforms, sweep.frames.shape[1:], sweep.pixel_spacing_xy)
+            metrics.update(agreement(est_tforms, sweep))
+            metrics["n_frames"] = sweep.n_frames
             per_sweep[m].append((entry, metrics))
         print(f"  {path.name}: " + ", ".join(
             f"{m} FDR {per_sweep[m][-1][1]['fdr_pct']:.1f}%" for m in methods if m not in skipped), flush=True)
@@ -124,7 +136,7 @@ def main(argv=None) -> int:
         vals = {k: np.array([r[1][k] for r in per_sweep[m]]) for k, _, _ in COLUMNS}
         summary_rows.append([f"`{m}`"] + [f"{vals[k].mean():.{d}f} ({vals[k].std(ddof=1):.{d}f})" for k, _, d in COLUMNS]
                             + [f"{timing[m] / len(per_sweep[m]):.3f}",
-                               f"{1e3 * timing[m] / (len(per_sweep[m]) * int(manifest['n_frames'])):.2f}"])
+                               f"{1e3 * timing[m] / sum(r[1]['n_frames'] for r in per_sweep[m]):.2f}"])
     sweep_header = ["sweep", "tactic", "seed", "reversed"] + [f"{m} {h}" for m in methods if m not in skipped
                                                                for _, h, _ in COLUMNS[:1] + COLUMNS[2:3] + COLUMNS[5:6]]
     sweep_rows = []
@@ -136,23 +148,39 @@ def main(argv=None) -> int:
             met = per_sweep[m][i][1]
             row += [f"{met['fdr_pct']:.1f}", f"{met['md_mm']:.2f}", f"{met['mea_deg']:.3f}"]
         sweep_rows.append(row)
-    settings = {k: manifest[k] for k in ("simulator_version", "n_frames", "frame_shape_hw", "pixel_spacing_mm",
-                                         "n_imus", "frame_rate_hz")}
+    if args.set == INDEP_SET:
+        described = (
+            f"Frozen set `{manifest['name']}`: 20 sweeps of the independent validation generator "
+            f"`{manifest['generator_version']}` (`ultrasound_ai/validation/freehand_indep.py`: its own speckle "
+            "formation, anatomy, motion with speed changes, pauses and reversals, IMU model; it imports nothing from "
+            "the training simulator; never used for training or model selection), 5 per tactic, seeds "
+            f"{manifest['sweeps'][0]['seed']}–{manifest['sweeps'][-1]['seed']}; 160–240 frames at 20 Hz, 4 IMUs, "
+            "frames 34–44 mm deep at 0.13–0.18 mm, drawn per sweep.")
+    else:
+        settings = {k: manifest[k] for k in ("simulator_version", "n_frames", "frame_shape_hw", "pixel_spacing_mm",
+                                             "n_imus", "frame_rate_hz")}
+        described = (f"Frozen set `{manifest['name']}`: 20 simulated sweeps, 5 per tactic (linear, curved, loop, "
+                     f"sector), seeds {manifest['sweeps'][0]['seed']}–{manifest['sweeps'][-1]['seed']}; settings "
+                     f"{json.dumps(settings)}.")
     body = (
-        f"Frozen set `{manifest['name']}`: 20 simulated sweeps, 5 per tactic (linear, curved, loop, sector), seeds "
-        f"{manifest['sweeps'][0]['seed']}–{manifest['sweeps'][-1]['seed']}; settings {json.dumps(settings)}. "
-        "Every method sees the sweep without its tforms (registry rule); metrics against the truth, FiMA Table-1 "
+        described + " Every method sees the sweep without its tforms (registry rule); metrics against the truth, FiMA Table-1 "
         "columns (centre and two top corners, averaged) and TUS-REC GPE/LPE. Mean (sd) over the 20 sweeps.\n\n"
         + report.markdown_table(header, summary_rows)
+        + "\n\nPer tactic (FDR mean and median; scaled FDR: FDR after one least-squares scale of the per-pair "
+        "frame-centre translations per sweep, fitted to the truth - an oracle that forgives a wrong scale, e.g. an "
+        "unseen probe's beam width; r: per-sweep Pearson correlation between predicted and true |out-of-plane "
+        "translation| of the frame centre per frame pair, averaged over sweeps; a constant prediction counts 0):\n\n"
+        + report.markdown_table(*tactic_table(methods, skipped, per_sweep))
         + "\n\n`tracked` is the sanity row (the true poses: all zero). `imu` is dead reckoning under the stated "
         "assumption that the probe is at rest at the first and last frame (v0 = 0, bias from ∫a dt = 0); the "
         "simulated sweeps are already moving at their first frame, so its translation drifts by the unknown initial "
         "velocity × duration while its rotation (MEA) stays within a fraction of a degree.\n"
         + "".join(f"\n`{label}`: method `{method}`, " + ", ".join(f"{k} `{v}`" for k, v in kw.items()) + "\n"
                   for label, method, kw in rows)
-        + (f"\n`{CONST_ROW}`: every frame moves by the mean frame-to-frame motion of {args.constant_velocity} "
-           f"sweeps simulated with the set's settings (seeds {CONST_SEED}–{CONST_SEED + args.constant_velocity - 1}, "
-           "tactics in turn), chained from the identity.\n" if const_rel is not None else "")
+        + (f"\n`{CONST_ROW}`: every frame moves by the mean frame-to-frame motion (about the frame centre) of "
+           f"{args.constant_velocity} sweeps of the *training* simulator ({args.frames} frames, seeds {CONST_SEED}–"
+           f"{CONST_SEED + args.constant_velocity - 1}, tactics in turn), chained from the identity: "
+           f"{np.round(matrix_params(const_rel), 4).tolist()} (mm, static-xyz °).\n" if const_rel is not None else "")
         + ("".join(f"\nSkipped `{m}`: {why}\n" for m, why in skipped.items()))
         + "".join("\n" + paired_line(a, b, per_sweep) + "\n" for a, b in args.paired)
         + "\nPer sweep (FDR %, MD mm, MEA °):\n\n" + report.markdown_table(sweep_header, sweep_rows)
@@ -164,9 +192,9 @@ def main(argv=None) -> int:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        report.write_section("freehand_methods", "Freehand pose methods on the frozen set freehand-v1", body,
-                             device=device)
-        print(f"wrote the freehand_methods section of {report.BENCHMARKS}")
+        key = "freehand_methods_indep" if args.set == INDEP_SET else "freehand_methods"
+        report.write_section(key, f"Freehand pose methods on the frozen set {args.set}", body, device=device)
+        print(f"wrote the {key} section of {report.BENCHMARKS}")
     return 0
 
 
@@ -185,22 +213,73 @@ def paired_line(a: str, b: str, per_sweep: dict) -> str:
             f"percentage points (negative: `{a}` better); `{a}` lower on {wins} of {n} sweeps (sign test p = {p:.3f}).")
 
 
-def constant_velocity_motion(n_sweeps: int, manifest: dict) -> np.ndarray:
-    """The mean frame-to-frame motion [4, 4] of n simulated sweeps made with the set's settings."""
-    from ultrasound_ai.core.geometry import matrix_to_params, params_to_matrix, to_relative
-    from ultrasound_ai.freehand.simulator import simulate_sweep
+def about_frame_centre(rel, frame_shape_hw, pixel_spacing_xy, inverse: bool = False) -> np.ndarray:
+    """A frame-pair motion [.., 4, 4] re-expressed with its origin at the frame centre (inverse: back)."""
+    from ultrasound_ai.validation.pose_agreement import frame_centre_mm
+
+    shift = np.eye(4)
+    shift[:3, 3] = frame_centre_mm(frame_shape_hw, pixel_spacing_xy)
+    return shift @ rel @ np.linalg.inv(shift) if inverse else np.linalg.inv(shift) @ rel @ shift
+
+
+def matrix_params(rel) -> np.ndarray:
+    from ultrasound_ai.core.geometry import matrix_to_params
+
+    return matrix_to_params(rel, "xyz", degrees=True)
+
+
+def constant_velocity_motion(n_sweeps: int, n_frames: int) -> np.ndarray:
+    """The mean frame-to-frame motion [4, 4] about the frame centre of n training-simulator sweeps.
+
+    Only the motion matters: the sweeps are simulated on 8 x 8-pixel frames with the physical extent of the
+    simulator's default 248 x 260 frames at 0.15 mm, which leaves the trajectory unchanged.
+    """
+    from ultrasound_ai.core.geometry import params_to_matrix, to_relative
+    from ultrasound_ai.freehand.simulator import DEFAULT_FRAME_SHAPE, DEFAULT_PIXEL_SPACING, simulate_sweep
     from ultrasound_ai.freehand.trajectories import TACTICS
 
+    shape = (8, 8)
+    spacing = tuple((n - 1) * DEFAULT_PIXEL_SPACING / (k - 1) for n, k in zip(DEFAULT_FRAME_SHAPE[::-1], shape))
     params = []
     for k in range(n_sweeps):
-        sw = simulate_sweep(CONST_SEED + k, n_frames=int(manifest["n_frames"]), tactic=TACTICS[k % len(TACTICS)],
-                            frame_shape=tuple(manifest["frame_shape_hw"]), pixel_spacing=manifest["pixel_spacing_mm"],
-                            n_imus=0)
-        params.append(matrix_to_params(to_relative(sw.tforms), "xyz", degrees=True))
-        print(f"  constant velocity: sweep {k + 1}/{n_sweeps} simulated", flush=True)
+        sw = simulate_sweep(CONST_SEED + k, n_frames=int(n_frames), tactic=TACTICS[k % len(TACTICS)],
+                            frame_shape=shape, pixel_spacing=spacing, n_imus=0)
+        params.append(matrix_params(about_frame_centre(to_relative(sw.tforms), shape, spacing)))
     mean = np.concatenate(params).mean(0)
-    print(f"  constant velocity per frame: {np.round(mean, 4).tolist()} (mm, static-xyz degrees)", flush=True)
+    print(f"  constant velocity per frame (about the frame centre): {np.round(mean, 4).tolist()}", flush=True)
     return params_to_matrix(mean, "xyz", degrees=True)
+
+
+def agreement(est_tforms, sweep) -> dict:
+    """Scaled FDR (one fitted scale per sweep), the scale, and the out-of-plane correlation."""
+    from ultrasound_ai.freehand.metrics import fdr
+    from ultrasound_ai.validation.pose_agreement import out_of_plane_correlation, rescale_translations
+
+    shape, spacing = sweep.frames.shape[1:], sweep.pixel_spacing_xy
+    k, scaled = rescale_translations(est_tforms, sweep.tforms, shape, spacing)
+    r = out_of_plane_correlation(est_tforms, sweep.tforms, shape, spacing)
+    return {"fdr_scaled_pct": fdr(scaled, sweep.tforms, shape, spacing), "scale": k,
+            "oop_r": float("nan") if r is None else r}
+
+
+def tactic_table(methods, skipped, per_sweep):
+    """(header, rows): per method and tactic (and all), FDR mean/median, MD, GPE, MEA, scaled FDR, scale, r."""
+    header = ["method", "tactic", "FDR mean (%)", "FDR median (%)", "MD (mm)", "GPE (mm)", "MEA (°)",
+              "scaled FDR (%)", "scale k (median)", "r"]
+    rows = []
+    for m in methods:
+        if m in skipped or not per_sweep[m]:
+            continue
+        seen = {e["tactic"] for e, _ in per_sweep[m]}
+        for tactic in [t for t in TACTIC_ORDER if t in seen] + sorted(seen - set(TACTIC_ORDER)) + ["all"]:
+            got = [x for e, x in per_sweep[m] if tactic in ("all", e["tactic"])]
+            v = {k: np.array([x[k] for x in got], dtype=np.float64) for k in got[0] if k != "n_frames"}
+            r = v["oop_r"][np.isfinite(v["oop_r"])]
+            rows.append([f"`{m}`", tactic, f"{v['fdr_pct'].mean():.1f}", f"{np.median(v['fdr_pct']):.1f}",
+                         f"{v['md_mm'].mean():.2f}", f"{v['gpe_mm'].mean():.2f}", f"{v['mea_deg'].mean():.2f}",
+                         f"{v['fdr_scaled_pct'].mean():.1f}", f"{np.median(v['scale']):.2f}",
+                         f"{r.mean():.2f}" if r.size else "n/a"])
+    return header, rows
 
 
 def _parse_rows(specs) -> list:

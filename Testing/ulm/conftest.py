@@ -53,3 +53,14 @@ def tiny_acq():
     """24 small frames (24 x 28) with +20 dB tissue and noise: for the network-driven paths."""
     return simulate_acquisition(UlmSimConfig(n_frames=24, bubbles_per_frame=8, clutter_db=20.0, noise_db=-30.0,
                                              seed=5, shape_zx=(24, 28)))
+
+
+@pytest.fixture
+def one_torch_thread():
+    import torch
+
+    # Tiny convolutions run faster on one thread than on two contended ones.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

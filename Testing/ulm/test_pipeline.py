@@ -13,7 +13,8 @@ from ultrasound_ai.io.ulm_files import read_result, write_acquisition
 from ultrasound_ai.ulm.metrics import evaluate_result
 from ultrasound_ai.ulm.pipeline import UlmParams, process_acquisition, register_localizer
 
-FAST = dict(min_track_length=5, block_frames=64)
+# A fixed N (the classical default of the past) keeps these tests off the counting network.
+FAST = dict(min_track_length=5, block_frames=64, bubbles_per_frame=40)
 
 
 def _same(r1, r2):
@@ -37,10 +38,10 @@ def test_clean_acquisition_known_accuracy(clean_acquisition):
 def test_blocks_do_not_change_the_result(clean_acquisition):
     # Without SVD (which depends on the block), streaming in blocks of 16, 37 or all frames gives the
     # same localizations, the same tracks (they continue across block boundaries) and the same maps.
-    whole = process_acquisition(clean_acquisition, "wa", dict(svd_cutoff=None, min_track_length=5, block_frames=1000))
+    kw = dict(svd_cutoff=None, min_track_length=5, bubbles_per_frame=40)
+    whole = process_acquisition(clean_acquisition, "wa", dict(kw, block_frames=1000))
     for b in (16, 37):
-        _same(process_acquisition(clean_acquisition, "wa", dict(svd_cutoff=None, min_track_length=5, block_frames=b)),
-              whole)
+        _same(process_acquisition(clean_acquisition, "wa", dict(kw, block_frames=b)), whole)
 
 
 def test_overlapping_blocks_cover_each_frame_once(clean_acquisition):
@@ -93,7 +94,8 @@ def test_registry_and_bad_parameters(clean_acquisition):
             return np.zeros((0, 4))
 
     register_localizer("fixed-test", Fixed)
-    res = process_acquisition(clean_acquisition, "fixed-test", dict(svd_cutoff=None, block_frames=30, min_track_length=2))
+    res = process_acquisition(clean_acquisition, "fixed-test", dict(svd_cutoff=None, block_frames=30, min_track_length=2,
+                                                                           bubbles_per_frame=1))
     assert [s for s, _ in seen] == [0, 30, 60, 90] and sum(n for _, n in seen) == clean_acquisition.n_frames
     assert (res.localizations[:, 4] == 0).all()  # one still bubble: one track over all the blocks
     with pytest.raises(InputError, match="method"):
@@ -194,17 +196,6 @@ def test_short_last_block_is_merged_into_the_previous_one(clean_acquisition):
     assert starts == [0, 36] and sum(f.shape[0] for _, f in pushed) == 70
     with pytest.raises(InputError, match="block_frames"):
         process_acquisition(acq, "rs", dict(svd_cutoff=4, block_frames=4))
-
-
-@pytest.fixture
-def one_torch_thread():
-    import torch
-
-    # Tiny convolutions run faster on one thread than on two contended ones.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_counting_network_drives_the_classical_methods(tiny_dml_checkpoint, tiny_acq, tmp_path, one_torch_thread):

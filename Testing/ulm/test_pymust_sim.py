@@ -14,8 +14,7 @@ pytest.importorskip("pymust")
 from ultrasound_ai.cli import main  # noqa: E402
 from ultrasound_ai.core.errors import Cancelled, InputError  # noqa: E402
 from ultrasound_ai.io.ulm_files import acquisition_info, read_acquisition  # noqa: E402
-from ultrasound_ai.ulm.pymust_sim import (  # noqa: E402
-    PYMUST_MODE, PymustProbe, simulate_pymust_acquisition, simulate_pymust_to_file)
+from ultrasound_ai.ulm.pymust_sim import PYMUST_MODE, PymustProbe, simulate_pymust_acquisition, simulate_pymust_to_file  # noqa: E402
 from ultrasound_ai.ulm.simulator import ULM_SIM_VERSION, UlmSimConfig, simulate_acquisition  # noqa: E402
 
 LAM = 1540.0 / 15.625e6 * 1e3

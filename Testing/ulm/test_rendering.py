@@ -6,8 +6,16 @@ from PIL import Image
 
 from ultrasound_ai.core.atomic import is_partial
 from ultrasound_ai.core.errors import InputError
-from ultrasound_ai.ulm.rendering import (Renderer, RenderGrid, colorize, gt_tracks, render_ground_truth,
-                                         render_tracks, save_maps_png, save_png)
+from ultrasound_ai.ulm.rendering import (
+    Renderer,
+    RenderGrid,
+    colorize,
+    gt_tracks,
+    render_ground_truth,
+    render_tracks,
+    save_maps_png,
+    save_png,
+)
 from ultrasound_ai.ulm.tracking import FineTracks
 
 

@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 
 from ultrasound_ai.core.errors import InputError
-from ultrasound_ai.ulm.tracking import (Tracker, interpolate_tracks, link, postprocess_tracks, smooth_tracks,
-                                        track_velocities)
+from ultrasound_ai.ulm.tracking import (
+    Tracker,
+    interpolate_tracks,
+    link,
+    postprocess_tracks,
+    smooth_tracks,
+    track_velocities,
+)
 
 
 def _line(frames, z0, x0, dz, dx):

@@ -206,9 +206,17 @@ def test_result_round_trip(tmp_path):
     assert back.attrs == {"method": "rs", "res": 10}
     only = read_result(write_result(UlmResult(localizations=np.zeros((0, 5))), tmp_path / "e.h5"))
     assert only.localizations.shape == (0, 5) and only.density is None
+    assert back.count_per_frame is None and only.count_per_frame is None
+    counted = read_result(write_result(UlmResult(localizations=loc, count_per_frame=np.array([2, 0, 1, 3, 1, 5, 0])),
+                                       tmp_path / "c.h5"))
+    assert counted.count_per_frame.dtype == np.int32 and counted.count_per_frame.tolist() == [2, 0, 1, 3, 1, 5, 0]
 
 
 def test_bad_results():
+    loc = np.array([[4, 1, 1, 1, -1]])
+    for bad in (np.array([1.5] * 5), np.array([-1] * 5), np.zeros((5, 1), int), np.zeros(4, int)):
+        with pytest.raises(InputError, match="count_per_frame"):
+            UlmResult(localizations=loc, count_per_frame=bad)
     with pytest.raises(InputError, match=r"\[K, 5\]"):
         UlmResult(localizations=np.zeros((3, 4)))
     with pytest.raises(InputError, match="track ids"):

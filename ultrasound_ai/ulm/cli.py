@@ -60,8 +60,8 @@ def process(args: argparse.Namespace) -> int:
 
     params = UlmParams(
         bubbles_per_frame=None if args.counting_network else args.bubbles_per_frame,
-        counting_network=args.counting_network,
-        svd_cutoff=None if args.svd_cutoff <= 0 else args.svd_cutoff,
+        counting_network=True if args.counting_network else None,  # None: the counting network unless N is given
+        svd_cutoff=None if args.svd_cutoff == 0 else args.svd_cutoff,  # negative: refused by UlmParams
         band_hz=tuple(args.band) if args.band else None,
         block_frames=args.block_frames,
         link_distance_px=args.link_distance,
@@ -148,9 +148,13 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, help="output ULM result file (.h5)")
     p.add_argument("--png", default=None, help="also write density | direction | velocity as one PNG")
     count = p.add_mutually_exclusive_group()
-    count.add_argument("--bubbles-per-frame", type=int, default=40, help="detections kept per frame (default 40)")
-    count.add_argument("--counting-network", action="store_true", help="per-frame counts from the counting network")
-    p.add_argument("--svd-cutoff", type=int, default=4, help="singular components removed per block (0 = no SVD filter)")
+    count.add_argument("--bubbles-per-frame", type=int, default=None,
+                       help="fixed number of detections kept per frame (default: the counting network's per-frame "
+                            "count; rs and wa fall back to 40 when no 3DML-ResNet model is installed)")
+    count.add_argument("--counting-network", action="store_true",
+                       help="per-frame counts from the counting network (the default; an error if none is installed)")
+    p.add_argument("--svd-cutoff", type=int, default=4,
+                   help="singular components removed per block (default 4; 0 = no SVD filter; negative is refused)")
     p.add_argument("--band", type=float, nargs=2, metavar=("LO", "HI"), default=None,
                    help="temporal Butterworth band-pass in Hz, e.g. 50 249 (default off)")
     p.add_argument("--block-frames", type=int, default=800, help="frames per processing block (default 800)")

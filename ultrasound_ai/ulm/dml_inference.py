@@ -208,11 +208,12 @@ def select_detections(maps: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
 
 
 def estimates_to_localizations(estimates: Iterable[FrameEstimate], pixel_size_mm, origin_mm,
-                               bubbles_per_frame=None) -> np.ndarray:
+                               bubbles_per_frame=None, record_counts: Callable | None = None) -> np.ndarray:
     """Averaged frame estimates -> localizations [K, 4] = (frame, z_mm, x_mm, intensity).
 
     bubbles_per_frame: None = the counting network's rounded count per frame; an int = that many in
     every frame; a mapping/array indexed by the global frame index = per-frame numbers.
+    record_counts(frame, [n]) is told the number of detections kept in each frame.
     """
     dz, dx = (float(v) for v in pixel_size_mm)
     z0, x0 = (float(v) for v in origin_mm)
@@ -226,6 +227,8 @@ def estimates_to_localizations(estimates: Iterable[FrameEstimate], pixel_size_mm
             n = int(bubbles_per_frame[est.index])
         if n < 0:
             raise InputError(f"bubbles per frame must be >= 0, got {n} for frame {est.index}")
+        if record_counts is not None:
+            record_counts(est.index, np.array([n]))
         iz, ix, zoff, xoff, _ = select_detections(est.maps, n)
         if iz.size == 0:
             continue
@@ -299,7 +302,7 @@ class DmlLocalizationRunner:
 
     def __init__(self, pixel_size_mm, origin_mm, wavelength_mm=None, *, model=None, device="auto",
                  bubbles_per_frame=None, window_stride: int = 1, window_frames: int | None = None,
-                 batch_windows: int = 4):
+                 batch_windows: int = 4, record_counts: Callable | None = None):
         self.net, self.card = load_dml_model(model, device)
         _check_pixel_size(self.card, pixel_size_mm, wavelength_mm, "3DML-ResNet input")
         if bubbles_per_frame is not None and np.isscalar(bubbles_per_frame) and int(bubbles_per_frame) < 0:
@@ -307,12 +310,14 @@ class DmlLocalizationRunner:
         self.pixel_size_mm = tuple(float(v) for v in pixel_size_mm)
         self.origin_mm = tuple(float(v) for v in origin_mm)
         self.bubbles_per_frame = bubbles_per_frame
+        self.record_counts = record_counts
         n = int(window_frames or self.net.config.window_frames)
         self.runner = SlidingWindowRunner(model_predictor(self.net), n, stride=window_stride,
                                           batch_windows=batch_windows)
 
     def _rows(self, estimates) -> np.ndarray:
-        return estimates_to_localizations(estimates, self.pixel_size_mm, self.origin_mm, self.bubbles_per_frame)
+        return estimates_to_localizations(estimates, self.pixel_size_mm, self.origin_mm, self.bubbles_per_frame,
+                                          self.record_counts)
 
     def push(self, block, start: int | None = None) -> np.ndarray:
         return self._rows(self.runner.push(block, start))

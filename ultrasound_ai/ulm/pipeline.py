@@ -44,15 +44,18 @@ __all__ = ["UlmParams", "LocalizerContext", "register_localizer", "localizer_nam
            "process_acquisition", "ClassicalLocalizer"]
 
 PIPELINE_VERSION = "1"
+# Detections per frame of the classical methods when no count is given and no counting network is installed.
+FALLBACK_BUBBLES_PER_FRAME = 40
+_DML_METHOD = "ulm_3dml_resnet"  # the model registry's method name of the counting network's checkpoint
 
 
 @dataclass
 class UlmParams:
     """Processing parameters (CLI flags in brackets)."""
 
-    bubbles_per_frame: Any = 40            # detections kept per frame: int or per-frame array [--bubbles-per-frame]
-    counting_network: bool = False         # per-frame counts from a counting network [--counting-network]
-    svd_cutoff: Any = 4                    # remove the k first singular components, or keep band (k1, k2) [--svd-cutoff]
+    bubbles_per_frame: Any = None          # detections kept per frame: int or per-frame array [--bubbles-per-frame]
+    counting_network: bool | None = None   # per-frame counts from the counting network; None = automatic [--counting-network]
+    svd_cutoff: Any = 4                    # remove the k first singular components, or keep band (k1, k2); 0/None = off [--svd-cutoff]
     band_hz: Any = None                    # (lo, hi) Butterworth band-pass in Hz, None = off [--band]
     block_frames: int = 800                # frames per block [--block-frames]
     margin_frames: int | None = None       # overlap half-width; None = 16 with band-pass, else 0
@@ -68,13 +71,21 @@ class UlmParams:
     model: Any = None                      # network model for learned methods (None = installed default) [--model]
     window_stride: int = 1                 # 3DML-ResNet sliding-window stride, frames (1 = the paper's) [--window-stride]
 
+    # True when the counting network was chosen by default (no count given), not asked for.
+    counting_network_auto: bool = field(default=False, init=False, repr=False, compare=False)
+
     def validate(self) -> "UlmParams":
+        if self.counting_network is None:
+            # The default: a fixed number when one is given, else the counting network.
+            self.counting_network_auto = self.bubbles_per_frame is None
+            self.counting_network = self.bubbles_per_frame is None
         if self.counting_network:
             self.bubbles_per_frame = None
         elif self.bubbles_per_frame is None:
             raise InputError("bubbles per frame: give a number (--bubbles-per-frame N) or use the counting network")
         elif np.isscalar(self.bubbles_per_frame) and (not np.isfinite(self.bubbles_per_frame) or self.bubbles_per_frame < 0):
             raise InputError(f"bubbles per frame: expected a number >= 0, got {self.bubbles_per_frame!r}")
+        _check_svd_cutoff(self.svd_cutoff)
         if int(self.block_frames) < 2:
             raise InputError(f"block_frames: expected at least 2 frames per block, got {self.block_frames}")
         if self.margin_frames is not None and int(self.margin_frames) < 0:
@@ -105,10 +116,29 @@ class UlmParams:
 
     def to_attrs(self) -> dict:
         d = asdict(self)
+        d.pop("counting_network_auto", None)
         d["model"] = None if self.model is None else str(self.model)
         if d["bubbles_per_frame"] is not None and not np.isscalar(d["bubbles_per_frame"]):
             d["bubbles_per_frame"] = "per-frame array"
         return json.loads(json.dumps(d, default=lambda o: np.asarray(o).tolist()))
+
+
+def _check_svd_cutoff(cutoff) -> None:
+    """0 / None = no SVD filter; k > 0 or a band (k1, k2) with k1 >= 0. Negative numbers are refused
+    (they used to mean "no filter" silently)."""
+    if cutoff is None:
+        return
+    values = [cutoff] if np.isscalar(cutoff) else list(cutoff)
+    for v in values:
+        if v is None:
+            continue
+        try:
+            ok = float(v) == int(v) and int(v) >= 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise InputError(f"svd cutoff (--svd-cutoff): expected 0 (no SVD filter) or a whole number of singular "
+                             f"components >= 1 to remove, got {cutoff!r}")
 
 
 @dataclass
@@ -124,6 +154,14 @@ class LocalizerContext:
     params: UlmParams
     device: Any = None
     counter: Callable | None = None
+    # Detections kept per frame (global index; -1 = not reported): filled by the localizers.
+    frame_counts: np.ndarray | None = None
+
+    def record_counts(self, start: int, counts: np.ndarray) -> None:
+        """Frames start, start + 1, ... kept counts[0], counts[1], ... detections."""
+        if self.frame_counts is not None:
+            counts = np.asarray(counts).reshape(-1)
+            self.frame_counts[start:start + counts.size] = counts
 
 
 _LOCALIZERS: dict[str, Callable[[LocalizerContext], Any]] = {}
@@ -170,6 +208,7 @@ class ClassicalLocalizer:
             counts = int(round(float(p.bubbles_per_frame)))
         else:
             counts = np.asarray(p.bubbles_per_frame)[start:start + n]
+        self.ctx.record_counts(start, np.broadcast_to(counts, (n,)))
         rows = localize(frames, counts, self.method, p.fwhm_px, p.window, p.max_maxima)
         return to_mm(rows, self.ctx.pixel_size_mm, self.ctx.origin_mm, frame_offset=start)
 
@@ -183,7 +222,7 @@ def _dml_factory(ctx: LocalizerContext):
     return DmlLocalizationRunner(ctx.pixel_size_mm, ctx.origin_mm, ctx.wavelength_mm, model=ctx.params.model,
                                  device=ctx.device if ctx.device is not None else ctx.params.device,
                                  bubbles_per_frame=ctx.params.bubbles_per_frame,
-                                 window_stride=int(ctx.params.window_stride))
+                                 window_stride=int(ctx.params.window_stride), record_counts=ctx.record_counts)
 
 
 def _default_counter(ctx: LocalizerContext):
@@ -309,6 +348,135 @@ def _clutter(block: np.ndarray, params: UlmParams, frame_rate_hz: float, device)
     return out
 
 
+class _TrackStore:
+    """Localizations as they arrive -> tracker -> rendering of every closed track; the result's tables."""
+
+    def __init__(self, params: UlmParams, pix, origin, frame_shape, wavelength_mm: float, frame_rate_hz: float):
+        self.params = params
+        self.pix, self.origin, self.fr = pix, origin, frame_rate_hz
+        self.grid = RenderGrid.for_acquisition(pix, origin, frame_shape, wavelength_mm, params.resolution_factor)
+        self.renderer = Renderer(self.grid)
+        self.tracker = Tracker(params.link_distance_px, params.max_gap, params.min_track_length)
+        self.store = _RowStore()
+        self.track_ids: list[tuple[np.ndarray, int]] = []
+        self.step_mm = min(self.grid.pixel_size_mm) / 2  # interpolation finer than the rendering grid: no holes
+
+    def _render(self, closed: list[np.ndarray]) -> None:
+        if not closed:
+            return
+        first = len(self.track_ids)
+        table = self.store.table()
+        for k, members in enumerate(closed):
+            self.track_ids.append((members, first + k))
+        fine = postprocess_tracks([table[m, :3] for m in closed], np.arange(first, first + len(closed)),
+                                  self.fr, self.params.smooth_window, self.step_mm)
+        self.renderer.add(fine)
+
+    def take(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, dtype=np.float64).reshape(-1, 4)
+        if rows.shape[0] == 0:
+            return
+        rows = rows[np.argsort(rows[:, 0], kind="stable")]
+        idx = self.store.append(rows)
+        pz = (rows[:, 1] - self.origin[0]) / self.pix[0]
+        px = (rows[:, 2] - self.origin[1]) / self.pix[1]
+        self._render(self.tracker.add_points(rows[:, 0], np.column_stack([pz, px]), idx))
+
+    def finish(self) -> tuple[np.ndarray, dict]:
+        """(localizations [K, 5] with track ids, rendered images)."""
+        self._render(self.tracker.finish())
+        table = self.store.table()
+        loc = np.zeros((table.shape[0], 5))
+        loc[:, :4] = table
+        loc[:, 4] = -1
+        for members, tid in self.track_ids:
+            loc[members, 4] = tid
+        return loc, self.renderer.images()
+
+
+class _InputGuard:
+    """Checks each block of the input: finite samples, and not an all-zero acquisition (at the end)."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.any_signal = False
+
+    def check(self, block: np.ndarray, start: int) -> None:
+        finite = np.isfinite(block)
+        if not finite.all():
+            bad = start + int(np.argmin(finite.reshape(finite.shape[0], -1).all(axis=1)))
+            raise InputError(f"{self.label}: frame {bad} contains NaN or infinite values; expected finite IQ or "
+                             f"B-mode samples (repair or drop the damaged frames)")
+        if not self.any_signal:
+            self.any_signal = bool(np.any(block != 0))
+
+    def finish(self) -> None:
+        if not self.any_signal:
+            raise InputError(f"{self.label}: the frames are all zero (no signal to localize); check the export "
+                             f"of the acquisition")
+
+
+def _check_filter_frames(params: UlmParams, t_total: int, label: str) -> None:
+    """An acquisition too short for the clutter filters, in the words of the options (CLI flags)."""
+    need = _min_filtered_frames(params)
+    if t_total >= need:
+        return
+    if params.svd_cutoff is not None and t_total < _min_filtered_frames(UlmParams(svd_cutoff=params.svd_cutoff)):
+        raise InputError(f"{label}: {t_total} frames, but the SVD clutter filter (--svd-cutoff {params.svd_cutoff}) "
+                         f"removes components from a block of frames and needs at least "
+                         f"{_min_filtered_frames(UlmParams(svd_cutoff=params.svd_cutoff))} frames; give a smaller "
+                         f"--svd-cutoff, or 0 for no SVD filter")
+    raise InputError(f"{label}: {t_total} frames, but the temporal band-pass (--band {params.band_hz}) needs at "
+                     f"least {need} frames; turn it off or give a longer acquisition")
+
+
+def _frame_blocks(blocks_fn, params: UlmParams, t_total: int):
+    """(start, block, a, b): blocks as read, with the kept part [a, b) of each (see the module docstring)."""
+    margin = params.margin
+    block_frames = int(params.block_frames)
+    if 2 * margin >= block_frames:
+        raise InputError(f"block_frames ({block_frames}) must exceed twice the overlap margin ({margin})")
+    blocks = blocks_fn(block_frames, 2 * margin)
+    need = _min_filtered_frames(params)
+    if need:
+        if block_frames < need:
+            raise InputError(f"block_frames ({block_frames}) is too short for the clutter filters (svd cutoff "
+                             f"{params.svd_cutoff!r}, band {params.band_hz!r}): they need at least {need} frames per block")
+        blocks = _merge_short_tail(blocks, t_total, max(need, block_frames // 2))
+    for start, block in blocks:
+        n = block.shape[0]
+        yield start, block, (0 if start == 0 else margin), (n if start + n >= t_total else n - margin)
+
+
+def _as_params(params) -> UlmParams:
+    if params is None:
+        params = UlmParams()
+    elif isinstance(params, dict):
+        unknown = set(params) - set(UlmParams.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"ULM parameters: unknown {sorted(unknown)}; expected some of {sorted(UlmParams.__dataclass_fields__)}")
+        params = UlmParams(**params)
+    return params.validate()
+
+
+def _count_source(name: str, params: UlmParams) -> str:
+    """Where the per-frame number of detections comes from, after resolving the automatic default."""
+    if not params.counting_network:
+        return "fixed"
+    if name == "3dml" or params.model is not None:
+        return "counting network"
+    from ultrasound_ai.models.registry import list_models
+
+    if list_models(_DML_METHOD):
+        return "counting network"
+    if params.counting_network_auto:
+        # Automatic default without an installed counting network: the classical chain's fixed N.
+        params.counting_network = False
+        params.bubbles_per_frame = FALLBACK_BUBBLES_PER_FRAME
+        return "fixed (no counting network installed)"
+    return "counting network"  # explicitly asked for: the counter factory names what is missing
+
+
 def process_acquisition(source, method: str = "rs", params: UlmParams | dict | None = None, out=None, *,
                         png=None, progress: Callable[[float, str], None] | None = None,
                         cancel_check: Callable[[], bool] | None = None, show_progress: bool = False):
@@ -322,105 +490,58 @@ def process_acquisition(source, method: str = "rs", params: UlmParams | dict | N
 
     from ultrasound_ai.io.ulm_files import UlmResult, write_result
 
-    if params is None:
-        params = UlmParams()
-    elif isinstance(params, dict):
-        unknown = set(params) - set(UlmParams.__dataclass_fields__)
-        if unknown:
-            raise InputError(f"ULM parameters: unknown {sorted(unknown)}; expected some of {sorted(UlmParams.__dataclass_fields__)}")
-        params = UlmParams(**params)
-    params.validate()
+    params = _as_params(params)
     name = str(method).lower()
     if name not in _LOCALIZERS:
         raise InputError(f"method: expected one of {localizer_names()}, got {method!r}")
     kind, shape, pix, origin, fr, lam, blocks_fn, label = _geometry(source)
     t_total, nz, nx = shape
+    _check_filter_frames(params, t_total, label)
+    count_source = _count_source(name, params)
     device = None
-    if params.svd_cutoff is not None or name == "3dml":
+    if params.svd_cutoff is not None or name == "3dml" or params.counting_network:
         from ultrasound_ai.core.device import resolve_device
 
         device = resolve_device(params.device)
     ctx = LocalizerContext(pixel_size_mm=tuple(pix), origin_mm=tuple(origin), wavelength_mm=float(lam),
                            frame_rate_hz=float(fr), frame_shape=(nz, nx), n_frames=t_total, params=params,
-                           device=device)
+                           device=device, frame_counts=np.full(t_total, -1, np.int64))
     if params.counting_network and name != "3dml":
         factory = _COUNTERS.get("default")
         ctx.counter = factory(ctx) if factory is not None else None
     localizer = _LOCALIZERS[name](ctx)
-
-    grid = RenderGrid.for_acquisition(pix, origin, (nz, nx), lam, params.resolution_factor)
-    renderer = Renderer(grid)
-    tracker = Tracker(params.link_distance_px, params.max_gap, params.min_track_length)
-    store = _RowStore()
-    track_ids: list[tuple[np.ndarray, int]] = []
-    step_mm = min(grid.pixel_size_mm) / 2  # interpolation finer than the rendering grid: no holes
-
-    def render(closed: list[np.ndarray]) -> None:
-        if not closed:
-            return
-        first = len(track_ids)
-        table = store.table()
-        for k, members in enumerate(closed):
-            track_ids.append((members, first + k))
-        fine = postprocess_tracks([table[m, :3] for m in closed], np.arange(first, first + len(closed)),
-                                  fr, params.smooth_window, step_mm)
-        renderer.add(fine)
-
-    def take(rows: np.ndarray) -> None:
-        rows = np.asarray(rows, dtype=np.float64).reshape(-1, 4)
-        if rows.shape[0] == 0:
-            return
-        rows = rows[np.argsort(rows[:, 0], kind="stable")]
-        idx = store.append(rows)
-        pz = (rows[:, 1] - origin[0]) / pix[0]
-        px = (rows[:, 2] - origin[1]) / pix[1]
-        render(tracker.add_points(rows[:, 0], np.column_stack([pz, px]), idx))
+    tracks = _TrackStore(params, pix, origin, (nz, nx), float(lam), float(fr))
+    guard = _InputGuard(label)
 
     def check_cancel() -> None:
         if cancel_check is not None and cancel_check():
             raise Cancelled("ULM processing cancelled")
 
-    margin = params.margin
-    block_frames = int(params.block_frames)
-    if 2 * margin >= block_frames:
-        raise InputError(f"block_frames ({block_frames}) must exceed twice the overlap margin ({margin})")
-    blocks = blocks_fn(block_frames, 2 * margin)
-    need = _min_filtered_frames(params)
-    if need:
-        if block_frames < need:
-            raise InputError(f"block_frames ({block_frames}) is too short for the clutter filters (svd cutoff "
-                             f"{params.svd_cutoff!r}, band {params.band_hz!r}): they need at least {need} frames per block")
-        blocks = _merge_short_tail(blocks, t_total, max(need, block_frames // 2))
     bar = tqdm(total=t_total, desc=f"ulm {name}", unit="frame", disable=not show_progress)
     try:
-        for start, block in blocks:
+        for start, block, a, b in _frame_blocks(blocks_fn, params, t_total):
             check_cancel()
-            n = block.shape[0]
-            a = 0 if start == 0 else margin
-            b = n if start + n >= t_total else n - margin
+            guard.check(block, start)
             filtered = _clutter(block, params, fr, device)
-            take(localizer.push(filtered[a:b], start + a))
+            tracks.take(localizer.push(filtered[a:b], start + a))
             bar.update(b - a)
             if progress is not None:
                 progress((start + b) / t_total, f"frames {start + b}/{t_total}")
         check_cancel()
-        take(localizer.finish())
-        render(tracker.finish())
+        guard.finish()
+        tracks.take(localizer.finish())
+        loc, images = tracks.finish()
     finally:
         bar.close()
 
-    table = store.table()
-    loc = np.zeros((table.shape[0], 5))
-    loc[:, :4] = table
-    loc[:, 4] = -1
-    for members, tid in track_ids:
-        loc[members, 4] = tid
-    images = renderer.images()
     attrs = {"method": name, "pipeline_version": PIPELINE_VERSION, "n_frames": int(t_total),
-             "n_tracks": len(track_ids), "resolution_factor": float(params.resolution_factor),
-             "wavelength_mm": float(lam), "frame_rate_hz": float(fr), "params": params.to_attrs()}
-    result = UlmResult(localizations=loc, **images, pixel_size_mm=grid.pixel_size_mm, origin_mm=grid.origin_mm,
-                       attrs=attrs, source=f"ULM result of {label}")
+             "n_tracks": len(tracks.track_ids), "resolution_factor": float(params.resolution_factor),
+             "wavelength_mm": float(lam), "frame_rate_hz": float(fr), "count_source": count_source,
+             "params": params.to_attrs()}
+    counts = ctx.frame_counts if np.all(ctx.frame_counts >= 0) else None  # a custom localizer may not say
+    result = UlmResult(localizations=loc, **images, pixel_size_mm=tracks.grid.pixel_size_mm,
+                       origin_mm=tracks.grid.origin_mm, count_per_frame=counts, attrs=attrs,
+                       source=f"ULM result of {label}")
     if out is not None:
         write_result(result, out)
     if png is not None:

@@ -38,12 +38,13 @@ from ultrasound_ai.core.atomic import atomic_output
 from ultrasound_ai.core.errors import InputError
 
 __all__ = ["SIMULATOR_VERSION", "CLASS_NAMES", "ORGANS", "BModeImage", "simulate_bmode", "simulate_batch",
-           "sample_seed", "write_busi_folder"]
+           "sample_seed", "write_busi_folder", "APPEARANCE_KEYS", "check_appearance", "draw_appearance"]
 
 SIMULATOR_VERSION = "usfm-bmode-1"
 CLASS_NAMES = ("benign", "malignant", "normal")
 ORGANS = ("breast", "thyroid", "liver", "muscle")
 LESION_CLASSES = (0, 1)
+DEFAULT_FOV_MM = (40.0, 40.0)  # (lateral, depth) field of view of every simulated data set
 
 
 @dataclass
@@ -196,12 +197,13 @@ def _posterior(mask: np.ndarray, z_mm: np.ndarray, factor: float, decay_mm: floa
 
 
 def simulate_bmode(seed=None, size: int | Sequence[int] = 128, *, organ: str | None = None, label: int | None = None,
-                   fov_mm: Sequence[float] = (40.0, 40.0), dynamic_range_db: float = 45.0) -> BModeImage:
+                   fov_mm: Sequence[float] = DEFAULT_FOV_MM, dynamic_range_db: float = 45.0,
+                   psf_mm: Sequence[float] = (0.25, 0.5)) -> BModeImage:
     """One simulated B-mode image [H, W] with its lesion mask and class label (see the module docstring).
 
     seed: an int, a SeedSequence or a numpy Generator. size: H = W, or (H, W). organ: one of ORGANS
     (random when None). label: 0 benign, 1 malignant, 2 normal (random when None).
-    fov_mm: (lateral width, depth) of the field of view.
+    fov_mm: (lateral width, depth) of the field of view. psf_mm: (axial, lateral) point-spread widths.
     """
     rng = _rng(seed)
     h, w = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
@@ -257,7 +259,7 @@ def simulate_bmode(seed=None, size: int | Sequence[int] = 128, *, organ: str | N
 
     # Speckle: echogenicity (amplitude)-weighted complex scatterers through an analytic PSF (FFT convolution).
     scat = (rng.standard_normal((h, w)) + 1j * rng.standard_normal((h, w))) * np.clip(e, 0, None)
-    sig_z, sig_x = 0.25, 0.5  # mm: axial and lateral PSF widths
+    sig_z, sig_x = float(psf_mm[0]), float(psf_mm[1])  # mm: axial and lateral PSF widths
     fz = np.fft.fftfreq(h, d=dz)[:, None]
     fx = np.fft.fftfreq(w, d=dx)[None, :]
     # Baseband (IQ) PSF: the carrier would alias on a coarse pixel grid and does not change the envelope.
@@ -273,15 +275,64 @@ def simulate_bmode(seed=None, size: int | Sequence[int] = 128, *, organ: str | N
                       pixel_spacing_mm=(float(dx), float(dz)), info=info)
 
 
+# Scanner / appearance settings an image set may draw per image (uniform in [lo, hi]) and the organs it
+# may show. A held-out set uses ranges no training set used, to measure how a model carries over to
+# appearances it never saw (the real world varies these from scanner to scanner and preset to preset).
+APPEARANCE_KEYS = ("dynamic_range_db", "psf_axial_mm", "psf_lateral_mm", "organs")
+
+
+def check_appearance(appearance, what: str = "appearance") -> dict:
+    """Validated copy of an appearance mapping (see APPEARANCE_KEYS); InputError naming the bad entry."""
+    if not isinstance(appearance, dict):
+        raise InputError(f"{what}: expected a mapping with keys among {list(APPEARANCE_KEYS)}, got {appearance!r}")
+    unknown = sorted(set(appearance) - set(APPEARANCE_KEYS))
+    if unknown:
+        raise InputError(f"{what}: unknown key(s) {unknown}; expected some of {list(APPEARANCE_KEYS)}")
+    out = {}
+    for key in APPEARANCE_KEYS[:3]:
+        if key in appearance:
+            v = appearance[key]
+            if (not isinstance(v, (list, tuple)) or len(v) != 2 or not all(isinstance(t, (int, float)) for t in v)
+                    or not 0 < v[0] <= v[1]):
+                raise InputError(f"{what}.{key}: expected [lo, hi] with 0 < lo <= hi, got {v!r}")
+            out[key] = [float(v[0]), float(v[1])]
+    if "organs" in appearance:
+        organs = list(appearance["organs"])
+        if not organs or any(o not in ORGANS for o in organs):
+            raise InputError(f"{what}.organs: expected a non-empty list among {list(ORGANS)}, got {organs!r}")
+        out["organs"] = organs
+    return out
+
+
+def draw_appearance(base_seed: int, index: int, appearance: dict) -> dict:
+    """simulate_bmode keyword arguments for image `index`, drawn from its own stream (so the anatomy
+    stream, hence the lesion and label of image i, is the same with or without an appearance)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(base_seed) & 0xFFFFFFFF, 17, int(index)]))
+    kw: dict = {}
+    if "dynamic_range_db" in appearance:
+        kw["dynamic_range_db"] = float(rng.uniform(*appearance["dynamic_range_db"]))
+    ax = rng.uniform(*appearance.get("psf_axial_mm", (0.25, 0.25)))
+    lat = rng.uniform(*appearance.get("psf_lateral_mm", (0.5, 0.5)))
+    kw["psf_mm"] = (float(ax), float(lat))
+    if "organs" in appearance:
+        kw["organ"] = str(appearance["organs"][int(rng.integers(len(appearance["organs"])))])
+    return kw
+
+
 def simulate_batch(base_seed: int, indices: Sequence[int], size=128, *, labels: Sequence[int] | None = None,
-                   organ: str | None = None) -> list[BModeImage]:
+                   organ: str | None = None, appearance: dict | None = None) -> list[BModeImage]:
     """Images `indices` of the data set `base_seed` (image i depends only on (base_seed, i)). With
-    `labels`, each image's class is drawn from that list (from the image's own stream)."""
+    `labels`, each image's class is drawn from that list (from the image's own stream). With
+    `appearance` (see APPEARANCE_KEYS), each image's scanner settings (and organ) are drawn from it."""
+    app = check_appearance(appearance) if appearance else None
     out = []
     for i in indices:
         rng = np.random.default_rng(sample_seed(base_seed, i))
         label = None if not labels else int(labels[int(rng.integers(len(labels)))])
-        out.append(simulate_bmode(rng, size, organ=organ, label=label))
+        kw = draw_appearance(base_seed, i, app) if app else {}
+        if organ is not None:
+            kw["organ"] = organ
+        out.append(simulate_bmode(rng, size, label=label, **kw))
     return out
 
 

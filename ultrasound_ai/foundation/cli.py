@@ -5,7 +5,6 @@ Kept free of torch at import time so `ultrasound-ai --help` stays fast.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -65,8 +64,13 @@ def train(args) -> int:
 
 
 def segment(args) -> int:
+    from ultrasound_ai.core.atomic import check_output_path
     from ultrasound_ai.foundation.inference import segment_file
 
+    # Before the model is loaded and run: the writer picks the format from the extension.
+    check_output_path(args.output, what="--output", extensions=(".png", ".nrrd", ".nii.gz", ".nii", ".mha"))
+    if args.probabilities:
+        check_output_path(args.probabilities, what="--probabilities", extensions=(".nrrd", ".nii.gz", ".nii", ".mha"))
     summary = segment_file(args.input, args.output, args.model, device=args.device,
                            probabilities_path=args.probabilities)
     print(json.dumps(summary))

@@ -199,12 +199,14 @@ def load_camus(root: str | os.PathLike) -> list[LabelledImage]:
     return items
 
 
-def simulated_set(seed: int, count: int, size: int = 128, labels: Sequence[int] | None = None) -> list[LabelledImage]:
-    """`count` simulator images of the data set `seed` (image i depends only on (seed, i))."""
+def simulated_set(seed: int, count: int, size: int = 128, labels: Sequence[int] | None = None,
+                  appearance: dict | None = None) -> list[LabelledImage]:
+    """`count` simulator images of the data set `seed` (image i depends only on (seed, i)); `appearance`
+    draws each image's scanner settings from given ranges (bmode_sim.APPEARANCE_KEYS)."""
     from ultrasound_ai.foundation.bmode_sim import simulate_batch
 
     return [LabelledImage(image=s.image, mask=s.mask, label=s.label, name=f"sim:{seed}:{i}")
-            for i, s in enumerate(simulate_batch(seed, range(count), size, labels=labels))]
+            for i, s in enumerate(simulate_batch(seed, range(count), size, labels=labels, appearance=appearance))]
 
 
 def resize_image(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultrasound_ai.core.errors import InputError
-from ultrasound_ai.foundation.vit import ViTConfig, VisionTransformer, vit_config
+from ultrasound_ai.foundation.vit import VisionTransformer, ViTConfig, vit_config
 
 __all__ = ["SimMIMDecoder", "MaskedImageModel", "UPerNetHead", "SegmentationModel", "ClassificationHead",
            "ClassificationModel", "feature_blocks", "build_model", "TASKS"]

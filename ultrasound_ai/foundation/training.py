@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import json
 import threading
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import numpy as np
@@ -63,6 +62,7 @@ DATA_DEFAULTS: dict[str, Any] = {
     "val_seed": 100_000,
     "val_count": 32,
     "classes": None,  # simulate: class indices drawn (default: [0, 1] lesions for segment, all otherwise)
+    "appearance": None,  # simulate: per-image scanner settings drawn from ranges (bmode_sim.APPEARANCE_KEYS)
     "split_seed": 0,  # folder data: the train/val/test split
     "split": [0.7, 0.1, 0.2],
     "label_fraction": 1.0,  # keep this fraction of the training labels (nested seeded subsets)
@@ -144,6 +144,10 @@ def data_options(config: TrainConfig | Mapping, task: str) -> dict:
         raise InputError(f"data.label_fraction: expected a number in (0, 1], got {f!r}")
     if d["classes"] is None:
         d["classes"] = [0, 1] if task == "segment" else [0, 1, 2]
+    if d["appearance"]:
+        from ultrasound_ai.foundation.bmode_sim import check_appearance
+
+        d["appearance"] = check_appearance(d["appearance"], "data.appearance")
     try:
         d["masking_config"] = MaskingConfig(**dict(d["masking"] or {}))
     except TypeError as exc:
@@ -177,6 +181,11 @@ def _configuration(task: str, m: Mapping, class_names) -> dict:
     out = {"task": task, "vit": m["vit"].to_dict()}
     if task == "segment":
         out.update(num_classes=int(m["num_classes"]), head_channels=int(m["head_channels"]))
+        names = list(class_names)
+        if len(names) == int(m["num_classes"]):
+            out["label_names"] = names  # CAMUS: the names are the labels'
+        elif int(m["num_classes"]) == 2:
+            out["label_names"] = ["background", "lesion"]  # BUSI / simulator masks: one lesion label
     elif task == "classify":
         out.update(num_classes=int(m["num_classes"]), dropout=float(m["dropout"]), class_names=list(class_names))
     return out
@@ -199,8 +208,8 @@ def prepared_data(d: Mapping, task: str, size: int) -> dict:
     facts: dict = {"source": src}
     if src == "simulate":
         classes = [int(c) for c in d["classes"]]
-        train_items = ds.simulated_set(d["train_seed"], d["train_count"], size, classes)
-        val_items = ds.simulated_set(d["val_seed"], d["val_count"], size, classes)
+        train_items = ds.simulated_set(d["train_seed"], d["train_count"], size, classes, d["appearance"])
+        val_items = ds.simulated_set(d["val_seed"], d["val_count"], size, classes, d["appearance"])
         test_items: list = []
         # Labels are renumbered to positions in `classes`, so a 2-class task has labels 0 and 1.
         remap = {c: i for i, c in enumerate(classes)}
@@ -209,6 +218,8 @@ def prepared_data(d: Mapping, task: str, size: int) -> dict:
         class_names = [CLASS_NAMES[c] for c in classes]
         facts.update(simulator_version=SIMULATOR_VERSION, train_seed=d["train_seed"], train_count=d["train_count"],
                      val_seed=d["val_seed"], val_count=d["val_count"], classes=class_names)
+        if d["appearance"]:
+            facts["appearance"] = d["appearance"]
     else:
         if src == "folder":
             items = [ds.LabelledImage(ds.read_image(p), None, -1, str(p)) for p in ds.list_image_folder(d["root"])]
@@ -345,13 +356,29 @@ class _FoundationTask:
                                            f"(x - {ds.INTENSITY_MEAN}) / {ds.INTENSITY_STD}",
                 "intensity_mean": ds.INTENSITY_MEAN,
                 "intensity_std": ds.INTENSITY_STD,
-                "resize": "bilinear (antialiased) to image_size_px; outputs resized back to the input's pixels",
+                "resize": "resampled (bilinear, antialiased) to pixel_spacing_mm and read in image_size_px windows "
+                          "(segment: overlapping windows averaged; classify: the most lesion-like window); without a "
+                          "physical pixel size the whole image is resized to image_size_px; outputs come back on the "
+                          "input's pixels",
+                **_pixel_facts(d, vit.img_size),
             },
             "training": {"task": self.task, "data": data.get("facts", {}),
                          "pretrained": str(m["pretrained"]) if m["pretrained"] else None,
                          "layer_decay": float(m["layer_decay"])},
             "metrics": dict(metrics),
         }
+
+
+def _pixel_facts(d: Mapping, size: int) -> dict:
+    """The physical pixel size the model was trained at (card input.pixel_spacing_mm, x then y), which
+    inference resamples inputs to; only the simulator knows it (a folder of PNGs does not)."""
+    if d["source"] != "simulate":
+        return {"pixel_spacing_mm": None,
+                "pixel_spacing_note": "training images had no recorded physical pixel size; inputs are resized whole"}
+    from ultrasound_ai.foundation.bmode_sim import DEFAULT_FOV_MM
+
+    return {"pixel_spacing_mm": [DEFAULT_FOV_MM[0] / size, DEFAULT_FOV_MM[1] / size],
+            "field_of_view_mm": list(DEFAULT_FOV_MM)}
 
 
 class PretrainTask(_FoundationTask):

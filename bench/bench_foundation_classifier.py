@@ -1,0 +1,72 @@
+"""Foundation classifier (benign / malignant / normal): accuracy and macro F1 on held-out simulated images
+whose scanner settings no training image used, pre-trained encoder vs the same ViT from scratch, at 20 %
+and 100 % of the labels. Writes the `foundation_classifier` section of BENCHMARKS.md (see
+ultrasound_ai/foundation/classifier_study.py). No timing claim.
+
+    python bench/bench_foundation_classifier.py [--device cpu] [--output-dir runs/classifier_study]
+        [--cell INIT,FRACTION,SEED] [--seeds 0,1] [--steps N] [--no-write] [--note TEXT]
+
+--cell trains (or resumes) one cell only and exits, so cells can run as separate background processes;
+without it every missing cell is trained, then all are evaluated and the section written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--output-dir", default="runs/classifier_study")
+    ap.add_argument("--cell", help="INIT,FRACTION,SEED (init: pretrained | scratch): train this cell only")
+    ap.add_argument("--seeds", help="comma-separated seeds (default 0)")
+    ap.add_argument("--steps", type=int, help="fine-tuning steps per cell")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
+    ap.add_argument("--note", help="a paragraph appended to the section")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from ultrasound_ai.foundation import classifier_study as cs
+
+    over: dict = {"output_dir": args.output_dir, "device": args.device}
+    if args.seeds:
+        over["seeds"] = [int(v) for v in args.seeds.split(",")]
+    if args.steps:
+        over["schedule"] = {"steps": args.steps}
+    s = cs.settings(over)
+    if args.cell:
+        init, fraction, seed = args.cell.split(",")
+        res = cs.train_cell(s, init, float(fraction), int(seed), progress_bar=False)
+        print(json.dumps({"cell": args.cell, "steps": res.steps, "best_step": res.best_step,
+                          "best_metrics": res.best_metrics}))
+        return 0
+    for fraction in s["fractions"]:
+        for seed in s["seeds"]:
+            for init in cs.INITS:
+                cs.train_cell(s, init, fraction, seed)
+    results = cs.evaluate_study(s)
+    body = cs.format_table(results)
+    if args.note:
+        body += "\n" + args.note.strip() + "\n"
+    print(body)
+    print(json.dumps(results["runs"], indent=1))
+    if not args.no_write:
+        from report import write_section
+
+        write_section("foundation_classifier", "Foundation model: benign / malignant / normal classifier on held-out "
+                      "scanner settings", body, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

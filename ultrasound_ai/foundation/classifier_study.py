@@ -1,0 +1,175 @@
+"""Classifier study: benign / malignant / normal with 20 % and 100 % of the labels, a pre-trained encoder
+vs the same network from scratch, scored on held-out images whose appearance was never trained on.
+
+Data are frozen simulator sets (bmode_sim, all three classes). The labelled pool (``train_seed``) and the
+validation set that picks each run's best.pt (``val_seed``) draw their scanner settings per image from
+TRAIN_APPEARANCE; the test set (``test_seed``) draws them from TEST_APPEARANCE, whose ranges do not
+overlap the training ones (stronger log compression, coarser point-spread function). The 20 % label
+set is a nested seeded subset of the pool (datasets.label_subset).
+
+Metrics: accuracy, and macro F1 (the unweighted mean over classes of 2 TP / (2 TP + FP + FN), a class
+never predicted and never present scoring 0, as scikit-learn's zero_division=0).
+
+Each cell is one training run in its own folder, so cells can run as separate processes (``train_cell``)
+and an interrupted study resumes; ``evaluate_study`` only evaluates the finished ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ultrasound_ai.core.errors import InputError
+
+__all__ = ["TRAIN_APPEARANCE", "TEST_APPEARANCE", "CLASSIFIER_STUDY", "cell_name", "cell_config", "train_cell",
+           "macro_f1", "confusion", "evaluate_study", "format_table"]
+
+# Scanner settings drawn per image (bmode_sim.APPEARANCE_KEYS). The test ranges lie outside the training ones.
+TRAIN_APPEARANCE = {"dynamic_range_db": [40.0, 50.0], "psf_axial_mm": [0.2, 0.3], "psf_lateral_mm": [0.4, 0.6]}
+TEST_APPEARANCE = {"dynamic_range_db": [54.0, 60.0], "psf_axial_mm": [0.32, 0.38], "psf_lateral_mm": [0.65, 0.8]}
+
+CLASSIFIER_STUDY: dict = {
+    "output_dir": "runs/classifier_study",
+    "device": "auto",
+    "preset": "tiny",
+    "pretrained": "usfm_vit_tiny_pretrained",
+    "fractions": [0.2, 1.0],
+    "seeds": [0],
+    "train_seed": 20_000,
+    "train_count": 400,
+    "val_seed": 120_000,
+    "val_count": 60,
+    "test_seed": 320_000,
+    "test_count": 150,
+    "schedule": {"steps": 200, "batch_size": 16, "lr": 5e-4, "warmup_steps": 20, "validate_every": 50,
+                 "checkpoint_every": 25, "log_every": 10, "best_metric": "accuracy", "best_mode": "max"},
+}
+
+INITS = ("pretrained", "scratch")
+
+
+def cell_name(init: str, fraction: float, seed: int) -> str:
+    return f"{init}_f{fraction:g}_s{seed}"
+
+
+def cell_config(s: Mapping, init: str, fraction: float, seed: int) -> dict:
+    """Training config of one cell; the two arms differ only in model.pretrained (and with it the
+    default layer-wise lr decay, 0.65 pre-trained, none from scratch)."""
+    if init not in INITS:
+        raise InputError(f"classifier study init: expected one of {list(INITS)}, got {init!r}")
+    return {
+        "method": "usfm", "name": f"usfm_cls_{cell_name(init, fraction, seed)}",
+        "output_dir": str(Path(s["output_dir"]) / cell_name(init, fraction, seed)), "seed": int(seed),
+        "device": s["device"],
+        "model": {"preset": s["preset"], "pretrained": s["pretrained"] if init == "pretrained" else None},
+        "data": {"source": "simulate", "train_seed": s["train_seed"], "train_count": s["train_count"],
+                 "val_seed": s["val_seed"], "val_count": s["val_count"], "classes": [0, 1, 2],
+                 "appearance": copy.deepcopy(TRAIN_APPEARANCE), "label_fraction": float(fraction),
+                 "label_seed": int(seed)},
+        "schedule": dict(s["schedule"]),
+    }
+
+
+def settings(overrides: Mapping | None = None) -> dict:
+    from ultrasound_ai.core.training_config import deep_merge
+
+    return deep_merge(CLASSIFIER_STUDY, dict(overrides or {}))
+
+
+def train_cell(s: Mapping, init: str, fraction: float, seed: int, progress_bar: bool | None = False):
+    """Train (or resume) one cell; returns the harness's TrainResult."""
+    from ultrasound_ai.foundation.training import train_foundation
+
+    return train_foundation(cell_config(s, init, fraction, seed), "classify", progress_bar=progress_bar)
+
+
+def confusion(truth: Sequence[int], pred: Sequence[int], k: int) -> np.ndarray:
+    """[k, k] counts, rows = truth, columns = prediction."""
+    m = np.zeros((k, k), dtype=np.int64)
+    np.add.at(m, (np.asarray(truth, dtype=np.int64), np.asarray(pred, dtype=np.int64)), 1)
+    return m
+
+
+def macro_f1(truth: Sequence[int], pred: Sequence[int], k: int) -> float:
+    """Unweighted mean over the k classes of F1 = 2 TP / (2 TP + FP + FN) (0 where the denominator is 0)."""
+    m = confusion(truth, pred, k)
+    tp = np.diag(m).astype(np.float64)
+    denom = 2 * tp + (m.sum(0) - tp) + (m.sum(1) - tp)
+    f1 = np.divide(2 * tp, denom, out=np.zeros(k), where=denom > 0)
+    return float(f1.mean())
+
+
+def test_set(s: Mapping, size: int):
+    from ultrasound_ai.foundation import datasets as ds
+
+    return ds.simulated_set(s["test_seed"], s["test_count"], size, [0, 1, 2], TEST_APPEARANCE)
+
+
+def evaluate_study(s: Mapping) -> dict:
+    """Accuracy and macro F1 of every finished cell's best.pt on the held-out test set."""
+    from ultrasound_ai.foundation import datasets as ds
+    from ultrasound_ai.foundation.inference import load_model
+    from ultrasound_ai.foundation.vit import vit_config
+
+    size = vit_config(s["preset"]).img_size
+    test = test_set(s, size)
+    x = np.stack([ds.to_model_input(t.image, size) for t in test])
+    truth = np.array([t.label for t in test])
+    runs = []
+    for fraction in s["fractions"]:
+        for seed in s["seeds"]:
+            for init in INITS:
+                folder = Path(s["output_dir"]) / cell_name(init, fraction, seed)
+                pt = folder / "best.pt" if (folder / "best.pt").is_file() else folder / "final.pt"
+                if not pt.is_file():
+                    continue
+                lm = load_model(pt, s["device"], "classify")
+                import torch
+
+                with torch.no_grad():
+                    probs = torch.cat([lm.model(torch.from_numpy(x[i:i + 32]).unsqueeze(1).to(lm.device)).softmax(1).cpu()
+                                       for i in range(0, len(x), 32)]).numpy()
+                pred = probs.argmax(1)
+                train = lm.card.get("training", {})
+                runs.append({"init": init, "fraction": fraction, "seed": seed, "checkpoint": str(pt),
+                             "accuracy": float((pred == truth).mean()), "macro_f1": macro_f1(truth, pred, 3),
+                             "confusion": confusion(truth, pred, 3).tolist(),
+                             "val_accuracy": (train.get("best_metrics") or {}).get("accuracy"),
+                             "best_step": train.get("best_step"), "steps": train.get("steps"),
+                             "labelled": (train.get("data") or {}).get("labelled", s["train_count"]),
+                             "wall_time_s": train.get("wall_time_s")})
+    return {"settings": dict(s), "runs": runs, "test_counts": np.bincount(truth, minlength=3).tolist()}
+
+
+def format_table(results: Mapping) -> str:
+    """Markdown table (mean ± std over seeds) with the data and schedule facts."""
+    s = results["settings"]
+    fr = s["fractions"]
+    lines = ["| encoder | " + " | ".join(f"accuracy @ {f * 100:g} % | macro F1 @ {f * 100:g} %" for f in fr) + " |",
+             "|" + "---|" * (2 * len(fr) + 1)]
+    for init, label in (("pretrained", f"pre-trained ({s['pretrained']}) + linear head"),
+                        ("scratch", "same ViT-Tiny from scratch + linear head")):
+        cells = []
+        for f in fr:
+            rs = [r for r in results["runs"] if r["init"] == init and r["fraction"] == f]
+            for key in ("accuracy", "macro_f1"):
+                v = [r[key] for r in rs]
+                cells.append((f"{np.mean(v):.3f}" + (f" ± {np.std(v):.3f}" if len(v) > 1 else "")) if v else "not run")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    n_lab = {f: max(1, int(np.ceil(f * s["train_count"] - 1e-9))) for f in fr}
+    sc = s["schedule"]
+    text = "\n".join(lines) + "\n\n"
+    text += (f"Held-out test: {s['test_count']} simulated images (seed {s['test_seed']}, classes benign / malignant / "
+             f"normal = {results['test_counts']}) drawn with scanner settings {json.dumps(TEST_APPEARANCE)}, ranges no "
+             f"training or validation image used (those: {json.dumps(TRAIN_APPEARANCE)}). Labelled images: "
+             + ", ".join(f"{n_lab[f]} at {f * 100:g} %" for f in fr)
+             + f" (nested subsets of a pool of {s['train_count']}, seed {s['train_seed']}); seeds {s['seeds']}. "
+             f"Fine-tuning: {sc['steps']} steps, batch {sc['batch_size']}, AdamW lr {sc['lr']}, cosine with "
+             f"{sc['warmup_steps']} warm-up steps, layer decay 0.65 on the pre-trained encoder and none from scratch; "
+             f"best.pt chosen by accuracy on {s['val_count']} validation images (seed {s['val_seed']}, training "
+             "settings). ViT-Tiny at 128 px, both arms the same size.\n")
+    return text

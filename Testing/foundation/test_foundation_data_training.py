@@ -14,9 +14,9 @@ from ultrasound_ai.cli import main as cli_main
 from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.foundation import datasets as ds
 from ultrasound_ai.foundation.bmode_sim import CLASS_NAMES, simulate_bmode, write_busi_folder
+from ultrasound_ai.foundation.heads import SegmentationModel
 from ultrasound_ai.foundation.inference import load_model, otsu_largest_component, segment, segment_file
 from ultrasound_ai.foundation.training import load_pretrained_encoder, task_for, train_foundation
-from ultrasound_ai.foundation.heads import SegmentationModel
 from ultrasound_ai.foundation.vit import vit_config
 
 

@@ -16,8 +16,14 @@ from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.foundation.bmode_sim import simulate_batch, simulate_bmode
 from ultrasound_ai.foundation.classifier_study import confusion, macro_f1
 from ultrasound_ai.foundation.dicom_regions import image_region
-from ultrasound_ai.foundation.inference import (LoadedModel, classify, load_model, resampling_plan, segment,
-                                                window_starts)
+from ultrasound_ai.foundation.inference import (
+    LoadedModel,
+    classify,
+    load_model,
+    resampling_plan,
+    segment,
+    window_starts,
+)
 from ultrasound_ai.foundation.losses import dice_per_class
 from ultrasound_ai.jobs.worker import CancelState, EventWriter, execute
 

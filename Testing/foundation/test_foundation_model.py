@@ -5,13 +5,31 @@ import pytest
 import torch
 
 from ultrasound_ai.core.errors import InputError
-from ultrasound_ai.foundation.heads import (ClassificationModel, MaskedImageModel, SegmentationModel, build_model,
-                                            feature_blocks)
+from ultrasound_ai.foundation.heads import (
+    ClassificationModel,
+    MaskedImageModel,
+    SegmentationModel,
+    build_model,
+    feature_blocks,
+)
 from ultrasound_ai.foundation.losses import dice_score, focal_frequency_loss, mim_loss
-from ultrasound_ai.foundation.masking import (MaskingConfig, band_edges, band_stop_filter, dual_mask,
-                                              frequency_band_stop, radius_grid, random_patch_mask)
-from ultrasound_ai.foundation.vit import (Attention, DropPath, RelativePositionBias, VisionTransformer,
-                                          count_parameters, vit_config)
+from ultrasound_ai.foundation.masking import (
+    MaskingConfig,
+    band_edges,
+    band_stop_filter,
+    dual_mask,
+    frequency_band_stop,
+    radius_grid,
+    random_patch_mask,
+)
+from ultrasound_ai.foundation.vit import (
+    Attention,
+    DropPath,
+    RelativePositionBias,
+    VisionTransformer,
+    count_parameters,
+    vit_config,
+)
 
 
 def test_base_preset_is_vit_b16_with_about_86m_parameters():

@@ -366,3 +366,45 @@ def test_check_memory_names_the_option_and_the_sizes():
                             available=2 * 2**30)
     assert memory.available_memory_bytes() > 0
     assert atomic.final_path_of("nothing") is None
+
+
+@pytest.fixture
+def tiny_ulm_acquisition(tmp_path):
+    from ultrasound_ai.io.ulm_files import Acquisition, write_acquisition
+
+    rng = np.random.default_rng(1)
+    iq = (rng.standard_normal((40, 16, 16)) + 1j * rng.standard_normal((40, 16, 16))).astype(np.complex64)
+    path = tmp_path / "acq.h5"
+    write_acquisition(Acquisition(iq=iq, pixel_size_mm=(0.1, 0.1), origin_mm=(5.0, -0.8), frame_rate_hz=1000.0,
+                                  wavelength_mm=0.1), path)
+    return path
+
+
+def test_ulm_refuses_sizes_that_cannot_fit_in_memory_before_any_work(tiny_ulm_acquisition, capsys, monkeypatch):
+    out = tiny_ulm_acquisition.parent / "r.h5"
+    base = ["ulm", "process", str(tiny_ulm_acquisition), "--out", str(out), "--bubbles-per-frame", "2", "--quiet"]
+    # 1e5 pixels per wavelength: a grid of 1.6e6 x 1.6e6 pixels (about 112 TiB), not an allocator crash.
+    assert cli_main([*base, "--resolution-factor", "100000"]) == 2
+    err = capsys.readouterr().err
+    assert "--resolution-factor" in err and "TiB" in err and "is available in memory" in err
+    from ultrasound_ai.core import memory
+
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device=None: 100_000)
+    assert cli_main([*base, "--block-frames", "20000"]) == 2
+    err = capsys.readouterr().err
+    assert "--block-frames" in err and "a block of 40 frames of 16x16 pixels" in err
+    assert not out.exists()
+
+
+def test_output_extensions_are_checked_before_the_work(tiny_ulm_acquisition, tmp_path, capsys):
+    assert cli_main(["ulm", "process", str(tiny_ulm_acquisition), "--out", str(tmp_path / "r.txt"), "--quiet"]) == 2
+    assert "--out" in capsys.readouterr().err
+    img = tmp_path / "img.nrrd"
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8), np.uint8)), str(img))
+    # The model does not exist either: the output is refused first, before anything is loaded.
+    assert cli_main(["foundation", "segment", str(img), "--model", "no_such_model", "--output",
+                     str(tmp_path / "m.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "--output" in err and "m.txt" in err and "unsupported extension" in err

@@ -56,8 +56,12 @@ def simulate(args: argparse.Namespace) -> int:
 
 def process(args: argparse.Namespace) -> int:
     """Localize, track and render an acquisition into a ULM result file (and optionally a PNG)."""
+    from ultrasound_ai.core.atomic import check_output_path
     from ultrasound_ai.ulm.pipeline import UlmParams, process_acquisition
 
+    check_output_path(args.out, what="--out", extensions=(".h5", ".hdf5"))  # before any work
+    if args.png:
+        check_output_path(args.png, what="--png", extensions=(".png",))
     params = UlmParams(
         bubbles_per_frame=None if args.counting_network else args.bubbles_per_frame,
         counting_network=True if args.counting_network else None,  # None: the counting network unless N is given

@@ -448,6 +448,23 @@ def _frame_blocks(blocks_fn, params: UlmParams, t_total: int):
         yield start, block, (0 if start == 0 else margin), (n if start + n >= t_total else n - margin)
 
 
+def _check_memory(params: UlmParams, kind: str, shape, pix, origin, lam) -> None:
+    """Estimate the two big allocations before any work (core/memory.py): exit 2 naming the option."""
+    from ultrasound_ai.core.memory import check_memory
+
+    t_total, nz, nx = shape
+    frames = min(int(params.block_frames), t_total)
+    sample = 8 if kind == "iq" else 4
+    # The block as read, the SVD projection, the filtered block and the localizer's envelope.
+    check_memory(4 * frames * nz * nx * sample, what=f"a block of {frames} frames of {nz}x{nx} pixels",
+                 option="--block-frames (block_frames)")
+    grid = RenderGrid.for_acquisition(pix, origin, (nz, nx), lam, params.resolution_factor)
+    # Three float64 accumulators and the three float64 maps made from them.
+    check_memory(6 * 8 * grid.shape[0] * grid.shape[1],
+                 what=f"a rendering grid of {grid.shape[0]}x{grid.shape[1]} pixels",
+                 option="--resolution-factor (resolution_factor)")
+
+
 def _as_params(params) -> UlmParams:
     if params is None:
         params = UlmParams()
@@ -497,6 +514,7 @@ def process_acquisition(source, method: str = "rs", params: UlmParams | dict | N
     kind, shape, pix, origin, fr, lam, blocks_fn, label = _geometry(source)
     t_total, nz, nx = shape
     _check_filter_frames(params, t_total, label)
+    _check_memory(params, kind, shape, pix, origin, lam)
     count_source = _count_source(name, params)
     device = None
     if params.svd_cutoff is not None or name == "3dml" or params.counting_network:

@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from ultrasound_ai.nn import selective_scan as ss  # noqa: E402
 
 SIZES = [(64, 16, 1024), (64, 16, 4096), (128, 16, 4096), (64, 8, 16384)]
-QUICK_SIZES = [(16, 8, 512), (64, 16, 4096)]
+QUICK_SIZES = [(16, 8, 256)]
 SEQUENTIAL_MAX_L = 4096
 
 

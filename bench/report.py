@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+# ULTRASOUND_AI_BENCHMARKS_FILE sends every section elsewhere (gpu_check.sh's dry run writes a scratch file).
+BENCHMARKS = Path(os.environ.get("ULTRASOUND_AI_BENCHMARKS_FILE")
+                  or Path(__file__).resolve().parent.parent / "BENCHMARKS.md")
 HEADER = (
     "# UltrasoundAI benchmarks\n\n"
     "Each section is written by a script in `bench/` (`make bench` runs them all); the command, the "
@@ -202,9 +204,10 @@ def require_quiet(cores: int, *, timeout_s: float = DEFAULT_QUIET_TIMEOUT_S, pol
     """
     probe = probe or LoadProbe()
     cores = max(1, int(cores))
-    start = clock()
+    start = None
     while True:
         s = probe.sample()
+        start = clock() if start is None else start  # the wait starts after the first sample
         waited = clock() - start
         if cores <= s.cpu_count and s.free_cores + FREE_CORE_SLACK >= cores:
             return QuietCheck(cores, s, waited)
@@ -286,12 +289,12 @@ def _cores_from_args(args) -> int:
     return min(int(threads), os.cpu_count() or 1) if threads else (os.cpu_count() or 1)
 
 
-def parse_bench_args(parser, argv=None, *, cores: Optional[int] = None, timing: bool = True,
-                     probe: Optional[LoadProbe] = None):
+def parse_bench_args(parser, argv=None, *, cores=None, timing: bool = True, probe: Optional[LoadProbe] = None):
     """`parser.parse_args(argv)` plus --allow-busy / --quiet-timeout, then `begin_section`.
 
-    cores: cores the benchmark uses (default: its --threads, else every core). timing=False (accuracy
-    benchmarks) records the load without waiting. Exits with status 3 and the reason on a busy machine.
+    cores: cores the benchmark uses, an int or a function of the parsed args (default: its --threads,
+    else every core). timing=False (accuracy benchmarks) records the load without waiting. Exits with
+    status 3 and the reason on a busy machine.
     """
     parser.add_argument("--allow-busy", action="store_true", default=os.environ.get(ENV_ALLOW_BUSY) == "1",
                         help="measure even when other processes hold the cores this benchmark needs")
@@ -300,7 +303,8 @@ def parse_bench_args(parser, argv=None, *, cores: Optional[int] = None, timing: 
                         help="how long to wait for free cores before refusing (default %(default)s s)")
     args = parser.parse_args(argv)
     try:
-        begin_section(cores if cores is not None else _cores_from_args(args), timing=timing,
+        n = cores(args) if callable(cores) else cores
+        begin_section(n if n is not None else _cores_from_args(args), timing=timing,
                       allow_busy=args.allow_busy, timeout_s=args.quiet_timeout, probe=probe)
     except BusyMachine as exc:
         parser.exit(BUSY_EXIT_STATUS, f"{parser.prog}: {exc}\n")

@@ -45,8 +45,8 @@ CLASSIFIER_STUDY: dict = {
     "val_count": 60,
     "test_seed": 320_000,
     "test_count": 150,
-    "schedule": {"steps": 200, "batch_size": 16, "lr": 5e-4, "warmup_steps": 20, "validate_every": 50,
-                 "checkpoint_every": 25, "log_every": 10, "best_metric": "accuracy", "best_mode": "max"},
+    "schedule": {"steps": 100, "batch_size": 12, "lr": 5e-4, "warmup_steps": 10, "validate_every": 25,
+                 "checkpoint_every": 25, "log_every": 5, "best_metric": "accuracy", "best_mode": "max"},
 }
 
 INITS = ("pretrained", "scratch")

@@ -7,7 +7,7 @@ by 255, anything else min-max scaled over the whole array as the data loaders do
 Pixel size. A model card records the physical pixel size it was trained at (input.pixel_spacing_mm, x
 then y). Given the input's pixel size (`pixel_spacing_mm`, x then y), each frame is resampled to the
 training pixel size and read in model-size windows: segmentation averages the class probabilities of
-overlapping windows (stride half a window); classification reports the window that looks most like a
+overlapping windows (stride 3/4 of a window); classification reports the window that looks most like a
 lesion (lowest "normal" probability: one lesion anywhere makes the image abnormal), or the mean over
 windows for models without a "normal" class. Without a physical pixel size (or for a model whose card
 has none) the whole frame is resized to the model's input, with a warning when the model has one.
@@ -158,11 +158,12 @@ def check_region(region, shape: tuple[int, int], what: str = "region") -> tuple[
 
 
 def window_starts(length: int, window: int) -> list[int]:
-    """Start offsets of windows covering [0, length) with stride window // 2 (the last one flush with the
+    """Start offsets of windows covering [0, length) with stride 3/4 of a window (neighbours overlap by a
+    quarter, so no structure is only ever seen cut at a window edge; the last window is flush with the
     end); [0] when the length fits one window."""
     if length <= window:
         return [0]
-    stride = max(1, window // 2)
+    stride = max(1, window - window // 4)
     starts = list(range(0, length - window + 1, stride))
     if starts[-1] != length - window:
         starts.append(length - window)

@@ -362,11 +362,20 @@ class _FoundationTask:
                           "input's pixels",
                 **_pixel_facts(d, vit.img_size),
             },
+            "training_data": _training_data_line(data.get("facts", {})),
             "training": {"task": self.task, "data": data.get("facts", {}),
                          "pretrained": str(m["pretrained"]) if m["pretrained"] else None,
                          "layer_decay": float(m["layer_decay"])},
             "metrics": dict(metrics),
         }
+
+
+def _training_data_line(facts: Mapping) -> str:
+    """The card's one-line "what was it trained on" (the panels show it beside the model selector)."""
+    if facts.get("source") == "simulate":
+        return (f"simulated B-mode images only (simulator {facts.get('simulator_version', SIMULATOR_VERSION)}, "
+                f"seed {facts.get('train_seed')}); not validated on patient data")
+    return f"{facts.get('source')} images from {facts.get('root')} (split seed {facts.get('split_seed')})"
 
 
 def _pixel_facts(d: Mapping, size: int) -> dict:

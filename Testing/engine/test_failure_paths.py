@@ -209,7 +209,10 @@ def test_registry_output_extensions_match_the_writers():
     from ultrasound_ai.io.volume import WRITE_EXTENSIONS
     from ultrasound_ai.jobs.registry import OUTPUT_EXTENSIONS
 
+    from ultrasound_ai.jobs.registry import TASKS
+
     assert OUTPUT_EXTENSIONS["freehand.reconstruct"]["volume"] == WRITE_EXTENSIONS
+    assert set(OUTPUT_EXTENSIONS) == set(TASKS)  # every engine task declares its outputs
 
 
 def test_a_read_only_output_folder_is_refused_before_any_work(tmp_path):

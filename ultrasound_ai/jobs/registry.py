@@ -41,6 +41,9 @@ _VOLUME = (".nii.gz", ".nrrd", ".nii", ".mha", ".mhd")  # ultrasound_ai.io.volum
 # this before the task starts (names and extensions), so a typo costs nothing but an error message.
 OUTPUT_EXTENSIONS: dict[str, dict[str, tuple[str, ...]]] = {
     "diagnostics": {"report": (".json",)},
+    "foundation.classify": {"table": (".csv",)},
+    "foundation.segment": {"labels": (".png", ".nrrd", ".nii.gz", ".nii", ".mha"),
+                           "probabilities": (".nrrd", ".nii.gz", ".nii", ".mha"), "table": (".csv",)},
     "freehand.reconstruct": {"estimate": _HDF5, "volume": _VOLUME, "png": (".png",)},
     "registration.register": {"transform": (".tfm", ".txt", ".h5"), "json": (".json",)},
     "ulm.process": {"result": _HDF5, "png": (".png",)},

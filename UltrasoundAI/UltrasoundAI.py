@@ -1,4 +1,5 @@
-"""UltrasoundAI: freehand 3D ultrasound reconstruction (tracked, IMU dead reckoning, FiMA, MoGLo-Net).
+"""UltrasoundAI: freehand 3D ultrasound reconstruction (tracked, IMU dead reckoning, FiMA, MoGLo-Net), and
+an Analysis section: segment or classify an image with the ultrasound foundation model (USFM).
 
 The Widget binds Resources/UI/UltrasoundAI.ui to a parameter node and calls the Logic
 (UltrasoundAILib/logic.py), which runs the engine job in a background process; the panel only shows
@@ -23,6 +24,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 # UltrasoundAILib puts the engine on sys.path (a source checkout), so it is imported first.
+from UltrasoundAILib.analysis import AnalysisParameters, UltrasoundAIAnalysisLogic, summary_text
 from UltrasoundAILib.logic import UltrasoundAILogic
 
 from ultrasound_ai.mrml.job_panel import JobPanel, ParameterNodePanel
@@ -39,11 +41,14 @@ class UltrasoundAI(ScriptedLoadableModule):
             "Freehand 3D ultrasound reconstruction: estimate the probe poses of a sweep (from its tracker, "
             "or from IMUs alone), then compound the frames into a volume. Select a sequence browser (image "
             "sequence, optional ImageToReference transforms and IMU table) or a sweep file, a method, and "
-            "press Apply. The work runs in a background process; press the button again to cancel. The "
-            "shipped models are trained on simulated sweeps only and are not validated on patient data."
+            "press Apply. The work runs in a background process; press the button again to cancel. "
+            "Analysis: segment (lesion) or classify (benign / malignant / normal) a 2D image, a cine frame "
+            "by frame, or a 3D volume with the ultrasound foundation model. The shipped models are trained "
+            "on simulated data only and are not validated on patient data."
         )
         self.parent.acknowledgementText = (
-            "Methods: FiMA (Yan et al., MICCAI 2024), MoGLo-Net (Kim et al., IEEE TMI 2025)."
+            "Methods: FiMA (Yan et al., MICCAI 2024), MoGLo-Net (Kim et al., IEEE TMI 2025), USFM (Jiao et "
+            "al., Medical Image Analysis 2024)."
         )
 
 
@@ -62,6 +67,12 @@ class UltrasoundAIParameterNode:
     outputVolume: vtkMRMLScalarVolumeNode
     outputTrajectory: vtkMRMLMarkupsCurveNode
     createNewNodes: bool = False
+    analysisInput: vtkMRMLScalarVolumeNode
+    analysisTask: Annotated[str, Choice(["segment", "classify"])] = "segment"
+    analysisFrames: Annotated[str, Choice(["all", "current"])] = "all"
+    analysisFrame: Annotated[int, WithinRange(0, 100000)] = 0
+    analysisInputKind: Annotated[str, Choice(["auto", "cine", "volume"])] = "auto"
+    analysisModel: str = ""
 
 
 class UltrasoundAIWidget(ParameterNodePanel, ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -86,7 +97,48 @@ class UltrasoundAIWidget(ParameterNodePanel, ScriptedLoadableModuleWidget, VTKOb
             model_label=self.ui.modelCardLabel, model_line=self.modelLine,
             path_boxes=(self.ui.inputSweepFilePathLineEdit, self.ui.checkpointPathLineEdit))
         self.ui.loadSweepButton.connect("clicked(bool)", self.onLoadSweepButton)
+        self.analysisLogic = UltrasoundAIAnalysisLogic()
+        self.analysisJobs = JobPanel(
+            self.analysisLogic, qt.QTimer(), self.ui.analysisApplyButton, self.ui.analysisProgressBar,
+            self.ui.analysisStatusLabel, title="analysis", parameters=self.analysisParameters,
+            ready=lambda: self._parameterNode is not None and bool(self._parameterNode.analysisInput),
+            on_results=self.showAnalysisResults, error_display=slicer.util.errorDisplay,
+            not_ready_tip="Select an image volume.", model_label=self.ui.analysisModelCardLabel,
+            model_line=self.analysisModelLine)
+        self.ui.analysisApplyButton.connect("clicked(bool)", self.analysisJobs.apply)
         self.setupPanel()
+
+    # -- the Analysis section: a second job loop on the same parameter node --------------------------
+    def setParameterNode(self, inputParameterNode):
+        import vtk
+
+        if self._parameterNode:
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.analysisJobs.update)
+        ParameterNodePanel.setParameterNode(self, inputParameterNode)
+        if self._parameterNode:
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.analysisJobs.update)
+            self.analysisJobs.update()
+
+    def onSceneStartClose(self, caller, event):
+        self.analysisJobs.scene_closing()
+        ParameterNodePanel.onSceneStartClose(self, caller, event)
+
+    def cleanup(self):
+        self.analysisJobs.cleanup()
+        ParameterNodePanel.cleanup(self)
+
+    def analysisParameters(self):
+        p = self._parameterNode
+        return {name: getattr(p, name) for name in AnalysisParameters.__dataclass_fields__ if hasattr(p, name)}
+
+    def analysisModelLine(self):
+        p = self._parameterNode
+        return "" if p is None else self.analysisLogic.analysis_model_line(p.analysisTask, p.analysisModel)
+
+    def showAnalysisResults(self, nodes, duration_s):
+        self.ui.analysisStatusLabel.text = f"{summary_text(nodes['result'])}  ({duration_s:.1f} s)"
+        self.ui.analysisTableView.setMRMLTableNode(nodes["table"])
+        slicer.util.setSliceViewerLayers(background=self._parameterNode.analysisInput, fit=True)
 
     def onParameterNodeSet(self):
         if not self._parameterNode.inputBrowser:
@@ -162,3 +214,21 @@ class UltrasoundAITest(ScriptedLoadableModuleTest):
 
         scenarios.bad_input_scenario(self.work)
         self.delayDisplay("bad input passed")
+
+    def test_analysis_dicom_frame(self):
+        from UltrasoundAILib import analysis_scenarios
+
+        analysis_scenarios.dicom_frame_scenario(self.work / "frame")
+        self.delayDisplay("analysis of a DICOM frame passed")
+
+    def test_analysis_dicom_cine(self):
+        from UltrasoundAILib import analysis_scenarios
+
+        analysis_scenarios.dicom_cine_scenario(self.work / "cine")
+        self.delayDisplay("analysis of a DICOM cine passed")
+
+    def test_analysis_volume(self):
+        from UltrasoundAILib import analysis_scenarios
+
+        analysis_scenarios.volume_surface_scenario(self.work / "volume")
+        self.delayDisplay("analysis of a 3D volume passed")

@@ -5,7 +5,7 @@ on one sweep in a fresh process (so peak memory is that configuration's alone): 
 network's grid, windows encoded in pair chunks, the poses chained. Peak resident memory is the child's
 ``ru_maxrss``; "before" is its resident memory once torch is imported, the model loaded and the sweep
 made, so peak - before is what inference itself adds. Online alignment (gradients through the fusion,
-SSM-C and head on the cached features, `fima_align`) is measured separately, as its bound differs.
+SSM-C and head on the cached features, `fima.align`) is measured separately, as its bound differs.
 Weights are random (a checkpoint written with its card): speed and memory do not depend on their values.
 
     python bench/bench_fima_memory.py [--configs tiny shipped paper] [--frames 180] [--threads 2]
@@ -49,8 +49,8 @@ def child(preset: str, frames: int, align: bool, threads: int) -> dict:
     import numpy as np
     import torch
 
-    from ultrasound_ai.freehand.fima_method import FimaMethod
-    from ultrasound_ai.freehand.fima_model import FimaNet, count_parameters, make_config
+    from ultrasound_ai.freehand.fima.method import FimaMethod
+    from ultrasound_ai.freehand.fima.model import FimaNet, count_parameters, make_config
     from ultrasound_ai.io.sweep import Sweep
     from ultrasound_ai.models.checkpoint import save_checkpoint
 

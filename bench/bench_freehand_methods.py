@@ -235,8 +235,8 @@ def constant_velocity_motion(n_sweeps: int, n_frames: int) -> np.ndarray:
     simulator's default 248 x 260 frames at 0.15 mm, which leaves the trajectory unchanged.
     """
     from ultrasound_ai.core.geometry import params_to_matrix, to_relative
-    from ultrasound_ai.freehand.simulator import DEFAULT_FRAME_SHAPE, DEFAULT_PIXEL_SPACING, simulate_sweep
-    from ultrasound_ai.freehand.trajectories import TACTICS
+    from ultrasound_ai.freehand.simulation.simulator import DEFAULT_FRAME_SHAPE, DEFAULT_PIXEL_SPACING, simulate_sweep
+    from ultrasound_ai.freehand.simulation.trajectories import TACTICS
 
     shape = (8, 8)
     spacing = tuple((n - 1) * DEFAULT_PIXEL_SPACING / (k - 1) for n, k in zip(DEFAULT_FRAME_SHAPE[::-1], shape))

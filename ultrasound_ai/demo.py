@@ -183,7 +183,7 @@ def run_demo(out_dir="demo-output", seed: int = DEFAULT_SEED, n_frames: int = DE
     from ultrasound_ai.freehand.methods import available_methods
     from ultrasound_ai.freehand.reconstruct import run_reconstruction
     from ultrasound_ai.freehand.render import trajectory_points
-    from ultrasound_ai.freehand.simulator import simulate_sweep
+    from ultrasound_ai.freehand.simulation.simulator import simulate_sweep
     from ultrasound_ai.io.sweep import write_sweep
 
     methods = default_demo_methods() if methods is None else list(methods)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ultrasound_ai.freehand.simulator import simulate_sweep
+from ultrasound_ai.freehand.simulation.simulator import simulate_sweep
 
 
 @pytest.fixture(scope="session")

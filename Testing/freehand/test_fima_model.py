@@ -11,9 +11,16 @@ import torch
 
 from ultrasound_ai.core import geometry
 from ultrasound_ai.core.errors import InputError
-from ultrasound_ai.freehand import fima_losses as fl
-from ultrasound_ai.freehand.fima_model import (SSMC, SSMF, FimaConfig, FimaNet, count_parameters,
-                                               imu_pair_inputs, make_config)
+from ultrasound_ai.freehand.fima import losses as fl
+from ultrasound_ai.freehand.fima.model import (
+    SSMC,
+    SSMF,
+    FimaConfig,
+    FimaNet,
+    count_parameters,
+    imu_pair_inputs,
+    make_config,
+)
 
 
 def _frames(b=2, n=7, seed=0):

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from ultrasound_ai.core.errors import InputError
-from ultrasound_ai.freehand.phantom import Psf
-from ultrasound_ai.freehand.simulator import simulate_sweep
+from ultrasound_ai.freehand.simulation.phantom import Psf
+from ultrasound_ai.freehand.simulation.simulator import simulate_sweep
 
 SP = 0.3  # tiny ReM at 0.3-mm pixels on 48 x 48 frames (14 mm): speckle is resolved, and it trains fast
 
@@ -36,7 +36,7 @@ def one_thread():
 
 
 def _pool(seeds, speeds_mm_s, n_frames, mcfg, n_imus=0, **kw):
-    from ultrasound_ai.freehand.fima_training import pool_from_sweeps
+    from ultrasound_ai.freehand.fima.training import pool_from_sweeps
 
     kw = {"rotation_deg_s": 0.0, "tremor": False, **kw}
     sweeps = [simulate_sweep(s, n_frames=n_frames, tactic="linear", frame_shape=mcfg.frame_shape,
@@ -47,7 +47,7 @@ def _pool(seeds, speeds_mm_s, n_frames, mcfg, n_imus=0, **kw):
 
 @pytest.fixture(scope="module")
 def trained_rem(tmp_path_factory, one_thread):
-    from ultrasound_ai.freehand.fima_training import model_config, train_fima
+    from ultrasound_ai.freehand.fima.training import model_config, train_fima
 
     out = tmp_path_factory.mktemp("fima_rem")
     # Short windows (4-6 frames, also the inference window): many independent speeds per batch.
@@ -91,7 +91,7 @@ def test_tiny_rem_beats_constant_motion_on_out_of_plane_translation(trained_rem)
 
 
 def test_turning_the_scene_turns_only_the_gravity_in_the_specific_force():
-    from ultrasound_ai.freehand.fima_training import random_rotation, turn_gravity
+    from ultrasound_ai.freehand.fima.training import random_rotation, turn_gravity
     from ultrasound_ai.freehand.imu_dead_reckoning import GRAVITY_M_S2, imu_rotations
 
     rng = np.random.default_rng(3)
@@ -109,7 +109,7 @@ def test_turning_the_scene_turns_only_the_gravity_in_the_specific_force():
 
 
 def test_windows_carry_their_own_frames_targets_and_imu_inputs():
-    from ultrasound_ai.freehand.fima_training import data_options, draw_windows, model_config, pair_targets
+    from ultrasound_ai.freehand.fima.training import data_options, draw_windows, model_config, pair_targets
 
     mcfg = model_config({"preset": "tiny", "variant": "fima", "n_imus": 3})
     # Noise-free IMUs: the relative rotation of a pair's two frames is exactly the target's rotation.
@@ -145,8 +145,8 @@ def test_windows_carry_their_own_frames_targets_and_imu_inputs():
 
 
 def test_training_sweeps_are_simulated_at_a_scanner_spacing_and_resampled_onto_the_grid():
-    from ultrasound_ai.freehand.fima_training import model_config, pool_from_sweeps
-    from ultrasound_ai.freehand.simulator import simulate_sweep_for_grid
+    from ultrasound_ai.freehand.fima.training import model_config, pool_from_sweeps
+    from ultrasound_ai.freehand.simulation.simulator import simulate_sweep_for_grid
 
     mcfg = model_config({"preset": "tiny", "variant": "rem", "pixel_spacing_mm": 0.3, "frame_shape": [24, 26]})
     kw = {"tactic": "curved", "n_imus": 2}
@@ -170,8 +170,8 @@ def test_training_sweeps_are_simulated_at_a_scanner_spacing_and_resampled_onto_t
 
 
 def test_pairs_encoded_at_once_shrink_on_large_grids():
-    from ultrasound_ai.freehand.fima_method import auto_pair_chunk, method_options
-    from ultrasound_ai.freehand.fima_model import make_config
+    from ultrasound_ai.freehand.fima.method import auto_pair_chunk, method_options
+    from ultrasound_ai.freehand.fima.model import make_config
 
     assert [auto_pair_chunk(s) for s in ((48, 52), (124, 130), (248, 260), (2000, 2000))] == [16, 16, 4, 1]
     paper = make_config("paper", "rem")
@@ -262,7 +262,7 @@ def test_cli_reconstruct_with_online_alignment(cli_fima, imu_sweep, tmp_path):
 
 @pytest.fixture(scope="module")
 def fima_net(cli_fima):
-    from ultrasound_ai.freehand.fima_method import load_fima
+    from ultrasound_ai.freehand.fima.method import load_fima
 
     _, run = cli_fima
     model, card = load_fima(str(run / "final.pt"), "cpu")
@@ -275,8 +275,8 @@ def _grid_sweep(seed, n_frames, model, n_imus=3):
 
 
 def test_online_alignment_lowers_loss_resets_and_ignores_order(fima_net, one_thread):
-    from ultrasound_ai.freehand.fima_align import DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TAU, align_sweep
-    from ultrasound_ai.freehand.fima_method import AlignOptions
+    from ultrasound_ai.freehand.fima.align import DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TAU, AlignOptions
+    from ultrasound_ai.freehand.fima.method import align_sweep
 
     model, _ = fima_net
     assert (DEFAULT_STEPS, DEFAULT_LR, DEFAULT_TAU) == (60, 2e-6, 0.1)
@@ -299,7 +299,7 @@ def test_online_alignment_lowers_loss_resets_and_ignores_order(fima_net, one_thr
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # the trained model itself never changes
     # The adapted estimate differs from the plain one, and the weights stay normalised.
-    from ultrasound_ai.freehand.fima_method import imu_inputs, predict_pairs
+    from ultrasound_ai.freehand.fima.method import imu_inputs, predict_pairs
 
     plain = predict_pairs(model, a.frames, *imu_inputs(a.imu_acc, a.imu_euler_deg))
     assert not np.allclose(plain.params, first.params)
@@ -368,7 +368,7 @@ def test_method_bounded_on_a_long_large_sweep(cli_fima, one_thread):
 
 
 def _save_net(tmp_path, name, cfg, **card_changes):
-    from ultrasound_ai.freehand.fima_model import FimaNet
+    from ultrasound_ai.freehand.fima.model import FimaNet
     from ultrasound_ai.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
@@ -382,8 +382,8 @@ def _save_net(tmp_path, name, cfg, **card_changes):
 
 
 def test_bad_inputs_fail_clearly(cli_fima, trained_rem, imu_sweep, tmp_path):
-    from ultrasound_ai.freehand.fima_model import make_config
-    from ultrasound_ai.freehand.fima_training import train_fima
+    from ultrasound_ai.freehand.fima.model import make_config
+    from ultrasound_ai.freehand.fima.training import train_fima
     from ultrasound_ai.freehand.methods import get_method
 
     _, run = cli_fima

@@ -10,7 +10,7 @@ from ultrasound_ai.core.geometry import euler_to_matrix, make_rigid, matrix_to_e
 from ultrasound_ai.freehand import methods as registry
 from ultrasound_ai.freehand.imu_dead_reckoning import dead_reckon, fuse_rotations, integrate_twice
 from ultrasound_ai.freehand.methods import PoseEstimate, PoseMethod, available_methods, get_method, register_method
-from ultrasound_ai.freehand.simulator import simulate_sweep
+from ultrasound_ai.freehand.simulation.simulator import simulate_sweep
 from ultrasound_ai.io.sweep import Sweep
 
 G = np.array([0.0, 0.0, -9.81])
@@ -265,8 +265,8 @@ def test_imu_estimate_is_identical_without_the_tracker_poses(linear_noisy):
 
 
 def test_benchmark_set_specs_and_manifest_checks(tmp_path):
-    from ultrasound_ai.freehand import benchmark_set
-    from ultrasound_ai.freehand.simulator import SIMULATOR_VERSION
+    from ultrasound_ai.freehand.simulation import benchmark_set
+    from ultrasound_ai.freehand.simulation.simulator import SIMULATOR_VERSION
 
     specs = benchmark_set.benchmark_specs()
     assert [s.seed for s in specs] == list(range(900_000, 900_020))

@@ -9,12 +9,18 @@ import pytest
 import torch
 
 from ultrasound_ai.core.errors import InputError
-from ultrasound_ai.core.geometry import chain_relative, params_to_matrix, to_relative
+from ultrasound_ai.core.geometry import params_to_matrix
 from ultrasound_ai.freehand import sweep_windows as sw
-from ultrasound_ai.freehand.moglo_losses import cosine_loss, moglo_loss, triplet_loss, weighted_l1
-from ultrasound_ai.freehand.moglo_model import (ChannelAttention, GlobalLocalAttention, MogloConfig, MogloNet,
-                                                SpatialAttention, make_config, patch_correlation)
-
+from ultrasound_ai.freehand.moglo.losses import cosine_loss, moglo_loss, triplet_loss, weighted_l1
+from ultrasound_ai.freehand.moglo.model import (
+    ChannelAttention,
+    GlobalLocalAttention,
+    MogloConfig,
+    MogloNet,
+    SpatialAttention,
+    make_config,
+    patch_correlation,
+)
 
 # ------------------------------------------------------------------------------------------ correlation
 
@@ -172,9 +178,9 @@ SP = 0.3  # the tiny preset at 0.3-mm pixels (19 mm): speckle is resolved, and i
 
 
 def _pool(seeds, speeds_mm_s, n_frames, mcfg):
-    from ultrasound_ai.freehand.moglo_training import _pool_from_sweeps
-    from ultrasound_ai.freehand.phantom import Psf
-    from ultrasound_ai.freehand.simulator import simulate_sweep
+    from ultrasound_ai.freehand.moglo.training import _pool_from_sweeps
+    from ultrasound_ai.freehand.simulation.phantom import Psf
+    from ultrasound_ai.freehand.simulation.simulator import simulate_sweep
 
     # Linear forward sweeps, one beam profile (sigma_e 0.6 mm) so that decorrelation maps to one distance.
     sweeps = [simulate_sweep(s, n_frames=n_frames, tactic="linear", frame_shape=mcfg.frame_shape,
@@ -185,7 +191,7 @@ def _pool(seeds, speeds_mm_s, n_frames, mcfg):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    from ultrasound_ai.freehand.moglo_training import model_config, train_moglo
+    from ultrasound_ai.freehand.moglo.training import model_config, train_moglo
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("moglo")
@@ -256,7 +262,7 @@ def test_method_ignores_tforms_and_resamples_other_grids(trained):
 
 
 def test_strided_clips_compose_the_consecutive_pair_targets(trained):
-    from ultrasound_ai.freehand.moglo_training import data_options, draw_clips
+    from ultrasound_ai.freehand.moglo.training import data_options, draw_clips
 
     _, train_pool, _, _ = trained
     y1, y3 = train_pool.targets[0].astype(np.float64), train_pool.strided_targets(3)[0].astype(np.float64)

@@ -5,7 +5,7 @@ import pytest
 
 from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.core.geometry import euler_to_matrix, make_rigid
-from ultrasound_ai.freehand.phantom import Phantom, Psf, make_phantom, to_uint8
+from ultrasound_ai.freehand.simulation.phantom import Phantom, Psf, make_phantom, to_uint8
 
 H, W, SP = 150, 170, (0.15, 0.15)
 

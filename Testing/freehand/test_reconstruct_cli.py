@@ -11,9 +11,9 @@ from ultrasound_ai.core.atomic import is_partial
 from ultrasound_ai.core.errors import Cancelled
 from ultrasound_ai.core.geometry import make_rigid
 from ultrasound_ai.freehand.compounding import Grid, reconstruct_volume
-from ultrasound_ai.freehand.phantom import Psf
 from ultrasound_ai.freehand.reconstruct import choose_grid, run_reconstruction
-from ultrasound_ai.freehand.simulator import simulate_sweep
+from ultrasound_ai.freehand.simulation.phantom import Psf
+from ultrasound_ai.freehand.simulation.simulator import simulate_sweep
 from ultrasound_ai.io.sweep import read_sweep, write_sweep
 from ultrasound_ai.io.volume import read_volume
 
@@ -245,7 +245,7 @@ def test_job_task_runs_in_the_worker(scanned, tmp_path, monkeypatch):
 
 def test_demo_adds_learned_methods_only_when_a_model_is_installed(tmp_path, monkeypatch):
     from ultrasound_ai.demo import default_demo_methods
-    from ultrasound_ai.freehand.fima_model import FimaNet, make_config
+    from ultrasound_ai.freehand.fima.model import FimaNet, make_config
     from ultrasound_ai.models import registry
     from ultrasound_ai.models.checkpoint import save_checkpoint
 

@@ -6,11 +6,21 @@ import pytest
 from ultrasound_ai.cli import main
 from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.core.geometry import euler_to_matrix, make_rigid, matrix_to_euler
-from ultrasound_ai.freehand.imu_model import (
-    EARTH_FROM_WORLD, ImuNoise, default_imu_positions, imu_truth, integrate_specific_force, simulate_imus,
+from ultrasound_ai.freehand.simulation.imu_model import (
+    EARTH_FROM_WORLD,
+    ImuNoise,
+    default_imu_positions,
+    imu_truth,
+    integrate_specific_force,
+    simulate_imus,
 )
-from ultrasound_ai.freehand.simulator import SIMULATOR_VERSION, simulate_sweep
-from ultrasound_ai.freehand.trajectories import TACTICS, generate_trajectory, mean_rotation_deg_s, mean_speed_mm_s
+from ultrasound_ai.freehand.simulation.simulator import SIMULATOR_VERSION, simulate_sweep
+from ultrasound_ai.freehand.simulation.trajectories import (
+    TACTICS,
+    generate_trajectory,
+    mean_rotation_deg_s,
+    mean_speed_mm_s,
+)
 from ultrasound_ai.io.sweep import read_sweep, write_sweep
 
 FACE = (19.35, 0.0, 0.0)
@@ -154,7 +164,7 @@ def test_simulated_sweep_contract(small_sweep, tmp_path):
 
 
 def _psf_of(sweep):
-    from ultrasound_ai.freehand.phantom import Psf
+    from ultrasound_ai.freehand.simulation.phantom import Psf
 
     return Psf(**{k[4:]: v for k, v in sweep.attrs.items() if k.startswith("psf_")})
 

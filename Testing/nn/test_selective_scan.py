@@ -157,7 +157,7 @@ def test_engine_imports_without_mamba_ssm():
     import sys
 
     code = ("import sys; sys.modules['mamba_ssm'] = None\n"
-            "import ultrasound_ai.freehand.fima_model, ultrasound_ai.nn.selective_scan as s\n"
+            "import ultrasound_ai.freehand.fima.model, ultrasound_ai.nn.selective_scan as s\n"
             "assert not s.mamba_ssm_available()\nprint('ok')")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr

@@ -12,7 +12,7 @@ def simulate(args: argparse.Namespace) -> int:
     """Simulate one freehand sweep and write it as a sweep HDF5 file."""
     from tqdm import tqdm
 
-    from ultrasound_ai.freehand.simulator import simulate_sweep
+    from ultrasound_ai.freehand.simulation.simulator import simulate_sweep
     from ultrasound_ai.io.sweep import write_sweep
 
     with tqdm(total=args.frames, desc="simulate", unit="frame", disable=args.quiet) as bar:
@@ -71,12 +71,12 @@ def train(args: argparse.Namespace) -> int:
     from ultrasound_ai.core.training_config import config_from_args
 
     if args.method == "moglo":
-        from ultrasound_ai.freehand.moglo_training import DEFAULT_CONFIG, train_moglo
+        from ultrasound_ai.freehand.moglo.training import DEFAULT_CONFIG, train_moglo
 
         cfg = config_from_args(args, defaults=DEFAULT_CONFIG)
         result = train_moglo(cfg, resume=args.resume, progress_bar=not args.quiet)
     else:
-        from ultrasound_ai.freehand.fima_training import DEFAULT_CONFIG, train_fima
+        from ultrasound_ai.freehand.fima.training import DEFAULT_CONFIG, train_fima
 
         cfg = config_from_args(args, defaults=DEFAULT_CONFIG)
         result = train_fima(cfg, variant=args.method, resume=args.resume, progress_bar=not args.quiet)
@@ -167,8 +167,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compress", action="store_true", help="compress the image data")
     p.set_defaults(func=export_scan)
 
-    from ultrasound_ai.freehand.reconstruct import (EVALUATE_HELP, RECONSTRUCT_HELP, add_evaluate_arguments,
-                                                    add_reconstruct_arguments)
+    from ultrasound_ai.freehand.reconstruct import (
+        EVALUATE_HELP,
+        RECONSTRUCT_HELP,
+        add_evaluate_arguments,
+        add_reconstruct_arguments,
+    )
 
     p = verbs.add_parser("reconstruct", help=RECONSTRUCT_HELP)
     add_reconstruct_arguments(p)
@@ -184,7 +188,7 @@ def add_parser(subparsers) -> None:
 
     p = verbs.add_parser("train", help="train FiMA (or an ablation: rem, rem-prime, rem-f, rem-f-prime) or MoGLo-Net")
     p.add_argument("--method", required=True, choices=TRAIN_METHODS,
-                   help="fima and its ablations (fima_training.py) or moglo (moglo_training.py)")
+                   help="fima and its ablations (fima/training.py) or moglo (moglo/training.py)")
     add_training_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=train)

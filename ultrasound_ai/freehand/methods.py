@@ -200,8 +200,8 @@ _REGISTRY: dict[str, Factory] = {
 
 # Methods whose module is imported only when they are asked for: name -> "package.module:factory".
 # Later issues add FiMA and MoGLo-Net here (one line each).
-_LAZY_METHODS: dict[str, str] = {"moglo": "ultrasound_ai.freehand.moglo_method:MogloMethod"}
-_LAZY_METHODS["fima"] = "ultrasound_ai.freehand.fima_method:FimaMethod"  # every variant; the card says which
+_LAZY_METHODS: dict[str, str] = {"moglo": "ultrasound_ai.freehand.moglo.method:MogloMethod"}
+_LAZY_METHODS["fima"] = "ultrasound_ai.freehand.fima.method:FimaMethod"  # every variant; the card says which
 
 
 def register_method(name: str, factory: Factory, *, replace: bool = False) -> None:

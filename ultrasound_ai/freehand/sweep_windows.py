@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from ultrasound_ai.core.errors import InputError
-from ultrasound_ai.core.geometry import invert_rigid, matrix_to_params, params_to_matrix, to_relative
+from ultrasound_ai.core.geometry import invert_rigid, matrix_to_params, to_relative
 
 __all__ = [
     "GridGeometry",

@@ -1,0 +1,136 @@
+"""MoGLo-Net as a pose method ("moglo"): sensorless, images only.
+
+Pipeline for one sweep: the frames are resampled onto the checkpoint's grid (card ``input``: frame shape and
+pixel spacing; grid centred laterally from the top row, `sweep_windows`), cut into clips of `clip_frames`
+(5) frames, the network predicts the relative transform of every consecutive pair on the grid, the
+transforms are moved back to the sweep's own image-mm coordinates (the grid offset is carried through) and
+chained, so ``tforms[0]`` = identity and ``tforms[i]`` maps frame i's image mm to frame 0's.
+
+Clip overlap (parameter ``overlap``): "last" (default) slides the clip one frame at a time and takes each
+pair from the clip in which it is the last pair, so its LSTM has seen the most context (the authors
+score the last pair); the first clip supplies its first pairs. "none" cuts consecutive clips sharing
+one frame (about clip_frames - 1 times faster). A sweep shorter than a clip runs as one shorter clip.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ultrasound_ai.core.errors import InputError
+from ultrasound_ai.freehand.methods import MethodContext, PoseEstimate, PoseMethod
+
+__all__ = ["MogloMethod", "load_moglo", "predict_pairs", "estimate_sweep"]
+
+METHOD = "moglo"
+
+
+def load_moglo(checkpoint=None, device="cpu"):
+    """(MogloNet in eval mode on `device`, card) from a .pt path or model name; None = the default "moglo"
+    model installed (Resources/Models or ULTRASOUND_AI_MODELS)."""
+    from ultrasound_ai.models.loading import load_method_model
+
+    return load_method_model(METHOD, checkpoint, device, _build_moglo)
+
+
+def _build_moglo(conf: dict, pt):
+    from ultrasound_ai.freehand.moglo.model import MogloConfig, MogloNet
+
+    return MogloNet(MogloConfig.from_dict(conf))
+
+
+def _clip_batches(n: int, t: int, overlap: str):
+    """(starts, pairs_to_take): for each clip start, the (clip pair index, sweep pair index) it supplies."""
+    if n <= t:
+        return [0], [[(i, i) for i in range(n - 1)]]
+    if overlap == "none":
+        from ultrasound_ai.freehand.sweep_windows import clip_starts
+
+        starts = clip_starts(n, t)
+        taken, done = [], set()
+        for s in starts:
+            take = [(i, s + i) for i in range(t - 1) if s + i not in done]
+            done.update(p for _, p in take)
+            taken.append(take)
+        return starts, taken
+    starts = list(range(0, n - t + 1))
+    taken = [[(i, i) for i in range(t - 1)]] + [[(t - 2, s + t - 2)] for s in starts[1:]]
+    return starts, taken
+
+
+@torch.no_grad()
+def predict_pairs(model, frames: np.ndarray, *, overlap: str = "last", batch_clips: int = 16,
+                  device=None, progress: Optional[Callable[[float, str], None]] = None) -> np.ndarray:
+    """Per-pair parameters [N-1, 6] (mm, degrees "YZX", on the network grid) for frames [N, h, w] (0..255)
+    already on the model's grid."""
+    if overlap not in ("last", "none"):
+        raise InputError(f"moglo parameter overlap: expected 'last' or 'none', got {overlap!r}")
+    if int(batch_clips) < 1:
+        raise InputError(f"moglo parameter batch_clips: expected >= 1, got {batch_clips}")
+    f = np.asarray(frames)
+    n = f.shape[0]
+    t = model.config.clip_frames
+    dev = device if device is not None else model.param_mean.device
+    starts, taken = _clip_batches(n, t, overlap)
+    length = min(n, t)
+    out = np.zeros((n - 1, 6))
+    was_training = model.training
+    model.eval()
+    try:
+        for b0 in range(0, len(starts), int(batch_clips)):
+            chunk = starts[b0:b0 + int(batch_clips)]
+            clips = torch.from_numpy(np.stack([f[s:s + length] for s in chunk]).astype(np.float32)).to(dev)
+            params = model(clips).params.double().cpu().numpy()
+            for k, s in enumerate(chunk):
+                for i, p in taken[b0 + k]:
+                    out[p] = params[k, i]
+            if progress is not None:
+                progress(min(1.0, (b0 + len(chunk)) / len(starts)), "MoGLo-Net: estimating motion")
+    finally:
+        model.train(was_training)
+    return out
+
+
+def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, overlap: str = "last",
+                   batch_clips: int = 16, progress=None) -> tuple[np.ndarray, dict]:
+    """(tforms [N, 4, 4] in the sweep's image mm relative to frame 0, facts) for uint8 frames [N, H, W] at
+    pixel_spacing_xy (x first), resampled to the card's grid first."""
+    from ultrasound_ai.core.geometry import chain_relative, params_to_matrix
+    from ultrasound_ai.freehand.moglo.model import PARAM_CONVENTION
+    from ultrasound_ai.freehand.sweep_windows import from_network_relative, grid_geometry, resample_frames
+
+    inp = card.get("input") or {}
+    shape = inp.get("frame_shape_hw") or list(model.config.frame_shape)
+    spacing = inp.get("pixel_spacing_mm") or [model.config.pixel_spacing_mm] * 2
+    if [int(v) for v in shape] != list(model.config.frame_shape):
+        raise InputError(f"model card {card.get('name')!r}: input.frame_shape_hw {shape} does not match its "
+                         f"configuration {list(model.config.frame_shape)}")
+    geom = grid_geometry(frames.shape[1:], pixel_spacing_xy, shape, spacing)
+    net_frames = resample_frames(frames, geom)
+    params = predict_pairs(model, net_frames, overlap=overlap, batch_clips=batch_clips, progress=progress)
+    rel = from_network_relative(params_to_matrix(params, PARAM_CONVENTION, degrees=True), geom)
+    facts = {"network_frame_shape_hw": list(geom.frame_shape_hw), "network_pixel_spacing_mm": list(geom.spacing_xy),
+             "network_grid_offset_mm": list(geom.offset_mm), "overlap": overlap}
+    return chain_relative(rel), facts
+
+
+class MogloMethod(PoseMethod):
+    """MoGLo-Net (Kim et al., IEEE TMI 2025): sensorless pose estimation from the images alone."""
+
+    name = METHOD
+    description = ("MoGLo-Net: correlation encoder + global-local attention + LSTMs on 5-frame clips; "
+                   "images only (no IMU)")
+    accepted_params = ("overlap", "batch_clips")
+
+    def _estimate(self, sweep, ctx: MethodContext) -> PoseEstimate:
+        ctx.report(0.0, "loading MoGLo-Net")
+        model, card = load_moglo(ctx.checkpoint, ctx.device)
+        progress = (lambda frac, msg: ctx.report(0.05 + 0.9 * frac, msg))
+        tforms, facts = estimate_sweep(model, card, sweep.frames, sweep.pixel_spacing_xy,
+                                       overlap=ctx.params.get("overlap", "last"),
+                                       batch_clips=ctx.params.get("batch_clips", 16), progress=progress)
+        ctx.report(1.0, "MoGLo-Net done")
+        return PoseEstimate(tforms=tforms, attrs={"checkpoint": str(card.get("name", "")),
+                                                  "checkpoint_sha256": str(card.get("sha256", "")), **facts})

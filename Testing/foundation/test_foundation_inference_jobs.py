@@ -229,3 +229,14 @@ def test_bad_input_exits_2_naming_it(tmp_path, change, match):
     code, events = _run(job)
     assert code == 2 and events[-1]["event"] == "error" and match in events[-1]["message"], events[-1]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(("lab", ".lab", "out", ".out"))] == []
+
+
+def test_cli_takes_pixel_size_and_region_from_the_dicom_file(tmp_path, capsys):
+    from ultrasound_ai.cli import main as cli_main
+
+    src = _as_slicer_reads("OBXXXX1A.dcm", tmp_path / "ob.nrrd")
+    assert cli_main(["foundation", "segment", str(src), "--model", "usfm_seg_lesion", "--output",
+                     str(tmp_path / "lab.nrrd"), "--dicom", str(DICOM / "OBXXXX1A.dcm"), "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["pixel_spacing_mm"] == pytest.approx([0.2622878766] * 2) and out["region"] == [120, 60, 799, 518]
+    assert sitk.ReadImage(str(tmp_path / "lab.nrrd")).GetSize() == (800, 600, 1)

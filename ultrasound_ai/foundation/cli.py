@@ -72,7 +72,7 @@ def segment(args) -> int:
     if args.probabilities:
         check_output_path(args.probabilities, what="--probabilities", extensions=(".nrrd", ".nii.gz", ".nii", ".mha"))
     summary = segment_file(args.input, args.output, args.model, device=args.device,
-                           probabilities_path=args.probabilities)
+                           probabilities_path=args.probabilities, **_pixel_options(args))
     print(json.dumps(summary))
     return 0
 
@@ -80,8 +80,43 @@ def segment(args) -> int:
 def classify(args) -> int:
     from ultrasound_ai.foundation.inference import classify_file
 
-    print(json.dumps(classify_file(args.input, args.model, device=args.device)))
+    print(json.dumps(classify_file(args.input, args.model, device=args.device, **_pixel_options(args))))
     return 0
+
+
+def _pixel_options(args) -> dict:
+    """pixel_spacing_mm / region / frame from --pixel-spacing, --region, --frame and --dicom (a DICOM file
+    whose ultrasound regions give both the pixel size and the image rectangle)."""
+    spacing = args.pixel_spacing
+    if spacing is not None and spacing != ["file"]:
+        try:
+            spacing = [float(v) for v in spacing]
+        except ValueError:
+            raise InputError(f"--pixel-spacing: expected SX SY in mm or 'file', got {' '.join(spacing)}") from None
+    elif spacing == ["file"]:
+        spacing = "file"
+    region = args.region
+    if args.dicom:
+        from ultrasound_ai.foundation.dicom_regions import image_region
+
+        found = image_region(args.dicom)
+        if found is None:
+            print(f"warning: {args.dicom} has no ultrasound regions with a physical pixel size", file=sys.stderr)
+        else:
+            spacing = spacing if spacing is not None else list(found.pixel_spacing_mm)
+            region = region if region is not None else list(found.bounds)
+    return {"pixel_spacing_mm": spacing, "region": region, "frame": args.frame}
+
+
+def _add_pixel_arguments(p) -> None:
+    p.add_argument("--pixel-spacing", nargs="+", dest="pixel_spacing", metavar="MM",
+                   help="the input's pixel size: SX SY in mm, or 'file' (the file's spacing); inputs are resampled "
+                        "to the model's training pixel size. Without it the whole image is resized (with a warning)")
+    p.add_argument("--region", nargs=4, type=int, metavar=("X0", "Y0", "X1", "Y1"),
+                   help="only this image rectangle (inclusive pixel indices); outside is background")
+    p.add_argument("--dicom", help="the DICOM file the input came from: its ultrasound regions give the pixel size "
+                                   "and the image rectangle")
+    p.add_argument("--frame", type=int, help="only this frame (0-based) of a multi-frame input")
 
 
 def simulate(args) -> int:
@@ -174,12 +209,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--model", required=True, help="segmentation checkpoint (.pt) or installed model name")
     p.add_argument("--output", required=True, help="label map (.png for one frame, .nrrd/.nii.gz)")
     p.add_argument("--probabilities", help="also write the foreground probability image here")
+    _add_pixel_arguments(p)
     add_device_argument(p)
     p.set_defaults(func=segment)
 
     p = verbs.add_parser("classify", help="class probabilities of an image (JSON)")
-    p.add_argument("input")
+    p.add_argument("input", help="image file (.png, .nrrd, .nii.gz, .mha); a stack gives one row per frame")
     p.add_argument("--model", required=True)
+    _add_pixel_arguments(p)
     add_device_argument(p)
     p.set_defaults(func=classify)
 

@@ -1,22 +1,25 @@
-"""MRI-TRUS registration on held-out simulated cases, like the Attention-Reg paper's Tables 1 and 2.
+"""MRI-TRUS registration accuracy on the frozen sets (``ultrasound_ai.registration.frozen_sets``).
 
-For each generator setting ("default": the training family, unseen seeds; "held_out": superquadric
-glands and coarser voxels, never seen in training) and each initial-SRE setting (exactly 8 mm, exactly
-16 mm, uniform in [0, 20] mm; the perturbation drawn as in training, `metrics.perturbation_with_sre`,
-seeded per case), every method starts from the same T_init:
+Sets: ``registration-indep-v1`` (the independent validation family, ``indep_phantom``: never trained or
+selected on) and ``registration-randomised-v1`` (unseen seeds of the randomised training phantom). Each
+case starts from the set's initial transforms (exactly 0, 8 and 16 mm SRE). Rows:
 
-- MI: SimpleITK Mattes-MI rigid registration (`mi_baseline.register_mi`, multi-resolution 4/2/1,
-  rotation about the gland centroid, metric masked to the dilated gland) from T_init;
-- Feature-Reg stage 1 (when a checkpoint is given with --feature-reg);
-- Attention-Reg stage 1 and the two-stage cascade (stage 2 on stage 1's output).
+- MI: SimpleITK Mattes-MI rigid registration (``mi_baseline.register_mi``) from the start;
+- Feature-Reg: the Feature-Reg stage-1 checkpoint (``--feature-reg``), one pass;
+- stage 1, two-stage: the Attention-Reg networks without any check (the paper's cascade);
+- two-stage + guard: the cascade keeping a stage's proposal only when LC² does not drop
+  (``inference.guarded_register``);
+- + refinement: the guarded cascade, then the LC² refinement (``--method attention+refine``, the CLI
+  default).
 
-SRE (mm, DESIGN.md) mean +- sd, median, and the seconds per case (one registration, data prepared
-from the volumes, on this machine's CPU). Writes the "registration" section of BENCHMARKS.md.
+Cells: SRE (mm) mean ± sd (median), then the fraction of cases whose SRE ends above their start ("worse";
+from 0 mm: ends above 2 mm). Accuracy only: no timing claim (seconds per case are printed, not written).
 
-    python bench/bench_registration.py [--stage1 PT --stage2 PT] [--feature-reg PT] [--cases 8]
-        [--mode label] [--device cpu] [--no-write] [--json OUT.json]
+    python bench/bench_registration.py --sets registration-indep-v1 [--stage1 PT --stage2 PT]
+        [--feature-reg PT] [--tag shipped-2026-12-03] [--rows MI stage1 ...] [--json OUT] [--no-write]
 
-Without --stage1/--stage2 the installed default models of the mode are used (Resources/Models).
+Without --stage1/--stage2 the installed default models are used (Resources/Models). The sets are
+regenerated under bench/data/ on first use (``python -m ultrasound_ai.registration.frozen_sets NAME``).
 """
 
 from __future__ import annotations
@@ -33,11 +36,12 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from ultrasound_ai.registration.metrics import perturbation_with_sre, sre  # noqa: E402
-from ultrasound_ai.registration.phantom import REGISTRATION_SIM_VERSION, PhantomConfig, simulate_case  # noqa: E402
+from ultrasound_ai.registration.frozen_sets import FROZEN_SETS, initial_name, materialise  # noqa: E402
+from ultrasound_ai.registration.metrics import sre  # noqa: E402
 
-SETTINGS = (("8 mm", 8.0), ("16 mm", 16.0), ("U[0, 20] mm", None))
-GENERATORS = {"default": (PhantomConfig, 900_000), "held_out": (PhantomConfig.held_out, 950_000)}
+ROWS = ("MI", "Feature-Reg", "stage 1", "two-stage", "two-stage + guard", "+ refinement")
+ROW_KEYS = {"mi": "MI", "feature": "Feature-Reg", "nets": "stage 1", "guard": "two-stage + guard",
+            "refine": "+ refinement"}
 
 
 def _report_module():
@@ -47,123 +51,123 @@ def _report_module():
     return module
 
 
-def initial_transform(case, setting: float | None, seed: int) -> tuple[np.ndarray, float]:
-    rng = np.random.default_rng([seed, 0x5E])
-    target = float(rng.uniform(0.0, 20.0)) if setting is None else float(setting)
-    T0 = perturbation_with_sre(case.truth_fixed_to_moving, target, case.surface_fixed, rng)
-    return T0, target
-
-
-def run(args) -> dict:
-    from ultrasound_ai.registration.inference import load_cascade
+def evaluate_set(name: str, args, cascade, feature) -> dict:
+    from ultrasound_ai.registration.case import read_case, read_transform_tfm
+    from ultrasound_ai.registration.inference import guarded_register
     from ultrasound_ai.registration.mi_baseline import register_mi
 
-    cascade = load_cascade([args.stage1, args.stage2] if args.stage1 else None, mode=args.mode, device=args.device)
-    feature = load_cascade([args.feature_reg], mode=args.mode, device=args.device) if args.feature_reg else None
-    rows: dict = {}
-    for gname, (make_cfg, seed0) in GENERATORS.items():
-        if args.generators and gname not in args.generators:
-            continue
-        cfg = make_cfg()
-        for i in range(args.cases):
-            t0 = time.perf_counter()
-            case = simulate_case(seed0 + i, cfg)
-            print(f"[{gname}] case {seed0 + i} simulated in {time.perf_counter() - t0:.1f} s", flush=True)
-            truth = case.truth_fixed_to_moving
-            for sname, setting in SETTINGS:
-                T0, target = initial_transform(case, setting, seed0 + i)
-                out = rows.setdefault(f"{gname}|{sname}", {"initial": [], "MI": [], "Feature-Reg": [],
-                                                           "Attention-Reg stage 1": [], "Attention-Reg stage 2": [],
-                                                           "seconds": {}})
-                out["initial"].append(sre(T0, truth, case.surface_fixed))
-                if not args.skip_mi:
-                    t = time.perf_counter()
-                    T = register_mi(case.fixed, case.moving, initial=T0, fixed_label=case.fixed_label)
-                    out["seconds"].setdefault("MI", []).append(time.perf_counter() - t)
-                    out["MI"].append(sre(T, truth, case.surface_fixed))
-                if feature is not None:
-                    t = time.perf_counter()
-                    T = feature.register(case, initial=T0)
-                    out["seconds"].setdefault("Feature-Reg", []).append(time.perf_counter() - t)
-                    out["Feature-Reg"].append(sre(T, truth, case.surface_fixed))
-                _, hist, secs = cascade.register(case, initial=T0, return_stages=True)
-                out["Attention-Reg stage 1"].append(sre(hist[0], truth, case.surface_fixed))
-                out["seconds"].setdefault("Attention-Reg stage 1", []).append(secs[0])
+    dirs = materialise(name, args.data)
+    if args.cases:
+        dirs = dirs[: args.cases]
+    levels = FROZEN_SETS[name]["initial_sre_mm"]
+    res: dict = {f"{lv:g}": {"initial": [], "cases": [], "seconds": {}, **{r: [] for r in ROWS}} for lv in levels}
+    rows = set(args.rows)
+    for d in dirs:
+        case = read_case(d)
+        truth, surf = case.truth_fixed_to_moving, case.surface_fixed
+        for lv in levels:
+            out = res[f"{lv:g}"]
+            T0 = read_transform_tfm(d / initial_name(lv))
+            out["initial"].append(sre(T0, truth, surf))
+            out["cases"].append(d.name)
+
+            def timed(row, fn):
+                t = time.perf_counter()
+                T = fn()
+                out["seconds"].setdefault(row, []).append(time.perf_counter() - t)
+                out[row].append(sre(T, truth, surf))
+                return T
+
+            if "mi" in rows:
+                timed("MI", lambda: register_mi(case.fixed, case.moving, initial=T0, fixed_label=case.fixed_label))
+            if feature is not None and "feature" in rows:
+                timed("Feature-Reg", lambda: feature.register(case, initial=T0))
+            if "nets" in rows:
+                _, hist, _ = cascade.register(case, initial=T0, return_stages=True)
+                out["stage 1"].append(sre(hist[0], truth, surf))
                 if len(hist) > 1:
-                    out["Attention-Reg stage 2"].append(sre(hist[1], truth, case.surface_fixed))
-                    out["seconds"].setdefault("Attention-Reg stage 2", []).append(float(sum(secs[:2])))
-                print(f"  {sname}: initial {out['initial'][-1]:.2f}"
-                      + "".join(f", {k} {v[-1]:.2f}" for k, v in out.items()
-                                if k not in ("initial", "seconds") and v), flush=True)
-    return {"rows": rows, "cascade": [str(s.path) for s in cascade.stages],
-            "feature_reg": args.feature_reg, "cards": [s.card for s in cascade.stages]}
+                    out["two-stage"].append(sre(hist[-1], truth, surf))
+            if "guard" in rows:
+                timed("two-stage + guard", lambda: guarded_register(case, cascade, initial=T0)[0])
+            if "refine" in rows:
+                timed("+ refinement", lambda: guarded_register(case, cascade, initial=T0, refine=True)[0])
+            print(f"[{name}] {d.name} {lv:g} mm: " + ", ".join(
+                f"{r} {out[r][-1]:.2f}" for r in ROWS if len(out[r]) == len(out["initial"])), flush=True)
+    return res
 
 
-def _cell(values) -> str:
+def _cell(values, initial, level) -> str:
     if not values:
         return "–"
-    v = np.asarray(values, dtype=np.float64)
-    return f"{v.mean():.2f} ± {v.std():.2f} ({np.median(v):.2f})"
+    v, s0 = np.asarray(values, dtype=np.float64), np.asarray(initial, dtype=np.float64)
+    worse = np.mean(v > 2.0) if level == 0 else np.mean(v > s0)
+    return f"{v.mean():.2f} ± {v.std():.2f} ({np.median(v):.2f}); {100 * worse:.0f} %"
 
 
-def format_section(res: dict, args) -> str:
-    methods = ["initial", "MI", "Feature-Reg", "Attention-Reg stage 1", "Attention-Reg stage 2"]
+def format_section(name: str, res: dict, args, checkpoints: list) -> str:
+    spec = FROZEN_SETS[name]
+    n = len(next(iter(res.values()))["initial"])
     lines = [
-        f"Held-out simulated cases ({args.cases} per generator), phantom `ultrasound_ai.registration.phantom` "
-        f"version {REGISTRATION_SIM_VERSION}: generator 'default' (the training family; case seeds "
-        f"{GENERATORS['default'][1]}..{GENERATORS['default'][1] + args.cases - 1}, training used 0..95 and "
-        f"validation 500000..) and 'held_out' (superquadric glands, MRI 0.85-1.0 x 3.0-3.6 mm and TRUS 0.8-0.9 mm "
-        f"voxels; seeds {GENERATORS['held_out'][1]}..; never seen in training). One perturbation per case and "
-        f"setting, drawn as in training and rescaled to the initial SRE. Mode: {args.mode}. Cells: SRE in mm, "
-        "mean ± sd (median).",
+        f"Frozen set `{name}`: generator `{spec['generator']}` version {spec['version']}, case seeds "
+        f"{spec['seeds'][0]}..{spec['seeds'][-1]} ({n} cases here), initial SRE exactly "
+        f"{', '.join(f'{v:g}' for v in spec['initial_sre_mm'])} mm (perturbation seed {spec['perturbation_seed']}); "
+        f"{spec['use']}. Regenerate: `python -m ultrasound_ai.registration.frozen_sets {name}`.",
         "",
-        "Checkpoints: " + ", ".join(f"`{Path(p).name}`" for p in res["cascade"])
-        + (f", Feature-Reg `{Path(res['feature_reg']).name}`" if res["feature_reg"] else
-           " (no Feature-Reg checkpoint given: its column is empty)") + ".",
+        f"Models ({args.tag}): " + ", ".join(f"`{Path(p).name}`" for p in checkpoints) + ". Cells: SRE in mm, mean ± "
+        "sd (median); then the fraction of cases made worse than their start (from 0 mm: ending above 2 mm). "
+        "Guard and refinement: LC² (`ultrasound_ai.registration.similarity`).",
         "",
-        "| generator | initial SRE | " + " | ".join(methods) + " |",
-        "|" + "---|" * (len(methods) + 2),
+        "| initial SRE | " + " | ".join(ROWS) + " |",
+        "|" + "---|" * (len(ROWS) + 1),
     ]
-    for key, out in res["rows"].items():
-        g, s = key.split("|")
-        lines.append(f"| {g} | {s} | " + " | ".join(_cell(out[m]) for m in methods) + " |")
-    secs: dict = {}
-    for out in res["rows"].values():
-        for m, v in out["seconds"].items():
-            secs.setdefault(m, []).extend(v)
-    lines += ["", "Seconds per case (CPU, everything from the volumes in memory to the transform): "
-              + "; ".join(f"{m} {np.mean(v):.2f} s" for m, v in secs.items()) + "."]
+    for lv, out in res.items():
+        lines.append(f"| {lv} mm | " + " | ".join(_cell(out[r], out["initial"], float(lv)) for r in ROWS) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage1", help="stage-1 checkpoint (default: the installed default of --mode)")
+    ap.add_argument("--sets", nargs="+", default=sorted(FROZEN_SETS), choices=sorted(FROZEN_SETS))
+    ap.add_argument("--stage1", help="stage-1 checkpoint (default: the installed default)")
     ap.add_argument("--stage2", help="stage-2 checkpoint (with --stage1)")
-    ap.add_argument("--feature-reg", help="a Feature-Reg stage-1 checkpoint (the paper's ablation)")
+    ap.add_argument("--feature-reg", help="a Feature-Reg stage-1 checkpoint (default: the installed one)")
     ap.add_argument("--mode", default="label", choices=("label", "image"))
-    ap.add_argument("--cases", type=int, default=8, help="cases per generator setting")
-    ap.add_argument("--generators", nargs="+", choices=tuple(GENERATORS), default=None)
+    ap.add_argument("--rows", nargs="+", default=list(ROW_KEYS), choices=list(ROW_KEYS))
+    ap.add_argument("--cases", type=int, default=None, help="only the first N cases of each set")
+    ap.add_argument("--data", default=None, help="folder holding the sets (default bench/data)")
+    ap.add_argument("--tag", default="installed models", help="names this evaluation in its section")
+    ap.add_argument("--section", default=None, help="BENCHMARKS.md section key suffix (default: the set name)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--skip-mi", action="store_true")
     ap.add_argument("--json", help="also write the raw numbers here")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     args = ap.parse_args(argv)
     if args.stage1 and not args.stage2:
         ap.error("--stage1 needs --stage2 (the two-stage cascade)")
-    if args.threads:
-        import torch
+    from ultrasound_ai.models.registry import list_models
+    from ultrasound_ai.registration.inference import load_cascade
 
-        torch.set_num_threads(args.threads)
-    res = run(args)
-    body = format_section(res, args)
-    print(body)
+    cascade = load_cascade([args.stage1, args.stage2] if args.stage1 else None, mode=args.mode, device=args.device)
+    feature_pt = args.feature_reg
+    if feature_pt is None:
+        found = [e.pt_path for e in list_models("attention_reg")
+                 if (e.card.get("configuration") or {}).get("attention") is False and e.card.get("stage") == 1]
+        feature_pt = found[0] if found else None
+    feature = load_cascade([feature_pt], mode=args.mode, device=args.device) if feature_pt else None
+    checkpoints = [str(s.path) for s in cascade.stages] + ([str(feature_pt)] if feature_pt else [])
+    everything = {}
+    for name in args.sets:
+        res = evaluate_set(name, args, cascade, feature)
+        everything[name] = res
+        body = format_section(name, res, args, checkpoints)
+        print(body)
+        if not args.no_write:
+            key = f"registration_{args.section or name}"
+            _report_module().write_section(key, f"MRI-TRUS registration on `{name}`, {args.tag}", body,
+                                           device=args.device)
     if args.json:
-        Path(args.json).write_text(json.dumps({k: v for k, v in res.items() if k != "cards"}, indent=1))
-    if not args.no_write:
-        _report_module().write_section("registration", "MRI-TRUS registration on held-out simulated cases", body,
-                                       device=args.device)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"checkpoints": checkpoints, "tag": args.tag, "sets": everything},
+                                              indent=1))
     return 0
 
 

@@ -48,23 +48,32 @@ def test_register_mi_and_evaluate(tmp_path, small_case_dir, small_case, capsys):
     assert _no_partials(tmp_path)
 
 
-def test_register_attention_passes_arguments(tmp_path, small_case_dir, small_case, monkeypatch):
+@pytest.mark.parametrize("method", ["attention", "attention+refine"])
+def test_register_attention_passes_arguments(tmp_path, small_case_dir, small_case, monkeypatch, method):
     calls = {}
 
-    def fake_register_attention(data, initial=None, checkpoints=None, mode="label", device="auto", progress=None):
-        calls.update(initial=initial, checkpoints=checkpoints, mode=mode, device=device, name=data.name)
+    def fake_report(data, initial=None, checkpoints=None, mode="label", device="auto", guard=True, refine=False,
+                    progress=None):
+        calls.update(initial=initial, checkpoints=checkpoints, mode=mode, device=device, name=data.name,
+                     guard=guard, refine=refine)
         progress(0.5, "half")
-        return small_case.truth_fixed_to_moving
+        report = {"kept": "stage 2", "stages": [{"stage": "stage 1", "kept": True}], "load_s": 2.5, "runtime_s": 0.25}
+        return small_case.truth_fixed_to_moving, report
 
     fake = types.ModuleType("ultrasound_ai.registration.inference")
-    fake.register_attention = fake_register_attention
+    fake.register_attention_report = fake_report
     monkeypatch.setitem(sys.modules, "ultrasound_ai.registration.inference", fake)
-    out = tmp_path / "A.tfm"
-    assert main(["registration", "register", "--case", str(small_case_dir), "--method", "attention", "--mode", "image",
-                 "--checkpoints", "s1.pt", "s2.pt", "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    out, js = tmp_path / "A.tfm", tmp_path / "A.json"
+    assert main(["registration", "register", "--case", str(small_case_dir), "--method", method, "--mode", "image",
+                 "--checkpoints", "s1.pt", "s2.pt", "--device", "cpu", "--out", str(out), "--json", str(js),
+                 "--quiet"]) == 0
     assert calls == dict(initial=None, checkpoints=("s1.pt", "s2.pt"), mode="image", device="cpu",
-                         name=small_case.name)
+                         name=small_case.name, guard=True, refine=method == "attention+refine")
     assert np.allclose(read_transform_tfm(out), small_case.truth_fixed_to_moving)
+    doc = json.loads(js.read_text())
+    # runtime_s is the registration alone; loading (imports, models) is reported beside it.
+    assert doc["runtime_s"] == 0.25 and doc["load_s"] >= 2.5 and doc["method"] == method
+    assert doc["cascade"]["kept"] == "stage 2" and "load_s" not in doc["cascade"]
 
 
 def test_train_builds_config(monkeypatch, tmp_path):

@@ -34,8 +34,8 @@ correction is this right-multiplication in our convention.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Mapping
 
 import numpy as np
 import torch

@@ -25,6 +25,8 @@ def simulate(args: argparse.Namespace) -> int:
     overrides = {"family": args.family} if args.family else {}
     if args.held_out:
         cfg = PhantomConfig.held_out(**overrides)
+    elif args.randomised:
+        cfg = PhantomConfig.randomised(**overrides)
     elif args.small:
         cfg = PhantomConfig.small(**overrides)
     else:
@@ -61,9 +63,13 @@ def _load_inputs(args):
 
 
 def register(args: argparse.Namespace) -> int:
-    """Register the TRUS (moving) onto the MRI (fixed); write the ITK .tfm (and the JSON result)."""
+    """Register the TRUS (moving) onto the MRI (fixed); write the ITK .tfm (and the JSON result).
+
+    runtime_s in the JSON is the registration alone; load_s is the time to import the method's libraries
+    and load its models (paid once per process)."""
     import time
 
+    t_enter = time.perf_counter()
     import numpy as np
     from tqdm import tqdm
 
@@ -73,7 +79,8 @@ def register(args: argparse.Namespace) -> int:
     data, initial = _load_inputs(args)
     fixed, label, moving = unpack_volumes(data)
     check_overlap(label, moving, np.eye(4) if initial is None else initial)
-    t0 = time.perf_counter()
+    t_read = time.perf_counter()
+    extra: dict = {}
     with tqdm(total=100, desc=f"register ({args.method})", unit="%", disable=args.quiet) as bar:
         def progress(fraction, message=""):
             bar.update(int(round(100 * min(max(fraction, 0.0), 1.0))) - bar.n)
@@ -81,17 +88,23 @@ def register(args: argparse.Namespace) -> int:
         if args.method == "mi":
             from ultrasound_ai.registration.mi_baseline import register_mi
 
+            t0 = time.perf_counter()
             T = register_mi(fixed, moving, initial=initial, fixed_label=label, progress=progress)
+            runtime, load = time.perf_counter() - t0, t0 - t_read
         else:
-            from ultrasound_ai.registration.inference import register_attention
+            from ultrasound_ai.registration.inference import register_attention_report
 
             checkpoints = tuple(args.checkpoints) if args.checkpoints else None
-            T = register_attention(data, initial=initial, checkpoints=checkpoints, mode=args.mode,
-                                   device=args.device, progress=progress)
-    runtime = time.perf_counter() - t0
+            t_imported = time.perf_counter()
+            T, report = register_attention_report(
+                data, initial=initial, checkpoints=checkpoints, mode=args.mode, device=args.device,
+                guard=not args.no_guard, refine=args.method == "attention+refine", progress=progress)
+            runtime, load = report.pop("runtime_s"), report.pop("load_s") + (t_imported - t_read)
+            extra["cascade"] = report
     write_transform_tfm(T, args.out)
     if args.json:
-        write_result_json(T, args.json, args.method, runtime_s=runtime)
+        write_result_json(T, args.json, args.method, runtime_s=runtime, load_s=load,
+                          read_s=t_read - t_enter, **extra)
     if not args.quiet:
         print(f"wrote {args.out} ({args.method}, {runtime:.2f} s)", file=sys.stderr)
     return 0
@@ -176,6 +189,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--held-out", action="store_true",
                    help="the held-out generator setting (superquadric gland, coarser voxels)")
     p.add_argument("--small", action="store_true", help="coarse voxels (~1.25 mm): fast, for tests and demos")
+    p.add_argument("--randomised", action="store_true",
+                   help="the randomised training family (appearance, probe placement, deformation drawn per case)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=simulate)
 
@@ -185,7 +200,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--moving", help="the TRUS volume")
     p.add_argument("--fixed-label", help="the prostate label on the MRI grid")
     p.add_argument("--initial", help="initial fixed->moving transform (ITK .tfm); default: physical positions")
-    p.add_argument("--method", choices=["attention", "mi"], default="attention", help="Attention-Reg or Mattes MI")
+    p.add_argument("--method", choices=["attention+refine", "attention", "mi"], default="attention+refine",
+                   help="attention+refine (default): the guarded Attention-Reg cascade, then an LC2 intensity "
+                        "refinement; attention: the guarded cascade alone; mi: Mattes mutual information")
+    p.add_argument("--no-guard", action="store_true",
+                   help="attention: keep every stage's proposal (no LC2 check against the stage's start)")
     p.add_argument("--mode", choices=["label", "image"], default="label",
                    help="attention: feed the MRI gland label (default) or the MRI itself")
     p.add_argument("--checkpoints", nargs="+", help="attention: stage checkpoints in order (default: shipped ones)")

@@ -6,6 +6,12 @@ estimate T_cur (fixed -> moving, LPS) are prepared on the region of interest exa
 correction Δ, and T_cur <- T_cur · F · Δ · F⁻¹ (``attention_reg.apply_correction``; F = the correction
 frame: the ROI's axes, origin at the fixed label's centroid or at the ROI corner, as the card says).
 
+The guard (``guarded_register``): after each stage the LC² similarity (``similarity.LC2``, MR image vs
+TRUS) at the stage's start and at its proposal are compared and the better is kept, so a network that
+meets anatomy unlike its training data cannot make the start worse by that measure; an optional LC²
+refinement (``similarity.refine_lc2``) then starts from the kept estimate. The report records every
+value and which result was kept, and why.
+
 Checkpoints are NAME.pt + NAME.card.json written by the training harness (``training.py``); they load
 through ``ultrasound_ai.models.checkpoint.load_into`` (sha256-verified, weights only). Without explicit
 checkpoints the model registry supplies the shipped (or ULTRASOUND_AI_MODELS) stage-1 and stage-2 models
@@ -18,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
@@ -42,7 +48,14 @@ __all__ = [
     "load_cascade",
     "default_checkpoints",
     "register_attention",
+    "guarded_register",
+    "register_attention_report",
+    "GUARD_SIMILARITY",
 ]
+
+GUARD_SIMILARITY = ("LC2 (Wein et al.): per 5-voxel patch, the fraction of the TRUS variance explained by a linear "
+                    "fit of the MR intensity and MR gradient magnitude, weighted by the patch's TRUS standard "
+                    "deviation; MR and TRUS on a 2 mm grid around the gland (label box + 25 %), 1 mm Gaussian blur")
 
 METHOD = "attention_reg"
 MODES = ("label", "image")
@@ -246,3 +259,80 @@ def register_attention(case_or_volumes, initial=None, checkpoints=None, mode: st
     _check_mode(mode)
     cascade = load_cascade(checkpoints, mode=mode, device=device)
     return cascade.register(case_or_volumes, initial=initial, progress=progress)
+
+
+def _lc2_pair(data):
+    """(coarse LC², fine LC²) metrics of a pair: the coarse one (2 mm grid, 1 mm blur: a wider basin)
+    judges the guard and starts the refinement; the fine one (1.5 mm, no blur) finishes it."""
+    from ultrasound_ai.registration.preprocessing import unpack_volumes
+    from ultrasound_ai.registration.similarity import LC2
+
+    fixed, label, moving = unpack_volumes(data)
+    return (LC2(fixed, label, moving, spacing_mm=2.0, patch=5, blur_mm=1.0),
+            LC2(fixed, label, moving, spacing_mm=1.5, patch=5))
+
+
+def guarded_register(case_or_volumes, cascade: Cascade | None = None, initial=None, guard: bool = True,
+                     refine: bool = False, progress: Callable[[float, str], None] | None = None):
+    """The cascade with the LC² guard after every stage and, with refine, an LC² refinement from the kept
+    estimate (cascade None: refinement alone). Returns (T fixed -> moving, report dict)."""
+    T = _initial_transform(initial)
+    coarse, fine = _lc2_pair(case_or_volumes) if (guard or refine) else (None, None)
+    report: dict = {"similarity": GUARD_SIMILARITY if coarse is not None else None, "start_lc2": None,
+                    "stages": [], "kept": "start"}
+    if coarse is not None:
+        report["start_lc2"] = coarse(T)
+    current = report["start_lc2"]
+    stages = cascade.stages if cascade is not None else []
+    n = len(stages) + (1 if refine else 0)
+    for i, stage in enumerate(stages):
+        if progress is not None:
+            progress(i / max(n, 1), f"Attention-Reg stage {i + 1}/{len(stages)}")
+        proposal = stage.step(case_or_volumes, T)
+        entry = {"stage": f"stage {i + 1}", "checkpoint": stage.path.name}
+        if coarse is None:
+            T, entry["kept"], entry["reason"] = proposal, True, "no guard"
+        else:
+            value = coarse(proposal)
+            entry.update(lc2_start=current, lc2_proposal=value, kept=bool(value >= current))
+            entry["reason"] = ("LC2 at the proposal >= at its start" if entry["kept"]
+                               else "LC2 lower at the proposal than at its start: the start is kept")
+            if entry["kept"]:
+                T, current = proposal, value
+        if entry["kept"]:
+            report["kept"] = entry["stage"]
+        report["stages"].append(entry)
+    if refine:
+        from ultrasound_ai.registration.similarity import refine_lc2
+
+        if progress is not None:
+            progress(len(stages) / max(n, 1), "LC2 refinement")
+        T1, _, n1 = refine_lc2(coarse, T, step_mm=4.0, min_step_mm=0.5)
+        T2, v2, n2 = refine_lc2(fine, T1, step_mm=1.0, min_step_mm=0.25)
+        v_coarse = coarse(T2)
+        entry = {"stage": "refinement", "lc2_start": current, "lc2_proposal": v_coarse, "lc2_fine": v2,
+                 "evaluations": n1 + n2, "kept": bool(v_coarse >= current)}
+        entry["reason"] = ("LC2 refinement from the kept estimate" if entry["kept"]
+                           else "the refined result scored lower on the coarse LC2: the previous one is kept")
+        if entry["kept"]:
+            T, current, report["kept"] = T2, v_coarse, "refinement"
+        report["stages"].append(entry)
+    report["final_lc2"] = current
+    if progress is not None:
+        progress(1.0, "registration done")
+    return T, report
+
+
+def register_attention_report(case_or_volumes, initial=None, checkpoints=None, mode: str = "label", device="auto",
+                              guard: bool = True, refine: bool = False,
+                              progress: Callable[[float, str], None] | None = None) -> tuple[np.ndarray, dict]:
+    """As register_attention, with the LC² guard (default on) and optional refinement; returns (T, report):
+    the guard's report plus "load_s" (loading the models) and "runtime_s" (the registration alone)."""
+    _check_mode(mode)
+    t0 = time.perf_counter()
+    cascade = load_cascade(checkpoints, mode=mode, device=device)
+    t1 = time.perf_counter()
+    T, report = guarded_register(case_or_volumes, cascade, initial=initial, guard=guard, refine=refine,
+                                 progress=progress)
+    report.update(load_s=t1 - t0, runtime_s=time.perf_counter() - t1)
+    return T, report

@@ -18,7 +18,7 @@ import numpy as np
 from ultrasound_ai.core.errors import Cancelled, InputError
 from ultrasound_ai.io.volume import Volume
 from ultrasound_ai.registration.case import binary_label, check_3d, check_rigid_matrix, sitk_transform_to_matrix
-from ultrasound_ai.registration.preprocessing import check_overlap, label_centroid, unpack_volumes
+from ultrasound_ai.registration.preprocessing import check_overlap, label_centroid
 
 
 def _euler_from_matrix(T: np.ndarray, center: np.ndarray):

@@ -12,6 +12,16 @@ low-order spherical harmonics; or a superquadric for the held-out family) with a
 a darker transition zone, periprostatic fat, lateral pelvic muscle, the bladder above, the rectum around
 the probe, and 3-6 small calcifications (dark on T2, bright with an acoustic shadow on TRUS) and cysts
 (bright on T2, anechoic on TRUS), whose centres are the landmarks.
+
+``PhantomConfig.randomised()`` (the training family since version 2.0) draws the appearance per case from
+its own generator, so that nothing but the anatomy ties the TRUS to the MRI: TRUS echogenicity per
+class independent of the MR intensities (hypo-, iso- or hyperechoic gland against the fat), interface
+echoes of random strength, a capsule echo that is absent, partial or complete, a probe lying in the
+rectum 1.5-8 mm behind the gland with random tilt, roll and offsets, fan angle, depth and length, a
+pubic bone that shadows, attenuation with imperfect gain compensation, speckle size, MR class
+intensities, bias field and noise, MR and TRUS voxel sizes, field-of-view crops, and an elastic
+deformation of the anatomy seen by the TRUS (the probe's push plus a weak smooth field; the truth stays
+the rigid pose). The default and held-out settings are unchanged (same seed, same case as version 1).
 """
 
 from __future__ import annotations
@@ -27,16 +37,16 @@ from ultrasound_ai.core.geometry import apply_transform, invert_rigid, params_to
 from ultrasound_ai.io.volume import Volume
 from ultrasound_ai.registration.case import Case
 
-REGISTRATION_SIM_VERSION = "1.0"
+REGISTRATION_SIM_VERSION = "2.0"
 FAMILIES = ("ellipsoid_deformed", "superquadric")
 
 # Tissue classes (painted in this order, later ones win).
-BACKGROUND, FAT, MUSCLE, BLADDER, RECTUM_WALL, LUMEN, TZ, PZ, CALC, CYST = range(10)
-N_CLASSES = 10
+BACKGROUND, FAT, MUSCLE, BLADDER, RECTUM_WALL, LUMEN, TZ, PZ, CALC, CYST, BONE = range(11)
+N_CLASSES = 11
 # T2-like MR intensities: urine and PZ bright, TZ darker, muscle and rectal wall dark, calcifications dark.
-MR_INTENSITY = np.array([0.45, 0.85, 0.25, 1.0, 0.30, 0.08, 0.42, 0.72, 0.08, 0.95], dtype=np.float32)
-# TRUS echogenicity: fat hyperechoic, urine and cysts anechoic, calcifications strong reflectors.
-US_ECHO = np.array([0.5, 1.0, 0.3, 0.02, 0.8, 0.0, 0.28, 0.45, 2.5, 0.02], dtype=np.float32)
+MR_INTENSITY = np.array([0.45, 0.85, 0.25, 1.0, 0.30, 0.08, 0.42, 0.72, 0.08, 0.95, 0.06], dtype=np.float32)
+# TRUS echogenicity: fat hyperechoic, urine and cysts anechoic, calcifications and bone strong reflectors.
+US_ECHO = np.array([0.5, 1.0, 0.3, 0.02, 0.8, 0.0, 0.28, 0.45, 2.5, 0.02, 3.0], dtype=np.float32)
 
 PROBE_Y = 34.0  # probe axis y in the probe frame (mm); posterior of the nominal gland centre (origin)
 PROBE_RADIUS = 9.0
@@ -65,6 +75,7 @@ class PhantomConfig:
     n_landmarks: tuple = (3, 6)
     mr_noise: float = 0.025
     surface_points: int = 1500
+    randomise: bool = False  # draw the appearance, probe placement and deformation per case (_Style)
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -76,6 +87,15 @@ class PhantomConfig:
         TRUS voxels."""
         kw = dict(family="superquadric", mr_spacing_xy_mm=(0.85, 1.0), mr_spacing_z_mm=(3.0, 3.6),
                   us_spacing_mm=(0.8, 0.9))
+        kw.update(overrides)
+        return cls(**kw)
+
+    @classmethod
+    def randomised(cls, **overrides) -> "PhantomConfig":
+        """The randomised training family: wider anatomy and voxel-size ranges, appearance drawn per case."""
+        kw = dict(randomise=True, gland_semi_axes_mm=((15.0, 29.0), (10.0, 20.0), (12.0, 25.0)),
+                  deformation=(0.04, 0.22), mr_spacing_xy_mm=(0.45, 1.0), mr_spacing_z_mm=(1.0, 4.0),
+                  us_spacing_mm=(0.5, 1.0), surface_points=1500)
         kw.update(overrides)
         return cls(**kw)
 
@@ -168,9 +188,65 @@ class _Gland:
         return (u * t[:, None] * self.axes) @ self.R.T + self.c
 
 
+class _Style:
+    """Per-case appearance, probe placement and deformation. Fixed (version-1 behaviour) unless the
+    config is randomised; then drawn from its own generator so the anatomy draws stay as they were."""
+
+    def __init__(self, cfg: PhantomConfig, seed: int):
+        self.randomised = bool(cfg.randomise)
+        self.mr_intensity = MR_INTENSITY.copy()
+        self.us_echo = US_ECHO.copy()
+        self.edge_gain, self.capsule_gain, self.capsule_cos = 1.5, 0.0, 1.0
+        self.probe_gap_mm = None  # None: the version-1 pose (gland centre at the probe frame's origin, moved)
+        self.probe_radius, self.wall_radius, self.mr_lumen_radius = PROBE_RADIUS, RECTUM_WALL_RADIUS, PROBE_RADIUS
+        self.fan = (cfg.fan_half_angle_deg, cfg.fan_depth_mm, cfg.fan_half_length_mm)
+        self.attenuation, self.tgc = cfg.attenuation_db_per_mm, None
+        self.speckle_sigma = (1.2, 0.8, 1.2)
+        self.mr_bias, self.mr_noise, self.mr_fov_scale, self.mr_centre_mm = 0.25, cfg.mr_noise, 1.0, 4.0
+        self.push_mm, self.reach_mm, self.warp_mm = 0.0, 15.0, 0.0
+        self.n_bone = 0
+        if not self.randomised:
+            return
+        r = np.random.default_rng([int(seed), 7007])
+        self.rng = r
+        self.mr_intensity = (MR_INTENSITY * r.uniform(0.75, 1.25, N_CLASSES)).astype(np.float32)
+        fat = r.uniform(0.5, 1.4)
+        gland = fat * r.choice([r.uniform(0.2, 0.6), r.uniform(0.6, 1.1), r.uniform(1.1, 1.6)])  # hypo/iso/hyper
+        echo = US_ECHO * r.uniform(0.6, 1.5, N_CLASSES)
+        echo[FAT] = fat
+        echo[PZ] = gland * r.uniform(0.8, 1.3)
+        echo[TZ] = gland * r.uniform(0.6, 1.1)
+        self.us_echo = echo.astype(np.float32)
+        self.edge_gain = r.uniform(0.0, 1.8)
+        kind = r.integers(3)  # capsule echo: absent, partial, complete
+        self.capsule_gain = 0.0 if kind == 0 else r.uniform(0.2, 1.0)
+        self.capsule_cos = r.uniform(-0.5, 0.6) if kind == 1 else -1.0
+        self.capsule_dir = r.normal(size=3)
+        self.capsule_dir /= np.linalg.norm(self.capsule_dir)
+        self.probe_gap_mm = r.uniform(1.5, 8.0)
+        self.probe_radius = r.uniform(7.0, 10.5)
+        self.wall_radius = self.probe_radius + r.uniform(2.0, 4.0)
+        self.mr_lumen_radius = r.uniform(3.0, 7.0)  # the MRI has no probe: a collapsed rectum
+        self.probe_angles = np.r_[r.uniform(-20, 20), r.uniform(-8, 8), r.uniform(-15, 15)]  # tilt, yaw, roll
+        self.probe_offsets = np.r_[r.uniform(-6, 6), r.uniform(-10, 10)]  # lateral, along the probe
+        self.fan = (r.uniform(50, 80), r.uniform(42, 70), r.uniform(20, 33))
+        self.attenuation = r.uniform(0.03, 0.15)
+        self.tgc = r.uniform(0.4, 1.2)  # fraction of the attenuation the gain curve compensates
+        self.speckle_sigma = tuple(r.uniform(0.5, 2.0, 3))
+        self.mr_bias, self.mr_noise = r.uniform(0.1, 0.5), r.uniform(0.01, 0.05)
+        self.mr_fov_scale, self.mr_centre_mm = r.uniform(0.75, 1.15), 10.0
+        self.push_mm, self.reach_mm, self.warp_mm = r.uniform(0.0, 3.5), r.uniform(10, 22), r.uniform(0.0, 1.2)
+        self.warp_k = r.normal(size=(3, 3, 3)) * 0.06
+        self.warp_phase = r.uniform(0, 2 * np.pi, (3, 3))
+        self.n_bone = int(r.integers(0, 5))
+        self.us_texture_k = r.normal(size=(3, 3)) * 0.15  # TRUS echotexture: its own field, not the MR's
+        self.us_texture_phase = r.uniform(0, 2 * np.pi, 3)
+
+
 class _Anatomy:
-    def __init__(self, rng: np.random.Generator, cfg: PhantomConfig):
+    def __init__(self, rng: np.random.Generator, cfg: PhantomConfig, style: _Style | None = None):
         self.cfg = cfg
+        self.style = style = style or _Style(cfg, 0)
         centre = rng.uniform(-3, 3, 3)
         self.gland = _Gland(rng, cfg, centre)
         # Probe pose: nominal (gland centre at the probe-frame origin) then a random rigid motion about it.
@@ -179,6 +255,8 @@ class _Anatomy:
         nominal = np.eye(4)
         nominal[:3, 3] = centre
         self.pose = nominal @ motion  # probe frame -> world
+        if style.probe_gap_mm is not None:
+            self.pose = self._pose_in_rectum(style)
         self.world_to_probe = invert_rigid(self.pose)
         ax = self.gland.axes
         self.bladder_c = centre + np.array([0.0, rng.uniform(-8, -2), ax[2] + rng.uniform(14, 20)])
@@ -201,9 +279,49 @@ class _Anatomy:
         self.radii = np.where(self.kinds == CALC, rng.uniform(1.2, 1.8, n), rng.uniform(1.8, 2.6, n))
         self.texture_k = rng.normal(size=(3, 3)) * 0.12  # smooth tissue texture wave vectors (rad/mm)
         self.texture_phase = rng.uniform(0, 2 * np.pi, 3)
+        # Pubic bone (randomised family): a chain of spheres anterior to the gland; it shadows the far field.
+        r = getattr(style, "rng", None)
+        self.bones = [] if r is None else [
+            (centre + np.r_[x, -(ax[1] + r.uniform(12, 24)), r.uniform(-2, 14)], r.uniform(4.0, 7.0))
+            for x in np.linspace(-22, 22, style.n_bone)]
 
-    def classes(self, p_world: np.ndarray):
-        """Tissue class per world point [N, 3] -> (uint8 [N], gland mask [N])."""
+    def _pose_in_rectum(self, style: _Style) -> np.ndarray:
+        """Probe frame -> world with the probe axis behind the gland: its surface style.probe_gap_mm from
+        the gland's posterior boundary, then tilted, turned and rolled about its axis point."""
+        c = self.gland.c
+        ys = np.arange(0.0, 60.0, 0.2)
+        line = np.stack([np.full_like(ys, c[0]), c[1] + ys, np.full_like(ys, c[2])], axis=1)
+        inside = self.gland.normalised_radius(line)[0] < 1.0
+        back = c[1] + ys[np.flatnonzero(inside)[-1]] if inside.any() else c[1]
+        axis_world = np.array([c[0] + style.probe_offsets[0], back + style.probe_gap_mm + style.probe_radius,
+                               c[2] + style.probe_offsets[1]])
+        tilt, yaw, roll = style.probe_angles
+        R = params_to_matrix(np.r_[0, 0, 0, tilt, yaw, 0])[:3, :3] @ params_to_matrix(np.r_[0, 0, 0, 0, 0, roll])[:3, :3]
+        pose = np.eye(4)
+        pose[:3, :3] = R
+        pose[:3, 3] = axis_world - R @ np.array([0.0, PROBE_Y, 0.0])
+        return pose
+
+    def displacement(self, p_world: np.ndarray) -> np.ndarray:
+        """World displacement (mm) of the tissue under the probe: a push away from the probe near its
+        contact plus a weak smooth field (zero for the fixed style)."""
+        st = self.style
+        out = np.zeros_like(p_world)
+        if st.push_mm == 0 and st.warp_mm == 0:
+            return out
+        contact = _xf(self.pose, np.array([[0.0, PROBE_Y - st.probe_radius, 0.0]], dtype=np.float32))[0]
+        away = (self.pose[:3, :3] @ np.array([0.0, -1.0, 0.0])).astype(np.float32)
+        d = p_world - contact
+        w = np.exp(-(d * d).sum(axis=1) / np.float32(2 * st.reach_mm ** 2))
+        out += (st.push_mm * w)[:, None] * away[None]
+        for i in range(3):
+            for k, ph in zip(st.warp_k[i].astype(np.float32), st.warp_phase[i]):
+                out[:, i] += np.float32(st.warp_mm / 3) * np.sin(p_world @ k + np.float32(ph))
+        return out
+
+    def classes(self, p_world: np.ndarray, us: bool = True):
+        """Tissue class per world point [N, 3] -> (uint8 [N], gland mask [N], normalised gland radius [N]).
+        us=False: the MRI's view (the rectum without the probe)."""
         g = self.gland
         rho, d = g.normalised_radius(p_world)
         cls = np.full(len(p_world), BACKGROUND, dtype=np.uint8)
@@ -214,21 +332,29 @@ class _Anatomy:
         cls[bl] = BLADDER
         q = _xf(self.world_to_probe, p_world)
         r_axis = np.hypot(q[:, 0], q[:, 1] - PROBE_Y)
-        cls[r_axis < RECTUM_WALL_RADIUS] = RECTUM_WALL
+        st = self.style
+        cls[r_axis < (st.wall_radius if us else max(st.wall_radius - st.probe_radius + st.mr_lumen_radius,
+                                                      st.mr_lumen_radius))] = RECTUM_WALL
         inside = rho < 1.0
         # Peripheral zone: the outer, posterior part of the gland.
         pz = inside & (rho > 0.62) & (d[:, 1] > -0.3)
         cls[inside] = TZ
         cls[pz] = PZ
-        cls[r_axis < PROBE_RADIUS] = LUMEN
+        cls[r_axis < (st.probe_radius if us else st.mr_lumen_radius)] = LUMEN
         for c, kind, rad in zip(self.landmarks, self.kinds, self.radii):
             e = p_world - c.astype(np.float32)
             cls[(e * e).sum(axis=1) < rad * rad] = kind
-        return cls, inside
+        for c, rad in self.bones:
+            e = p_world - c.astype(np.float32)
+            cls[(e * e).sum(axis=1) < rad * rad] = BONE
+        return cls, inside, rho
 
-    def texture(self, p_world):
+    def texture(self, p_world, us: bool = False):
         t = np.zeros(len(p_world), dtype=np.float32)
-        for k, ph in zip(self.texture_k.astype(np.float32), self.texture_phase):
+        ks, phs = self.texture_k, self.texture_phase
+        if us and self.style.randomised:
+            ks, phs = self.style.us_texture_k, self.style.us_texture_phase
+        for k, ph in zip(ks.astype(np.float32), phs):
             t += np.sin(p_world @ k + np.float32(ph))
         return t / len(self.texture_k)
 
@@ -247,24 +373,26 @@ def _points_of(size_ijk, spacing, origin):
 
 
 def _simulate_mr(anat: _Anatomy, rng, cfg: PhantomConfig):
+    st = anat.style
     sxy = rng.uniform(*cfg.mr_spacing_xy_mm)
     spacing = np.array([sxy, sxy, rng.uniform(*cfg.mr_spacing_z_mm)])
-    size, origin = _grid(spacing, cfg.mr_fov_mm, rng.uniform(-4, 4, 3))
+    size, origin = _grid(spacing, np.asarray(cfg.mr_fov_mm) * st.mr_fov_scale,
+                         rng.uniform(-st.mr_centre_mm, st.mr_centre_mm, 3))
     pts = _points_of(size, spacing, origin)
-    cls, inside = anat.classes(pts)
+    cls, inside, _ = anat.classes(pts, us=False)
     shape = (size[2], size[1], size[0])
-    img = MR_INTENSITY[cls] * (1.0 + 0.08 * anat.texture(pts)).astype(np.float32)
+    img = st.mr_intensity[cls] * (1.0 + 0.08 * anat.texture(pts)).astype(np.float32)
     img = img.reshape(shape)
     # Slice profile / in-plane blur (partial volume), in voxels.
     img = ndimage.gaussian_filter(img, sigma=(0.35, 0.6, 0.6))
     # Smooth multiplicative bias field (receive-coil sensitivity).
     u = (pts - pts.mean(axis=0)) / (np.ptp(pts, axis=0) + 1e-9)
-    a = rng.uniform(-0.25, 0.25, 6)
+    a = rng.uniform(-st.mr_bias, st.mr_bias, 6)
     bias = np.exp(a[0] * u[:, 0] + a[1] * u[:, 1] + a[2] * u[:, 2] + a[3] * u[:, 0] * u[:, 1]
                   + a[4] * u[:, 1] ** 2 + a[5] * u[:, 2] ** 2).reshape(shape)
     img = img * bias
     # Rician noise: magnitude of a complex signal with Gaussian noise in both channels.
-    s = cfg.mr_noise
+    s = st.mr_noise
     img = np.sqrt((img + rng.normal(0, s, shape)) ** 2 + rng.normal(0, s, shape) ** 2)
     vol = Volume((img * 1000).astype(np.float32), spacing, origin, np.eye(3))
     label = vol.with_array(inside.reshape(shape).astype(np.uint8))
@@ -272,6 +400,8 @@ def _simulate_mr(anat: _Anatomy, rng, cfg: PhantomConfig):
 
 
 def _simulate_us(anat: _Anatomy, rng, cfg: PhantomConfig):
+    st = anat.style
+    fan_half_angle, fan_depth, fan_half_length = st.fan
     s = rng.uniform(*cfg.us_spacing_mm)
     spacing = np.array([s, s, s * rng.uniform(0.95, 1.1)])
     fov = np.asarray(cfg.us_fov_mm, dtype=float)
@@ -279,15 +409,22 @@ def _simulate_us(anat: _Anatomy, rng, cfg: PhantomConfig):
     size, origin = _grid(spacing, fov, centre)
     q = _points_of(size, spacing, origin)  # probe-frame points
     p_world = _xf(anat.pose, q)
-    cls, inside = anat.classes(p_world)
+    p_world = p_world - anat.displacement(p_world)  # the tissue now at p came from p - u(p) (small field)
+    cls, inside, rho = anat.classes(p_world)
     shape = (size[2], size[1], size[0])
-    echo = (US_ECHO[cls] * (1.0 + 0.15 * anat.texture(p_world))).astype(np.float32).reshape(shape)
+    echo = st.us_echo[cls] * (1.0 + 0.15 * anat.texture(p_world, us=True)).astype(np.float32)
+    if st.capsule_gain > 0:  # a thin echo at the gland boundary, over all or part of it
+        rim = (rho > 0.94) & (rho < 1.04)
+        u = p_world[rim] - anat.gland.c.astype(np.float32)
+        u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-6)
+        echo[np.flatnonzero(rim)[u @ st.capsule_dir.astype(np.float32) > st.capsule_cos]] += st.capsule_gain
+    echo = echo.reshape(shape)
     # Specular reflection at tissue interfaces (capsule, bladder wall): gradient of the smooth echo map.
     smooth = ndimage.gaussian_filter(np.minimum(echo, 1.0), 1.0)
     edges = np.sqrt(sum(g ** 2 for g in np.gradient(smooth)))
-    echo = echo + 1.5 * edges
+    echo = echo + st.edge_gain * edges
     # Correlated multiplicative speckle: Rayleigh amplitude of low-pass filtered complex Gaussian noise.
-    sig = (1.2, 0.8, 1.2)
+    sig = st.speckle_sigma
     re = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), sig)
     im = ndimage.gaussian_filter(rng.normal(size=shape).astype(np.float32), sig)
     speckle = np.hypot(re, im)
@@ -296,15 +433,17 @@ def _simulate_us(anat: _Anatomy, rng, cfg: PhantomConfig):
     dx, dy = q[:, 0], PROBE_Y - q[:, 1]
     r = np.hypot(dx, dy)
     angle = np.degrees(np.arctan2(np.abs(dx), dy))
-    fan = (r >= PROBE_RADIUS) & (r <= cfg.fan_depth_mm) & (angle <= cfg.fan_half_angle_deg) \
-        & (np.abs(q[:, 2]) <= cfg.fan_half_length_mm)
-    depth = np.maximum(r - PROBE_RADIUS, 0.0)
-    gain = 10 ** (-cfg.attenuation_db_per_mm * depth / 20.0) * (1.0 + 0.012 * depth)  # attenuation, partly TGC-compensated
+    fan = (r >= st.probe_radius) & (r <= fan_depth) & (angle <= fan_half_angle) \
+        & (np.abs(q[:, 2]) <= fan_half_length)
+    depth = np.maximum(r - st.probe_radius, 0.0)
+    if st.tgc is None:
+        gain = 10 ** (-st.attenuation * depth / 20.0) * (1.0 + 0.012 * depth)  # attenuation, partly TGC-compensated
+    else:
+        gain = 10 ** (-(1.0 - st.tgc) * st.attenuation * depth / 20.0)
     # Acoustic shadows behind calcifications: points whose ray from the probe axis passes through one.
     shadow = np.ones(len(q))
-    for c_w, kind, rad in zip(anat.landmarks, anat.kinds, anat.radii):
-        if kind != CALC:
-            continue
+    blockers = [(c, r_) for c, k, r_ in zip(anat.landmarks, anat.kinds, anat.radii) if k == CALC] + list(anat.bones)
+    for c_w, rad in blockers:
         c = apply_transform(anat.world_to_probe, c_w)
         cin = np.array([c[0], PROBE_Y - c[1]])  # calcification in the (x, depth) plane of its slice
         ux, uy = dx / np.maximum(r, 1e-9), dy / np.maximum(r, 1e-9)
@@ -326,7 +465,7 @@ def simulate_case(seed: int, config: PhantomConfig | None = None, name: str | No
     if not isinstance(cfg, PhantomConfig):
         raise InputError(f"config: expected a PhantomConfig, got {type(cfg).__name__}")
     rng = np.random.default_rng([int(seed), 6006])
-    anat = _Anatomy(rng, cfg)
+    anat = _Anatomy(rng, cfg, _Style(cfg, seed))
     mr, mr_label = _simulate_mr(anat, rng, cfg)
     us, us_label, fan = _simulate_us(anat, rng, cfg)
     truth = anat.world_to_probe
@@ -342,6 +481,7 @@ def simulate_case(seed: int, config: PhantomConfig | None = None, name: str | No
     }
     return Case(
         fixed=mr, fixed_label=mr_label, moving=us, moving_label=us_label, surface_fixed=surface,
-        landmarks_fixed=anat.landmarks, landmarks_moving=apply_transform(truth, anat.landmarks),
+        landmarks_fixed=anat.landmarks,
+        landmarks_moving=apply_transform(truth, anat.landmarks + anat.displacement(anat.landmarks.astype(np.float32))),
         truth_fixed_to_moving=truth, name=name or f"sim_{int(seed):05d}", attrs=attrs,
     )

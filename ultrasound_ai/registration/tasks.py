@@ -11,7 +11,8 @@ JOB.json (see ultrasound_ai.jobs.protocol)::
                 "landmarks_fixed": "LF.csv", "landmarks_moving": "LM.csv"},  # optional, paired -> TRE
      (or "inputs": {"case": CASE_DIR, "initial": ...}: a case folder in the DESIGN.md layout)
      "outputs": {"transform": "T.tfm", "json": "T.json"},   # any non-empty subset
-     "parameters": {"method": "attention" | "mi", "mode": "label", "checkpoints": null,
+     "parameters": {"method": "attention+refine" | "attention" | "mi", "mode": "label", "checkpoints": null,
+                    "guard": true,                # attention: keep a stage's proposal only if LC2 does not drop
                     "iterations": 200, "shrink": [4, 2, 1], "smoothing_mm": [2, 1, 0], "sampling": 0.25,
                     "bins": 32, "use_mask": true, "seed": 12345},
      "device": "auto"}
@@ -29,6 +30,10 @@ Metrics (result["metrics"], keys carry their units; a value that cannot be compu
   dice                      with a moving label: Dice of the fixed label and the moving label mapped onto
                             the MRI grid through T
 The last three need no truth: they say whether the result is plausible on a clinical case.
+
+runtime_s is the registration alone; load_s the import and model loading before it. For the attention
+methods, result["cascade"] is the guard's report (LC2 at each stage's start and proposal, which was kept
+and why; ``inference.guarded_register``).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import numpy as np
 from ultrasound_ai.core.errors import InputError
 
 TASK = "registration.register"
-METHODS = ("attention", "mi")
+METHODS = ("attention+refine", "attention", "mi")
 REQUIRED_INPUTS = ("fixed", "fixed_label", "moving")
 OPTIONAL_INPUTS = ("initial", "surface", "truth", "moving_label", "landmarks_fixed", "landmarks_moving")
 INPUTS = ("case",) + REQUIRED_INPUTS + OPTIONAL_INPUTS
@@ -52,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "method": "attention",
     "mode": "label",
     "checkpoints": None,
+    "guard": True,
     "iterations": 200,
     "shrink": [4, 2, 1],
     "smoothing_mm": [2.0, 1.0, 0.0],
@@ -226,6 +232,7 @@ def register_task(job, ctx) -> dict:
     method = params["method"]
     ctx.progress(_REGISTER_SPAN[0], f"registering ({method})")
     t0 = time.perf_counter()
+    extra: dict = {}
     if method == "mi":
         from ultrasound_ai.registration.mi_baseline import register_mi
 
@@ -235,21 +242,26 @@ def register_task(job, ctx) -> dict:
             bins=params["bins"], sampling=params["sampling"], seed=params["seed"],
             progress=report, cancel_check=lambda: ctx.cancelled,
         )
+        runtime, load = time.perf_counter() - t0, 0.0
     else:
-        from ultrasound_ai.registration.inference import register_attention
+        from ultrasound_ai.registration.inference import register_attention_report
 
         def progress(fraction, message=""):
             ctx.check_cancelled()  # between the stages' forward passes
             report(fraction, message)
 
-        T = register_attention(case, initial=T0, checkpoints=params["checkpoints"], mode=params["mode"],
-                               device=ctx.device, progress=progress)
-    runtime = time.perf_counter() - t0
+        t_imported = time.perf_counter()
+        T, cascade_report = register_attention_report(
+            case, initial=T0, checkpoints=params["checkpoints"], mode=params["mode"], device=ctx.device,
+            guard=bool(params["guard"]), refine=method == "attention+refine", progress=progress)
+        runtime = cascade_report.pop("runtime_s")
+        load = cascade_report.pop("load_s") + (t_imported - t0)
+        extra["cascade"] = cascade_report
     ctx.check_cancelled()
     ctx.progress(_REGISTER_SPAN[1], "measuring")
     metrics = evaluate(T, T0, case)
     doc = result_json(T, method, initial_fixed_to_moving_lps=np.asarray(T0).tolist(), runtime_s=runtime,
-                      metrics=metrics, mode=params["mode"] if method == "attention" else None)
+                      load_s=load, metrics=metrics, mode=params["mode"] if method != "mi" else None, **extra)
     if ctx.has_output("transform"):
         write_transform_tfm(T, ctx.output("transform"))
     ctx.progress(WRITING_FRACTION, "writing the results")

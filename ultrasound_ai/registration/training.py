@@ -71,7 +71,7 @@ DATA_DEFAULTS: dict[str, Any] = {
     "centre": "centroid",  # centre of the correction's rotation: "centroid" or "corner" (the original)
     "margin": 0.30,  # ROI: the fixed label's bounding box enlarged by this fraction per side
     "source": "simulate",  # "simulate" (phantom.simulate_case) or "folder" (case folders)
-    "phantom": "default",  # "default", "small", "held_out", or a mapping of PhantomConfig fields
+    "phantom": "default",  # "default", "small", "held_out", "randomised", or a mapping of PhantomConfig fields
     "train_cases": 48,  # pool size (simulate)
     "train_seed": 0,  # simulated training cases use seeds train_seed, train_seed + 1, ...
     "val_cases": 6,
@@ -84,6 +84,7 @@ DATA_DEFAULTS: dict[str, Any] = {
     "perturb_trans_mm": 6.0,
     "deg_weight": 1.0,  # loss weight of a degree relative to a millimetre (1 = the paper's plain MSE)
     "loss_scale": 5.0,
+    "init_weights": None,  # a checkpoint (.pt with its card) whose weights start the run (warm start)
 }
 
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -146,6 +147,8 @@ def data_options(config: TrainConfig | Mapping) -> dict:
     for key in ("train_seed", "val_seed", "val_perturbation_seed"):
         if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < 0:
             raise InputError(f"data.{key}: expected an integer >= 0, got {d[key]!r}")
+    if d["init_weights"] is not None and not Path(d["init_weights"]).is_file():
+        raise InputError(f"data.init_weights: expected an existing checkpoint file, got {d['init_weights']!r}")
     if d["source"] == "folder":
         for key in ("train_dir", "val_dir"):
             if not d[key] or not Path(d[key]).is_dir():
@@ -162,19 +165,22 @@ def _phantom_config(spec):
         return PhantomConfig.small()
     if spec == "held_out":
         return PhantomConfig.held_out()
+    if spec == "randomised":
+        return PhantomConfig.randomised()
     if isinstance(spec, Mapping):
         fields = dict(spec)
         base = fields.pop("preset", "default")
-        if base not in ("default", "small", "held_out"):
-            raise InputError(f"data.phantom.preset: expected default, small or held_out, got {base!r}")
+        if base not in ("default", "small", "held_out", "randomised"):
+            raise InputError(f"data.phantom.preset: expected default, small, held_out or randomised, got {base!r}")
         try:
             if base == "default":
                 return PhantomConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-            maker = PhantomConfig.small if base == "small" else PhantomConfig.held_out
+            maker = {"small": PhantomConfig.small, "held_out": PhantomConfig.held_out,
+                     "randomised": PhantomConfig.randomised}[base]
             return maker(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
         except TypeError as exc:
             raise InputError(f"data.phantom: {exc}") from exc
-    raise InputError(f"data.phantom: expected 'default', 'small', 'held_out' or a mapping of PhantomConfig fields, "
+    raise InputError(f"data.phantom: expected 'default', 'small', 'held_out', 'randomised' or a mapping of PhantomConfig fields, "
                      f"got {spec!r}")
 
 
@@ -299,7 +305,12 @@ class AttentionRegTask:
         d = data_options(config)  # also fails early on a bad data section
         # training_step sees no config: keep the loss settings of this run.
         self._loss_scale, self._deg_weight = d["loss_scale"], d["deg_weight"]
-        return AttentionReg(config_from_dict(config.model))
+        model = AttentionReg(config_from_dict(config.model))
+        if d["init_weights"]:
+            from ultrasound_ai.models.checkpoint import load_into
+
+            load_into(model, d["init_weights"])  # warm start; a resumed run's checkpoint overrides it
+        return model
 
     def batches(self, config: TrainConfig, rank: int, world_size: int, start_step: int) -> Iterator:
         d = data_options(config)
@@ -381,6 +392,12 @@ class AttentionRegTask:
             )
         else:
             training.update(train_dir=str(d["train_dir"]), val_dir=str(d["val_dir"]))
+            first = self._train_pool(d)[0].attrs  # simulated folders record their generator in truth.json
+            for key in ("simulator", "registration_sim_version", "config"):
+                if key in first:
+                    training["phantom" if key == "config" else key] = first[key]
+        if d["init_weights"]:
+            training["init_weights"] = Path(d["init_weights"]).name
         return {
             "method": METHOD,
             "stage": d["stage"],

@@ -1,0 +1,73 @@
+"""LC² similarity, the cascade's guard and the LC² refinement (on an independent-family case)."""
+
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ultrasound_ai.registration.frozen_sets import initial_with_sre
+from ultrasound_ai.registration.indep_phantom import simulate_indep_case
+from ultrasound_ai.registration.inference import guarded_register
+from ultrasound_ai.registration.metrics import sre
+from ultrasound_ai.registration.similarity import LC2
+
+
+@pytest.fixture(scope="module")
+def case():
+    return simulate_indep_case(21, coarse=1.6)
+
+
+class _FixedStage:
+    """A stage that proposes a given transform whatever its input (a network gone wrong, or right)."""
+
+    def __init__(self, proposal):
+        self.proposal = np.asarray(proposal, dtype=np.float64)
+        self.path = Path("fake_stage.pt")
+
+    def step(self, data, T):
+        return self.proposal.copy()
+
+
+def test_lc2_peaks_near_the_truth(case):
+    m = LC2(case.fixed, case.fixed_label, case.moving, spacing_mm=2.0, patch=5, blur_mm=1.0)
+    at_truth = m(case.truth_fixed_to_moving)
+    rng = np.random.default_rng(0)
+    off = [m(initial_with_sre(case.truth_fixed_to_moving, case.surface_fixed, 8.0, rng)) for _ in range(4)]
+    assert 0 < max(off) < at_truth <= 1
+    # A transform that moves the gland out of the TRUS fan scores 0 (no overlap, no evidence).
+    far = case.truth_fixed_to_moving.copy()
+    far[:3, 3] += [0, 0, 500]
+    assert m(far) == 0.0
+
+
+def test_guard_keeps_the_start_when_a_stage_makes_it_worse(case):
+    truth = case.truth_fixed_to_moving
+    bad = truth.copy()
+    bad[:3, 3] += [0.0, -9.0, 0.0]  # the anterior shift the shipped cascade made on independent cases
+    cascade = types.SimpleNamespace(stages=[_FixedStage(bad)])
+    T, report = guarded_register(case, cascade, initial=truth)
+    assert np.allclose(T, truth)
+    entry = report["stages"][0]
+    assert entry["kept"] is False and report["kept"] == "start"
+    assert entry["lc2_proposal"] < entry["lc2_start"] == report["start_lc2"]
+    # Without the guard the same stage's proposal is taken.
+    T_raw, raw = guarded_register(case, cascade, initial=truth, guard=False)
+    assert np.allclose(T_raw, bad) and raw["kept"] == "stage 1"
+
+
+def test_guard_keeps_a_stage_that_improves(case):
+    truth = case.truth_fixed_to_moving
+    T0 = initial_with_sre(truth, case.surface_fixed, 8.0, np.random.default_rng(1))
+    cascade = types.SimpleNamespace(stages=[_FixedStage(truth)])
+    T, report = guarded_register(case, cascade, initial=T0)
+    assert np.allclose(T, truth) and report["kept"] == "stage 1"
+    assert report["stages"][0]["lc2_proposal"] > report["stages"][0]["lc2_start"]
+
+
+def test_refinement_recovers_from_a_wrong_start(case):
+    truth = case.truth_fixed_to_moving
+    T0 = initial_with_sre(truth, case.surface_fixed, 7.0, np.random.default_rng(2))
+    T, report = guarded_register(case, None, initial=T0, refine=True)
+    assert report["kept"] == "refinement"
+    assert sre(T, truth, case.surface_fixed) < 3.0 < sre(T0, truth, case.surface_fixed)

@@ -8,8 +8,15 @@ from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.core.geometry import apply_transform, invert_rigid, lps_to_ras_points, params_to_matrix
 from ultrasound_ai.io.volume import Volume, write_volume
 from ultrasound_ai.registration.case import (
-    Case, import_muregpro, read_case, read_transform_tfm, result_json, surface_points_from_label, write_case,
-    write_result_json, write_transform_tfm,
+    Case,
+    import_muregpro,
+    read_case,
+    read_transform_tfm,
+    result_json,
+    surface_points_from_label,
+    write_case,
+    write_result_json,
+    write_transform_tfm,
 )
 
 

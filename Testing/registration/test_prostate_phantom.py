@@ -5,7 +5,11 @@ from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.core.geometry import apply_transform, invert_rigid, is_rigid, matrix_to_params
 from ultrasound_ai.io.volume import resample_volume
 from ultrasound_ai.registration.phantom import (
-    PROBE_RADIUS, PROBE_Y, REGISTRATION_SIM_VERSION, PhantomConfig, simulate_case,
+    PROBE_RADIUS,
+    PROBE_Y,
+    REGISTRATION_SIM_VERSION,
+    PhantomConfig,
+    simulate_case,
 )
 
 

@@ -16,6 +16,7 @@ import torch
 
 from ultrasound_ai.core import geometry
 from ultrasound_ai.core.errors import InputError
+from ultrasound_ai.core.training import load_config
 from ultrasound_ai.io.volume import Volume
 from ultrasound_ai.models import registry
 from ultrasound_ai.registration.attention_reg import apply_correction
@@ -35,7 +36,6 @@ from ultrasound_ai.registration.training import (
     draw_sample,
     train_attention_reg,
 )
-from ultrasound_ai.core.training import load_config
 
 TINY_SIZE = (8, 24, 24)
 

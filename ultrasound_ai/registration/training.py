@@ -399,6 +399,7 @@ class AttentionRegTask:
         if d["init_weights"]:
             training["init_weights"] = Path(d["init_weights"]).name
         return {
+            "training_data": _training_data_line(training),
             "method": METHOD,
             "stage": d["stage"],
             "mode": d["mode"],
@@ -421,6 +422,20 @@ class AttentionRegTask:
             },
             "training": training,
         }
+
+
+def _training_data_line(training: dict) -> str:
+    """The card's one-line "training_data" (shown by the panels): what the model saw, and that it is
+    simulated only when it is."""
+    simulator = training.get("simulator")
+    if simulator:
+        phantom = training.get("phantom") or {}
+        family = "randomised family" if phantom.get("randomise") else f"{phantom.get('family', '?')} family"
+        return (f"simulated MRI-TRUS phantoms only ({simulator} version {training.get('registration_sim_version')}, "
+                f"{family}); not validated on patient data")
+    if "train_dir" in training:
+        return f"case folders in {training['train_dir']} (see the training record)"
+    return "cases supplied by the caller (see the training record)"
 
 
 def _perturb(case, target_sre: float, rng: np.random.Generator, d: dict) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 from ultrasound_ai.core.errors import InputError
 
 __all__ = ["TRAIN_APPEARANCE", "TEST_APPEARANCE", "CLASSIFIER_STUDY", "cell_name", "cell_config", "train_cell",
-           "macro_f1", "confusion", "evaluate_study", "format_table"]
+           "macro_f1", "confusion", "evaluate_study", "evaluate_checkpoint", "format_table", "ship"]
 
 # Scanner settings drawn per image (bmode_sim.APPEARANCE_KEYS). The test ranges lie outside the training ones.
 TRAIN_APPEARANCE = {"dynamic_range_db": [40.0, 50.0], "psf_axial_mm": [0.2, 0.3], "psf_lateral_mm": [0.4, 0.6]}
@@ -45,7 +45,7 @@ CLASSIFIER_STUDY: dict = {
     "val_count": 60,
     "test_seed": 320_000,
     "test_count": 150,
-    "schedule": {"steps": 100, "batch_size": 12, "lr": 5e-4, "warmup_steps": 10, "validate_every": 25,
+    "schedule": {"steps": 200, "batch_size": 12, "lr": 5e-4, "warmup_steps": 20, "validate_every": 25,
                  "checkpoint_every": 25, "log_every": 5, "best_metric": "accuracy", "best_mode": "max"},
 }
 
@@ -109,40 +109,81 @@ def test_set(s: Mapping, size: int):
     return ds.simulated_set(s["test_seed"], s["test_count"], size, [0, 1, 2], TEST_APPEARANCE)
 
 
-def evaluate_study(s: Mapping) -> dict:
-    """Accuracy and macro F1 of every finished cell's best.pt on the held-out test set."""
+def _test_arrays(s: Mapping):
     from ultrasound_ai.foundation import datasets as ds
-    from ultrasound_ai.foundation.inference import load_model
     from ultrasound_ai.foundation.vit import vit_config
 
     size = vit_config(s["preset"]).img_size
     test = test_set(s, size)
-    x = np.stack([ds.to_model_input(t.image, size) for t in test])
-    truth = np.array([t.label for t in test])
+    return np.stack([ds.to_model_input(t.image, size) for t in test]), np.array([t.label for t in test])
+
+
+def evaluate_checkpoint(pt, s: Mapping, arrays=None) -> dict:
+    """Accuracy, macro F1 and the confusion matrix of one classifier on the held-out test set (each
+    image is one model input: the simulated images are at the training pixel size and field)."""
+    import torch
+
+    from ultrasound_ai.foundation.inference import load_model
+
+    x, truth = arrays if arrays is not None else _test_arrays(s)
+    lm = load_model(pt, s["device"], "classify")
+    with torch.no_grad():
+        probs = torch.cat([lm.model(torch.from_numpy(x[i:i + 32]).unsqueeze(1).to(lm.device)).softmax(1).cpu()
+                           for i in range(0, len(x), 32)]).numpy()
+    pred = probs.argmax(1)
+    train = lm.card.get("training", {})
+    return {"checkpoint": str(pt), "accuracy": float((pred == truth).mean()), "macro_f1": macro_f1(truth, pred, 3),
+            "confusion": confusion(truth, pred, 3).tolist(),
+            "val_accuracy": (train.get("best_metrics") or {}).get("accuracy"), "best_step": train.get("best_step"),
+            "steps": train.get("steps"), "labelled": (train.get("data") or {}).get("labelled", s["train_count"]),
+            "wall_time_s": train.get("wall_time_s")}
+
+
+def _best(folder: Path) -> Path:
+    return folder / "best.pt" if (folder / "best.pt").is_file() else folder / "final.pt"
+
+
+def evaluate_study(s: Mapping) -> dict:
+    """Accuracy and macro F1 of every finished cell's best.pt on the held-out test set."""
+    arrays = _test_arrays(s)
     runs = []
     for fraction in s["fractions"]:
         for seed in s["seeds"]:
             for init in INITS:
-                folder = Path(s["output_dir"]) / cell_name(init, fraction, seed)
-                pt = folder / "best.pt" if (folder / "best.pt").is_file() else folder / "final.pt"
-                if not pt.is_file():
-                    continue
-                lm = load_model(pt, s["device"], "classify")
-                import torch
+                pt = _best(Path(s["output_dir"]) / cell_name(init, fraction, seed))
+                if pt.is_file():
+                    runs.append({"init": init, "fraction": fraction, "seed": seed, **evaluate_checkpoint(pt, s, arrays)})
+    return {"settings": dict(s), "runs": runs, "test_counts": np.bincount(arrays[1], minlength=3).tolist()}
 
-                with torch.no_grad():
-                    probs = torch.cat([lm.model(torch.from_numpy(x[i:i + 32]).unsqueeze(1).to(lm.device)).softmax(1).cpu()
-                                       for i in range(0, len(x), 32)]).numpy()
-                pred = probs.argmax(1)
-                train = lm.card.get("training", {})
-                runs.append({"init": init, "fraction": fraction, "seed": seed, "checkpoint": str(pt),
-                             "accuracy": float((pred == truth).mean()), "macro_f1": macro_f1(truth, pred, 3),
-                             "confusion": confusion(truth, pred, 3).tolist(),
-                             "val_accuracy": (train.get("best_metrics") or {}).get("accuracy"),
-                             "best_step": train.get("best_step"), "steps": train.get("steps"),
-                             "labelled": (train.get("data") or {}).get("labelled", s["train_count"]),
-                             "wall_time_s": train.get("wall_time_s")})
-    return {"settings": dict(s), "runs": runs, "test_counts": np.bincount(truth, minlength=3).tolist()}
+
+def ship(run_folder, s: Mapping, name: str, models_dir, comparison=None) -> dict:
+    """Write a trained cell's best.pt as the installed model NAME.pt (float16) + NAME.card.json, its card
+    holding the held-out accuracy and macro F1 (and, given `comparison` = {"init": folder}, those of the
+    same-size model trained from scratch on the same labels and schedule)."""
+    from ultrasound_ai.models.checkpoint import load_checkpoint, save_checkpoint
+
+    pt = _best(Path(run_folder))
+    state, card = load_checkpoint(pt)
+    arrays = _test_arrays(s)
+    held = evaluate_checkpoint(pt, s, arrays)
+    metrics = dict(card.get("metrics") or {})
+    metrics.update(heldout_accuracy=held["accuracy"], heldout_macro_f1=held["macro_f1"],
+                   heldout_confusion=held["confusion"], heldout_images=int(len(arrays[1])),
+                   heldout_seed=int(s["test_seed"]), heldout_appearance=TEST_APPEARANCE)
+    for label, folder in (comparison or {}).items():
+        other = evaluate_checkpoint(_best(Path(folder)), s, arrays)
+        metrics[f"{label}_heldout_accuracy"] = other["accuracy"]
+        metrics[f"{label}_heldout_macro_f1"] = other["macro_f1"]
+    card = {**card, "name": name, "metrics": metrics, "default": True}
+    card["description"] = (
+        f"Benign / malignant / normal classification of B-mode images (BUSI's classes): the shipped "
+        f"usfm_vit_tiny_pretrained encoder (ViT-Tiny, 128 px at 0.3125 mm, 1 channel) + a linear head on the "
+        f"mean-pooled tokens, fine-tuned {held['steps']} steps on {held['labelled']} labelled simulated images "
+        f"(simulator appearance ranges {json.dumps(TRAIN_APPEARANCE)}). Held-out test ({len(arrays[1])} simulated "
+        f"images, seed {s['test_seed']}, scanner settings never used in training): accuracy {held['accuracy']:.3f}, "
+        f"macro F1 {held['macro_f1']:.3f}. Trained on simulated images only: not validated on patient data. "
+        f"Stored as float16.")
+    return save_checkpoint(state, Path(models_dir) / f"{name}.pt", card, fp16=True)
 
 
 def format_table(results: Mapping) -> str:

@@ -86,7 +86,7 @@ def test_cli_round_trip_tracked(scanned, tmp_path, capsys):
     sweep, _, path = scanned
     est, vol, png = tmp_path / "est.h5", tmp_path / "vol.nrrd", tmp_path / "pic.png"
     assert main(["freehand", "reconstruct", str(path), "--method", "tracked", "--out-sweep", str(est),
-                 "--out-volume", str(vol), "--png", str(png), "--spacing", "0.5", "--no-progress"]) == 0
+                 "--out-volume", str(vol), "--png", str(png), "--spacing", "0.5", "--quiet"]) == 0
     e = read_sweep(est)
     assert np.array_equal(e.frames, sweep.frames)
     assert np.array_equal(e.tforms[0], np.eye(4))
@@ -109,7 +109,7 @@ def test_cli_imu_estimate_file_and_evaluation(scanned, tmp_path, capsys):
     sweep, _, path = scanned
     est = tmp_path / "imu.h5"
     assert main(["freehand", "reconstruct", str(path), "--method", "imu", "--out-sweep", str(est),
-                 "--no-progress"]) == 0
+                 "--quiet"]) == 0
     e = read_sweep(est)
     assert e.attrs["pose_method"] == "imu"
     assert e.imu_weights.shape == (sweep.n_frames - 1, sweep.n_imus)
@@ -135,7 +135,7 @@ def test_bad_inputs_give_exit_2_and_leave_no_output(scanned, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     outputs = ["--out-sweep", str(out / "e.h5"), "--out-volume", str(out / "v.nrrd"), "--png", str(out / "p.png"),
-               "--no-progress"]
+               "--quiet"]
     garbage = tmp_path / "garbage.h5"
     garbage.write_bytes(b"not an hdf5 file at all")
     assert main(["freehand", "reconstruct", str(garbage)] + outputs) == 2
@@ -144,7 +144,9 @@ def test_bad_inputs_give_exit_2_and_leave_no_output(scanned, tmp_path, capsys):
     bare = write_sweep(sweep.without_truth(), tmp_path / "bare.h5")
     assert main(["freehand", "reconstruct", str(bare), "--method", "tracked"] + outputs) == 2
     assert "no 'tforms'" in capsys.readouterr().err
-    assert main(["freehand", "reconstruct", str(path), "--method", "nope"] + outputs) == 2
+    with pytest.raises(SystemExit) as unknown:  # --method choices come from the registry
+        main(["freehand", "reconstruct", str(path), "--method", "nope"] + outputs)
+    assert unknown.value.code == 2 and "invalid choice: 'nope'" in capsys.readouterr().err
     assert main(["freehand", "evaluate", str(bare), "--truth", str(path)]) == 2
     assert list(out.iterdir()) == []
 

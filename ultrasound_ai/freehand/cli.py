@@ -6,6 +6,10 @@ Keep imports inside the verb functions so `ultrasound-ai --help` stays fast.
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+
+from ultrasound_ai.core.deprecation import add_argument
 
 
 def simulate(args: argparse.Namespace) -> int:
@@ -52,12 +56,56 @@ def _method_params(args: argparse.Namespace) -> dict:
     return params
 
 
-def reconstruct(args: argparse.Namespace) -> int:
-    """Estimate a sweep's poses with a registered method and compound a volume (freehand/reconstruct.py)."""
-    from ultrasound_ai.freehand.reconstruct import reconstruct_command
+def _list_methods() -> int:
+    from ultrasound_ai.freehand.methods import available_methods, method_info
 
-    args.method_params = _method_params(args)
-    return reconstruct_command(args)
+    for name in available_methods():
+        info = method_info(name)
+        print(f"{name:10s} {info.label}: {info.tooltip}")
+    return 0
+
+
+def reconstruct(args: argparse.Namespace) -> int:
+    """Estimate a sweep's poses with a registered method and compound a volume (reconstruct.py does the work)."""
+    from ultrasound_ai.core.errors import InputError
+    from ultrasound_ai.freehand.reconstruct import run_reconstruction
+
+    if args.list_methods:
+        return _list_methods()
+    if not args.sweep:
+        raise InputError("freehand reconstruct: expected an input sweep file SWEEP.h5")
+    method_params = _method_params(args)
+    if not (args.out_sweep or args.out_volume or args.png):
+        print("ultrasound-ai freehand reconstruct: no output asked for (--out-sweep, --out-volume, --png); "
+              "computing the poses only", file=sys.stderr)
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=1000, desc=f"reconstruct ({args.method})", unit="‰", leave=False,
+                   bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+
+    def progress(fraction: float, message: str) -> None:
+        if bar is not None:
+            bar.n = int(round(1000 * fraction))
+            bar.set_postfix_str(message[:60], refresh=False)
+            bar.refresh()
+
+    try:
+        run = run_reconstruction(args.sweep, args.method, out_sweep=args.out_sweep, out_volume=args.out_volume,
+                                 out_png=args.png, spacing_mm=args.spacing, compounding=args.compounding,
+                                 fill_holes=args.fill_holes, fill_kernel_mm=args.fill_kernel, device=args.device,
+                                 checkpoint=args.checkpoint, method_params=method_params, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    for note in run.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for kind, path in run.outputs.items():
+        print(f"wrote {kind}: {path}")
+    if run.metrics:
+        print(json.dumps({k: round(v, 4) for k, v in run.metrics.items()}))
+    return 0
 
 
 TRAIN_METHODS = ("fima", "rem", "rem-prime", "rem-f", "rem-f-prime", "moglo")
@@ -65,9 +113,6 @@ TRAIN_METHODS = ("fima", "rem", "rem-prime", "rem-f", "rem-f-prime", "moglo")
 
 def train(args: argparse.Namespace) -> int:
     """Train FiMA (or one of its ablations, chosen by --method) or MoGLo-Net through the training harness."""
-    import json
-    import sys
-
     from ultrasound_ai.core.training_config import config_from_args
 
     if args.method == "moglo":
@@ -87,10 +132,19 @@ def train(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    """Print the metrics of an estimate file against the true poses as JSON (freehand/reconstruct.py)."""
-    from ultrasound_ai.freehand.reconstruct import evaluate_command
+    """Print the metrics of an estimate file against the true poses as JSON (and write them with --out)."""
+    from pathlib import Path
 
-    return evaluate_command(args)
+    from ultrasound_ai.core.atomic import atomic_output
+    from ultrasound_ai.freehand.reconstruct import evaluate_files
+
+    metrics = evaluate_files(args.estimate, args.truth)
+    text = json.dumps(metrics, indent=2)
+    if args.out:
+        with atomic_output(args.out) as tmp:
+            Path(tmp).write_text(text + "\n")
+    print(text)
+    return 0
 
 
 PLUS_SUFFIXES = (".igs.mha", ".igs.nrrd", ".mha", ".nrrd", ".seq.mha", ".seq.nrrd")
@@ -167,15 +221,34 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compress", action="store_true", help="compress the image data")
     p.set_defaults(func=export_scan)
 
-    from ultrasound_ai.freehand.reconstruct import (
-        EVALUATE_HELP,
-        RECONSTRUCT_HELP,
-        add_evaluate_arguments,
-        add_reconstruct_arguments,
-    )
+    from ultrasound_ai.core.device import add_device_argument
+    from ultrasound_ai.freehand.compounding import COMPOUNDING_MODES, FILL_METHODS
+    from ultrasound_ai.freehand.methods import available_methods, method_info
+    from ultrasound_ai.freehand.reconstruct import DEFAULT_SPACING_MM
 
-    p = verbs.add_parser("reconstruct", help=RECONSTRUCT_HELP)
-    add_reconstruct_arguments(p)
+    p = verbs.add_parser(
+        "reconstruct", help="estimate the poses of a sweep and compound a 3D volume",
+        description="Estimate the frame poses of a sweep file with a registered pose method, then write the "
+                    "estimate (a sweep file), the compounded volume and a picture.")
+    p.add_argument("sweep", metavar="SWEEP.h5", nargs="?", help="input sweep file (HDF5 sweep contract)")
+    methods = available_methods()  # the registry, read when the parser is built: plug-ins included
+    p.add_argument("--method", default="tracked", choices=methods, metavar="METHOD",
+                   help="pose method (default: tracked): " + "; ".join(
+                       f"{name} = {method_info(name).label}" for name in methods) + " (--list-methods says more)")
+    p.add_argument("--list-methods", action="store_true", help="print the registered pose methods and exit")
+    p.add_argument("--out-sweep", metavar="EST.h5", help="write the estimate as a sweep file")
+    p.add_argument("--out-volume", metavar="VOL.nrrd", help="write the compounded volume (.nrrd, .nii.gz, .mha)")
+    p.add_argument("--png", metavar="PICTURE.png", help="write a 3D picture of the volume and trajectories")
+    p.add_argument("--spacing", type=float, default=DEFAULT_SPACING_MM, metavar="MM",
+                   help=f"voxel size in mm (default: {DEFAULT_SPACING_MM})")
+    p.add_argument("--compounding", choices=COMPOUNDING_MODES, default="mean",
+                   help="how overlapping pixels combine (default: mean)")
+    p.add_argument("--fill-holes", choices=FILL_METHODS, default="none",
+                   help="fill small gaps between frames (default: none)")
+    p.add_argument("--fill-kernel", type=float, default=1.0, metavar="MM", help="hole-filling radius in mm (default: 1)")
+    p.add_argument("--checkpoint", metavar="NAME_OR_PT", help="weights for a learned method (default: its shipped model)")
+    add_argument(p, "--quiet", deprecated=("--no-progress",), action="store_true", help="no progress bar")
+    add_device_argument(p)
     p.add_argument("--online-align", action=argparse.BooleanOptionalAction, default=None,
                    help="fima: run (or, with --no-online-align, skip) online alignment on the sweep "
                    "(default: the checkpoint's setting, on for the fima variant)")
@@ -193,6 +266,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=train)
 
-    p = verbs.add_parser("evaluate", help=EVALUATE_HELP)
-    add_evaluate_arguments(p)
+    p = verbs.add_parser(
+        "evaluate", help="compare an estimate file with the true poses (prints JSON metrics)",
+        description="Print the FiMA Table-1 and TUS-REC metrics of an estimate file against a sweep with true "
+                    "tforms, as JSON whose keys carry their units (fdr_pct, adr_pct, md_mm, sd_mm, hd_mm, "
+                    "mea_deg, gpe_mm, lpe_mm).")
+    p.add_argument("estimate", metavar="EST.h5", help="estimate file written by `freehand reconstruct --out-sweep`")
+    p.add_argument("--truth", required=True, metavar="SWEEP.h5", help="the sweep file with the true tforms")
+    p.add_argument("--out", metavar="METRICS.json", help="also write the JSON to this file")
     p.set_defaults(func=evaluate)

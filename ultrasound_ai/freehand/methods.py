@@ -5,11 +5,13 @@ A method turns a sweep (frames, optional IMU data) into estimated poses ``tforms
 optional extras such as per-pair IMU fusion weights.
 
 Built in: ``tracked`` (the file's own poses, normalised to the first frame: the only method allowed to
-read ``tforms``) and ``imu`` (IMU dead reckoning, ``imu_dead_reckoning.py``). Learned methods (FiMA,
-MoGLo-Net) join with one line in ``_LAZY_METHODS`` (imported only when used, so the CLI stays fast) or
-with ``register_method`` at run time.
+read ``tforms``), ``imu`` (IMU dead reckoning, ``imu_dead_reckoning.py``), ``fima`` and ``moglo``. The
+learned methods are registered by "package.module:Class" and imported only when used, so the CLI stays
+fast. Each registration carries the method's label and tooltip: the one source of the names the
+command line (choices, help) and the Slicer panel show. A new method is one ``register_method`` line
+(docs/CONTRIBUTING.md).
 
-The no-peeking rule (DESIGN.md: estimates must be identical when the input's ``tforms`` are deleted)
+The no-peeking rule (docs/DATA_FORMATS.md: estimates must be identical when the input's ``tforms`` are deleted)
 is enforced here, not left to each method: ``PoseMethod.estimate`` is the only entry point, and it
 hands ``sweep.without_truth()`` to every method not flagged ``uses_tracking=True``. A method implements
 ``_estimate`` and never sees the truth.
@@ -31,9 +33,12 @@ __all__ = [
     "PoseMethod",
     "TrackedMethod",
     "ImuDeadReckoningMethod",
+    "MethodInfo",
+    "PANEL_CHOICES",
     "register_method",
     "unregister_method",
     "get_method",
+    "method_info",
     "available_methods",
 ]
 
@@ -86,11 +91,11 @@ class PoseMethod:
     ``uses_tracking``: only a method that is *defined* by the tracker's poses (``tracked``) sets it;
     every other method gets the sweep without its ``tforms``. ``requires_imu``: the method needs
     ``imu_acc`` / ``imu_euler_deg``; a sweep without them is refused with a clear message.
-    ``accepted_params``: names of the method-specific parameters ``estimate`` accepts.
+    ``accepted_params``: names of the method-specific parameters ``estimate`` accepts. What users see
+    (label, tooltip) is given to ``register_method``.
     """
 
     name: str = ""
-    description: str = ""
     uses_tracking: bool = False
     requires_imu: bool = False
     accepted_params: tuple = ()
@@ -155,7 +160,6 @@ class TrackedMethod(PoseMethod):
     """The tracker's poses from the file, normalised to the first frame (the reference and sanity row)."""
 
     name = "tracked"
-    description = "poses from the sweep's tracker (tforms), normalised to the first frame"
     uses_tracking = True
 
     def _estimate(self, sweep, ctx: MethodContext) -> PoseEstimate:
@@ -174,7 +178,6 @@ class ImuDeadReckoningMethod(PoseMethod):
     """IMU-only dead reckoning (``imu_dead_reckoning.dead_reckon``)."""
 
     name = "imu"
-    description = "IMU dead reckoning: orientation from the IMU angles, position from double-integrated acceleration"
     requires_imu = True
     accepted_params = ("initial_velocity_mm_s", "remove_bias")
 
@@ -193,38 +196,61 @@ class ImuDeadReckoningMethod(PoseMethod):
 
 Factory = Union[Callable[[], PoseMethod], str]
 
-_REGISTRY: dict[str, Factory] = {
-    "tracked": TrackedMethod,
-    "imu": ImuDeadReckoningMethod,
-}
-
-# Methods whose module is imported only when they are asked for: name -> "package.module:factory".
-# Later issues add FiMA and MoGLo-Net here (one line each).
-_LAZY_METHODS: dict[str, str] = {"moglo": "ultrasound_ai.freehand.moglo.method:MogloMethod"}
-_LAZY_METHODS["fima"] = "ultrasound_ai.freehand.fima.method:FimaMethod"  # every variant; the card says which
+# Choices a Slicer panel offers besides the registered methods: "auto" picks FiMA or MoGLo-Net from the
+# sweep (IMU data or not) and the installed models (the UltrasoundAI module's logic resolves it).
+PANEL_CHOICES = ("auto",)
 
 
-def register_method(name: str, factory: Factory, *, replace: bool = False) -> None:
-    """Register a pose method: `factory()` returns a PoseMethod, or is "package.module:callable"."""
+@dataclass(frozen=True)
+class MethodInfo:
+    """What users see of a method: its name (files, CLI), a short label (panels, tables) and a tooltip
+    (one sentence: panels' tooltips, --help)."""
+
+    name: str
+    label: str
+    tooltip: str
+
+
+_REGISTRY: dict[str, Factory] = {}
+_INFO: dict[str, MethodInfo] = {}
+
+
+def register_method(name: str, factory: Factory, *, label: Optional[str] = None, tooltip: Optional[str] = None,
+                    replace: bool = False) -> None:
+    """Register a pose method: `factory()` returns a PoseMethod, or is "package.module:callable" (imported
+    only when the method is used). `label` (default: the name) and `tooltip` are what the CLI and the
+    panels show."""
+    label = name if label is None else label
+    tooltip = label if tooltip is None else tooltip
     if not isinstance(name, str) or not name or not name.replace("-", "_").replace(".", "_").isidentifier():
         raise InputError(f"method name {name!r}: expected a short identifier such as 'fima'")
     if not (callable(factory) or (isinstance(factory, str) and ":" in factory)):
         raise InputError(f"method {name!r}: factory must be callable or 'package.module:callable', got {factory!r}")
-    if not replace and (name in _REGISTRY or name in _LAZY_METHODS):
+    for what, text in (("label", label), ("tooltip", tooltip)):
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"method {name!r}: {what} must be a non-empty string, got {text!r}")
+    if not replace and name in _REGISTRY:
         raise InputError(f"method {name!r} is already registered (pass replace=True to override it)")
-    _LAZY_METHODS.pop(name, None)
     _REGISTRY[name] = factory
+    _INFO[name] = MethodInfo(name, label.strip(), tooltip.strip())
 
 
 def unregister_method(name: str) -> None:
     """Remove a method added with register_method (tests, plug-ins)."""
     _REGISTRY.pop(name, None)
-    _LAZY_METHODS.pop(name, None)
+    _INFO.pop(name, None)
 
 
 def available_methods() -> list[str]:
-    """Names of every registered method, built-in first, in registration order."""
-    return list(_REGISTRY) + [n for n in _LAZY_METHODS if n not in _REGISTRY]
+    """Names of every registered method, in registration order (built-in first)."""
+    return list(_REGISTRY)
+
+
+def method_info(name: str) -> MethodInfo:
+    """Name, label and tooltip of the method `name` (InputError listing the known names otherwise)."""
+    if name not in _INFO:
+        raise InputError(f"unknown pose method {name!r}; available: {', '.join(available_methods())}")
+    return _INFO[name]
 
 
 def _resolve_factory(name: str, factory: Factory) -> Callable[[], PoseMethod]:
@@ -240,13 +266,26 @@ def _resolve_factory(name: str, factory: Factory) -> Callable[[], PoseMethod]:
 
 def get_method(name: str) -> PoseMethod:
     """A fresh instance of the method `name`; InputError listing the known names otherwise."""
-    if not isinstance(name, str) or name not in _REGISTRY and name not in _LAZY_METHODS:
+    if not isinstance(name, str) or name not in _REGISTRY:
         raise InputError(f"unknown pose method {name!r}; available: {', '.join(available_methods())}")
-    factory = _REGISTRY.get(name, _LAZY_METHODS.get(name))
-    method = _resolve_factory(name, factory)()
+    method = _resolve_factory(name, _REGISTRY[name])()
     if not isinstance(method, PoseMethod):
         raise RuntimeError(f"method {name!r}: factory returned {type(method).__name__}, expected a PoseMethod")
     if method.name != name:
         # One instance, one name: the registry key is what files and reports record.
         method.name = name
     return method
+
+
+# The built-in methods, in the order the CLI and the panel list them.
+register_method("tracked", TrackedMethod, label="Tracked",
+                tooltip="poses from the sweep's tracker (tforms), normalised to the first frame")
+register_method("imu", ImuDeadReckoningMethod, label="IMU dead reckoning",
+                tooltip="orientation from the IMU angles, position from double-integrated acceleration")
+register_method("fima", "ultrasound_ai.freehand.fima.method:FimaMethod", label="FiMA",
+                tooltip="ReMamba (ResNet-18 + multi-directional selective scans) with adaptive multi-IMU fusion "
+                        "and online alignment; variant from the checkpoint (rem-prime, rem, rem-f-prime, rem-f, "
+                        "fima)")
+register_method("moglo", "ultrasound_ai.freehand.moglo.method:MogloMethod", label="MoGLo-Net",
+                tooltip="correlation encoder + global-local attention + LSTMs on 5-frame clips; images only "
+                        "(no IMU)")

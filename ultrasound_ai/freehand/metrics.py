@@ -299,7 +299,7 @@ def _spacing(pixel_spacing_xy) -> tuple[float, float]:
 
 def evaluate_sweep(est_tforms, true_tforms, frame_shape_hw, pixel_spacing_xy, landmarks=None,
                    chunk: int = DEFAULT_CHUNK) -> dict:
-    """All metrics of one sweep as a dict whose keys carry their units (DESIGN.md, CLI).
+    """All metrics of one sweep as a dict whose keys carry their units (docs/ARCHITECTURE.md, command line).
 
     Keys: fdr_pct, adr_pct, md_mm, sd_mm, hd_mm, mea_deg, gpe_mm, lpe_mm, and gle_mm, lle_mm when
     landmarks [L, 3] (frame index, x, y; 0-based pixels) are given.

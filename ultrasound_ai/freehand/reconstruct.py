@@ -1,6 +1,6 @@
 """End-to-end freehand reconstruction: sweep -> poses (a registered method) -> volume -> output files.
 
-Used by the CLI (``ultrasound-ai freehand reconstruct`` / ``evaluate``), the job task
+Used by the CLI (``ultrasound-ai freehand reconstruct`` / ``evaluate``, in cli.py), the job task
 ``freehand.reconstruct`` (the Slicer module) and ``ultrasound-ai demo``:
 
     result = run_reconstruction("sweep.h5", "imu", out_sweep="est.h5", out_volume="vol.nrrd",
@@ -17,10 +17,8 @@ failure or a cancel leaves no output behind.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +36,6 @@ __all__ = [
     "choose_grid",
     "run_reconstruction",
     "evaluate_files",
-    "add_reconstruct_arguments",
-    "add_evaluate_arguments",
-    "reconstruct_command",
-    "evaluate_command",
 ]
 
 ProgressFn = Callable[[float, str], None]
@@ -326,104 +320,3 @@ def evaluate_files(estimate_path, truth_path) -> dict:
 # ----------------------------------------------------------------------------------------------
 # CLI verbs (registered by ultrasound_ai/freehand/cli.py)
 # ----------------------------------------------------------------------------------------------
-
-
-RECONSTRUCT_HELP = "estimate the poses of a sweep and compound a 3D volume"
-EVALUATE_HELP = "compare an estimate file with the true poses (prints JSON metrics)"
-
-
-def add_reconstruct_arguments(p) -> None:
-    """Arguments of `ultrasound-ai freehand reconstruct SWEEP.h5 --method ...` (registered in freehand/cli.py)."""
-    from ultrasound_ai.core.device import add_device_argument
-
-    p.description = (
-        "Estimate the frame poses of a sweep file with a pose method (tracked: the file's own "
-        "tracker poses; imu: IMU dead reckoning; learned methods once registered), then write the "
-        "estimate (a sweep file), the compounded volume and a picture."
-    )
-    p.add_argument("sweep", metavar="SWEEP.h5", nargs="?", help="input sweep file (HDF5 sweep contract)")
-    p.add_argument("--method", default="tracked", help="pose method (default: tracked); see --list-methods")
-    p.add_argument("--list-methods", action="store_true", help="print the registered pose methods and exit")
-    p.add_argument("--out-sweep", metavar="EST.h5", help="write the estimate as a sweep file")
-    p.add_argument("--out-volume", metavar="VOL.nrrd", help="write the compounded volume (.nrrd, .nii.gz, .mha)")
-    p.add_argument("--png", metavar="PICTURE.png", help="write a 3D picture of the volume and trajectories")
-    p.add_argument("--spacing", type=float, default=DEFAULT_SPACING_MM, metavar="MM",
-                   help=f"voxel size in mm (default: {DEFAULT_SPACING_MM})")
-    p.add_argument("--compounding", choices=("mean", "max", "latest"), default="mean",
-                   help="how overlapping pixels combine (default: mean)")
-    p.add_argument("--fill-holes", choices=("none", "gaussian", "nearest"), default="none",
-                   help="fill small gaps between frames (default: none)")
-    p.add_argument("--fill-kernel", type=float, default=1.0, metavar="MM", help="hole-filling radius in mm (default: 1)")
-    p.add_argument("--checkpoint", metavar="NAME.pt", help="weights for a learned method")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_device_argument(p)
-
-
-def reconstruct_command(args) -> int:
-    """The `freehand reconstruct` verb."""
-    from ultrasound_ai.freehand.methods import available_methods, get_method
-
-    if args.list_methods:
-        for name in available_methods():
-            m = get_method(name)
-            print(f"{name:10s} {m.description}")
-        return 0
-    if not args.sweep:
-        raise InputError("freehand reconstruct: expected an input sweep file SWEEP.h5")
-    if not (args.out_sweep or args.out_volume or args.png):
-        print("ultrasound-ai freehand reconstruct: no output asked for (--out-sweep, --out-volume, --png); "
-              "computing the poses only", file=sys.stderr)
-    bar = None
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=1000, desc=f"reconstruct ({args.method})", unit="‰", leave=False,
-                   bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
-
-    def progress(fraction: float, message: str) -> None:
-        if bar is not None:
-            bar.n = int(round(1000 * fraction))
-            bar.set_postfix_str(message[:60], refresh=False)
-            bar.refresh()
-
-    try:
-        run = run_reconstruction(args.sweep, args.method, out_sweep=args.out_sweep, out_volume=args.out_volume,
-                                 out_png=args.png, spacing_mm=args.spacing, compounding=args.compounding,
-                                 fill_holes=args.fill_holes, fill_kernel_mm=args.fill_kernel, device=args.device,
-                                 checkpoint=args.checkpoint, method_params=getattr(args, "method_params", None),
-                                 progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
-    for note in run.notes:
-        print(f"note: {note}", file=sys.stderr)
-    for kind, path in run.outputs.items():
-        print(f"wrote {kind}: {path}")
-    if run.metrics:
-        print(json.dumps({k: round(v, 4) for k, v in run.metrics.items()}))
-    return 0
-
-
-def add_evaluate_arguments(p) -> None:
-    """Arguments of `ultrasound-ai freehand evaluate EST.h5 --truth SWEEP.h5` (registered in freehand/cli.py)."""
-    p.description = (
-        "Print the FiMA Table-1 and TUS-REC metrics of an estimate file against a sweep with true "
-                    "tforms, as JSON whose keys carry their units (fdr_pct, adr_pct, md_mm, sd_mm, hd_mm, "
-                    "mea_deg, gpe_mm, lpe_mm)."
-    )
-    p.add_argument("estimate", metavar="EST.h5", help="estimate file written by `freehand reconstruct --out-sweep`")
-    p.add_argument("--truth", required=True, metavar="SWEEP.h5", help="the sweep file with the true tforms")
-    p.add_argument("--out", metavar="METRICS.json", help="also write the JSON to this file")
-
-
-def evaluate_command(args) -> int:
-    """The `freehand evaluate` verb."""
-    from ultrasound_ai.core.atomic import atomic_output
-
-    metrics = evaluate_files(args.estimate, args.truth)
-    text = json.dumps(metrics, indent=2)
-    if args.out:
-        with atomic_output(args.out) as tmp:
-            Path(tmp).write_text(text + "\n")
-    print(text)
-    return 0

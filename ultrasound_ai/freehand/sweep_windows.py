@@ -1,6 +1,6 @@
 """Sweep -> network input: frames resampled to a model's pixel grid, relative-pose targets, clip windows.
 
-Generic helpers for every learned freehand method (MoGLo-Net uses them; FiMA may).
+Helpers shared by the learned freehand methods (FiMA and MoGLo-Net).
 
 The network grid. A model is trained for frames of ``frame_shape`` = (h, w) pixels at ``spacing_xy`` = (sx',
 sy') mm (the card's input facts). A sweep's frames (H, W) at (sx, sy) are resampled onto that grid centred
@@ -10,7 +10,7 @@ how the models are trained (simulated frames start at the face) and keeps the de
 network learnt: a grid centred in depth on a 37-mm-deep frame made the shipped FiMA and ReM read the
 out-of-plane direction backwards (demo sweep FDR 150 % centred, 14 % anchored). The network's image-mm
 coordinates therefore differ from the sweep's by a fixed translation: pixel (0, 0) of the network grid sits
-at ``offset_mm`` = (((W-1)sx - (w-1)sx')/2, 0, 0) in the sweep's image-mm coordinates (DESIGN.md: origin at
+at ``offset_mm`` = (((W-1)sx - (w-1)sx')/2, 0, 0) in the sweep's image-mm coordinates (docs/DATA_FORMATS.md: origin at
 the centre of pixel (0, 0), x along columns, y along rows). Relative transforms convert exactly between the
 two: ``T_sweep = Tr(o) @ T_net @ Tr(-o)`` (`to_network_relative` / `from_network_relative`), so the spacing
 and the geometry are carried through: estimates come back in the sweep's own image-mm coordinates.

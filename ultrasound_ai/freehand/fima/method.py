@@ -4,8 +4,9 @@ One method name serves every variant: the checkpoint's card says which (ReM', Re
 exactly the card's n_imus IMUs; ReM+F and FiMA: any M >= 1 IMUs, adaptive fusion).
 
 Pipeline for one sweep: the frames are resampled onto the checkpoint's grid (card ``input``: frame shape
-and pixel spacing; centred grid, `sweep_windows`); the IMU arrays give per-pair inputs (`imu_pair_inputs`;
-IMU axes are the image axes, so the grid shift leaves them unchanged). A sweep of up to the card's
+and pixel spacing; the grid is anchored at the transducer face and centred laterally, `sweep_windows`);
+the IMU arrays give per-pair inputs (`imu_pair_inputs`; IMU axes are the image axes, so the grid shift
+leaves them unchanged). A sweep of up to the card's
 ``window_frames`` maximum runs as one window; a longer one as windows of that length whose starts advance
 by about half a window, every pair's estimate being the mean over the windows holding it (so is its row
 of fusion weights, which keeps it normalised). The network's features are computed window by window
@@ -306,8 +307,6 @@ class FimaMethod(PoseMethod):
     and online alignment; the variant comes from the checkpoint's card."""
 
     name = METHOD
-    description = ("FiMA: ReMamba (ResNet-18 + multi-directional selective scans) with adaptive multi-IMU fusion "
-                   "and online alignment; variant from the checkpoint (rem-prime, rem, rem-f-prime, rem-f, fima)")
     accepted_params = ("online_align", "align_steps", "align_lr", "align_whole_network", "imus", "pair_chunk")
 
     def _estimate(self, sweep, ctx: MethodContext) -> PoseEstimate:

@@ -1,6 +1,6 @@
 """FiMA's network: ReMamba (ResNet-18 + multi-directional selective scans) with adaptive multi-IMU fusion.
 
-Yan et al., MICCAI 2024; facts in shared/reference/freehand.md. One code path serves the paper's
+Yan et al., MICCAI 2024 (facts from the paper and its public code). One code path serves the paper's
 ablations (`VARIANTS`): ReM' (plain one-direction Mamba), ReM (ReMamba, images only), ReM+F' (IMUs mapped
 by a linear layer and concatenated), ReM+F (adaptive fusion) and FiMA (ReM+F; its online alignment is a
 test-time procedure run by the caller with `fima.losses`).
@@ -25,7 +25,7 @@ Output per frame pair i: (tx, ty, tz) in mm and (ax, ay, az) in degrees of T_{i<
 
 IMU inputs per frame pair (`imu_pair_inputs`), for M >= 1 IMUs: the mean specific force of frames i and
 i+1 in m/s^2 and each IMU's relative rotation R_i^T R_{i+1} as static-xyz
-Euler angles in degrees. IMU axes are the image axes (DESIGN.md), so the relative rotation is directly
+Euler angles in degrees. IMU axes are the image axes (docs/DATA_FORMATS.md), so the relative rotation is directly
 comparable with the predicted angles; it is what the Pearson prior of online alignment uses. The
 network divides them by the config's `imu_acc_unit_m_s2` and `imu_angle_unit_deg` before the fusion.
 

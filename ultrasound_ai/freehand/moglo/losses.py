@@ -1,4 +1,4 @@
-"""MoGLo-Net's training losses (facts: shared/reference/freehand.md and the authors' public code).
+"""MoGLo-Net's training losses (facts: the paper and the authors' public code).
 
 All three work on *normalised* parameters ``(p - mean) / std`` (the network's raw outputs and the targets
 normalised with the same buffers), as the authors train on scaled targets:

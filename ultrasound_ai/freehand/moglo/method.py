@@ -120,8 +120,6 @@ class MogloMethod(PoseMethod):
     """MoGLo-Net (Kim et al., IEEE TMI 2025): sensorless pose estimation from the images alone."""
 
     name = METHOD
-    description = ("MoGLo-Net: correlation encoder + global-local attention + LSTMs on 5-frame clips; "
-                   "images only (no IMU)")
     accepted_params = ("overlap", "batch_clips")
 
     def _estimate(self, sweep, ctx: MethodContext) -> PoseEstimate:

@@ -1,6 +1,6 @@
 """MoGLo-Net (Kim et al., IEEE TMI 2025): correlation encoder, global-local attention, LSTM motion estimator.
 
-Facts in shared/reference/freehand.md ("MoGLo-Net"). Data flow for a batch of B clips of T frames
+Facts from the paper and the authors' public code. Data flow for a batch of B clips of T frames
 (S = T - 1 consecutive pairs; the paper uses T = 5 at 256 x 256 px)::
 
     frames [B, T, H, W] (0..255) -> x / 127.5 - 1 -> every frame through the shared encoder_1
@@ -125,10 +125,6 @@ class MogloConfig:
     @property
     def feature_dim(self) -> int:
         return 8 * self.base_width
-
-    @property
-    def n_patches(self) -> int:
-        return 16 * 16  # L is H/4, G is H/64: 16 x 16 patches of G's size whatever the frame size
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}

@@ -147,9 +147,6 @@ class SweepPool:
     def __len__(self):
         return len(self.frames)
 
-    def all_targets(self) -> np.ndarray:
-        return np.concatenate(self.targets, 0)
-
     def strided_targets(self, stride: int) -> list:
         """Per sweep, the targets [N-stride, 6] of the pairs (i, i+stride) (stride 1: `targets`)."""
         if stride == 1:

@@ -1,4 +1,4 @@
-"""Simulated IMUs rigidly mounted on the probe (DESIGN.md, "Freehand sweep", IMU fields).
+"""Simulated IMUs rigidly mounted on the probe (docs/DATA_FORMATS.md, "Freehand sweep", IMU fields).
 
 Conventions (the one place they are defined for the simulator):
 - Each IMU's axes are the image axes (x columns, y rows/depth, z = x × y); its position

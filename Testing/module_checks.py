@@ -634,10 +634,13 @@ class InstallRule:
 
 
 def install_directory_rules(cmake_path: Path) -> list[InstallRule]:
+    return [rule for cmd in parse_cmake(Path(cmake_path).read_text(encoding="utf-8"))
+            for rule in _install_directory_rules(cmd)]
+
+
+def _install_directory_rules(cmd: CMakeCommand) -> list[InstallRule]:
     rules = []
-    for cmd in parse_cmake(Path(cmake_path).read_text(encoding="utf-8")):
-        if cmd.name.lower() != "install" or not cmd.args or cmd.args[0] != "DIRECTORY":
-            continue
+    if cmd.name.lower() == "install" and cmd.args[:1] == ["DIRECTORY"]:
         args = cmd.args[1:]
         keywords = {"DESTINATION", "COMPONENT", "PATTERN", "REGEX", "FILES_MATCHING", "USE_SOURCE_PERMISSIONS",
                     "FILE_PERMISSIONS", "DIRECTORY_PERMISSIONS", "CONFIGURATIONS", "OPTIONAL", "MESSAGE_NEVER",
@@ -674,40 +677,119 @@ def install_directory_rules(cmake_path: Path) -> list[InstallRule]:
     return rules
 
 
-def check_install_rules(top_cmake: Path) -> list[Problem]:
+_COMPILE_KEYWORDS = {"NAME", "TARGET_NAME", "DESTINATION_DIR", "INSTALL_DIR", "SOURCE_DIR", "NO_INSTALL_SUBDIR",
+                     "GLOBAL_TARGET", "WITH_GENERIC_TESTS", "WITH_SUBDIR", "VERBOSE", "TARGET_LIBRARIES"}
+
+
+def _cmake_variables(path: Path, variables: dict[str, list[str]]) -> list[CMakeCommand]:
+    """Commands with set() and file(GLOB[_RECURSE] VAR [RELATIVE dir] patterns...) evaluated in order."""
+    out = []
+    for cmd in parse_cmake(Path(path).read_text(encoding="utf-8")):
+        args = [item for a in cmd.args for item in _expand(a, variables)]
+        name = cmd.name.lower()
+        if name == "set" and args:
+            variables[args[0]] = [a for a in args[1:] if a != "PARENT_SCOPE"]
+        elif name == "file" and args and args[0] in {"GLOB", "GLOB_RECURSE"} and len(args) > 1:
+            rest = args[2:]
+            relative = None
+            if rest[:1] == ["RELATIVE"] and len(rest) > 1:
+                relative, rest = Path(rest[1]), rest[2:]
+            files = set()
+            for pattern in (r for r in rest if r not in {"LIST_DIRECTORIES", "true", "false", "CONFIGURE_DEPENDS"}):
+                base, _, glob = pattern.rpartition("/")
+                found = (Path(base).rglob(glob) if args[0] == "GLOB_RECURSE" else Path(base).glob(glob))
+                files |= {f for f in found if f.is_file() and "__pycache__" not in f.parts}
+            variables[args[1]] = sorted(f.relative_to(relative).as_posix() if relative else str(f) for f in files)
+        out.append(CMakeCommand(cmd.name, args, cmd.line))
+    return out
+
+
+def cmake_layout(root: Path = REPO_ROOT, tree: str = "install", top_cmake: Path | None = None) -> dict[str, Path]:
+    """{path in the scripted-modules folder: source file} of the build tree ("build") or the install
+    tree ("install"), from the top CMakeLists.txt and the module folders it adds:
+    slicerMacroBuildScriptedModule and ctkMacroCompilePythonScript copy SCRIPTS and RESOURCES (relative
+    to their CMakeLists.txt) into both trees; install(DIRECTORY) adds to the install tree only."""
+    root = Path(root)
+    layout: dict[str, Path] = {}
+
+    def read(cmake: Path, source_dir: Path) -> None:
+        variables = {"CMAKE_CURRENT_SOURCE_DIR": [str(source_dir)], "CMAKE_SOURCE_DIR": [str(root)]}
+        for cmd in _cmake_variables(cmake, variables):
+            name = cmd.name.lower()
+            if name == "add_subdirectory" and cmd.args and (source_dir / cmd.args[0] / "CMakeLists.txt").is_file():
+                read(source_dir / cmd.args[0] / "CMakeLists.txt", source_dir / cmd.args[0])
+            elif name in {"slicermacrobuildscriptedmodule", "ctkmacrocompilepythonscript"}:
+                if name == "ctkmacrocompilepythonscript" and not _compiles_into_scripted_modules(cmd.args, tree):
+                    continue
+                section = None
+                for a in cmd.args:
+                    if a in {"SCRIPTS", "RESOURCES"}:
+                        section = a
+                    elif a in _COMPILE_KEYWORDS:
+                        section = None
+                    elif section:
+                        rel = _normalise_listed(a.replace(str(source_dir) + "/", ""))
+                        layout[rel] = source_dir / rel
+            elif name == "install" and tree == "install" and cmd.args[:1] == ["DIRECTORY"]:
+                for rule in _install_directory_rules(cmd):
+                    if "QTSCRIPTEDMODULES_LIB_DIR" not in rule.destination:
+                        continue
+                    src = root / rule.source
+                    prefix = rule.installed_as.split("QTSCRIPTEDMODULES_LIB_DIR}", 1)[1].strip("/")
+                    for f in src.rglob("*"):
+                        if f.is_file() and "__pycache__" not in f.parts and not f.name.startswith("."):
+                            layout[f"{prefix}/{f.relative_to(src).as_posix()}".strip("/")] = f
+
+    read(Path(top_cmake) if top_cmake is not None else root / "CMakeLists.txt", root)
+    return layout
+
+
+def _compiles_into_scripted_modules(args: list[str], tree: str) -> bool:
+    """ctkMacroCompilePythonScript copies into DESTINATION_DIR (the build tree) and installs that whole
+    folder into INSTALL_DIR, its contents only with NO_INSTALL_SUBDIR (CTK's ctkMacroCompilePythonScript)."""
+    def value(key):
+        return args[args.index(key) + 1] if key in args[:-1] else ""
+
+    if tree == "build":
+        return "QTSCRIPTEDMODULES_LIB_DIR" in value("DESTINATION_DIR")
+    return "QTSCRIPTEDMODULES_LIB_DIR" in value("INSTALL_DIR") and "NO_INSTALL_SUBDIR" in args
+
+
+def check_install_rules(top_cmake: Path, source_root: Path | None = None) -> list[Problem]:
+    """The engine and the models sit beside the module files in the install tree the CMake rules
+    produce; install(DIRECTORY) rules among them use COMPONENT RuntimeLibraries and skip __pycache__."""
     top_cmake = Path(top_cmake)
     rel = _rel(top_cmake)
     if not top_cmake.is_file():
         return [Problem("install-rules", rel, 0, "the extension's top CMakeLists.txt does not exist")]
+    root = Path(source_root) if source_root is not None else top_cmake.parent
     try:
+        layout = cmake_layout(root, "install", top_cmake)
         rules = install_directory_rules(top_cmake)
     except ValueError as exc:
         return [Problem("install-rules", rel, 0, str(exc))]
     out = []
-    for source, expected, why in (
-        (ENGINE_DIR, f"{INSTALL_DIR_VAR}/{ENGINE_DIR}", "so installed modules can import the engine"),
-        (MODELS_DIR, f"{INSTALL_DIR_VAR}/{MODELS_DIR}",
-         "where the engine's registry looks for weights (beside ultrasound_ai/)"),
+    for source, why in (
+        (ENGINE_DIR, "so installed modules can import the engine"),
+        (MODELS_DIR, "where the engine's registry looks for weights (beside ultrasound_ai/)"),
     ):
-        matching = [r for r in rules if r.source == source]
-        if not matching:
-            out.append(Problem("install-rules", rel, 0, f"no install(DIRECTORY {source} ...) rule: {source}/ must "
-                                                        f"be installed as {expected} {why}"))
-            continue
-        good = [r for r in matching if r.installed_as == expected]
-        if not good:
-            r = matching[0]
-            out.append(Problem("install-rules", rel, r.line, f"install(DIRECTORY {source}) puts it at "
-                                                             f"{r.installed_as}, expected {expected} {why}"))
-            continue
-        r = good[0]
-        if r.component != "RuntimeLibraries":
-            out.append(Problem("install-rules", rel, r.line, f"install(DIRECTORY {source}) has COMPONENT "
-                                                             f"{r.component}, expected RuntimeLibraries (the "
-                                                             f"component Slicer's extension package contains)"))
-        if "__pycache__" not in r.excluded_patterns:
-            out.append(Problem("install-rules", rel, r.line, f"install(DIRECTORY {source}) must exclude "
-                                                             f"__pycache__ (PATTERN \"__pycache__\" EXCLUDE)"))
+        expected = f"{INSTALL_DIR_VAR}/{source}"
+        wanted = {f"{source}/{p.relative_to(root / source).as_posix()}" for p in (root / source).rglob("*")
+                  if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
+                  and p.suffix in ({".py"} if source == ENGINE_DIR else {".pt", ".json"})}
+        if not wanted or not wanted <= set(layout):
+            placed = [r for r in rules if r.source == source]
+            where = f" (install(DIRECTORY {source}) puts it at {placed[0].installed_as})" if placed else ""
+            out.append(Problem("install-rules", rel, placed[0].line if placed else 0,
+                               f"{source}/ is not installed as {expected}{where} {why}"))
+        for r in (r for r in rules if r.source == source):
+            if r.component != "RuntimeLibraries":
+                out.append(Problem("install-rules", rel, r.line, f"install(DIRECTORY {source}) has COMPONENT "
+                                                                 f"{r.component}, expected RuntimeLibraries (the "
+                                                                 f"component Slicer's extension package contains)"))
+            if "__pycache__" not in r.excluded_patterns:
+                out.append(Problem("install-rules", rel, r.line, f"install(DIRECTORY {source}) must exclude "
+                                                                 f"__pycache__ (PATTERN \"__pycache__\" EXCLUDE)"))
     return out
 
 

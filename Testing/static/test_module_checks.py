@@ -161,16 +161,18 @@ def test_logic_importing_ctk_indirectly_is_caught(good):
     assert "does not import without qt/ctk" in p.message
 
 
-def test_top_cmake_without_engine_install_rule_is_caught(tmp_path):
+def test_top_cmake_without_the_engine_is_caught(tmp_path):
     text = (REPO / "CMakeLists.txt").read_text()
-    start = text.index("install(\n  DIRECTORY ${CMAKE_CURRENT_SOURCE_DIR}/ultrasound_ai")
-    end = text.index(")", text.index("PATTERN", start)) + 1
+    assert "SCRIPTS ${UltrasoundAI_ENGINE_SCRIPTS}" in text
     broken = tmp_path / "CMakeLists.txt"
-    broken.write_text(text[:start] + text[end:])
-    problems = mc.check_install_rules(broken)
+    broken.write_text(text.replace("SCRIPTS ${UltrasoundAI_ENGINE_SCRIPTS}", ""))
+    problems = mc.check_install_rules(broken, source_root=REPO)
     assert _checks(problems) == {"install-rules"}
     (p,) = problems
     assert "ultrasound_ai" in p.message and "Resources/Models" not in p.message
+    # Without NO_INSTALL_SUBDIR the macro installs the build folder itself, one level too deep.
+    broken.write_text(text.replace("NO_INSTALL_SUBDIR", ""))
+    assert len(mc.check_install_rules(broken, source_root=REPO)) == 2
 
 
 @pytest.mark.parametrize(
@@ -190,7 +192,7 @@ def test_wrong_engine_install_rules_are_caught(tmp_path, rule, expected):
               "  COMPONENT RuntimeLibraries PATTERN \"__pycache__\" EXCLUDE)\n")
     cmake = tmp_path / "CMakeLists.txt"
     cmake.write_text(f"project(X)\n# install(DIRECTORY ultrasound_ai) in a comment does not count\n{rule}\n{models}")
-    problems = mc.check_install_rules(cmake)
+    problems = mc.check_install_rules(cmake, source_root=REPO)
     assert len(problems) == 1 and expected in problems[0].message and "ultrasound_ai" in problems[0].message
     assert problems[0].line == 3
 
@@ -202,7 +204,7 @@ def test_models_installed_in_the_wrong_place_is_caught(tmp_path):
         "COMPONENT RuntimeLibraries PATTERN __pycache__ EXCLUDE)\n"
         "install(DIRECTORY Resources/Models DESTINATION ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR} "
         "COMPONENT RuntimeLibraries PATTERN __pycache__ EXCLUDE)\n")
-    (p,) = mc.check_install_rules(cmake)
+    (p,) = mc.check_install_rules(cmake, source_root=REPO)
     assert "Resources/Models" in p.message and "puts it at ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/Models" in p.message
 
 
@@ -235,8 +237,9 @@ def test_repository_modules_and_top_cmake_pass():
     modules = [REPO / m for m in ("UltrasoundAI", "UltrasoundAIRegistration", "UltrasoundAIULM")
                if (REPO / m / "CMakeLists.txt").is_file()]
     # The top-level check always runs, so this test checks something real before any module exists.
-    rules = {r.source: r for r in mc.install_directory_rules(REPO / "CMakeLists.txt")}
-    assert rules["ultrasound_ai"].installed_as == "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/ultrasound_ai"
-    assert rules["Resources/Models"].installed_as == "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/Resources/Models"
+    for tree in ("build", "install"):
+        layout = mc.cmake_layout(REPO, tree)
+        assert layout["ultrasound_ai/__init__.py"] == REPO / "ultrasound_ai" / "__init__.py"
+        assert "Resources/Models/fima_small.card.json" in layout and "UltrasoundAI.py" in layout
     problems = mc.run_checks(modules, top_cmake=REPO / "CMakeLists.txt")
     assert problems == [], "\n".join(map(str, problems))

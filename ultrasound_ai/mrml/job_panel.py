@@ -135,6 +135,8 @@ class JobPanel:
                 self.status_label.text = str(event.get("message", ""))
             elif kind == "log":
                 self.status_label.text = str(event.get("message", ""))
+            elif kind == "error":  # shown at once; the failure dialog follows when the job has ended
+                self.status_label.text = f"Error: {event.get('message', '')}"
         if not launcher.done:
             return
         self.timer.stop()

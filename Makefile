@@ -1,4 +1,4 @@
-# make demo | make test | make bench — each bootstraps .venv on first use.
+# make demo | make test | make lint | make bench — each bootstraps .venv on first use.
 # torch is installed first, pinned, so that pip never resolves a CUDA build on a machine without CUDA
 # (the CPU wheel lies in the local wheel house here; elsewhere set TORCH_INDEX_URL, e.g. to the
 # PyTorch CPU index). Later installs see torch>=2.4 satisfied and leave it alone.
@@ -9,7 +9,7 @@ TORCH_INDEX_URL ?=
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ultrasound-ai-installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test lint demo bench clean
 
 venv: $(STAMP)
 
@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, ultrasound_ai; print('torch', torch.__version__, 'ultrasound_ai', ultrasound_ai.__version__)"
 	touch $(STAMP)
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest Testing -q --durations=20
+
+# ruff's settings (rule sets, ignored rules and why) are in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
 	$(VENV)/bin/ultrasound-ai demo --out demo-output

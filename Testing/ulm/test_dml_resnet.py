@@ -217,6 +217,39 @@ def test_tail_window_and_short_acquisitions():
         SlidingWindowRunner(toy_predictor([]), 4, stride=5)
 
 
+def test_long_windows_estimate_each_frame_once_away_from_the_edges():
+    log = []
+    r = SlidingWindowRunner(toy_predictor(log), 8, stride=4, keep_margin=2)
+    est = r.push(frames_with_index(19)) + r.finish()
+    # Windows at 0, 4, 8 keep their frames [2, 6) (the first from 0); a tail window 11..18 the rest.
+    assert log == [(0, 8), (4, 8), (8, 8), (11, 8)]
+    want = {**dict.fromkeys(range(0, 6), 0), **dict.fromkeys(range(6, 10), 4), **dict.fromkeys(range(10, 14), 8),
+            **dict.fromkeys(range(14, 19), 11)}
+    assert [e.index for e in est] == list(range(19)) and all(e.n_estimates == 1 for e in est)
+    assert [round(float(e.maps[1, 0, 0]) * 10) for e in est] == [want[t] for t in range(19)]
+    # Streaming in any blocks gives the same estimates.
+    for cuts in ([3, 7], [1, 2, 9, 10], [13]):
+        r = SlidingWindowRunner(toy_predictor([]), 8, stride=4, keep_margin=2)
+        bounds, got = [0, *cuts, 19], []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            got += r.push(frames_with_index(19)[a:b])
+        got += r.finish()
+        np.testing.assert_array_equal(np.stack([e.maps for e in got]), np.stack([e.maps for e in est]))
+    with pytest.raises(InputError, match="keep margin"):
+        SlidingWindowRunner(toy_predictor([]), 8, stride=4, keep_margin=3)
+
+
+def test_peaks_only_keeps_one_detection_per_bubble():
+    maps = np.zeros((3, 6, 7), np.float32)
+    maps[0, 2, 3], maps[0, 2, 4] = 0.9, 0.8  # one bubble spread over two pixels
+    maps[0, 5, 0] = 0.5
+    iz, ix, *_ = select_detections(maps, 2)
+    assert list(zip(iz, ix)) == [(2, 3), (2, 4)]
+    iz, ix, *_ = select_detections(maps, 2, peaks_only=True)
+    assert list(zip(iz, ix)) == [(2, 3), (5, 0)]
+    assert select_detections(maps, 5, peaks_only=True)[0].size == 2  # fewer peaks (Pos > 0) than asked
+
+
 # ----------------------------------------------------------------------- detections and geometry
 
 

@@ -228,15 +228,23 @@ def test_window_stride_reaches_the_3dml_runner(tiny_dml_checkpoint, tiny_acq, on
     from ultrasound_ai.ulm.dml_inference import localize_3dml
 
     base = dict(model=str(tiny_dml_checkpoint), device="cpu", svd_cutoff=None, bubbles_per_frame=4,
-                min_track_length=2, block_frames=10)
+                min_track_length=2, block_frames=10, window_mode="sliding")
     got = {}
     for stride in (1, 3):
         res = process_acquisition(tiny_acq, "3dml", dict(base, window_stride=stride))
-        ref = localize_3dml(tiny_acq, model=tiny_dml_checkpoint, device="cpu", bubbles_per_frame=4, window_stride=stride)
+        ref = localize_3dml(tiny_acq, model=tiny_dml_checkpoint, device="cpu", bubbles_per_frame=4,
+                            window_mode="sliding", window_stride=stride)
         np.testing.assert_allclose(res.localizations[:, :4], ref, rtol=0, atol=1e-6)
         assert res.attrs["params"]["window_stride"] == stride
         got[stride] = res.localizations
     assert not np.array_equal(got[1], got[3])  # the stride really changed the averaging
+    # The default long windows: the same as localize_3dml's default, not the sliding ones.
+    long = process_acquisition(tiny_acq, "3dml", dict(base, window_mode="long"))
+    ref = localize_3dml(tiny_acq, model=tiny_dml_checkpoint, device="cpu", bubbles_per_frame=4)
+    np.testing.assert_allclose(long.localizations[:, :4], ref, rtol=0, atol=1e-6)
+    assert not np.array_equal(long.localizations, got[1])
+    with pytest.raises(InputError, match="window mode"):
+        process_acquisition(tiny_acq, "3dml", dict(base, window_mode="paper"))
     for bad in (0, 1.5, "two"):
         with pytest.raises(InputError, match="window stride"):
             process_acquisition(tiny_acq, "3dml", dict(base, window_stride=bad))
@@ -244,7 +252,7 @@ def test_window_stride_reaches_the_3dml_runner(tiny_dml_checkpoint, tiny_acq, on
     write_acquisition(tiny_acq, acq_path)
     cli = ["ulm", "process", str(acq_path), "--method", "3dml", "--model", str(tiny_dml_checkpoint), "--device", "cpu",
            "--svd-cutoff", "0", "--bubbles-per-frame", "4", "--min-track-length", "2", "--block-frames", "10",
-           "--out", str(out), "--quiet"]
+           "--window-mode", "sliding", "--out", str(out), "--quiet"]
     assert main(cli + ["--window-stride", "3"]) == 0
     np.testing.assert_array_equal(read_result(out).localizations, got[3])
     assert main(cli + ["--window-stride", "0"]) == 2

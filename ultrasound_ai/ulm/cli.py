@@ -74,6 +74,7 @@ def process(args: argparse.Namespace) -> int:
         resolution_factor=args.resolution_factor,
         device=args.device,
         model=args.model,
+        window_mode=args.window_mode,
         window_stride=args.window_stride,
     )
     result = process_acquisition(args.acquisition, args.method, params, args.out, png=args.png,
@@ -168,8 +169,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--resolution-factor", type=float, default=10.0, help="rendering pixel = wavelength / factor (default 10)")
     p.add_argument("--model", default=None, help="network model (3DML-ResNet checkpoint .pt or model name) for "
                    "--method 3dml and for --counting-network (default: the installed one)")
+    p.add_argument("--window-mode", choices=["long", "sliding"], default="long",
+                   help="3DML-ResNet windows: long (default: 64-frame windows, each frame predicted once) or "
+                        "sliding (the paper's 8-frame windows slid by --window-stride, estimates averaged; slower)")
     p.add_argument("--window-stride", type=int, default=1,
-                   help="3DML-ResNet sliding-window stride in frames (default 1, the paper's; larger is faster)")
+                   help="stride of the sliding windows in frames (--window-mode sliding; default 1, the paper's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=process)

@@ -49,6 +49,12 @@ __all__ = [
 
 PredictFn = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
 
+# Window modes of the pipeline (see the module docstring): "long" windows of LONG_WINDOW frames, slid by
+# LONG_WINDOW - 2 * LONG_MARGIN, each frame estimated once; "sliding": the paper's N-frame windows.
+WINDOW_MODES = ("long", "sliding")
+LONG_WINDOW = 64
+LONG_MARGIN = 4
+
 
 @dataclass
 class FrameEstimate:
@@ -81,14 +87,19 @@ class SlidingWindowRunner:
     predict(windows [B, n, Z, X] float32) -> (maps [B, n, 3, Z, X], counts [B, n]), numpy arrays.
     """
 
-    def __init__(self, predict: PredictFn, window_frames: int, stride: int = 1, batch_windows: int = 4):
+    def __init__(self, predict: PredictFn, window_frames: int, stride: int = 1, batch_windows: int = 4,
+                 keep_margin: int = 0):
         if int(window_frames) < 1:
             raise InputError(f"window_frames must be a positive number of frames, got {window_frames}")
         if not 1 <= int(stride) <= int(window_frames):
             raise InputError(f"window stride must be in [1, window_frames = {window_frames}], got {stride}")
+        if not 0 <= 2 * int(keep_margin) <= int(window_frames) - int(stride):
+            raise InputError(f"keep margin must be in [0, (window_frames - stride) / 2], got {keep_margin}")
         self.predict = predict
         self.n = int(window_frames)
         self.stride = int(stride)
+        # A window's estimates count only for its frames [m, n - m) (all of them at the acquisition's start).
+        self.m = int(keep_margin)
         self.batch_windows = max(1, int(batch_windows))
         self._frames: list[np.ndarray] = []  # raw frames from self._raw_start on
         self._raw_start = 0
@@ -130,7 +141,7 @@ class SlidingWindowRunner:
             starts.append(self._next_start)
             self._next_start += self.stride
         self._run(starts, self.n)
-        return self._collect(self._next_start)
+        return self._collect(min(self._next_start + self.m, self._end) if self._next_start else 0)
 
     def finish(self) -> list[FrameEstimate]:
         """Run the last window if frames are left uncovered; return every frame not yet returned."""
@@ -162,8 +173,11 @@ class SlidingWindowRunner:
             for k, s in enumerate(group):
                 for j in range(n):
                     t = s + j
-                    if only is not None and t not in only:
-                        continue
+                    if only is not None:
+                        if t not in only:
+                            continue
+                    elif (j < self.m and s > 0) or j >= n - self.m:
+                        continue  # too close to this window's edge; a neighbouring window covers it
                     if t in self._sum_maps:
                         self._sum_maps[t] += maps[k, j]
                         self._sum_count[t] += counts[k, j]
@@ -190,14 +204,24 @@ class SlidingWindowRunner:
         return out
 
 
-def select_detections(maps: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
-    """The n pixels with the highest Pos: (iz, ix, z_offset_px, x_offset_px, pos), by decreasing Pos."""
+def select_detections(maps: np.ndarray, n: int, peaks_only: bool = False) -> tuple[np.ndarray, ...]:
+    """The n pixels with the highest Pos: (iz, ix, z_offset_px, x_offset_px, pos), by decreasing Pos.
+
+    peaks_only: choose among the local maxima of Pos (3 x 3 neighbourhood) only, so one bubble whose
+    probability spreads over two neighbouring pixels is not kept twice (fewer than n when there are
+    fewer peaks with Pos > 0)."""
     pos = maps[0]
+    flat = pos.reshape(-1)
+    if peaks_only:
+        from scipy.ndimage import maximum_filter
+
+        is_peak = ((pos >= maximum_filter(pos, size=3, mode="constant", cval=-np.inf)) & (pos > 0)).reshape(-1)
+        flat = np.where(is_peak, flat, -np.inf)
+        n = min(int(n), int(is_peak.sum()))
     n = int(max(0, min(int(n), pos.size)))
     if n == 0:
         e = np.zeros(0)
         return e.astype(np.int64), e.astype(np.int64), e, e, e
-    flat = pos.reshape(-1)
     idx = np.argpartition(-flat, n - 1)[:n] if n < flat.size else np.arange(flat.size)
     # Ties broken by pixel index, so the order (and the kept set) is reproducible.
     idx = idx[np.lexsort((idx, -flat[idx]))]
@@ -208,7 +232,8 @@ def select_detections(maps: np.ndarray, n: int) -> tuple[np.ndarray, ...]:
 
 
 def estimates_to_localizations(estimates: Iterable[FrameEstimate], pixel_size_mm, origin_mm,
-                               bubbles_per_frame=None, record_counts: Callable | None = None) -> np.ndarray:
+                               bubbles_per_frame=None, record_counts: Callable | None = None,
+                               peaks_only: bool = False) -> np.ndarray:
     """Averaged frame estimates -> localizations [K, 4] = (frame, z_mm, x_mm, intensity).
 
     bubbles_per_frame: None = the counting network's rounded count per frame; an int = that many in
@@ -229,7 +254,7 @@ def estimates_to_localizations(estimates: Iterable[FrameEstimate], pixel_size_mm
             raise InputError(f"bubbles per frame must be >= 0, got {n} for frame {est.index}")
         if record_counts is not None:
             record_counts(est.index, np.array([n]))
-        iz, ix, zoff, xoff, _ = select_detections(est.maps, n)
+        iz, ix, zoff, xoff, _ = select_detections(est.maps, n, peaks_only)
         if iz.size == 0:
             continue
         r = np.empty((iz.size, 4))
@@ -265,11 +290,17 @@ def load_dml_model(model=None, device="auto"):
     return net.to(dev).eval(), card
 
 
-def model_predictor(net, device=None) -> PredictFn:
-    """A SlidingWindowRunner predictor running `net` (no gradients) on its device."""
+def model_predictor(net, device=None, channels_last: bool = False) -> PredictFn:
+    """A SlidingWindowRunner predictor running `net` (no gradients) on its device.
+
+    channels_last: run the 3D convolutions in the (N, T, Z, X, C) memory layout (the same arithmetic;
+    about twice as fast on CPU with oneDNN)."""
     import torch
 
     dev = device if device is not None else next(net.parameters()).device
+    if channels_last:
+        net.resnet.to(memory_format=torch.channels_last_3d)
+        net.resnet.channels_last = True
 
     def predict(windows: np.ndarray):
         with torch.no_grad():
@@ -301,8 +332,9 @@ class DmlLocalizationRunner:
     """
 
     def __init__(self, pixel_size_mm, origin_mm, wavelength_mm=None, *, model=None, device="auto",
-                 bubbles_per_frame=None, window_stride: int = 1, window_frames: int | None = None,
-                 batch_windows: int = 4, record_counts: Callable | None = None):
+                 bubbles_per_frame=None, window_mode: str = "long", window_stride: int = 1,
+                 window_frames: int | None = None, keep_margin: int | None = None, batch_windows: int | None = None,
+                 channels_last: bool | None = None, peaks_only: bool = True, record_counts: Callable | None = None):
         self.net, self.card = load_dml_model(model, device)
         _check_pixel_size(self.card, pixel_size_mm, wavelength_mm, "3DML-ResNet input")
         if bubbles_per_frame is not None and np.isscalar(bubbles_per_frame) and int(bubbles_per_frame) < 0:
@@ -311,13 +343,20 @@ class DmlLocalizationRunner:
         self.origin_mm = tuple(float(v) for v in origin_mm)
         self.bubbles_per_frame = bubbles_per_frame
         self.record_counts = record_counts
-        n = int(window_frames or self.net.config.window_frames)
-        self.runner = SlidingWindowRunner(model_predictor(self.net), n, stride=window_stride,
-                                          batch_windows=batch_windows)
+        self.peaks_only = peaks_only
+        if window_mode not in WINDOW_MODES:
+            raise InputError(f"3DML-ResNet window mode: expected one of {list(WINDOW_MODES)}, got {window_mode!r}")
+        long = window_mode == "long"
+        m = int(keep_margin if keep_margin is not None else (LONG_MARGIN if long else 0))
+        n = int(window_frames or (LONG_WINDOW if long else self.net.config.window_frames))
+        stride = n - 2 * m if long else int(window_stride)
+        cl = long if channels_last is None else bool(channels_last)
+        self.runner = SlidingWindowRunner(model_predictor(self.net, channels_last=cl), n, stride=stride,
+                                          batch_windows=batch_windows or (1 if long else 4), keep_margin=m)
 
     def _rows(self, estimates) -> np.ndarray:
         return estimates_to_localizations(estimates, self.pixel_size_mm, self.origin_mm, self.bubbles_per_frame,
-                                          self.record_counts)
+                                          self.record_counts, self.peaks_only)
 
     def push(self, block, start: int | None = None) -> np.ndarray:
         return self._rows(self.runner.push(block, start))
@@ -365,8 +404,9 @@ def pipeline_counter(ctx) -> DmlFrameCounter:
                            pixel_size_mm=ctx.pixel_size_mm, wavelength_mm=ctx.wavelength_mm)
 
 
-def localize_3dml(acquisition, *, model=None, device="auto", bubbles_per_frame=None, window_stride: int = 1,
-                  block_frames: int = 200, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+def localize_3dml(acquisition, *, model=None, device="auto", bubbles_per_frame=None, window_mode: str = "long",
+                  window_stride: int = 1, block_frames: int = 200,
+                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Localize every frame of an Acquisition (or an acquisition file path): [K, 4] (frame, z_mm, x_mm,
     intensity). Never reads the ground truth."""
     from ultrasound_ai.io.ulm_files import Acquisition, acquisition_info, iter_blocks
@@ -384,7 +424,7 @@ def localize_3dml(acquisition, *, model=None, device="auto", bubbles_per_frame=N
     else:
         raise InputError(f"3DML-ResNet: expected an Acquisition or an acquisition file, got {type(acquisition).__name__}")
     runner = DmlLocalizationRunner(*geo, model=model, device=device, bubbles_per_frame=bubbles_per_frame,
-                                   window_stride=window_stride)
+                                   window_mode=window_mode, window_stride=window_stride)
     parts = []
     for start, block in blocks:
         parts.append(runner.push(block, start))

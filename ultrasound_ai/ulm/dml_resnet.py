@@ -154,13 +154,17 @@ class DmlResNet(nn.Module):
                                       for _ in range(config.blocks)])
         self.conv_mid = _conv3(c, c)
         self.conv_last = _conv3(c, 3)
+        self.channels_last = False  # inference may switch to the channels-last 3D layout (model_predictor)
         with torch.no_grad():
             # Bubbles occupy ~1 % of the pixels: start Pos near that prior instead of 0.5 everywhere,
             # so the first steps do not spend themselves on pushing the whole map down.
             self.conv_last.bias[0].fill_(-4.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layered = self.conv_first(x.unsqueeze(1))
+        v = x.unsqueeze(1)
+        if self.channels_last:
+            v = v.contiguous(memory_format=torch.channels_last_3d)
+        layered = self.conv_first(v)
         y = self.conv_mid(self.blocks(layered)) + layered
         out = torch.sigmoid(self.conv_last(y))  # [B, 3, N, Z, X]
         return out.transpose(1, 2)

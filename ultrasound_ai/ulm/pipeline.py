@@ -36,6 +36,7 @@ import numpy as np
 
 from ultrasound_ai.core.errors import Cancelled, InputError
 
+from .dml_inference import WINDOW_MODES
 from .localization import localize, to_mm
 from .rendering import Renderer, RenderGrid, save_maps_png
 from .tracking import Tracker, postprocess_tracks
@@ -69,7 +70,8 @@ class UlmParams:
     resolution_factor: float = 10.0        # rendering pixel = wavelength / factor [--resolution-factor]
     device: str = "auto"                   # torch device for the SVD and networks [--device]
     model: Any = None                      # network model for learned methods (None = installed default) [--model]
-    window_stride: int = 1                 # 3DML-ResNet sliding-window stride, frames (1 = the paper's) [--window-stride]
+    window_mode: str = "long"              # 3DML-ResNet windows: "long" (each frame once) or "sliding" [--window-mode]
+    window_stride: int = 1                 # "sliding" windows' stride, frames (1 = the paper's) [--window-stride]
 
     # True when the counting network was chosen by default (no count given), not asked for.
     counting_network_auto: bool = field(default=False, init=False, repr=False, compare=False)
@@ -104,6 +106,8 @@ class UlmParams:
             stride_ok = False
         if not stride_ok:
             raise InputError(f"window stride: expected a whole number of frames >= 1, got {self.window_stride!r}")
+        if self.window_mode not in WINDOW_MODES:
+            raise InputError(f"window mode (--window-mode): expected one of {list(WINDOW_MODES)}, got {self.window_mode!r}")
         if not np.isfinite(self.resolution_factor) or self.resolution_factor <= 0:
             raise InputError(f"resolution factor: expected a positive number, got {self.resolution_factor!r}")
         return self
@@ -219,10 +223,11 @@ class ClassicalLocalizer:
 def _dml_factory(ctx: LocalizerContext):
     from .dml_inference import DmlLocalizationRunner
 
-    return DmlLocalizationRunner(ctx.pixel_size_mm, ctx.origin_mm, ctx.wavelength_mm, model=ctx.params.model,
-                                 device=ctx.device if ctx.device is not None else ctx.params.device,
-                                 bubbles_per_frame=ctx.params.bubbles_per_frame,
-                                 window_stride=int(ctx.params.window_stride), record_counts=ctx.record_counts)
+    p = ctx.params
+    return DmlLocalizationRunner(ctx.pixel_size_mm, ctx.origin_mm, ctx.wavelength_mm, model=p.model,
+                                 device=ctx.device if ctx.device is not None else p.device,
+                                 bubbles_per_frame=p.bubbles_per_frame, record_counts=ctx.record_counts,
+                                 window_mode=p.window_mode, window_stride=int(p.window_stride))
 
 
 def _default_counter(ctx: LocalizerContext):

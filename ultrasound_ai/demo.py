@@ -225,7 +225,7 @@ def run_demo(out_dir="demo-output", seed: int = DEFAULT_SEED, n_frames: int = DE
             run = run_reconstruction(
                 sweep_path, method, out_sweep=out / f"{method}_estimate.h5", out_volume=out / f"{method}_volume.nrrd",
                 out_png=(out / f"{method}.png") if png else None, spacing_mm=spacing_mm, device=device,
-                progress=progress, title=f"{method} reconstruction (simulated {sweep.attrs.get('tactic')} sweep, "
+                progress=progress, evaluate=True, title=f"{method} reconstruction (simulated {sweep.attrs.get('tactic')} sweep, "
                                          f"seed {seed})",
             )
         seconds[method] = time.perf_counter() - t0

@@ -46,8 +46,9 @@ DEFAULT_SPACING_MM = 0.5
 # spacing is coarsened (and the run says so) instead of exhausting memory.
 DEFAULT_MAX_VOXELS = 40_000_000
 
-# Share of the progress bar per stage: read, poses, volume, outputs.
-_STAGES = {"read": (0.0, 0.05), "poses": (0.05, 0.5), "volume": (0.5, 0.9), "write": (0.9, 1.0)}
+# Share of the progress bar per stage: read, poses, evaluation (when asked for), volume, outputs.
+_STAGES = {"read": (0.0, 0.05), "poses": (0.05, 0.45), "evaluate": (0.45, 0.55), "volume": (0.55, 0.9),
+           "write": (0.9, 1.0)}
 
 
 @dataclass
@@ -169,21 +170,26 @@ def _check_output_path(path, what: str, suffixes: tuple[str, ...]) -> Optional[P
         raise InputError(f"{what} {p}: expected a file name ending in {' or '.join(suffixes)}")
     if p.exists() and p.is_dir():
         raise InputError(f"{what} {p}: is a folder; expected a file name")
-    return p
+    from ultrasound_ai.core.atomic import check_output_path
+
+    return check_output_path(p, what=what)  # its folder can be made and written, before any work
 
 
 def run_reconstruction(sweep, method: str = "tracked", *, out_sweep=None, out_volume=None, out_png=None,
                        spacing_mm: float = DEFAULT_SPACING_MM, compounding: str = "mean", fill_holes: str = "none",
                        fill_kernel_mm: float = 1.0, device="auto", checkpoint: Optional[str] = None,
-                       method_params: Optional[dict] = None, evaluate: bool = True, make_volume: Optional[bool] = None,
+                       method_params: Optional[dict] = None, evaluate: Optional[bool] = None,
+                       make_volume: Optional[bool] = None,
                        max_voxels: int = DEFAULT_MAX_VOXELS, png_size=(900, 700), title: Optional[str] = None,
                        progress: Optional[ProgressFn] = None, cancel: Optional[CancelFn] = None) -> ReconstructionRun:
     """Estimate the poses of a sweep with `method`, compound a volume and write the requested outputs.
 
     sweep: a sweep file (HDF5 contract) or a ``Sweep``. out_sweep (.h5), out_volume (.nrrd/.nii.gz/.mha/
     .nii) and out_png (.png) are optional; nothing is written without them. The volume is built when
-    out_volume or out_png is asked for (or make_volume=True). evaluate: when the input has true tforms,
-    the estimate's metrics (``metrics.evaluate_sweep``) go into the result. progress(fraction, message)
+    out_volume or out_png is asked for (or make_volume=True). evaluate: compare the estimate with the
+    input's true tforms (``metrics.evaluate_sweep``, into ``run.metrics``): True, False, or None = when
+    the method is not ``tracked`` (whose estimate is the truth itself); a phase of its own, with
+    progress and cancel checks, skipped without true tforms. progress(fraction, message)
     and cancel() -> bool (True = stop: raises ``Cancelled``, nothing written) serve the job runner.
     """
     from ultrasound_ai.freehand.methods import get_method
@@ -215,13 +221,19 @@ def run_reconstruction(sweep, method: str = "tracked", *, out_sweep=None, out_vo
     run = ReconstructionRun(method=pose_method.name, source=source, n_frames=n, tforms=est.tforms,
                             imu_weights=est.imu_weights, method_attrs=dict(est.attrs), seconds=seconds)
 
+    if evaluate is None:
+        evaluate = pose_method.name != "tracked"
     if evaluate and sw.tforms is not None:
         from ultrasound_ai.freehand.metrics import evaluate_sweep
 
+        t0 = time.perf_counter()
         try:
-            run.metrics = evaluate_sweep(est.tforms, sw.tforms, (h, w), sw.pixel_spacing_xy)
+            # Every pixel of every frame (GPE, LPE): long on big sweeps, so it reports and can be cancelled.
+            run.metrics = evaluate_sweep(est.tforms, sw.tforms, (h, w), sw.pixel_spacing_xy,
+                                         progress=p.stage("evaluate"))
         except InputError as exc:  # e.g. a motionless tracked sweep: rates undefined, still reconstruct
             run.notes.append(f"metrics not computed: {exc}")
+        seconds["evaluate"] = time.perf_counter() - t0
 
     want_volume = make_volume if make_volume is not None else (out_volume is not None or out_png is not None)
     if want_volume:

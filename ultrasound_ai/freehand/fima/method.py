@@ -25,6 +25,7 @@ configuration's peak (BENCHMARKS.md fima_memory).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
@@ -58,6 +59,18 @@ def auto_pair_chunk(frame_shape) -> int:
     """Pairs encoded at once for a network grid of `frame_shape` (h, w): at most 16, within the budget."""
     h, w = (int(v) for v in frame_shape)
     return max(1, min(DEFAULT_PAIR_CHUNK, PAIR_PIXEL_BUDGET // (h * w)))
+
+
+def window_memory_bytes(cfg, pairs: int) -> int:
+    """Estimated working memory of encoding `pairs` frame pairs at once (core/memory.py check).
+
+    Dominated by SSM-F's tensors over all tokens of the pairs: stage-1 tokens (H/4 x W/4 per pair) x
+    expand x base_width channels x 4 bytes, about 28 such tensors alive at the peak (calibrated on
+    bench/bench_fima_memory.py: the paper preset, 179 pairs at once, peaked 9.5 GiB above its start).
+    """
+    h, w = (int(v) for v in cfg.frame_shape)
+    tokens = math.ceil(h / 4) * math.ceil(w / 4)
+    return 28 * 4 * int(pairs) * tokens * int(cfg.expand) * int(cfg.base_width)
 
 
 @dataclass
@@ -281,6 +294,12 @@ def estimate_sweep(model, card: dict, sweep, options: dict, progress=None) -> tu
     acc = ang = None
     if cfg.uses_imus:
         acc, ang = imu_inputs(sweep.imu_acc, sweep.imu_euler_deg, options["imus"])
+    from ultrasound_ai.core.memory import check_memory
+
+    pairs = min(int(options["pair_chunk"]), min(len(net_frames), int(cfg.window_frames[1])) - 1)
+    check_memory(window_memory_bytes(cfg, max(1, pairs)), what=f"encoding {pairs} frame pairs of "
+                 f"{cfg.frame_shape[0]}x{cfg.frame_shape[1]} px at once", option="pair_chunk (fima method parameter)",
+                 device=str(next(model.parameters()).device))
     pred = predict_pairs(model, net_frames, acc, ang, pair_chunk=options["pair_chunk"], align=options["align"],
                          progress=progress)
     rel = from_network_relative(params_to_matrix(pred.params, PARAM_CONVENTION, degrees=True), geom)

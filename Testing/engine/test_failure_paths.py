@@ -411,3 +411,88 @@ def test_output_extensions_are_checked_before_the_work(tiny_ulm_acquisition, tmp
                      str(tmp_path / "m.txt")]) == 2
     err = capsys.readouterr().err
     assert "--output" in err and "m.txt" in err and "unsupported extension" in err
+
+
+# -- freehand: evaluation is a phase of its own; memory estimates; parameter types ----------------------
+
+
+@pytest.fixture(scope="module")
+def small_sweep_file(tmp_path_factory):
+    from ultrasound_ai.freehand.simulation.phantom import Psf
+    from ultrasound_ai.freehand.simulation.simulator import simulate_sweep
+    from ultrasound_ai.io.sweep import write_sweep
+
+    sweep = simulate_sweep(5, n_frames=30, tactic="linear", frame_shape=(64, 72), psf=Psf(), reverse=False)
+    path = tmp_path_factory.mktemp("sweep") / "sweep.h5"
+    write_sweep(sweep, path)
+    return path
+
+
+def test_metrics_are_computed_only_when_asked_and_never_for_tracked_by_default(small_sweep_file):
+    from ultrasound_ai.freehand.reconstruct import run_reconstruction
+
+    messages = []
+    tracked = run_reconstruction(small_sweep_file, "tracked", progress=lambda f, m: messages.append(m))
+    assert tracked.metrics is None and "evaluate" not in tracked.seconds
+    assert not [m for m in messages if "pixel error" in m]
+    imu = run_reconstruction(small_sweep_file, "imu", progress=lambda f, m: messages.append(m))
+    assert imu.metrics is not None and imu.metrics["md_mm"] > 0 and imu.seconds["evaluate"] >= 0
+    assert run_reconstruction(small_sweep_file, "imu", evaluate=False).metrics is None
+
+
+def test_evaluation_reports_progress_and_is_cancelled_inside_it(small_sweep_file, tmp_path):
+    from ultrasound_ai.core.errors import Cancelled
+    from ultrasound_ai.freehand.reconstruct import run_reconstruction
+
+    seen = []
+
+    def progress(fraction, message):
+        seen.append((fraction, message))
+
+    def cancel():  # the user presses Cancel once the pixel errors are being computed
+        return any("pixel error" in m for _, m in seen)
+
+    with pytest.raises(Cancelled):
+        run_reconstruction(small_sweep_file, "imu", out_volume=tmp_path / "v.nrrd", evaluate=True,
+                           progress=progress, cancel=cancel)
+    evaluation = [f for f, m in seen if "pixel error" in m]
+    assert evaluation and all(0.45 <= f <= 0.55 for f in evaluation)
+    assert seen[-1][1] == "global pixel error"  # stopped there, the volume never started
+    assert listing(tmp_path) == []
+
+
+def test_a_wrong_parameter_type_in_a_job_is_bad_input(small_sweep_file, tmp_path):
+    import io
+
+    from ultrasound_ai.jobs.protocol import decode_event
+    from ultrasound_ai.jobs.worker import EventWriter, execute
+
+    for parameters, needle in (({"max_voxels": "lots"}, "'max_voxels' must be a positive integer, got str 'lots'"),
+                               ({"spacing_mm": [1]}, "'spacing_mm' must be a positive number"),
+                               ({"evaluate": "yes"}, "'evaluate' must be true or false")):
+        stream = io.StringIO()
+        job_data = {"task": "freehand.reconstruct", "inputs": {"sweep": str(small_sweep_file)},
+                    "outputs": {"volume": str(tmp_path / "v.nrrd")}, "parameters": parameters, "device": "cpu"}
+        assert execute(job_data, EventWriter(stream)) == 2, parameters
+        error = decode_event(stream.getvalue().splitlines()[-1])
+        assert needle in error["message"] and "traceback" not in error
+    assert listing(tmp_path) == []
+
+
+def test_compounding_and_fima_estimate_memory_before_allocating(small_sweep_file, monkeypatch):
+    from ultrasound_ai.core import memory
+    from ultrasound_ai.freehand.reconstruct import run_reconstruction
+
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device=None: 200_000)
+    with pytest.raises(InputError, match=r"--spacing \(spacing_mm\): a compounding grid of \d+x\d+x\d+ voxels"):
+        run_reconstruction(small_sweep_file, "tracked", make_volume=True, spacing_mm=0.2)
+    from ultrasound_ai.freehand.fima.method import estimate_sweep, method_options, window_memory_bytes
+    from ultrasound_ai.freehand.fima.model import FimaNet, make_config
+    from ultrasound_ai.io.sweep import read_sweep
+
+    # Calibration: bench_fima_memory measured 9.5 GiB for the paper preset's 179 pairs at once.
+    assert 8.5 < window_memory_bytes(make_config("paper"), 179) / 2**30 < 11
+    net = FimaNet(make_config("tiny", "rem")).eval()
+    sweep = read_sweep(small_sweep_file)
+    with pytest.raises(InputError, match=r"pair_chunk \(fima method parameter\): encoding 15 frame pairs"):
+        estimate_sweep(net, {"input": {}}, sweep, method_options({"online_align": False}, net.cfg, 0))

@@ -356,6 +356,19 @@ def _max_hits_per_voxel(grid: Grid, n: int, h: int, w: int, sx: float, sy: float
     return n * per_frame
 
 
+def _check_grid_memory(shape_ijk, n_padded: int, chunk_pixels: int, dev) -> None:
+    """Exit-2 error naming the voxel size when the grid cannot fit (core/memory.py), before allocating.
+
+    Per voxel: the int64 sum and int32 count, the float32 volume, the uint8 coverage and a float64
+    copy while finishing; per chunk pixel: three int64 index/value buffers.
+    """
+    from ultrasound_ai.core.memory import check_memory
+
+    ni, nj, nk = shape_ijk
+    check_memory(25 * n_padded + 24 * chunk_pixels, what=f"a compounding grid of {ni}x{nj}x{nk} voxels",
+                 option="--spacing (spacing_mm)", device=str(dev))
+
+
 def reconstruct_volume(frames, tforms, pixel_spacing_xy, grid=None, spacing_mm=0.5, orientation: str = "first",
                        compounding: str = "mean", fill_holes: str = "none", fill_kernel_mm: float = 1.0,
                        fill_min_ratio: float = 0.25, device="auto", chunk_frames: Optional[int] = None,
@@ -391,28 +404,15 @@ def reconstruct_volume(frames, tforms, pixel_spacing_xy, grid=None, spacing_mm=0
     n_ijk = np.array([ni, nj, nk], dtype=np.int64)
     one = 1 << bits
     clip = int(math.ceil(bound)) << bits
+    _check_grid_memory((ni, nj, nk), n_padded, chunk_frames * h * w, dev)
 
     packed = mode == "mean" and _max_hits_per_voxel(grid, n, h, w, sx, sy) <= PACKED_MAX_COUNT
-    if mode == "mean" and packed:
-        acc = torch.zeros(n_padded, dtype=torch.int64, device=dev)
-    elif mode == "mean":
-        acc = torch.zeros(n_padded, dtype=torch.int64, device=dev)  # sum
-        cnt = torch.zeros(n_padded, dtype=torch.int32, device=dev)
-    elif mode == "max":
-        # int16 halves the traffic on CPU; CUDA atomics want 32-bit words.
-        max_dtype = torch.int16 if dev.type == "cpu" else torch.int32
-        acc = torch.full((n_padded,), -1, dtype=max_dtype, device=dev)
-    else:
-        acc = torch.full((n_padded,), -1, dtype=torch.int64, device=dev)
+    acc = _ACCUMULATORS["packed-mean" if packed else mode](n_padded, h, w, dev)
 
-    hw = h * w
     buf_shape = (chunk_frames, h, w)
     axes_buf = torch.empty((2,) + buf_shape, dtype=torch.int32, device=dev)
-    lin_buf = torch.empty(buf_shape if mode in ("max", "latest") else (0, h, w), dtype=torch.int64, device=dev)
-    val_buf = torch.empty(buf_shape, dtype=acc.dtype if mode == "max" else torch.int64, device=dev)
-    if mode == "latest":
-        # (pixel order << 8): order = frame * H*W + row * W + column.
-        order8 = (torch.arange(hw, dtype=torch.int64, device=dev) << 8).view(1, h, w)
+    lin_buf = torch.empty(buf_shape if acc.int64_index else (0, h, w), dtype=torch.int64, device=dev)
+    val_buf = torch.empty(buf_shape, dtype=acc.value_dtype, device=dev)
 
     done = 0
     for f0 in range(0, n, chunk_frames):
@@ -444,45 +444,122 @@ def reconstruct_volume(frames, tforms, pixel_spacing_xy, grid=None, spacing_mm=0
                     out.clamp_(0, int(n_ijk[d]) + 1)
                 if d:
                     lin.add_(tmp, alpha=stride)
-            if mode in ("max", "latest"):
-                # scatter_reduce_ wants an int64 index.
-                lin64 = lin_buf[:b]
-                lin64.copy_(lin)
-                lin_flat = lin64.view(-1)
-            else:
-                lin_flat = lin.view(-1)
+            if acc.int64_index:
+                lin_buf[:b].copy_(lin)
+                lin = lin_buf[:b]
             vals = val_buf[:b]
             vals.copy_(torch.from_numpy(np.ascontiguousarray(chunk)).to(dev, non_blocking=True))
-            if mode == "mean" and packed:
-                vals.add_(1 << _SUM_BITS)
-                acc.index_add_(0, lin_flat, vals.view(-1))
-            elif mode == "mean":
-                acc.index_add_(0, lin_flat, vals.view(-1))
-                cnt.index_add_(0, lin_flat, torch.ones(1, dtype=torch.int32, device=dev).expand(lin_flat.numel()))
-            elif mode == "max":
-                acc.scatter_reduce_(0, lin_flat, vals.view(-1), "amax")
-            else:
-                vals.add_(order8)
-                base = torch.from_numpy((f0 + keep).astype(np.int64) * (hw << 8)).to(dev)
-                vals.add_(base.view(b, 1, 1))
-                acc.scatter_reduce_(0, lin_flat, vals.view(-1), "amax")
+            acc.add(lin.view(-1), vals, f0 + keep)
         done = f1
         if progress is not None:
             progress(done / n, f"compounded {done}/{n} frames")
 
-    crop = (slice(1, -1),) * 3
-    if mode == "mean" and packed:
-        a = acc.view(padded_kji)[crop].cpu().numpy()
+    values, hits = acc.read(padded_kji)
+    return _result_from_accumulators(grid, mode, values, hits, fill_holes, fill_kernel_mm, fill_min_ratio)
+
+
+# One class per compounding mode: the voxel accumulator of the fast path on the padded grid (flat).
+# `add(lin, vals, frames)` takes one chunk: linear voxel indices, the pixel values [B, H, W] (in a buffer of
+# `value_dtype`, free to modify) and the chunk's frame numbers; `read` returns (values, hits) cropped to
+# the grid for `_result_from_accumulators`.
+
+
+def _crop(t, padded_kji) -> np.ndarray:
+    return t.view(padded_kji)[1:-1, 1:-1, 1:-1].cpu().numpy()
+
+
+class _MeanAccumulator:
+    """mean: int64 sums and int32 counts."""
+
+    int64_index = False  # index_add_ takes the int32 index as it is
+
+    def __init__(self, n_padded: int, h: int, w: int, dev):
+        import torch
+
+        self.value_dtype = torch.int64
+        self.sums = torch.zeros(n_padded, dtype=torch.int64, device=dev)
+        self.counts = torch.zeros(n_padded, dtype=torch.int32, device=dev)
+        self._one = torch.ones(1, dtype=torch.int32, device=dev)
+
+    def add(self, lin, vals, frames) -> None:
+        self.sums.index_add_(0, lin, vals.view(-1))
+        self.counts.index_add_(0, lin, self._one.expand(lin.numel()))
+
+    def read(self, padded_kji):
+        return _crop(self.sums, padded_kji), _crop(self.counts, padded_kji)
+
+
+class _PackedMeanAccumulator:
+    """mean with at most PACKED_MAX_COUNT hits per voxel: count << _SUM_BITS | sum in one int64 (one
+    scatter instead of two)."""
+
+    int64_index = False
+
+    def __init__(self, n_padded: int, h: int, w: int, dev):
+        import torch
+
+        self.value_dtype = torch.int64
+        self.acc = torch.zeros(n_padded, dtype=torch.int64, device=dev)
+
+    def add(self, lin, vals, frames) -> None:
+        vals.add_(1 << _SUM_BITS)
+        self.acc.index_add_(0, lin, vals.view(-1))
+
+    def read(self, padded_kji):
+        a = _crop(self.acc, padded_kji)
         hits = np.empty(a.shape, dtype=np.int32)
         np.right_shift(a, _SUM_BITS, out=hits, casting="unsafe")  # count < 2^23 fits int32
-        sums = np.bitwise_and(a, (1 << _SUM_BITS) - 1, out=a)  # in place: the accumulator is done
-    elif mode == "mean":
-        sums = acc.view(padded_kji)[crop].cpu().numpy()
-        hits = cnt.view(padded_kji)[crop].cpu().numpy()
-    else:
-        a = acc.view(padded_kji)[crop].cpu().numpy()
-    return _result_from_accumulators(grid, mode, sums if mode == "mean" else a, hits if mode == "mean" else None,
-                                     fill_holes, fill_kernel_mm, fill_min_ratio)
+        return np.bitwise_and(a, (1 << _SUM_BITS) - 1, out=a), hits  # in place: the accumulator is done
+
+
+class _MaxAccumulator:
+    """max: the largest value, -1 where nothing hit."""
+
+    int64_index = True  # scatter_reduce_ wants an int64 index
+
+    def __init__(self, n_padded: int, h: int, w: int, dev):
+        import torch
+
+        # int16 halves the traffic on CPU; CUDA atomics want 32-bit words.
+        self.value_dtype = torch.int16 if dev.type == "cpu" else torch.int32
+        self.acc = torch.full((n_padded,), -1, dtype=self.value_dtype, device=dev)
+
+    def add(self, lin, vals, frames) -> None:
+        self.acc.scatter_reduce_(0, lin, vals.view(-1), "amax")
+
+    def read(self, padded_kji):
+        return _crop(self.acc, padded_kji), None
+
+
+class _LatestAccumulator:
+    """latest: the largest key (pixel order << 8 | value), order = frame * H*W + row * W + column, -1 where
+    nothing hit; the value is the key's low byte."""
+
+    int64_index = True
+
+    def __init__(self, n_padded: int, h: int, w: int, dev):
+        import torch
+
+        self.value_dtype = torch.int64
+        self.acc = torch.full((n_padded,), -1, dtype=torch.int64, device=dev)
+        self._hw8 = (h * w) << 8
+        self._order8 = (torch.arange(h * w, dtype=torch.int64, device=dev) << 8).view(1, h, w)
+        self._dev = dev
+
+    def add(self, lin, vals, frames) -> None:
+        import torch
+
+        vals.add_(self._order8)
+        base = torch.from_numpy(np.asarray(frames, dtype=np.int64) * self._hw8).to(self._dev)
+        vals.add_(base.view(-1, 1, 1))
+        self.acc.scatter_reduce_(0, lin, vals.view(-1), "amax")
+
+    def read(self, padded_kji):
+        return _crop(self.acc, padded_kji), None
+
+
+_ACCUMULATORS = {"mean": _MeanAccumulator, "packed-mean": _PackedMeanAccumulator, "max": _MaxAccumulator,
+                 "latest": _LatestAccumulator}
 
 
 def _result_from_accumulators(grid, mode, acc, hits, fill_holes, fill_kernel_mm, fill_min_ratio):

@@ -200,7 +200,7 @@ def _local(poses: np.ndarray) -> np.ndarray:
 
 
 def _mean_pixel_error(d_est: np.ndarray, d_true: np.ndarray, h: int, w: int, sx: float, sy: float,
-                      chunk: int) -> float:
+                      chunk: int, progress=None) -> float:
     """Mean over the given frame transforms and all H×W pixels of ‖(T̂ − T) x‖, in blocks.
 
     (T̂ − T) x = A (c·sx, r·sy, 0) + d is affine in the pixel, so a pixel's error vector is the row
@@ -217,6 +217,8 @@ def _mean_pixel_error(d_est: np.ndarray, d_true: np.ndarray, h: int, w: int, sx:
     frames_per_block = max(1, chunk // (rows_per_block * w))
     total = 0.0
     for f0 in range(0, m, frames_per_block):
+        if progress is not None:
+            progress(f0 / m)  # may raise Cancelled (the reconstruction's evaluation phase)
         f1 = min(m, f0 + frames_per_block)
         for r0 in range(0, h, rows_per_block):
             r1 = min(h, r0 + rows_per_block)
@@ -226,18 +228,22 @@ def _mean_pixel_error(d_est: np.ndarray, d_true: np.ndarray, h: int, w: int, sx:
     return total / (m * h * w)
 
 
-def gpe(tforms_est, tforms_true, frame_shape_hw, pixel_spacing_xy, chunk: int = DEFAULT_CHUNK) -> float:
-    """Global pixel error (mm): all pixels, frames i ≥ 1, global transforms T_{0←i}."""
+def gpe(tforms_est, tforms_true, frame_shape_hw, pixel_spacing_xy, chunk: int = DEFAULT_CHUNK,
+        progress=None) -> float:
+    """Global pixel error (mm): all pixels, frames i ≥ 1, global transforms T_{0←i}.
+
+    progress(fraction) is called before every block (it may raise to stop the computation)."""
     h, w, sx, sy = _frame_geometry(frame_shape_hw, pixel_spacing_xy)
     est, true = _pair(tforms_est, tforms_true)
-    return _mean_pixel_error(est[1:], true[1:], h, w, sx, sy, chunk)
+    return _mean_pixel_error(est[1:], true[1:], h, w, sx, sy, chunk, progress)
 
 
-def lpe(tforms_est, tforms_true, frame_shape_hw, pixel_spacing_xy, chunk: int = DEFAULT_CHUNK) -> float:
-    """Local pixel error (mm): all pixels, frames i ≥ 1, local transforms T_{i−1←i}."""
+def lpe(tforms_est, tforms_true, frame_shape_hw, pixel_spacing_xy, chunk: int = DEFAULT_CHUNK,
+        progress=None) -> float:
+    """Local pixel error (mm): all pixels, frames i ≥ 1, local transforms T_{i−1←i} (progress: see gpe)."""
     h, w, sx, sy = _frame_geometry(frame_shape_hw, pixel_spacing_xy)
     est, true = _pair(tforms_est, tforms_true)
-    return _mean_pixel_error(_local(est), _local(true), h, w, sx, sy, chunk)
+    return _mean_pixel_error(_local(est), _local(true), h, w, sx, sy, chunk, progress)
 
 
 def _landmarks(landmarks, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
@@ -298,13 +304,22 @@ def _spacing(pixel_spacing_xy) -> tuple[float, float]:
 
 
 def evaluate_sweep(est_tforms, true_tforms, frame_shape_hw, pixel_spacing_xy, landmarks=None,
-                   chunk: int = DEFAULT_CHUNK) -> dict:
+                   chunk: int = DEFAULT_CHUNK, progress=None) -> dict:
     """All metrics of one sweep as a dict whose keys carry their units (docs/ARCHITECTURE.md, command line).
 
     Keys: fdr_pct, adr_pct, md_mm, sd_mm, hd_mm, mea_deg, gpe_mm, lpe_mm, and gle_mm, lle_mm when
-    landmarks [L, 3] (frame index, x, y; 0-based pixels) are given.
+    landmarks [L, 3] (frame index, x, y; 0-based pixels) are given. progress(fraction, message) is
+    called between the metrics and between the blocks of GPE and LPE (which take most of the time:
+    every pixel of every frame); it may raise (e.g. Cancelled) to stop.
     """
+    def report(lo: float, hi: float, message: str):
+        if progress is None:
+            return None
+        return lambda f: progress(lo + (hi - lo) * f, message)
+
     args = (est_tforms, true_tforms, frame_shape_hw, pixel_spacing_xy)
+    if progress is not None:
+        progress(0.0, "trajectory metrics")
     err, path = _errors_and_paths(*args)
     if np.any(path[-1] <= 0):
         raise InputError("true_tforms: the true trajectory has zero length; drift rates are undefined")
@@ -315,8 +330,8 @@ def evaluate_sweep(est_tforms, true_tforms, frame_shape_hw, pixel_spacing_xy, la
         "sd_mm": float(np.mean(err.sum(axis=0))),
         "hd_mm": hd(*args),
         "mea_deg": mea(est_tforms, true_tforms),
-        "gpe_mm": gpe(*args, chunk=chunk),
-        "lpe_mm": lpe(*args, chunk=chunk),
+        "gpe_mm": gpe(*args, chunk=chunk, progress=report(0.1, 0.55, "global pixel error")),
+        "lpe_mm": lpe(*args, chunk=chunk, progress=report(0.55, 1.0, "local pixel error")),
     }
     if landmarks is not None:
         out["gle_mm"] = gle(est_tforms, true_tforms, landmarks, pixel_spacing_xy)

@@ -3,8 +3,8 @@
 ``render_reconstruction_png(volume, path, ...)`` draws the compounded volume where it lies in world
 coordinates (its direction and origin applied), the estimated trajectory of the frame centres as a
 tube (and the true one in another colour when known), the first and last frames' outlines, a caption
-and a legend, and writes a PNG through ``atomic_output``. It renders offscreen (EGL or OSMesa where
-VTK has them, so no display is needed). The volume is drawn with ``vtkSmartVolumeMapper`` (GPU ray
+and a legend, and writes a PNG through ``io.vtk_output.write_vtk_png`` (atomic, the writer's error code
+checked). It renders offscreen (EGL or OSMesa where VTK has them, so no display is needed). The volume is drawn with ``vtkSmartVolumeMapper`` (GPU ray
 casting where OpenGL allows it, VTK's CPU ray caster otherwise); ``mode="mip"`` draws a maximum
 intensity projection instead, ``mode="slices"`` three orthogonal slices (for drivers where volume
 rendering misbehaves).
@@ -12,7 +12,6 @@ rendering misbehaves).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -238,8 +237,8 @@ def render_reconstruction_png(volume, path, est_tforms=None, true_tforms=None, f
     """
     import vtk
 
-    from ultrasound_ai.core.atomic import atomic_output
     from ultrasound_ai.io.volume import Volume
+    from ultrasound_ai.io.vtk_output import write_vtk_png
 
     if not isinstance(volume, Volume):
         raise InputError(f"volume: expected an io.volume.Volume, got {type(volume).__name__}")
@@ -340,12 +339,7 @@ def render_reconstruction_png(volume, path, est_tforms=None, true_tforms=None, f
     grab.SetInputBufferTypeToRGB()
     grab.ReadFrontBufferOff()
     grab.Update()
-    with atomic_output(path) as tmp:
-        writer = vtk.vtkPNGWriter()
-        writer.SetFileName(os.fspath(tmp))
-        writer.SetInputConnection(grab.GetOutputPort())
-        writer.Write()
-        if not Path(tmp).exists() or Path(tmp).stat().st_size == 0:
-            raise RuntimeError(f"VTK did not write the picture {path}")
+    # The writer's error code is checked there: on a full disk VTK only prints "Write Error".
+    write_vtk_png(grab.GetOutputPort(), path)
     window.Finalize()
     return path

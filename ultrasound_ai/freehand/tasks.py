@@ -6,12 +6,15 @@ JOB.json (see ultrasound_ai.jobs.protocol)::
      "inputs": {"sweep": "SWEEP.h5"},
      "outputs": {"estimate": "EST.h5", "volume": "VOL.nrrd", "png": "VOL.png"},   # any non-empty subset
      "parameters": {"method": "imu", "spacing_mm": 0.5, "compounding": "mean", "fill_holes": "none",
-                    "fill_kernel_mm": 1.0, "checkpoint": null, "method_params": {}, "max_voxels": 40000000},
+                    "fill_kernel_mm": 1.0, "checkpoint": null, "method_params": {}, "max_voxels": 40000000,
+                    "evaluate": false},
      "device": "auto"}
 
 The work is ``freehand.reconstruct.run_reconstruction`` (the same pipeline as the CLI): the method sees
-the sweep without its tforms (unless it is ``tracked``), and the metrics are computed afterwards
-against the input's tforms when it has them. Outputs are written to the job's temporary paths and
+the sweep without its tforms (unless it is ``tracked``). The metrics against the input's tforms are a
+phase of their own, run only when asked for ("evaluate": true; the panel asks when the sweep has tracker
+poses and the method is not ``tracked``) and when the input has tforms; it reports progress and
+honours Cancel like the others. Outputs are written to the job's temporary paths and
 renamed by the worker only when the task succeeds, so a failure or a cancel leaves nothing behind.
 The result: {"method", "n_frames", "spacing_mm", "coverage_fraction", "metrics" (dict with unit-bearing
 keys, or None without ground truth), "notes", "seconds", "paths": {output name: final path}}, plus
@@ -23,13 +26,17 @@ from __future__ import annotations
 from typing import Any
 
 from ultrasound_ai.core.errors import InputError
+from ultrasound_ai.jobs.protocol import number_parameter
+
+TASK = "freehand.reconstruct"
 
 INPUTS = ("sweep",)
 OUTPUTS = ("estimate", "volume", "png")
 PARAMETERS = ("method", "spacing_mm", "compounding", "fill_holes", "fill_kernel_mm", "checkpoint",
-              "method_params", "max_voxels")
+              "method_params", "max_voxels", "evaluate")
 DEFAULTS: dict[str, Any] = {"method": "tracked", "spacing_mm": 0.5, "compounding": "mean", "fill_holes": "none",
-                            "fill_kernel_mm": 1.0, "checkpoint": None, "method_params": None}
+                            "fill_kernel_mm": 1.0, "checkpoint": None, "method_params": None,
+                            "evaluate": False}
 
 
 def _check_job(job) -> dict:
@@ -56,6 +63,12 @@ def _check_job(job) -> dict:
         raise InputError("freehand.reconstruct: parameter 'method_params' must be an object of method options")
     if params["checkpoint"] is not None and not isinstance(params["checkpoint"], str):
         raise InputError("freehand.reconstruct: parameter 'checkpoint' must be a file path or null")
+    if not isinstance(params["evaluate"], bool):
+        raise InputError(f"freehand.reconstruct: parameter 'evaluate' must be true or false, got {params['evaluate']!r}")
+    for name in ("spacing_mm", "fill_kernel_mm"):
+        params[name] = number_parameter(TASK, name, params[name])
+    if "max_voxels" in params:
+        params["max_voxels"] = number_parameter(TASK, "max_voxels", params["max_voxels"], integer=True)
     return params
 
 
@@ -67,7 +80,7 @@ def reconstruct_task(job, ctx) -> dict:
     ctx.progress(0.0, f"reconstructing with {params['method']}")
     kwargs = {}
     if "max_voxels" in params:
-        kwargs["max_voxels"] = int(params["max_voxels"])
+        kwargs["max_voxels"] = params["max_voxels"]
     run = run_reconstruction(
         job.inputs["sweep"],
         params["method"].strip(),
@@ -82,7 +95,7 @@ def reconstruct_task(job, ctx) -> dict:
         device=ctx.device,
         checkpoint=params["checkpoint"],
         method_params=params["method_params"],
-        evaluate=True,
+        evaluate=params["evaluate"],
         progress=ctx.progress,
         cancel=lambda: ctx.cancelled,
         **kwargs,

@@ -67,6 +67,7 @@ __all__ = [
     "encode_event",
     "decode_event",
     "to_jsonable",
+    "number_parameter",
     "EXIT_OK",
     "EXIT_FAILURE",
     "EXIT_BAD_INPUT",
@@ -167,6 +168,21 @@ def parse_job(data: Any, *, base_dir: str | os.PathLike | None = None, source: s
         parameters=dict(parameters),
         device=device.strip().lower(),
     )
+
+
+def number_parameter(task: str, name: str, value: Any, *, integer: bool = False, positive: bool = True):
+    """A job parameter that must be a (positive) number: the value as int or float, or InputError naming
+    the task, the parameter, what was expected and what came (a string "lots" is bad input, exit 2)."""
+    kind = "integer" if integer else "number"
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer and float(value) != int(value):
+        ok = False
+    if ok and positive and value <= 0:
+        ok = False
+    if not ok:
+        raise InputError(f"{task}: parameter {name!r} must be a {'positive ' if positive else ''}{kind}, "
+                         f"got {type(value).__name__} {value!r}")
+    return int(value) if integer else float(value)
 
 
 def load_job(path: str | os.PathLike) -> Job:

@@ -486,244 +486,294 @@ def train(
                 dist.destroy_process_group()
 
 
-def _train(config, task, dist_ctx, device, resume, progress, cancel_check, progress_bar) -> TrainResult:
-    sched = config.schedule
-    total = sched["steps"]
-    out = Path(config.output_dir)
-    last_path, log_path = out / "last.pt", out / "log.csv"
-    best_path, final_path = out / "best.pt", out / "final.pt"
-    cfg_dict = config.to_dict()
+class _TrainingRun:
+    """The state of one `train` call and the steps of its loop: the model and optimizer, the output folder
+    (last.pt, log.csv, best.pt, final.pt), the best and last validation metrics, progress reporting."""
 
-    _seed_globals(config.seed)
-    model = task.build_model(config)
-    if not isinstance(model, nn.Module):
-        raise RuntimeError(f"build_model() must return a torch.nn.Module, got {type(model).__name__}")
-    model.to(device)
-    groups = task.parameter_groups(model, config) if callable(getattr(task, "parameter_groups", None)) else None
-    optimizer = _build_optimizer(groups if groups else [p for p in model.parameters() if p.requires_grad], sched)
+    def __init__(self, config: TrainConfig, task, dist_ctx: _Dist, device: torch.device, progress):
+        self.config, self.task, self.dist, self.device, self.progress = config, task, dist_ctx, device, progress
+        self.sched = config.schedule
+        self.total = self.sched["steps"]
+        self.out = Path(config.output_dir)
+        self.last_path, self.log_path = self.out / "last.pt", self.out / "log.csv"
+        self.best_path, self.final_path = self.out / "best.pt", self.out / "final.pt"
+        self.cfg_dict = config.to_dict()
 
-    start_step, elapsed_before = 0, 0.0
-    best = {"metric": sched["best_metric"], "value": None, "step": 0, "metrics": {}}
-    last_metrics: dict = {}
-    state = None
-    if resume and last_path.exists():
-        state = _load_last(last_path)
-        diffs = config_differences(state["config"], cfg_dict)
+        _seed_globals(config.seed)
+        model = task.build_model(config)
+        if not isinstance(model, nn.Module):
+            raise RuntimeError(f"build_model() must return a torch.nn.Module, got {type(model).__name__}")
+        model.to(device)
+        groups = task.parameter_groups(model, config) if callable(getattr(task, "parameter_groups", None)) else None
+        self.optimizer = _build_optimizer(groups if groups else [p for p in model.parameters() if p.requires_grad],
+                                          self.sched)
+        self.model = model
+        self.start_step, self.elapsed_before = 0, 0.0
+        self.best = {"metric": self.sched["best_metric"], "value": None, "step": 0, "metrics": {}}
+        self.last_metrics: dict = {}
+        self.log = _CsvLog(self.log_path)
+        self.bar = None
+        self._t0 = time.monotonic()  # start_clock() restarts it when the steps begin
+        self._last_progress = 0.0
+
+    # ------------------------------------------------------------------ setup
+
+    def resume(self) -> None:
+        """Continue from last.pt: same config (but schedule.steps), weights, optimizer, RNG, best so far."""
+        state = _load_last(self.last_path)
+        diffs = config_differences(state["config"], self.cfg_dict)
         if diffs:
             raise InputError(
-                f"resume state {last_path}: the config differs from the saved run in {'; '.join(diffs)} "
+                f"resume state {self.last_path}: the config differs from the saved run in {'; '.join(diffs)} "
                 "(only schedule.steps may be raised); use another output folder or --no-resume"
             )
-        if total < state["step"]:
+        if self.total < state["step"]:
             raise InputError(
-                f"schedule.steps {total}: the run in {out} has already done {state['step']} steps; "
+                f"schedule.steps {self.total}: the run in {self.out} has already done {state['step']} steps; "
                 "ask for at least that many"
             )
-        _unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step, elapsed_before = int(state["step"]), float(state["elapsed_s"])
-        best = dict(state["best"])
-        last_metrics = dict(state.get("metrics") or {})
+        _unwrap(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_step, self.elapsed_before = int(state["step"]), float(state["elapsed_s"])
+        self.best = dict(state["best"])
+        self.last_metrics = dict(state.get("metrics") or {})
         _set_rng_state(state["rng"])
 
-    if dist_ctx.enabled:
-        from torch.nn.parallel import DistributedDataParallel
+    def wrap_distributed(self) -> None:
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
 
-        ddp_kwargs = {"device_ids": [device.index]} if device.type == "cuda" else {}
-        model = DistributedDataParallel(model, **ddp_kwargs)
+            ddp_kwargs = {"device_ids": [self.device.index]} if self.device.type == "cuda" else {}
+            self.model = DistributedDataParallel(self.model, **ddp_kwargs)
 
-    log = _CsvLog(log_path)
-    if dist_ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if state is not None:
-            log.open_for_resume(start_step)
+    def prepare_output(self, resumed: bool) -> None:
+        if not self.dist.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resumed:
+            self.log.open_for_resume(self.start_step)
         else:
             from ultrasound_ai.models.checkpoint import card_path_for
 
             # A fresh run (or --no-resume) in a used folder: nothing of the old run may pass for this one's.
-            for stale in (last_path, log_path, best_path, card_path_for(best_path), final_path, card_path_for(final_path)):
+            for stale in (self.last_path, self.log_path, self.best_path, card_path_for(self.best_path),
+                          self.final_path, card_path_for(self.final_path)):
                 if stale.exists():
                     stale.unlink()
-        _write_json(out / "config.json", cfg_dict)
+        _write_json(self.out / "config.json", self.cfg_dict)
 
-    t0 = time.monotonic()
+    def open_bar(self, progress_bar: bool | None) -> None:
+        show = progress_bar if progress_bar is not None else (self.progress is None and sys.stderr.isatty())
+        if self.dist.is_main and show:
+            from tqdm import tqdm
 
-    def elapsed() -> float:
-        return elapsed_before + time.monotonic() - t0
+            self.bar = tqdm(total=self.total, initial=self.start_step, desc=f"train {self.config.model_name}",
+                            unit="step")
 
-    def checkpoint(step: int) -> None:
-        if dist_ctx.is_main:
-            _save_last(
-                last_path,
-                {
-                    "format": LAST_STATE_FORMAT,
-                    "step": step,
-                    "model": _cpu_state_dict(model),
-                    "optimizer": optimizer.state_dict(),
-                    "lr_schedule": {"kind": sched["lr_schedule"], "factor": lr_factor(sched, max(step - 1, 0))},
-                    "rng": _rng_state(),
-                    "best": best,
-                    "metrics": last_metrics,
-                    "config": cfg_dict,
-                    "elapsed_s": elapsed(),
-                    "world_size": dist_ctx.world_size,
-                },
-            )
+    # ------------------------------------------------------------------ during the loop
 
-    def training_facts(step: int) -> dict:
+    def start_clock(self) -> None:
+        """Wall time counts from here (plus the time of the run resumed)."""
+        self._t0 = time.monotonic()
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self._t0
+
+    def checkpoint(self, step: int) -> None:
+        if not self.dist.is_main:
+            return
+        _save_last(self.last_path, {
+            "format": LAST_STATE_FORMAT,
+            "step": step,
+            "model": _cpu_state_dict(self.model),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": {"kind": self.sched["lr_schedule"], "factor": lr_factor(self.sched, max(step - 1, 0))},
+            "rng": _rng_state(),
+            "best": self.best,
+            "metrics": self.last_metrics,
+            "config": self.cfg_dict,
+            "elapsed_s": self.elapsed(),
+            "world_size": self.dist.world_size,
+        })
+
+    def training_facts(self, step: int) -> dict:
         return {
-            "seed": config.seed,
+            "seed": self.config.seed,
             "steps": step,
-            "world_size": dist_ctx.world_size,
-            "device": str(device),
-            "wall_time_s": round(elapsed(), 3),
-            "final_metrics": dict(last_metrics),
-            "best_metrics": dict(best["metrics"]),
-            "best_step": best["step"],
-            "best_metric": best["metric"],
-            "config": cfg_dict,
+            "world_size": self.dist.world_size,
+            "device": str(self.device),
+            "wall_time_s": round(self.elapsed(), 3),
+            "final_metrics": dict(self.last_metrics),
+            "best_metrics": dict(self.best["metrics"]),
+            "best_step": self.best["step"],
+            "best_metric": self.best["metric"],
+            "config": self.cfg_dict,
             "torch_version": torch.__version__,
         }
 
-    def validate_and_track(step: int, track: bool = True) -> dict:
-        nonlocal last_metrics
-        metrics = _run_validation(task, model, config, device)
-        if best["metric"] is None:
-            best["metric"] = next(iter(metrics))
-        if best["metric"] not in metrics:
+    def validate(self, step: int, track: bool = True) -> dict:
+        """Validation metrics; with `track`, they become the last metrics and best.pt follows the best."""
+        metrics = _run_validation(self.task, self.model, self.config, self.device)
+        if self.best["metric"] is None:
+            self.best["metric"] = next(iter(metrics))
+        if self.best["metric"] not in metrics:
             raise InputError(
-                f"schedule.best_metric {best['metric']!r}: validate() returns only {sorted(metrics)}"
+                f"schedule.best_metric {self.best['metric']!r}: validate() returns only {sorted(metrics)}"
             )
         if not track:
             return metrics
-        last_metrics = metrics
-        if _is_better(metrics[best["metric"]], best["value"], sched["best_mode"]):
-            best.update(value=metrics[best["metric"]], step=step, metrics=dict(metrics))
-            _save_weights(model, best_path, _make_card(task, config, metrics, training_facts(step)))
+        self.last_metrics = metrics
+        if _is_better(metrics[self.best["metric"]], self.best["value"], self.sched["best_mode"]):
+            self.best.update(value=metrics[self.best["metric"]], step=step, metrics=dict(metrics))
+            _save_weights(self.model, self.best_path,
+                          _make_card(self.task, self.config, metrics, self.training_facts(step)))
         return metrics
 
-    bar = None
-    show_bar = progress_bar if progress_bar is not None else (progress is None and sys.stderr.isatty())
-    if dist_ctx.is_main and show_bar:
-        from tqdm import tqdm
+    def baseline_row(self) -> dict | None:
+        """Row "step 0" of a fresh log: the untrained model's metrics. It is written with the first step's
+        row, once the loss terms, and so the log's columns, are known."""
+        if not (self.dist.is_main and self.log.columns is None and self.start_step < self.total):
+            return None
+        row = {"step": 0, "elapsed_s": round(self.elapsed(), 3), "lr": None}
+        row.update({f"val_{k}": v for k, v in self.validate(0, track=False).items()})
+        return row
 
-        bar = tqdm(total=total, initial=start_step, desc=f"train {config.model_name}", unit="step")
-    last_progress = 0.0
+    def optimise(self, step: int, batch) -> tuple[float, dict]:
+        """One optimisation step (step -> step + 1): (lr used, the scalar terms of training_step)."""
+        # Re-seeding per step makes dropout and any in-step sampling a function of (seed, rank, step).
+        _seed_globals(_mix_seed(self.config.seed, 2, self.dist.rank, step))
+        lr = _apply_lr(self.optimizer, lr_factor(self.sched, step))
+        self.optimizer.zero_grad(set_to_none=True)
+        out_terms = self.task.training_step(self.model, batch, self.device)
+        terms = _scalar_terms(out_terms, step + 1)
+        loss = out_terms["loss"]
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            raise RuntimeError("training_step()['loss'] must be a tensor attached to the model's graph")
+        loss.backward()
+        if self.sched["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(_unwrap(self.model).parameters(), self.sched["grad_clip"])
+        self.optimizer.step()
+        return lr, terms
 
-    def report(step: int, force: bool = False) -> None:
-        nonlocal last_progress
-        if not dist_ctx.is_main:
+    def write_row(self, step: int, lr: float, losses: dict, validate: bool, baseline: dict | None) -> None:
+        row = {"step": step, "elapsed_s": round(self.elapsed(), 3), "lr": lr, **losses}
+        if validate and self.dist.is_main:
+            row.update({f"val_{k}": v for k, v in self.validate(step).items()})
+        if self.dist.is_main:
+            if baseline is not None:
+                val_cols = [k for k in baseline if k.startswith("val_")]
+                self.log.write(baseline, columns=[*LOG_FIXED_COLUMNS, *losses, *val_cols])
+            self.log.write(row)
+
+    def report(self, step: int, force: bool = False) -> None:
+        if not self.dist.is_main:
             return
-        if bar is not None and step > bar.n:
-            bar.update(step - bar.n)  # tqdm throttles the redraws itself
+        if self.bar is not None and step > self.bar.n:
+            self.bar.update(step - self.bar.n)  # tqdm throttles the redraws itself
         now = time.monotonic()
-        if progress is not None and (force or now - last_progress >= 0.5):
-            last_progress = now
-            progress(step / total, f"step {step}/{total}")
+        if self.progress is not None and (force or now - self._last_progress >= 0.5):
+            self._last_progress = now
+            self.progress(step / self.total, f"step {step}/{self.total}")
 
-    step = start_step
-    try:
-        baseline = None
-        if dist_ctx.is_main and log.columns is None and start_step < total:
-            # Baseline row (step 0): the untrained model's metrics. It is written with the first step's
-            # row, once the loss terms, and so the log's columns, are known.
-            metrics = validate_and_track(0, track=False)
-            baseline = {"step": 0, "elapsed_s": round(elapsed(), 3), "lr": None}
-            baseline.update({f"val_{k}": v for k, v in metrics.items()})
-        model.train()
-        data = iter(task.batches(config, dist_ctx.rank, dist_ctx.world_size, start_step))
-        window: dict[str, torch.Tensor] = {}
-        window_n = 0
-        loss_keys: list[str] | None = None
-        report(step, force=True)
-        while step < total:
-            _check_cancel(cancel_check, dist_ctx, device)
-            # Re-seeding per step makes dropout and any in-step sampling a function of (seed, rank, step).
-            _seed_globals(_mix_seed(config.seed, 2, dist_ctx.rank, step))
-            lr = _apply_lr(optimizer, lr_factor(sched, step))
-            batch = next(data)
-            optimizer.zero_grad(set_to_none=True)
-            out_terms = task.training_step(model, batch, device)
-            terms = _scalar_terms(out_terms, step + 1)
-            loss = out_terms["loss"]
-            if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
-                raise RuntimeError("training_step()['loss'] must be a tensor attached to the model's graph")
-            loss.backward()
-            if sched["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(_unwrap(model).parameters(), sched["grad_clip"])
-            optimizer.step()
-            step += 1
+    # ------------------------------------------------------------------ the end
 
-            if loss_keys is None:
-                loss_keys = ["loss"] + [k for k in terms if k != "loss"]
-            for k in loss_keys:
-                if k not in terms:
-                    raise RuntimeError(f"training_step() returned no {k!r} at step {step} (it did before)")
-                window[k] = window.get(k, 0.0) + terms[k].to(torch.float64)
-            window_n += 1
-
-            is_final = step == total
-            do_val = step % sched["validate_every"] == 0 or is_final
-            if step % sched["log_every"] == 0 or do_val:
-                # Mean over the steps since the last row, averaged over ranks.
-                packed = torch.stack([window[k] for k in loss_keys]) / window_n
-                packed = _all_reduce(packed.to(device), dist_ctx) / dist_ctx.world_size
-                values = [float(v) for v in packed.cpu()]
-                if not math.isfinite(values[0]):
-                    raise RuntimeError(f"the loss is not finite ({values[0]}) at step {step}; lower schedule.lr?")
-                window, window_n = {}, 0
-                row = {"step": step, "elapsed_s": round(elapsed(), 3), "lr": lr}
-                row.update(zip(loss_keys, values))
-                if do_val and dist_ctx.is_main:
-                    row.update({f"val_{k}": v for k, v in validate_and_track(step).items()})
-                if dist_ctx.is_main:
-                    if baseline is not None:
-                        val_cols = [k for k in baseline if k.startswith("val_")]
-                        log.write(baseline, columns=[*LOG_FIXED_COLUMNS, *loss_keys, *val_cols])
-                        baseline = None
-                    log.write(row)
-            if step % sched["checkpoint_every"] == 0 or is_final:
-                checkpoint(step)
-            report(step)
-
-        if start_step >= total and dist_ctx.is_main and not last_metrics:
-            validate_and_track(total)
+    def finish(self) -> TrainResult:
+        """final.pt and its card (rank 0), the result; every rank waits for the others."""
+        if self.start_step >= self.total and self.dist.is_main and not self.last_metrics:
+            self.validate(self.total)
         result = None
-        if dist_ctx.is_main:
-            card = _save_weights(model, final_path, _make_card(task, config, last_metrics, training_facts(total)))
+        if self.dist.is_main:
+            card = _save_weights(self.model, self.final_path,
+                                 _make_card(self.task, self.config, self.last_metrics, self.training_facts(self.total)))
             result = TrainResult(
-                output_dir=out,
-                steps=total,
-                metrics=dict(last_metrics),
-                best_metrics=dict(best["metrics"]),
-                best_step=int(best["step"]),
-                final_path=final_path,
-                best_path=best_path if best_path.exists() else None,
-                last_path=last_path,
-                log_path=log_path,
-                card=card,
-                world_size=dist_ctx.world_size,
+                output_dir=self.out, steps=self.total, metrics=dict(self.last_metrics),
+                best_metrics=dict(self.best["metrics"]), best_step=int(self.best["step"]),
+                final_path=self.final_path, best_path=self.best_path if self.best_path.exists() else None,
+                last_path=self.last_path, log_path=self.log_path, card=card, world_size=self.dist.world_size,
             )
-        report(total, force=True)
-        if dist_ctx.enabled:
+        self.report(self.total, force=True)
+        if self.dist.enabled:
             import torch.distributed as dist
 
             dist.barrier()
         if result is None:
             result = TrainResult(
-                output_dir=out, steps=total, metrics={}, best_metrics={}, best_step=0, final_path=final_path,
-                best_path=None, last_path=last_path, log_path=log_path, card={}, world_size=dist_ctx.world_size,
-                extra={"rank": dist_ctx.rank},
+                output_dir=self.out, steps=self.total, metrics={}, best_metrics={}, best_step=0,
+                final_path=self.final_path, best_path=None, last_path=self.last_path, log_path=self.log_path,
+                card={}, world_size=self.dist.world_size, extra={"rank": self.dist.rank},
             )
         return result
+
+    def close(self) -> None:
+        self.log.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+class _LossWindow:
+    """The loss terms summed since the last log row; their mean over the steps and the ranks."""
+
+    def __init__(self):
+        self.keys: list[str] | None = None
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def add(self, terms: Mapping[str, torch.Tensor], step: int) -> None:
+        if self.keys is None:
+            self.keys = ["loss"] + [k for k in terms if k != "loss"]
+        for k in self.keys:
+            if k not in terms:
+                raise RuntimeError(f"training_step() returned no {k!r} at step {step} (it did before)")
+            self.sums[k] = self.sums.get(k, 0.0) + terms[k].to(torch.float64)
+        self.n += 1
+
+    def take_mean(self, dist_ctx: _Dist, device, step: int) -> dict[str, float]:
+        packed = torch.stack([self.sums[k] for k in self.keys]) / self.n
+        packed = _all_reduce(packed.to(device), dist_ctx) / dist_ctx.world_size
+        values = [float(v) for v in packed.cpu()]
+        if not math.isfinite(values[0]):
+            raise RuntimeError(f"the loss is not finite ({values[0]}) at step {step}; lower schedule.lr?")
+        self.sums, self.n = {}, 0
+        return dict(zip(self.keys, values))
+
+
+def _train(config, task, dist_ctx, device, resume, progress, cancel_check, progress_bar) -> TrainResult:
+    run = _TrainingRun(config, task, dist_ctx, device, progress)
+    resumed = resume and run.last_path.exists()
+    if resumed:
+        run.resume()
+    run.wrap_distributed()
+    run.prepare_output(resumed)
+    run.open_bar(progress_bar)
+    run.start_clock()
+    sched, total = run.sched, run.total
+    step = run.start_step
+    try:
+        baseline = run.baseline_row()
+        run.model.train()
+        data = iter(task.batches(config, dist_ctx.rank, dist_ctx.world_size, run.start_step))
+        window = _LossWindow()
+        run.report(step, force=True)
+        while step < total:
+            _check_cancel(cancel_check, dist_ctx, device)
+            lr, terms = run.optimise(step, next(data))
+            step += 1
+            window.add(terms, step)
+            is_final = step == total
+            do_val = step % sched["validate_every"] == 0 or is_final
+            if step % sched["log_every"] == 0 or do_val:
+                run.write_row(step, lr, window.take_mean(dist_ctx, device, step), do_val, baseline)
+                baseline = None
+            if step % sched["checkpoint_every"] == 0 or is_final:
+                run.checkpoint(step)
+            run.report(step)
+        return run.finish()
     except Cancelled:
         # Cancellation is checked between steps, so model and optimizer are those of `step`.
-        checkpoint(step)
+        run.checkpoint(step)
         raise
     finally:
-        log.close()
-        if bar is not None:
-            bar.close()
+        run.close()
 
 
 def _check_cancel(cancel_check, dist_ctx: _Dist, device) -> None:

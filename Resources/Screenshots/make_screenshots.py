@@ -69,7 +69,7 @@ def _text(renderer, text: str, x: float, y: float, size: int, bold: bool = False
     prop.SetColor(1, 1, 1)
     actor.GetPositionCoordinate().SetCoordinateSystemToNormalizedViewport()
     actor.SetPosition(x, y)
-    renderer.AddActor2D(actor)
+    renderer.AddViewProp(actor)
 
 
 def _render(panels, title: str, footer: str, path: Path) -> None:

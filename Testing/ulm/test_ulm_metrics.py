@@ -5,7 +5,13 @@ import pytest
 
 from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.io.ulm_files import UlmResult
-from ultrasound_ai.ulm.metrics import evaluate_result, greedy_pairs, localization_metrics, rendering_metrics
+from ultrasound_ai.ulm.metrics import (
+    evaluate_result,
+    greedy_pairs,
+    localization_metrics,
+    rendering_metrics,
+    vessel_metrics,
+)
 from ultrasound_ai.ulm.rendering import RenderGrid, render_ground_truth
 
 LAM = 0.1  # mm
@@ -71,6 +77,46 @@ def test_rendering_metrics():
         rendering_metrics(img, img[:10])
 
 
+def _vessel(shape=(200, 300), gap=None, shift=0):
+    """A hand-drawn rendering: a curved vessel 3 px wide (density 4) and a straight one (density 2);
+    `gap` = (x0, x1) removes the curved vessel between those columns."""
+    img = np.zeros(shape)
+    x = np.arange(20, 280)
+    z = (100 + 50 * np.sin(x / 40.0)).astype(int) + shift
+    for dz in (-1, 0, 1):
+        img[z + dz, x] = 4.0
+    img[30:33, 40:260] = 2.0
+    if gap is not None:
+        img[:, gap[0]:gap[1]][img[:, gap[0]:gap[1]] == 4.0] = 0.0
+    return img
+
+
+def test_vessel_metrics_see_a_gap_that_ssim_does_not():
+    truth = _vessel()
+    full = _vessel(shift=1)  # every vessel found, 1 px (lambda/10) off
+    gapped = _vessel(shift=1, gap=(100, 165))  # a quarter of the curved vessel missing
+    tol = 2.5  # lambda/4 at lambda/10 pixels
+    s_full, s_gap = rendering_metrics(full, truth)["ssim"], rendering_metrics(gapped, truth)["ssim"]
+    s_empty = rendering_metrics(np.zeros_like(truth), truth)["ssim"]
+    assert abs(s_full - s_gap) < 0.03 and s_empty > 0.9  # SSIM barely moves, and rates an empty image high
+    v_full, v_gap = vessel_metrics(full, truth, tol), vessel_metrics(gapped, truth, tol)
+    v_empty = vessel_metrics(np.zeros_like(truth), truth, tol)
+    assert v_full["vessel_dice"] == pytest.approx(1.0) and v_full["vessel_precision"] == 1.0
+    # 65 of the 260 columns of the curved vessel (3/4 of all vessel pixels) are gone: recall 1 - 195/1440.
+    n_curved, n_straight = 3 * 260, 3 * 220
+    assert v_gap["vessel_recall"] == pytest.approx(1 - 3 * 65 / (n_curved + n_straight), abs=0.01)
+    assert v_gap["vessel_dice"] < v_full["vessel_dice"] - 0.06
+    assert v_gap["ssim_vessel"] < v_full["ssim_vessel"] - 0.05
+    assert v_empty["vessel_dice"] == 0.0 and v_empty["ssim_vessel"] < 0.2
+    # A spurious vessel lowers the precision, not the recall.
+    spurious = full.copy()
+    spurious[170:173, 20:120] = 1.0
+    v_sp = vessel_metrics(spurious, truth, tol)
+    assert v_sp["vessel_recall"] == 1.0 and v_sp["vessel_precision"] < 0.95
+    with pytest.raises(InputError, match="empty"):
+        vessel_metrics(full, np.zeros_like(truth), tol)
+
+
 def test_evaluate_result_against_its_own_truth():
     gt = np.array([[f, 0.5 + 0.02 * f, 0.3, 0] for f in range(30)] + [[f, 0.2, 0.1 + 0.03 * f, 1] for f in range(30)])
     grid = RenderGrid(origin_mm=(0.0, 0.0), pixel_size_mm=(0.01, 0.01), shape=(130, 130))
@@ -82,3 +128,4 @@ def test_evaluate_result_against_its_own_truth():
     assert out["raw"]["jaccard"] == 1.0 and out["raw"]["loc_error_lambda"] == 0.0
     assert out["tracked"]["tp"] == 55 and out["tracked"]["fn"] == 5 and out["jaccard"] == pytest.approx(55 / 60)
     assert out["ssim"] == pytest.approx(1.0) and out["rmse"] == pytest.approx(0.0)
+    assert out["vessel_dice"] == pytest.approx(1.0) and out["ssim_vessel"] == pytest.approx(1.0)

@@ -155,7 +155,7 @@ def main(argv=None) -> int:
             "formation, anatomy, motion with speed changes, pauses and reversals, IMU model; it imports nothing from "
             "the training simulator; never used for training or model selection), 5 per tactic, seeds "
             f"{manifest['sweeps'][0]['seed']}–{manifest['sweeps'][-1]['seed']}; 160–240 frames at 20 Hz, 4 IMUs, "
-            "frames 34–44 mm deep at 0.13–0.18 mm, drawn per sweep.")
+            "frames 20–28 × 20–26 mm at 0.13–0.18 mm, drawn per sweep.")
     else:
         settings = {k: manifest[k] for k in ("simulator_version", "n_frames", "frame_shape_hw", "pixel_spacing_mm",
                                              "n_imus", "frame_rate_hz")}

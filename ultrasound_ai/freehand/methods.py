@@ -289,3 +289,7 @@ register_method("fima", "ultrasound_ai.freehand.fima.method:FimaMethod", label="
 register_method("moglo", "ultrasound_ai.freehand.moglo.method:MogloMethod", label="MoGLo-Net",
                 tooltip="correlation encoder + global-local attention + LSTMs on 5-frame clips; images only "
                         "(no IMU)")
+register_method("decorrelation", "ultrasound_ai.freehand.decorrelation:DecorrelationMethod", label="Speckle decorrelation",
+                tooltip="classical baseline: out-of-plane distance from a calibrated speckle decorrelation curve, "
+                        "in-plane motion by phase correlation; rotation and direction of travel from the IMUs when "
+                        "present (images only: forward motion assumed)")

@@ -83,7 +83,7 @@ def draw_probe(rng: np.random.Generator, frame_shape_hw=None, pixel_spacing_mm=N
     """Imaging parameters of a linear probe, drawn per sweep."""
     sp = float(pixel_spacing_mm) if pixel_spacing_mm is not None else float(rng.uniform(0.13, 0.18))
     if frame_shape_hw is None:
-        depth, width = rng.uniform(34.0, 44.0), rng.uniform(35.0, 41.0)
+        depth, width = rng.uniform(20.0, 28.0), rng.uniform(20.0, 26.0)
         frame_shape_hw = (int(round(depth / sp)), int(round(width / sp)))
     dr = float(rng.uniform(40.0, 60.0))
     return ProbeModel(
@@ -191,7 +191,7 @@ class Anatomy:
 
         self.skin = (rng.uniform(1.2, 2.4), wave())
         self.fat = (rng.uniform(4.0, 11.0), wave())
-        self.deep = (rng.uniform(24.0, 40.0), wave())
+        self.deep = (rng.uniform(15.0, 32.0), wave())
         self.septa = [(rng.uniform(2.5, 10.0), wave()) for _ in range(rng.integers(1, 4))]
         self.e_fat = rng.uniform(0.3, 0.7)
         self.e_muscle = rng.uniform(0.8, 1.4)
@@ -202,13 +202,13 @@ class Anatomy:
         self.vessels = []
         for _ in range(rng.integers(1, 4)):
             u = rng.normal(size=3) * np.array([1.0, 0.15, 1.0])
-            self.vessels.append((np.array([rng.uniform(-15, 15), rng.uniform(8, 28), rng.uniform(-30, 30)]),
+            self.vessels.append((np.array([rng.uniform(-12, 12), rng.uniform(5, 20), rng.uniform(-30, 30)]),
                                  u / np.linalg.norm(u), rng.uniform(1.2, 4.0)))
         self.nodules = []
         for _ in range(rng.integers(1, 5)):
             axes = rng.uniform(1.5, 6.0, 3)
             rot = Rotation.from_euler("xyz", rng.uniform(-180, 180, 3), degrees=True).as_matrix()
-            self.nodules.append((np.array([rng.uniform(-18, 18), rng.uniform(6, 30), rng.uniform(-40, 40)]),
+            self.nodules.append((np.array([rng.uniform(-14, 14), rng.uniform(4, 22), rng.uniform(-40, 40)]),
                                  rot.T / axes[:, None], rng.choice([0.15, 0.4, 2.0, 3.0])))
 
     @staticmethod

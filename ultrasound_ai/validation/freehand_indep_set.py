@@ -1,7 +1,8 @@
 """The frozen validation set "freehand-indep-v1": 20 sweeps of the independent generator.
 
 Five sweeps per tactic (linear, curved, sector, loop): sweep i has seed SEED_BASE + i and tactic
-TACTICS[i // 5]. Frame count (160-240), frame size (34-44 mm deep, 35-41 mm wide), pixel spacing
+TACTICS[i // 5]. Frame count (160-240), frame size (20-28 mm deep, 20-26 mm wide, wider than the shipped networks' 15-mm
+grids), pixel spacing
 (0.13-0.18 mm) and everything else are drawn from the seed by `freehand_indep.generate_sweep`, 4 IMUs,
 20 Hz. The set is defined by (generator version, seeds); the files are regenerated deterministically
 into a git-ignored folder (default ``bench/data/freehand-indep-v1/``) whose ``manifest.json`` records

@@ -1,4 +1,5 @@
-"""Static checks that stand in for what only the Slicer application could show (DESIGN.md, Tests).
+"""Static checks that stand in for what only the Slicer application could show (docs/ARCHITECTURE.md,
+"Tests and benchmarks").
 
 For a scripted module folder <Module>/:
   ui-names          every `self.ui.<name>` used in the module's Python exists in Resources/UI/<Module>.ui

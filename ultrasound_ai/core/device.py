@@ -1,4 +1,4 @@
-"""Choosing the torch device: `auto`, `cpu`, `cuda`, `cuda:N` or `mps` (DESIGN.md, Devices).
+"""Choosing the torch device: `auto`, `cpu`, `cuda`, `cuda:N` or `mps` (docs/ARCHITECTURE.md, Conventions).
 
 "auto" picks CUDA when it is available and the CPU otherwise. It never picks Apple's MPS on its own:
 MPS lacks float64 and several operators the engine uses (complex FFTs for the frequency losses, some

@@ -156,7 +156,7 @@ def _mamba_info(cuda_available: bool) -> dict[str, Any]:
 
 
 def _auto_device(torch_info: dict[str, Any]) -> str:
-    # DESIGN.md, Devices: "auto" is CUDA when available, else CPU.
+    # docs/ARCHITECTURE.md, Conventions (devices): "auto" is CUDA when available, else CPU.
     return "cuda" if torch_info.get("cuda_available") else "cpu"
 
 

@@ -1,4 +1,4 @@
-"""Error types and the exit codes shared by the CLI and the job runner (DESIGN.md, Jobs)."""
+"""Error types and the exit codes shared by the CLI and the job runner (docs/ARCHITECTURE.md, the job protocol)."""
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -1,4 +1,4 @@
-"""Every rigid-transform conversion of the engine (DESIGN.md, Conventions).
+"""Every rigid-transform conversion of the engine (docs/DATA_FORMATS.md, conventions).
 
 Rigid transforms are 4x4 float64 numpy arrays ``[..., 4, 4]`` mapping column vectors:
 ``p_out = R @ p_in + t``. All functions are batched over leading dimensions and broadcast them as

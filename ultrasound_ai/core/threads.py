@@ -1,4 +1,4 @@
-"""How many torch/OpenMP threads to use, and how they wait (DESIGN.md, Threads).
+"""How many torch/OpenMP threads to use, and how they wait (docs/ARCHITECTURE.md, Conventions).
 
 A machine is never ours alone: Slicer's GUI runs beside every job, and other programs run beside the
 CLI. Two things keep a CPU job from slowing down by an unbounded factor there:

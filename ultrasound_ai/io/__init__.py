@@ -1,1 +1,1 @@
-"""Readers and writers for the data contracts of DESIGN.md (volumes, sweeps, acquisitions)."""
+"""Readers and writers for the data contracts of docs/DATA_FORMATS.md (volumes, sweeps, acquisitions)."""

@@ -1,4 +1,4 @@
-"""The freehand sweep file contract (DESIGN.md, "Freehand sweep"): one HDF5 file per sweep.
+"""The freehand sweep file contract (docs/DATA_FORMATS.md, "Freehand sweep"): one HDF5 file per sweep.
 
 Datasets: `frames` uint8 [N, H, W]; optional `tforms` float64 [N, 4, 4] (image-mm -> world LPS mm),
 `timestamps_s` float64 [N], `imu_acc` / `imu_euler_deg` float32 [M, N, 3], `imu_weights` float32

@@ -1,4 +1,4 @@
-"""ULM file contracts (DESIGN.md, "ULM acquisition" / "ULM result") and the PALA `.mat` importer.
+"""ULM file contracts (docs/DATA_FORMATS.md, "ULM acquisition" / "ULM result") and the PALA `.mat` importer.
 
 Acquisition (HDF5):
   - `iq` complex64 [T, Z, X] (beamformed) or `bmode` float32 [T, Z, X] -- exactly one of the two;

@@ -6,7 +6,7 @@ columns indexed by i, j, k). The physical position of a continuous index ijk is
 
     p = origin_lps + direction @ (spacing_xyz * ijk)
 
-with the origin at the centre of voxel (0, 0, 0), as in ITK and DESIGN.md.
+with the origin at the centre of voxel (0, 0, 0), as in ITK and docs/DATA_FORMATS.md.
 """
 
 from __future__ import annotations

@@ -261,7 +261,7 @@ class JobLauncher:
     def _thread_arguments(self) -> list[str]:
         if self.threads is not None:
             return ["--threads", str(self.threads)]
-        # The GUI must stay responsive and keeps its own core (DESIGN.md, Threads).
+        # The GUI must stay responsive and keeps its own core (docs/ARCHITECTURE.md, Conventions).
         return ["--leave-free-cores", "1"] if _inside_slicer() else []
 
     def start(self) -> "JobLauncher":

@@ -44,8 +44,8 @@ REQUIRED_KEYS = ("task", "inputs", "outputs")
 OPTIONAL_KEYS = {"parameters": dict, "device": "auto"}
 ALLOWED_KEYS = frozenset(REQUIRED_KEYS) | frozenset(OPTIONAL_KEYS)
 
-# DESIGN.md, Devices: every entry point accepts these spellings; whether the device is present is
-# checked later, when a task asks for it (ultrasound_ai.core.device.resolve_device).
+# docs/ARCHITECTURE.md, Conventions (devices): every entry point accepts these spellings; whether the
+# device is present is checked later, when a task asks for it (ultrasound_ai.core.device.resolve_device).
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 

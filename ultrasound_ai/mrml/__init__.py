@@ -1,6 +1,6 @@
 """The MRML bridge: the only place that converts between engine data and 3D Slicer MRML nodes.
 
-Engine data are LPS millimetres (DESIGN.md); MRML nodes are RAS. ``slicer`` and ``vtk`` are imported
+Engine data are LPS millimetres (docs/DATA_FORMATS.md); MRML nodes are RAS. ``slicer`` and ``vtk`` are imported
 inside the functions only, so importing this package (and the engine) works without Slicer. It runs
 inside the Slicer application and with the ``slicer-core`` wheel (tests: ``new_scene()``).
 """

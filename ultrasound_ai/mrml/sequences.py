@@ -1,6 +1,6 @@
 """Freehand sweeps and ULM IQ data <-> sequences in a vtkMRMLSequenceBrowserNode.
 
-Freehand sweep (DESIGN.md contract: frames uint8 [N, H, W], pixel_spacing_mm = [sx, sy], tforms
+Freehand sweep (docs/DATA_FORMATS.md contract: frames uint8 [N, H, W], pixel_spacing_mm = [sx, sy], tforms
 [N, 4, 4] image-mm -> LPS mm), stored as PLUS / SlicerIGT do:
 
 * an image sequence: each frame a single-slice scalar volume [1, H, W] with spacing 1 and identity

@@ -1,6 +1,6 @@
 """Attention-Reg (Song et al., MICCAI 2021): cross-modal attention network for rigid MRI-TRUS fusion.
 
-Layer by layer as the reference (``shared/reference/registration.md``) describes; the "original"
+Layer by layer as the paper and its public code describe; the "original"
 preset has exactly the paper's 1,248,777 parameters.
 
 Input ``[B, 2, D, H, W]`` (array axes z, y, x): channel 0 the MRI or its prostate label, channel 1 the
@@ -13,7 +13,7 @@ expressed in the correction frame F (``correction_frame``): x, y, z are the ROI 
 (the array's last, middle and first axis; LPS itself for an axis-aligned MRI) and the rotation is
 about F's origin.
 
-Correction semantics (DESIGN.md: T maps a fixed-space LPS point to the moving-space LPS point)::
+Correction semantics (docs/DATA_FORMATS.md: T maps a fixed-space LPS point to the moving-space LPS point)::
 
     F      = [[A, c], [0, 1]]           the correction frame: A = the ROI's orthonormal axis directions
                                         (columns, LPS), c = the centre of rotation (LPS mm): the fixed

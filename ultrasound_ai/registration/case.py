@@ -1,4 +1,4 @@
-"""Registration cases (DESIGN.md, "Registration case"), transform files and the µ-RegPro importer.
+"""Registration cases (docs/DATA_FORMATS.md, "Registration case"), transform files and the µ-RegPro importer.
 
 A case folder holds fixed.nrrd (MRI), fixed_label.nrrd (prostate label on the MRI grid), moving.nrrd
 (TRUS), optional moving_label.nrrd, surface_fixed.csv, landmarks_fixed.csv / landmarks_moving.csv
@@ -214,7 +214,7 @@ def write_case(case: Case, directory) -> Path:
 
 
 def read_case(directory) -> Case:
-    """Read a case folder (DESIGN.md layout). Missing required files or mismatched grids -> InputError."""
+    """Read a case folder (docs/DATA_FORMATS.md layout). Missing required files or mismatched grids -> InputError."""
     d = Path(directory)
     if not d.is_dir():
         raise InputError(f"case folder {d}: not found")

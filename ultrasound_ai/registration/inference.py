@@ -247,7 +247,7 @@ def _initial_transform(initial) -> np.ndarray:
 def register_attention(case_or_volumes, initial=None, checkpoints=None, mode: str = "label", device="auto",
                        progress: Callable[[float, str], None] | None = None) -> np.ndarray:
     """Register the TRUS onto the MRI with the Attention-Reg cascade; returns the 4x4 fixed -> moving LPS
-    transform (DESIGN.md convention).
+    transform (docs/DATA_FORMATS.md convention).
 
     case_or_volumes: a Case (or what ``preprocessing.prepare_input`` accepts); the fixed label is required.
     initial: starting fixed -> moving transform (4x4 or ITK .tfm path); None = identity.

@@ -1,6 +1,6 @@
 """Registration errors (SRE, TRE) and SRE-controlled perturbations of a ground-truth transform.
 
-Transforms follow DESIGN.md: 4x4 LPS matrices mapping a fixed-space point to the moving-space point.
+Transforms follow docs/DATA_FORMATS.md: 4x4 LPS matrices mapping a fixed-space point to the moving-space point.
 SRE = mean over fixed-space gland-surface points p of ||T_est(p) - T_true(p)|| (mm).
 """
 

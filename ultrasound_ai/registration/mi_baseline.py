@@ -6,7 +6,7 @@ multi-resolution shrink 4/2/1 with smoothing 2/1/0 mm, regular-step gradient des
 scales, random metric sampling with a fixed seed (same inputs, same samples; ITK's multi-threaded sums can
 still differ in the last bits between runs). An optional fixed mask (the
 dilated gland label) restricts the metric to the prostate region; the TRUS zeros outside the fan are masked
-out of the moving image. Returns the fixed->moving LPS 4x4 (ITK convention, DESIGN.md).
+out of the moving image. Returns the fixed->moving LPS 4x4 (ITK convention, docs/DATA_FORMATS.md).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ JOB.json (see ultrasound_ai.jobs.protocol)::
                 "truth": "truth.json",          # optional: {"fixed_to_moving_lps": 4x4} -> SRE
                 "moving_label": "US_LABEL.nrrd",  # optional: gland label on the TRUS -> Dice
                 "landmarks_fixed": "LF.csv", "landmarks_moving": "LM.csv"},  # optional, paired -> TRE
-     (or "inputs": {"case": CASE_DIR, "initial": ...}: a case folder in the DESIGN.md layout)
+     (or "inputs": {"case": CASE_DIR, "initial": ...}: a case folder in the docs/DATA_FORMATS.md layout)
      "outputs": {"transform": "T.tfm", "json": "T.json"},   # any non-empty subset
      "parameters": {"method": "attention+refine" | "attention" | "mi", "mode": "label", "checkpoints": null,
                     "guard": true,                # attention: keep a stage's proposal only if LC2 does not drop
@@ -17,7 +17,7 @@ JOB.json (see ultrasound_ai.jobs.protocol)::
                     "bins": 32, "use_mask": true, "seed": 12345},
      "device": "auto"}
 
-Transforms follow DESIGN.md: the result maps a fixed-space LPS point to the moving-space LPS point
+Transforms follow docs/DATA_FORMATS.md: the result maps a fixed-space LPS point to the moving-space LPS point
 (ITK); the JSON output adds ``moving_to_fixed_ras``, the to-parent matrix of a Slicer transform node
 applied to the TRUS volume. MI with ``iterations: 0`` returns the initial transform unchanged (a way
 to show and measure a given transform through the same path).

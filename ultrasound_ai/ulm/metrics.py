@@ -1,4 +1,4 @@
-"""ULM metrics, with PALA's definitions (reference/ulm.md).
+"""ULM metrics, with PALA's definitions (Heiles et al., Nature Biomedical Engineering 2022).
 
 Localization (per frame, then summed over frames):
 - estimated and true positions of the same frame are paired greedily by increasing distance (each

@@ -2,7 +2,7 @@
 
 Grid: isotropic pixels of wavelength / factor covering the acquisition's field of view, i.e. the
 pixel edges of the acquisition grid [z0 - dz/2, z0 + (Z - 1/2) dz] (same for x); the origin is the
-centre of the first fine pixel (DESIGN.md).
+centre of the first fine pixel (docs/DATA_FORMATS.md).
 
 Accumulation is per (track, pixel) pair, so each track counts once per pixel however many of its
 (interpolated) points fall there:

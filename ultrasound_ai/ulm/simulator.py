@@ -1,6 +1,6 @@
 """Microbubble flow simulator for ULM: vessel tree, Poiseuille flow, complex PSF, tissue clutter, noise.
 
-Geometry (DESIGN.md): frames [T, Z, X], z = depth, x = lateral, mm; pixel (iz, ix) is centred at
+Geometry (docs/DATA_FORMATS.md): frames [T, Z, X], z = depth, x = lateral, mm; pixel (iz, ix) is centred at
 (z0 + iz*dz, x0 + ix*dx). Default = the PALA in-silico setting: 15.625 MHz, c = 1540 m/s, so
 lambda = 98.56 um, pixels of one lambda, 84 x 143 frames, 1 kHz.
 

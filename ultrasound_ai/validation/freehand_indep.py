@@ -18,7 +18,7 @@ come from scipy, not from the engine's geometry module, so a convention slip on 
   log compression with a per-sweep dynamic range and gain.
 - **Motion**: per tactic (linear, curved, sector, loop) a speed profile made of segments with speed
   changes (x0.3 to x3), pauses and reversals, smoothed; hand wobble and tremor on top.
-- **IMUs**: 4 units on the handle, in the DESIGN.md convention (axes = image axes up to a small
+- **IMUs**: 4 units on the handle, in the docs/DATA_FORMATS.md convention (axes = image axes up to a small
   mounting error; static-xyz Euler angles of the orientation in an Earth frame with z up; specific
   force R^T (a - g)). The Earth frame has a random heading and a tilted bed per sweep. Readings are
   box-filtered over a frame interval (anti-aliasing) and carry bias, bias walk, white noise, angle

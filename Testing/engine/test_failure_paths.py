@@ -207,9 +207,7 @@ def test_check_output_path_accepts_a_creatable_folder_and_refuses_bad_extensions
 
 def test_registry_output_extensions_match_the_writers():
     from ultrasound_ai.io.volume import WRITE_EXTENSIONS
-    from ultrasound_ai.jobs.registry import OUTPUT_EXTENSIONS
-
-    from ultrasound_ai.jobs.registry import TASKS
+    from ultrasound_ai.jobs.registry import OUTPUT_EXTENSIONS, TASKS
 
     assert OUTPUT_EXTENSIONS["freehand.reconstruct"]["volume"] == WRITE_EXTENSIONS
     assert set(OUTPUT_EXTENSIONS) == set(TASKS)  # every engine task declares its outputs

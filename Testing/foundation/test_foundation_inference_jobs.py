@@ -240,3 +240,21 @@ def test_cli_takes_pixel_size_and_region_from_the_dicom_file(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["pixel_spacing_mm"] == pytest.approx([0.2622878766] * 2) and out["region"] == [120, 60, 799, 518]
     assert sitk.ReadImage(str(tmp_path / "lab.nrrd")).GetSize() == (800, 600, 1)
+
+
+def test_independent_bmode_family_is_separate_and_deterministic():
+    import ast
+
+    from ultrasound_ai.validation import bmode_indep
+
+    tree = ast.parse(Path(bmode_indep.__file__).read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not any(m.startswith("ultrasound_ai") for m in imported), imported  # nothing from the simulator
+    a, la = bmode_indep.generate(3, 5)
+    b, lb = bmode_indep.generate(3, 5)
+    assert la == lb and np.array_equal(a, b) and not np.array_equal(a, bmode_indep.generate(3, 6)[0])
+    assert a.shape == (128, 128) and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+    assert a[0, 0] == 0 and a[0, -1] == 0 and a[64, 64] > 0  # black outside the convex fan
+    _, labels = bmode_indep.generate_set(1, 30, 64)
+    assert set(labels.tolist()) == {0, 1, 2}

@@ -52,6 +52,7 @@ def _report_module():
 
 
 def evaluate_set(name: str, args, cascade, feature) -> dict:
+    from ultrasound_ai.core.errors import InputError
     from ultrasound_ai.registration.case import read_case, read_transform_tfm
     from ultrasound_ai.registration.inference import guarded_register
     from ultrasound_ai.registration.mi_baseline import register_mi
@@ -73,7 +74,12 @@ def evaluate_set(name: str, args, cascade, feature) -> dict:
 
             def timed(row, fn):
                 t = time.perf_counter()
-                T = fn()
+                try:
+                    T = fn()
+                except InputError as exc:  # e.g. MI losing the overlap: the user is left with the start
+                    print(f"  {row} failed on {d.name} at {lv:g} mm: {exc}", flush=True)
+                    out.setdefault("failures", {}).setdefault(row, []).append(d.name)
+                    T = T0
                 out["seconds"].setdefault(row, []).append(time.perf_counter() - t)
                 out[row].append(sre(T, truth, surf))
                 return T
@@ -122,6 +128,10 @@ def format_section(name: str, res: dict, args, checkpoints: list) -> str:
     ]
     for lv, out in res.items():
         lines.append(f"| {lv} mm | " + " | ".join(_cell(out[r], out["initial"], float(lv)) for r in ROWS) + " |")
+    failures = {f"{r} at {lv} mm": len(v) for lv, out in res.items() for r, v in out.get("failures", {}).items()}
+    if failures:
+        lines += ["", "Failures (the method raised an error; its start counted as its result): "
+                  + ", ".join(f"{k}: {n} case(s)" for k, n in failures.items()) + "."]
     return "\n".join(lines)
 
 

@@ -34,7 +34,11 @@ class LC2:
     """LC² between a fixed MRI and a moving TRUS for candidate fixed -> moving LPS transforms."""
 
     def __init__(self, fixed: Volume, fixed_label: Volume, moving: Volume, spacing_mm: float = 1.5,
-                 margin: float = 0.25, patch: int = 5, blur_mm: float = 0.0):
+                 margin: float = 0.25, patch: int = 5, blur_mm: float = 0.0, label_channels: tuple = ()):
+        """label_channels: extra regressors from the gland label: "label" (the label smoothed over 1.5 mm:
+        the gland's own echogenicity against its surroundings) and/or "edge" (its gradient magnitude: an
+        echo at the capsule). The MR image may not show the capsule (bright PZ beside bright fat); the
+        label always does."""
         if spacing_mm <= 0 or patch < 3:
             raise InputError(f"LC2: expected spacing_mm > 0 and patch >= 3, got {spacing_mm}, {patch}")
         self.patch = int(patch)
@@ -53,13 +57,30 @@ class LC2:
             mr = ndimage.gaussian_filter(mr, blur_mm / spacing_mm)
         mr = mr / (np.percentile(mr, 99) + 1e-6)
         grad = np.sqrt(sum(g * g for g in np.gradient(mr)))
-        self.mr, self.grad = mr.astype(np.float32), grad.astype(np.float32)
+        regressors = [mr, grad]
+        unknown = set(label_channels) - {"label", "edge"}
+        if unknown:
+            raise InputError(f"LC2 label_channels: expected 'label' and/or 'edge', got {sorted(unknown)}")
+        if label_channels:
+            lab = resample_volume(fixed_label.with_array(fixed_label.array.astype(np.float32)), grid, None, "linear",
+                                  0.0, output_dtype=np.float32).array
+            lab = ndimage.gaussian_filter(lab, 1.5 / spacing_mm)
+            if "label" in label_channels:
+                regressors.append(lab)
+            if "edge" in label_channels:
+                regressors.append(np.sqrt(sum(g * g for g in np.gradient(lab))) * spacing_mm)
         f = self._box
-        self.mu_m, self.mu_g = f(self.mr), f(self.grad)
-        self.c_mm = f(self.mr * self.mr) - self.mu_m ** 2
-        self.c_gg = f(self.grad * self.grad) - self.mu_g ** 2
-        self.c_mg = f(self.mr * self.grad) - self.mu_m * self.mu_g
-        self.det = self.c_mm * self.c_gg - self.c_mg ** 2
+        self.x = [r.astype(np.float32) for r in regressors]
+        self.mu_x = [f(r) for r in self.x]
+        k = len(self.x)
+        C = np.empty(mr.shape + (k, k), dtype=np.float64)
+        for i in range(k):
+            for j in range(i, k):
+                C[..., i, j] = C[..., j, i] = f(self.x[i] * self.x[j]) - self.mu_x[i] * self.mu_x[j]
+        # Patches where the MR regressors are (nearly) collinear carry no fit: a small ridge keeps C invertible.
+        scale = np.trace(C, axis1=-2, axis2=-1)[..., None, None] / k
+        self.c_inv = np.linalg.inv(C + (1e-4 * scale + 1e-9) * np.eye(k)).astype(np.float32)
+        self.det_ok = scale[..., 0, 0] > 1e-8
         kji = np.indices(mr.shape).reshape(3, -1).T
         self.points = grid.index_to_physical(kji[:, ::-1].astype(np.float64))
         self.shape = mr.shape
@@ -92,12 +113,10 @@ class LC2:
         us = us / np.float32(255.0 if us.max() > 1.5 else 1.0)
         mu_u = f(us)
         var_u = f(us * us) - mu_u ** 2
-        c_um = f(us * self.mr) - mu_u * self.mu_m
-        c_ug = f(us * self.grad) - mu_u * self.mu_g
-        c_mm, c_gg, c_mg, det = self.c_mm, self.c_gg, self.c_mg, self.det
-        good = ok & (var_u > 1e-6) & (det > 1e-9)
-        # Explained variance of the two-regressor least-squares fit: b^T C^-1 b / var_u.
-        expl = (c_gg * c_um ** 2 - 2 * c_mg * c_um * c_ug + c_mm * c_ug ** 2) / np.where(good, det, 1.0)
+        b = np.stack([f(us * x) - mu_u * mx for x, mx in zip(self.x, self.mu_x)], axis=-1)
+        good = ok & (var_u > 1e-6) & self.det_ok
+        # Explained variance of the local least-squares fit on the regressors: b^T C^-1 b / var_u.
+        expl = np.einsum("...i,...ij,...j->...", b, self.c_inv, b)
         local = np.clip(expl / np.where(good, var_u, 1.0), 0.0, 1.0)
         sd = np.sqrt(np.clip(var_u, 0, None)) * good
         total = sd.sum()

@@ -169,3 +169,37 @@ def test_cuda_matches_reference():
     ref = ss.selective_scan_ref(*(t.double() for t in (u, delta, A, B, C, D, z, bias)), True)
     out = ss.selective_scan(*(t.cuda() for t in (u, delta, A, B, C, D, z, bias)), True, backend="auto")
     assert _rel(out.double().cpu(), ref) < 1e-4
+
+
+def _zero_state_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    return ss.selective_scan_chunked(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                                     chunk_size=16)
+
+
+@pytest.mark.parametrize("layout", ["bnl", "groups", "const"])
+def test_streaming_with_carried_state_equals_one_scan(layout):
+    # A sequence scanned in uneven pieces, each starting from the previous piece's last state, gives the
+    # one-scan result: through the chunked scan, the loop, and a zero-state scan plus the state's
+    # contribution (how the mamba_ssm kernel, which takes no initial state, is streamed).
+    b, d, L, n = 2, 4, 90, 5
+    u, delta, A, B, C, D, z, bias = _inputs(b, d, L, n, layout)
+    whole, h_whole = ss.selective_scan_ref(u, delta, A, B, C, D, z, bias, True, return_last_state=True)
+
+    def piece(M, s, e):
+        return M[..., s:e] if M.dim() > 2 else M
+
+    for scan in (lambda *a, **k: ss.selective_scan_chunked(*a, chunk_size=8, **k), ss.selective_scan_ref,
+                 lambda *a, **k: ss.with_initial_state(_zero_state_scan, *a, **k)):
+        h, outs = None, []
+        for s, e in ((0, 7), (7, 40), (40, 41), (41, 90)):
+            out, h = scan(u[..., s:e], delta[..., s:e], A, piece(B, s, e), piece(C, s, e), D, z[..., s:e], bias,
+                          True, return_last_state=True, initial_state=h)
+            outs.append(out)
+        assert _rel(torch.cat(outs, -1), whole) <= 1e-10
+        assert _rel(h, h_whole) <= 1e-10
+
+
+def test_initial_state_is_checked():
+    u, delta, A, B, C, D, z, bias = _inputs(1, 3, 10, 4)
+    with pytest.raises(InputError, match="initial_state must have shape"):
+        ss.selective_scan_chunked(u, delta, A, B, C, initial_state=torch.zeros(1, 3, 5, dtype=torch.float64))

@@ -18,9 +18,9 @@ Parameters: ``online_align`` (bool; default: the card's ``online_alignment``, tr
 ``align_steps`` (60), ``align_lr`` (2e-6), ``align_whole_network`` (false: adapt only the fusion, SSM-C and
 head on cached features), ``imus`` (indices of the sweep's IMUs to use; default all; the estimate's
 ``imu_weights`` keep one column per IMU of the sweep, 0 for those left out), ``pair_chunk`` (default
-`auto_pair_chunk`: 16 pairs up to the shipped grid's 124 x 130 px, fewer on larger grids). It bounds the
-convolutions' memory only: SSM-F scans the whole window's tokens at once, which dominates the paper
-configuration's peak (BENCHMARKS.md fima_memory).
+`auto_pair_chunk`: 16 pairs up to the shipped grid's 124 x 130 px, fewer on larger grids): each window
+streams through the encoder that many pairs at a time, SSM-F's scan and convolution states carried between
+chunks (the features of one pass, in memory that does not grow with the window; BENCHMARKS.md fima_memory).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ultrasound_ai.core.errors import InputError
-from ultrasound_ai.nn.mamba import Mamba, ScanBranch
+from ultrasound_ai.nn.mamba import Mamba, ScanBranch, ScanState
 
 __all__ = [
     "FimaConfig",
@@ -109,6 +109,10 @@ class FimaConfig:
     # against the image features for the fusion to learn to pass it on.
     imu_acc_unit_m_s2: float = GRAVITY_M_S2
     imu_angle_unit_deg: float = 0.25
+    # IMU orientation prior (not in the paper): the pair's rotation is the IMUs' relative rotation (mean over
+    # the IMUs) plus a learned residual, and that rotation is also fed to the translation head. The IMUs
+    # measure rotation almost exactly; the paper's fusion had to relearn it and lost most of it.
+    imu_rotation_prior: bool = False
     online_alignment: bool = True
     chunk_size: int = 64
     scan_backend: str = "auto"
@@ -285,24 +289,36 @@ class SSMF(nn.Module):
             branch.backend, branch.chunk_size = cfg.scan_backend, cfg.chunk_size
         self.out_proj = nn.Linear(d_inner, channels, bias=False)
 
-    def forward(self, feat: torch.Tensor) -> torch.Tensor:
+    def forward(self, feat: torch.Tensor, state: Optional[Dict[str, ScanState]] = None,
+                return_state: bool = False):
+        """feat [B, L, C, H, W] -> same shape (residual).
+
+        Both scan orders run pair-major (L outermost), so the pairs of a window can come in pieces: with
+        return_state the scans' `ScanState` per order comes back too, and passing it as `state` with the
+        next pairs continues the scans, giving the output of one call on all the pairs.
+        """
         b, L, c, h, w = feat.shape
         tokens = feat.permute(0, 1, 3, 4, 2).reshape(b, L * h * w, c)  # row-major L -> H -> W
         x, z = self.in_proj(self.norm(tokens)).transpose(1, 2).chunk(2, dim=1)  # [B, d, T] each
         d = x.shape[1]
-        y = None
+        y, new_state = None, {}
         for order, branch in self.scans.items():
-            if order == "row":
-                out = branch(x.contiguous(), z.contiguous())  # SiLU(z) gating inside the scan
+            previous = None if state is None else state[order]
+            if order == "row":  # SiLU(z) gating inside the scan
+                out = branch(x.contiguous(), z.contiguous(), state=previous, return_state=return_state)
             else:  # column-major L -> W -> H: permute, scan, permute back (gating is elementwise)
                 def col(t):
                     return t.reshape(b, d, L, h, w).transpose(-1, -2).reshape(b, d, L * w * h)
 
-                out = branch(col(x), col(z))
+                out = branch(col(x), col(z), state=previous, return_state=return_state)
+            if return_state:
+                out, new_state[order] = out
+            if order != "row":
                 out = out.reshape(b, d, L, w, h).transpose(-1, -2).reshape(b, d, L * h * w)
             y = out if y is None else y + out
         y = self.out_proj(y.transpose(1, 2))  # [B, T, C]
-        return feat + y.reshape(b, L, h, w, c).permute(0, 1, 4, 2, 3)
+        out = feat + y.reshape(b, L, h, w, c).permute(0, 1, 4, 2, 3)
+        return (out, new_state) if return_state else out
 
 
 class SSMC(nn.Module):
@@ -444,12 +460,6 @@ class FimaOutput:
     acc_weights: Optional[torch.Tensor] = None
 
 
-def _run_in_chunks(fn, x: torch.Tensor, chunk: Optional[int]) -> torch.Tensor:
-    if not chunk or x.shape[0] <= chunk:
-        return fn(x)
-    return torch.cat([fn(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)], dim=0)
-
-
 class FimaNet(nn.Module):
     """ReMamba + IMU fusion + head (module docstring). Build with `FimaNet(make_config(...))`."""
 
@@ -475,39 +485,54 @@ class FimaNet(nn.Module):
             self.fusion = None
         self.head_ssm = SSMC(d, cfg, residual=True, bidirectional=True)
         self.head = nn.Linear(d, 6)
+        self.prior_to_translation = None
+        if cfg.imu_rotation_prior and self.fusion is not None:
+            self.prior_to_translation = nn.Linear(3, 3)
+            with torch.no_grad():  # the angle outputs start as a zero residual on the IMU rotation
+                self.head.weight[3:].zero_()
+                self.head.bias[3:].zero_()
 
     # -- the expensive part ------------------------------------------------------------------------
 
     def encode(self, frames: torch.Tensor, pair_chunk: Optional[int] = None) -> FimaFeatures:
         """frames [B, N, H, W] (0..255) -> FimaFeatures for the L = N - 1 pairs.
 
-        pair_chunk: run the convolutions on this many frame pairs at a time (bounds memory in no_grad
-        inference of long sweeps; SSM-F always sees the whole sequence through the chunked scan).
+        pair_chunk: stream the window through the encoder this many frame pairs at a time (bounds the
+        memory of no_grad inference on long windows): the stem, the stages and SSM-F see one chunk of
+        pairs, SSM-F's scan and convolution states carried from chunk to chunk, which gives the features
+        of one pass over the whole window (in eval mode; batch norm in training mode sees chunk statistics).
         """
         self._check_frames(frames)
         b, n = frames.shape[:2]
         L = n - 1
-        stem_fn = lambda s: self.stem(frame_pairs(s))  # noqa: E731
-        if pair_chunk:  # build pairs chunk by chunk too: the float copy of a whole sweep is large
-            x = torch.cat([self.stem(frame_pairs(frames[:, i:min(i + pair_chunk, L) + 1]))
-                           .reshape(b, -1, *self._shape_after_stem(frames)) for i in range(0, L, pair_chunk)],
-                          dim=1).flatten(0, 1)
-        else:
-            x = stem_fn(frames)
-        pooled = []
-        for stage, block in zip(self.stages, self.remamba):
-            x = _run_in_chunks(stage, x, pair_chunk * b if pair_chunk else None)  # [B*L, C, h, w]
+        if not pair_chunk or pair_chunk >= L:
+            return self._encode_pairs(frames)
+        states = [None] * len(self.remamba)
+        pieces = []
+        for i in range(0, L, pair_chunk):  # frames i .. i+k hold the pairs i .. i+k-1
+            piece, states = self._encode_pairs(frames[:, i:min(i + pair_chunk, L) + 1], states)
+            pieces.append(piece)
+        return FimaFeatures([torch.cat([p.pooled[k] for p in pieces], dim=1) for k in range(len(self.remamba))],
+                            torch.cat([p.final for p in pieces], dim=1))
+
+    def _encode_pairs(self, frames: torch.Tensor, states: Optional[list] = None):
+        """The encoder on the pairs of frames [B, n, H, W]. With `states` (one SSM-F state per stage, None
+        at a window's start) it continues a window and returns (features, the states after these pairs)."""
+        b, L = frames.shape[0], frames.shape[1] - 1
+        x = self.stem(frame_pairs(frames))  # [B*L, C, h, w]
+        pooled, after = [], []
+        for k, (stage, block) in enumerate(zip(self.stages, self.remamba)):
+            x = stage(x)
             c, h, w = x.shape[1:]
             pooled.append(x.mean(dim=(-1, -2)).reshape(b, L, c))
-            x = block.ssm_f(x.reshape(b, L, c, h, w)).reshape(b * L, c, h, w)
-        final = x.mean(dim=(-1, -2)).reshape(b, L, -1)
-        return FimaFeatures(pooled, final)
-
-    def _shape_after_stem(self, frames):
-        h, w = frames.shape[-2:]
-        for _ in range(2):  # the 7x7/2 convolution and the 3x3/2 max-pool, both padded
-            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-        return (self.cfg.widths[0], h, w)
+            if states is None:
+                x = block.ssm_f(x.reshape(b, L, c, h, w))
+            else:
+                x, state = block.ssm_f(x.reshape(b, L, c, h, w), state=states[k], return_state=True)
+                after.append(state)
+            x = x.reshape(b * L, c, h, w)
+        features = FimaFeatures(pooled, x.mean(dim=(-1, -2)).reshape(b, L, -1))
+        return features if states is None else (features, after)
 
     # -- the cheap part (what online alignment adapts) ---------------------------------------------
 
@@ -528,6 +553,12 @@ class FimaNet(nn.Module):
             x, fa, wa, wr = self.fusion(image, acc / self.cfg.imu_acc_unit_m_s2, ang / self.cfg.imu_angle_unit_deg)
             out.acc_features, out.acc_weights, out.imu_weights = fa, wa, wr
         out.params = self.head(self.head_ssm(x))
+        if self.prior_to_translation is not None:
+            # Unweighted mean over the IMUs: with constant weights the chained relative rotations telescope
+            # (sensor noise does not accumulate along the sweep); per-pair fusion weights would break that.
+            prior = ang.mean(dim=-2)  # [B, L, 3] degrees, static xyz
+            out.params = torch.cat([out.params[..., :3] + self.prior_to_translation(prior / self.cfg.imu_angle_unit_deg),
+                                    out.params[..., 3:] + prior], dim=-1)
         return out
 
     def decoder_parameters(self) -> Iterator[nn.Parameter]:
@@ -538,6 +569,8 @@ class FimaNet(nn.Module):
             yield from self.fusion.parameters()
         yield from self.head_ssm.parameters()
         yield from self.head.parameters()
+        if self.prior_to_translation is not None:
+            yield from self.prior_to_translation.parameters()
 
     def forward(self, frames: torch.Tensor, imu_acc: Optional[torch.Tensor] = None,
                 imu_angle: Optional[torch.Tensor] = None, pair_chunk: Optional[int] = None) -> FimaOutput:

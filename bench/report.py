@@ -156,10 +156,11 @@ class LoadProbe:
     minute and counts this benchmark's own earlier sections.
     """
 
-    def __init__(self, window_s: float = 3.0, cpu_count: Optional[int] = None,
+    def __init__(self, window_s: Optional[float] = None, cpu_count: Optional[int] = None,
                  read_counters: Callable[[], CpuCounters] = _read_cpu_counters,
                  read_loadavg: Callable[[], tuple] = os.getloadavg, sleep: Callable[[float], None] = time.sleep):
-        self.window_s = window_s
+        # ULTRASOUND_AI_BENCH_PROBE_S shortens the sampling (gpu_check.sh's dry run).
+        self.window_s = float(os.environ.get("ULTRASOUND_AI_BENCH_PROBE_S", 3.0)) if window_s is None else window_s
         self.cpu_count = cpu_count or os.cpu_count() or 1
         self._read_counters, self._read_loadavg, self._sleep = read_counters, read_loadavg, sleep
 

@@ -31,7 +31,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     ap.add_argument("--note", help="a paragraph appended to the section")
-    args = ap.parse_args(argv)
+    from report import parse_bench_args
+
+    args = parse_bench_args(ap, argv, timing=False)  # accuracy: the load is recorded, not awaited
 
     import torch
 

@@ -33,7 +33,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     ap.add_argument("--benchmarks", help="write the section into this file instead of BENCHMARKS.md")
     ap.add_argument("--note", help="a paragraph appended to the section (e.g. how loaded the machine was)")
-    args = ap.parse_args(argv)
+    from report import parse_bench_args
+
+    args = parse_bench_args(ap, argv, timing=False)  # accuracy: the load is recorded, not awaited
 
     import torch
 

@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="also write the raw numbers here")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
-    args = ap.parse_args(argv)
+    args = _report_module().parse_bench_args(ap, argv)
     if args.stage1 and not args.stage2:
         ap.error("--stage1 needs --stage2 (the two-stage cascade)")
     from ultrasound_ai.models.registry import list_models

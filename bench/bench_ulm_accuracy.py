@@ -130,7 +130,9 @@ def main(argv=None) -> int:
     ap.add_argument("--pymust-frames", type=int, default=100)
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
-    args = ap.parse_args(argv)
+    from report import parse_bench_args
+
+    args = parse_bench_args(ap, argv, timing=False)  # accuracy: the load is recorded, not awaited
 
     import torch
 

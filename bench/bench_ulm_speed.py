@@ -51,7 +51,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
-    args = ap.parse_args(argv)
+    from report import parse_bench_args
+
+    args = parse_bench_args(ap, argv)
 
     import torch
 

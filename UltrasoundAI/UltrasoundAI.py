@@ -67,6 +67,7 @@ class UltrasoundAIParameterNode:
     outputVolume: vtkMRMLScalarVolumeNode
     outputTrajectory: vtkMRMLMarkupsCurveNode
     createNewNodes: bool = False
+    computeMetrics: bool = True
     analysisInput: vtkMRMLScalarVolumeNode
     analysisTask: Annotated[str, Choice(["segment", "classify"])] = "segment"
     analysisFrames: Annotated[str, Choice(["all", "current"])] = "all"

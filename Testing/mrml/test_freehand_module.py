@@ -31,7 +31,7 @@ def test_tracked_and_imu_into_one_browser(scene, sweep_path, tmp_path):
     browser = tracked["browser"]
     imu = scenarios.reconstruct_scenario(sweep_path, "imu", tmp_path / "imu", browser=browser)
     # Each method has its own nodes; both estimates sit in the one browser beside the tracked poses.
-    for kind in ("estimate", "volume", "trajectory", "metrics"):
+    for kind in ("estimate", "volume", "trajectory"):
         assert imu["nodes"][kind].GetID() != tracked["nodes"][kind].GetID()
     assert imu["nodes"]["volume"].GetName() == f"{browser.GetName()}-imu-Volume"
     assert tracked["nodes"]["trajectory"].GetName() == f"{browser.GetName()}-tracked-Trajectory"
@@ -40,8 +40,9 @@ def test_tracked_and_imu_into_one_browser(scene, sweep_path, tmp_path):
     names = sorted(s.GetName() for s in _browser_sequences(browser))
     assert names == sorted([f"{browser.GetName()}-Image", f"{browser.GetName()}-ImageToReference",
                             f"{browser.GetName()}-tracked-ImageToReference", f"{browser.GetName()}-imu-ImageToReference"])
-    # Dead reckoning drifts; the tracked row is exact.
-    assert imu["metrics"]["fdr_pct"] > tracked["metrics"]["fdr_pct"]
+    # Metrics only with a method other than `tracked` (whose estimate is the tracked poses); dead
+    # reckoning drifts.
+    assert tracked["nodes"]["metrics"] is None and imu["metrics"]["fdr_pct"] > 1e-3
     # The IMU weights the method gave (dead reckoning combines every IMU) come back as a table node
     # holding the estimate file's imu_weights; the tracker has none.
     from UltrasoundAILib.logic import table_to_imu_weights

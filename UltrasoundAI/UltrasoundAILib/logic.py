@@ -40,7 +40,8 @@ again replaces its nodes and another method adds its own (createNewNodes=True ke
   "<browser>-<method>-ImageToReference"  estimated pixel -> RAS transform sequence in the browser
   "<browser>-<method>-Volume"            the reconstruction (volume rendering on where available)
   "<browser>-<method>-Trajectory"        markups curve through the frame centres
-  "<browser>-<method>-Metrics"           vtkMRMLTableNode, only when the sweep has tracked poses
+  "<browser>-<method>-Metrics"           vtkMRMLTableNode, only when the sweep has tracked poses, the
+                                         method is not tracked and computeMetrics is on
   "<browser>-<method>-ImuWeights"        vtkMRMLTableNode, only when the method fuses IMUs (FiMA): one
                                          row per frame pair, the fusion weight of each IMU
 Estimates are in the contract's frame (frame 0 = identity, DESIGN.md), so the estimated transforms,
@@ -111,6 +112,9 @@ class ReconstructionParameters:
     outputVolume: Any = None
     outputTrajectory: Any = None
     createNewNodes: bool = False
+    # Compare the estimate with the sweep's tracker poses, when it has them and the method is not
+    # `tracked` (whose estimate they are): the job's evaluation phase, which takes time on long sweeps.
+    computeMetrics: bool = True
 
     @classmethod
     def from_any(cls, parameters) -> "ReconstructionParameters":
@@ -143,6 +147,14 @@ class ReconstructionParameters:
                 f"inputBrowser: expected a vtkMRMLSequenceBrowserNode, got {type(out.inputBrowser).__name__}"
             )
         return out
+
+
+def _has_tforms(sweep_path) -> bool:
+    """Whether a sweep file holds tracker poses (read without loading its frames)."""
+    import h5py
+
+    with h5py.File(sweep_path, "r") as fh:
+        return "tforms" in fh
 
 
 def parse_imu_selection(text: str) -> list[int] | None:
@@ -366,6 +378,7 @@ class UltrasoundAILogic(ModuleLogic):
                 "fill_holes": params.fillHoles,
                 "checkpoint": params.checkpoint if params.method not in ("tracked", "imu") else None,
                 "method_params": self._method_params(params),
+                "evaluate": bool(params.computeMetrics) and params.method != "tracked" and _has_tforms(sweep_path),
             },
             "device": params.device,
         }

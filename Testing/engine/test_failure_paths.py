@@ -332,9 +332,10 @@ def test_a_job_from_slicer_leaves_one_core_and_waits_passively(monkeypatch):
     assert result.result["torch_threads"] == expected and result.result["omp_num_threads"] == str(expected)
     assert result.result["omp_wait_policy"] == "PASSIVE" and not result.result["torch_imported_before_task"]
     assert result.events[0]["threads"] == expected
-    # torch caps OMP_NUM_THREADS at the core count, so ask for what this machine can show.
-    explicit = run_job(job("report_threads"), env=env, threads=min(2, threads.usable_cores()), timeout=120)
-    assert explicit.result["torch_threads"] == min(2, threads.usable_cores())
+    # An explicit count goes to the worker's --threads (which the CLI test below exercises).
+    assert JobLauncher(job("report_threads"), threads=3)._thread_arguments() == ["--threads", "3"]
+    with pytest.raises(InputError, match="threads"):
+        JobLauncher(job("report_threads"), threads=0)
 
 
 def test_cli_threads_option_sets_the_policy(monkeypatch, capsys):

@@ -227,7 +227,8 @@ def unregister_localizer(name: str) -> None:
 
 
 def localizer_names() -> list[str]:
-    return sorted(_LOCALIZERS)
+    """Registered localizers in registration order (built-in first: the order the CLI and the panel show)."""
+    return list(_LOCALIZERS)
 
 
 def localizer_info(name: str) -> LocalizerInfo:

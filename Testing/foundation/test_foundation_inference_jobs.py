@@ -141,9 +141,15 @@ def test_dicom_regions_of_real_scanner_files():
 # ------------------------------------------------------------------------------------------ job tasks
 
 
+_DECODED: dict = {}
+
+
 def _as_slicer_reads(name: str, path: Path, frames=None) -> Path:
-    """The DICOM pixels as ITK's GDCM reader gives them (RGB, 1 mm pixels), saved as NRRD."""
-    img = sitk.ReadImage(str(DICOM / name))
+    """The DICOM pixels as ITK's GDCM reader gives them (RGB, 1 mm pixels), saved as NRRD (each file is
+    decoded once per session: the 120-frame JPEG cine takes seconds)."""
+    if name not in _DECODED:
+        _DECODED[name] = sitk.ReadImage(str(DICOM / name))
+    img = _DECODED[name]
     if frames is not None:
         img = img[:, :, frames[0]:frames[1]]
     sitk.WriteImage(img, str(path))

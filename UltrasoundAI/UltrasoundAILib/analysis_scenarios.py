@@ -11,6 +11,7 @@ with a message on failure.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -32,18 +33,25 @@ def pydicom_data_file(name: str) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=4)
+def _decoded(path: str):
+    """The file's pixels through ITK's GDCM reader, decoded once (the 120-frame JPEG cine takes seconds)."""
+    import SimpleITK as sitk
+
+    return sitk.ReadImage(path)
+
+
 def dicom_to_volume_node(path, frames: tuple[int, int] | None = None, scene=None):
     """A DICOM file as a volume node, the way Slicer's DICOM import makes one: pixels through ITK's GDCM
     reader (colour -> a vtkMRMLVectorVolumeNode), ITK's geometry, and the instance UID in
     ``DICOM.instanceUIDs``. `frames` = (first, end) keeps a part of a cine (test time)."""
     import pydicom
-    import SimpleITK as sitk
 
     from ultrasound_ai.io.volume import Volume
     from ultrasound_ai.mrml import resolve_scene, volume_to_node
     from ultrasound_ai.mrml.foundation_nodes import DICOM_UIDS_ATTRIBUTE
 
-    image = sitk.ReadImage(str(path))
+    image = _decoded(str(path))
     if frames is not None:
         image = image[:, :, frames[0]:frames[1]]
     node = volume_to_node(Volume.from_sitk(image), name=Path(path).stem, scene=resolve_scene(scene))

@@ -54,7 +54,29 @@ def _check_job(job, name: str) -> dict[str, Any]:
         raise InputError(f"{name}: unknown parameter(s) {extra}{hint}; expected some of {list(PARAMETERS)}")
     if "table" in job.outputs:
         check_output_path(job.outputs["table"], what=f"{name} output 'table'", extensions=[".csv"])
+    _check_parameters(job, dict(job.parameters))
     return dict(job.parameters)
+
+
+def _check_parameters(job, params: dict) -> None:
+    """Spacing, region and frame checked against the image header before the model is loaded."""
+    import SimpleITK as sitk
+
+    from ultrasound_ai.foundation.inference import check_region, check_spacing
+
+    if params.get("pixel_spacing_mm") != "file":
+        check_spacing(params.get("pixel_spacing_mm"))
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(job.inputs["image"]))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return  # unreadable: read_input raises the InputError naming the file
+    size = reader.GetSize()
+    check_region(params.get("region"), (int(size[1]), int(size[0])))
+    frame, n = params.get("frame"), int(size[2]) if len(size) > 2 else 1
+    if frame is not None and (isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < n):
+        raise InputError(f"frame: expected a frame index in 0..{n - 1} of {job.inputs['image']}, got {frame!r}")
 
 
 def _write_table(path, header: list[str], rows: list[list]) -> None:

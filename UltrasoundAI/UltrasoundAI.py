@@ -27,17 +27,13 @@ from slicer.util import VTKObservationMixin
 from UltrasoundAILib.analysis import AnalysisParameters, UltrasoundAIAnalysisLogic, summary_text
 from UltrasoundAILib.logic import UltrasoundAILogic
 
-from ultrasound_ai.mrml.job_panel import JobPanel, ParameterNodePanel
+from ultrasound_ai.mrml.job_panel import JobPanel, ParameterNodePanel, describe_module
 
 
 class UltrasoundAI(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "UltrasoundAI"
-        self.parent.categories = ["Ultrasound"]
-        self.parent.dependencies = ["Sequences", "Markups", "VolumeRendering"]
-        self.parent.contributors = ["UltrasoundAI developers"]
-        self.parent.helpText = (
+        describe_module(parent, "UltrasoundAI", ["Sequences", "Markups", "VolumeRendering"], help_text=(
             "Freehand 3D ultrasound reconstruction: estimate the probe poses of a sweep (from its tracker, "
             "or from IMUs alone), then compound the frames into a volume. Select a sequence browser (image "
             "sequence, optional ImageToReference transforms and IMU table) or a sweep file, a method, and "
@@ -45,11 +41,8 @@ class UltrasoundAI(ScriptedLoadableModule):
             "Analysis: segment (lesion) or classify (benign / malignant / normal) a 2D image, a cine frame "
             "by frame, or a 3D volume with the ultrasound foundation model. The shipped models are trained "
             "on simulated data only and are not validated on patient data."
-        )
-        self.parent.acknowledgementText = (
-            "Methods: FiMA (Yan et al., MICCAI 2024), MoGLo-Net (Kim et al., IEEE TMI 2025), USFM (Jiao et "
-            "al., Medical Image Analysis 2024)."
-        )
+        ), acknowledgement="Methods: FiMA (Yan et al., MICCAI 2024), MoGLo-Net (Kim et al., IEEE TMI 2025), USFM (Jiao et "
+            "al., Medical Image Analysis 2024).")
 
 
 @parameterNodeWrapper
@@ -79,16 +72,9 @@ class UltrasoundAIParameterNode:
 class UltrasoundAIWidget(ParameterNodePanel, ScriptedLoadableModuleWidget, VTKObservationMixin):
     ParameterNode = UltrasoundAIParameterNode
 
-    def __init__(self, parent=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/UltrasoundAI.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.loadPanel("UI/UltrasoundAI.ui")
         self.logic = UltrasoundAILogic()
         self.jobs = JobPanel(
             self.logic, qt.QTimer(), self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel,

@@ -30,25 +30,20 @@ from slicer.util import VTKObservationMixin
 # UltrasoundAIRegistrationLib puts the engine on sys.path (a source checkout), so it is imported first.
 from UltrasoundAIRegistrationLib.logic import UltrasoundAIRegistrationLogic
 
-from ultrasound_ai.mrml.job_panel import JobPanel, ParameterNodePanel
+from ultrasound_ai.mrml.job_panel import JobPanel, ParameterNodePanel, describe_module
 
 
 class UltrasoundAIRegistration(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "UltrasoundAI Registration"
-        self.parent.categories = ["Ultrasound"]
-        self.parent.dependencies = ["Markups", "Segmentations", "VolumeRendering"]
-        self.parent.contributors = ["UltrasoundAI developers"]
-        self.parent.helpText = (
+        describe_module(parent, "UltrasoundAI Registration", ["Markups", "Segmentations", "VolumeRendering"], help_text=(
             "MRI-TRUS rigid fusion. Select the T2 MRI, its prostate label (labelmap or segmentation) and the 3D "
             "TRUS volume, a method (Attention-Reg or mutual information) and press Apply. The registration runs "
             "in a background process (press the button again to cancel); the result is a linear transform "
             "applied to the TRUS volume, shown fused over the MRI (or as a checkerboard), with the biopsy "
             "targets marked on the MRI carried into TRUS space. With a ground-truth transform the surface "
-            "registration error (SRE) is reported."
-        )
-        self.parent.acknowledgementText = "Method: Attention-Reg (Song et al., MICCAI 2021)."
+            "registration error (SRE) is reported. The shipped models are trained on simulated phantoms only and are not validated on patient data."
+        ), acknowledgement="Method: Attention-Reg (Song et al., MICCAI 2021).")
 
 
 @parameterNodeWrapper
@@ -74,17 +69,11 @@ class UltrasoundAIRegistrationParameterNode:
 class UltrasoundAIRegistrationWidget(ParameterNodePanel, ScriptedLoadableModuleWidget, VTKObservationMixin):
     ParameterNode = UltrasoundAIRegistrationParameterNode
 
-    def __init__(self, parent=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self._lastTransform = None  # the last registration (MRI LPS -> TRUS LPS), for Update view
+    _lastTransform = None  # the last registration (MRI LPS -> TRUS LPS), for Update view
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/UltrasoundAIRegistration.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.loadPanel("UI/UltrasoundAIRegistration.ui")
         self.logic = UltrasoundAIRegistrationLogic()
         self.jobs = JobPanel(
             self.logic, qt.QTimer(), self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel,

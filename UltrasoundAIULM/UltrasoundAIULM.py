@@ -25,27 +25,21 @@ from slicer.util import VTKObservationMixin
 # UltrasoundAIULMLib puts the engine on sys.path (a source checkout), so it is imported first.
 from UltrasoundAIULMLib.logic import METHOD_LABELS, METHODS, UltrasoundAIULMLogic
 
-from ultrasound_ai.mrml.job_panel import JobPanel, ParameterNodePanel
+from ultrasound_ai.mrml.job_panel import JobPanel, ParameterNodePanel, describe_module
 
 
 class UltrasoundAIULM(ScriptedLoadableModule):
     def __init__(self, parent):
         ScriptedLoadableModule.__init__(self, parent)
-        self.parent.title = "UltrasoundAI ULM"
-        self.parent.categories = ["Ultrasound"]
-        self.parent.dependencies = ["Sequences", "Colors"]
-        self.parent.contributors = ["UltrasoundAI developers"]
-        self.parent.helpText = (
+        describe_module(parent, "UltrasoundAI ULM", ["Sequences", "Colors"], help_text=(
             "Ultrasound localization microscopy: localize microbubbles in an ultrafast IQ acquisition (radial "
             "symmetry, weighted average or 3DML-ResNet), track them and render super-resolved density, flow "
             "direction and velocity maps on a wavelength/10 grid. Select an IQ sequence (two-component "
             "real/imaginary volumes) or an acquisition file (.h5 or PALA .mat) and press Apply. The work runs "
-            "in a background process; press the button again to cancel."
-        )
-        self.parent.acknowledgementText = (
-            "Methods: 3DML-ResNet and the bubble-count network (Pustovalov et al., EUSIPCO 2024); tracking and "
-            "rendering after PALA (Heiles et al., 2022)."
-        )
+            "in a background process; press the button again to cancel. The shipped model is trained on "
+            "simulated acquisitions only and is not validated on patient data."
+        ), acknowledgement="Methods: 3DML-ResNet and the bubble-count network (Pustovalov et al., EUSIPCO 2024); tracking and "
+            "rendering after PALA (Heiles et al., 2022).")
 
 
 @parameterNodeWrapper
@@ -56,7 +50,7 @@ class UltrasoundAIULMParameterNode:
     frameRateHz: Annotated[float, WithinRange(0.0, 100000.0)] = 0.0
     method: Annotated[str, Choice(["rs", "wa", "3dml"])] = "rs"
     resolutionFactor: Annotated[float, WithinRange(1.0, 40.0)] = 10.0
-    useCountingNetwork: bool = False
+    useCountingNetwork: bool = True  # per-frame counts from the counting network by default (no guessing)
     bubblesPerFrame: Annotated[int, WithinRange(1, 1000)] = 40
     linkDistance: Annotated[float, WithinRange(0.1, 20.0)] = 2.0
     minTrackLength: Annotated[int, WithinRange(1, 1000)] = 15
@@ -69,16 +63,9 @@ class UltrasoundAIULMParameterNode:
 class UltrasoundAIULMWidget(ParameterNodePanel, ScriptedLoadableModuleWidget, VTKObservationMixin):
     ParameterNode = UltrasoundAIULMParameterNode
 
-    def __init__(self, parent=None):
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/UltrasoundAIULM.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.loadPanel("UI/UltrasoundAIULM.ui")
         self.logic = UltrasoundAIULMLogic()
         self.jobs = JobPanel(
             self.logic, qt.QTimer(), self.ui.applyButton, self.ui.progressBar, self.ui.statusLabel,

@@ -4,11 +4,11 @@ For every module folder present (UltrasoundAI, UltrasoundAIRegistration, Ultraso
 given), this starts
 
     Slicer --testing --no-main-window --additional-module-paths <module folder>
-           --python-code "import slicer.testing; slicer.testing.runUnitTest([<module>, <repo>], '<Module>.<Module>Test')"
+           --python-code "import slicer.testing; slicer.testing.runUnitTest([<module>], '<Module>')"
 
-(under `xvfb-run -a` on Linux without a display), so the module is loaded from this checkout, the
-engine `ultrasound_ai/` is importable from the repository root, and Slicer exits with the test's
-status. See README.md beside this file.
+(under `xvfb-run -a` on Linux without a display), as ctest runs a module's tests: the module is loaded
+from this checkout, its Lib package puts the repository root (the engine) on sys.path, unittest runs
+each test_* method on its own, and Slicer exits with the tests' status. See README.md beside this file.
 
     python Testing/Slicer/run_module_tests.py [--slicer PATH] [--report FILE.json] [MODULE_DIR ...]
 
@@ -58,10 +58,9 @@ def module_dirs(given: list[Path] | None = None) -> list[Path]:
 
 
 def python_code(module_dir: Path) -> str:
-    name = module_dir.name
-    paths = [str(module_dir), str(REPO_ROOT)]  # the module, and the engine beside it
-    return (f"import slicer.testing; slicer.testing.runUnitTest({paths!r}, "
-            f"{(name + '.' + name + 'Test')!r})")
+    """What slicer_add_python_unittest runs: only the module's folder on sys.path (its Lib package finds
+    the engine) and the module name, so unittest loads every test_* of its Test class on its own."""
+    return f"import slicer.testing; slicer.testing.runUnitTest({[str(module_dir)]!r}, {module_dir.name!r})"
 
 
 def needs_xvfb() -> bool:

@@ -107,14 +107,14 @@ def test_job_carries_the_panel(tmp_path):
 
     logic = UltrasoundAIULMLogic(workdir=tmp_path)
     params = UlmRunParameters.from_any({"inputAcquisitionFile": "a.h5", "method": "wa", "resolutionFactor": 5,
-                                        "linkDistance": 1.5, "minTrackLength": 7, "svdCutoff": 0, "device": "CPU"})
+                                        "linkDistance": 1.5, "minTrackLength": 7, "svdCutoff": 0, "device": "CPU",
+                                        "useCountingNetwork": False})
     job = logic._job(params, tmp_path / "a.h5", "a")
     assert job["task"] == "ulm.process" and job["device"] == "cpu"
     assert job["outputs"] == {"result": str(tmp_path / "a-wa-result.h5")}
     assert job["parameters"]["method"] == "wa" and job["parameters"]["bubbles_per_frame"] == 40
     assert job["parameters"]["svd_cutoff"] is None and job["parameters"]["min_track_length"] == 7
-    counting = logic._job(UlmRunParameters.from_any({"inputAcquisitionFile": "a.h5", "useCountingNetwork": True}),
-                          tmp_path / "a.h5", "a")
+    counting = logic._job(UlmRunParameters.from_any({"inputAcquisitionFile": "a.h5"}), tmp_path / "a.h5", "a")
     assert counting["parameters"]["counting_network"] is True and "bubbles_per_frame" not in counting["parameters"]
 
 

@@ -58,8 +58,7 @@ def test_runs_each_module_in_slicer_and_reports(tmp_path, fake_slicer, capsys):
     assert first[:3] == ["--testing", "--no-main-window", "--no-splash"]
     assert first[first.index("--additional-module-paths") + 1] == str(good)
     python_code = first[first.index("--python-code") + 1]
-    assert python_code == ("import slicer.testing; slicer.testing.runUnitTest("
-                           f"{[str(good), str(rmt.REPO_ROOT)]!r}, 'GoodModule.GoodModuleTest')")
+    assert python_code == f"import slicer.testing; slicer.testing.runUnitTest({[str(good)]!r}, 'GoodModule')"
     results = {r["module"]: r for r in json.loads(report.read_text())["results"]}
     assert results["GoodModule"]["status"] == "passed" and results["BrokenModule"]["status"] == "failed"
     assert "FAILED (failures=1)" in results["BrokenModule"]["output_tail"]

@@ -70,6 +70,7 @@ def test_minimum_slicer_is_stated_consistently():
     """CMake metadata, README and the checks name the same minimum Slicer; its Python satisfies the
     engine's requires-python."""
     import re
+
     import tomllib
 
     version = "{0}.{1}".format(*sc.MIN_SLICER)

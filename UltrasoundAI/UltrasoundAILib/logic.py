@@ -44,7 +44,7 @@ again replaces its nodes and another method adds its own (createNewNodes=True ke
                                          method is not tracked and computeMetrics is on
   "<browser>-<method>-ImuWeights"        vtkMRMLTableNode, only when the method fuses IMUs (FiMA): one
                                          row per frame pair, the fusion weight of each IMU
-Estimates are in the contract's frame (frame 0 = identity, DESIGN.md), so the estimated transforms,
+Estimates are in the contract's frame (frame 0 = identity, docs/DATA_FORMATS.md), so the estimated transforms,
 the volume and the trajectory agree with each other; the tracked ImageToReference of the input
 browser stays in the tracker's frame.
 """
@@ -64,13 +64,13 @@ import slicer
 from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.mrml.module_logic import (
     ModuleLogic,
-    parameters_from,
+    PanelParameters,
     path_or_none,
     remove_browser,
     remove_with_helpers,
     safe_name,
 )
-from ultrasound_ai.mrml.tables import float_column, int_column, metrics_to_table, new_table_node, set_table
+from ultrasound_ai.mrml.tables import float_column, int_column, new_table_node, set_table
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ _EULER_COLUMNS = ("euler_x_deg", "euler_y_deg", "euler_z_deg")
 
 
 @dataclass
-class ReconstructionParameters:
+class ReconstructionParameters(PanelParameters):
     """The Logic's view of the panel, read from a dict or a parameter node wrapper."""
 
     inputBrowser: Any = None
@@ -116,37 +116,34 @@ class ReconstructionParameters:
     # `tracked` (whose estimate they are): the job's evaluation phase, which takes time on long sweeps.
     computeMetrics: bool = True
 
-    @classmethod
-    def from_any(cls, parameters) -> "ReconstructionParameters":
-        if isinstance(parameters, cls):
-            return parameters
-        out = parameters_from(cls, parameters, "inputBrowser or inputSweepFile")
-        out.inputSweepFile = path_or_none(out.inputSweepFile)
-        out.method = str(out.method or "").strip()
-        out.device = str(out.device or "auto").strip().lower()
-        out.checkpoint = path_or_none(out.checkpoint)
-        out.onlineAlignment = bool(out.onlineAlignment)
-        out.imuSelection = str(out.imuSelection or "").strip()
-        parse_imu_selection(out.imuSelection)  # a bad list fails here, naming the field
+    REQUIRED = "inputBrowser or inputSweepFile"
+
+    def check(self) -> None:
+        self.inputSweepFile = path_or_none(self.inputSweepFile)
+        self.method = str(self.method or "").strip()
+        self.device = str(self.device or "auto").strip().lower()
+        self.checkpoint = path_or_none(self.checkpoint)
+        self.onlineAlignment = bool(self.onlineAlignment)
+        self.imuSelection = str(self.imuSelection or "").strip()
+        parse_imu_selection(self.imuSelection)  # a bad list fails here, naming the field
         try:
-            out.outputSpacing = float(out.outputSpacing)
+            self.outputSpacing = float(self.outputSpacing)
         except (TypeError, ValueError):
-            raise InputError(f"outputSpacing: expected a voxel size in mm, got {out.outputSpacing!r}") from None
-        if not (np.isfinite(out.outputSpacing) and out.outputSpacing > 0):
-            raise InputError(f"outputSpacing: expected a positive voxel size in mm, got {out.outputSpacing}")
-        if out.compounding not in COMPOUNDING:
-            raise InputError(f"compounding: expected one of {', '.join(COMPOUNDING)}, got {out.compounding!r}")
-        if out.fillHoles not in FILL_HOLES:
-            raise InputError(f"fillHoles: expected one of {', '.join(FILL_HOLES)}, got {out.fillHoles!r}")
-        if not out.method:
+            raise InputError(f"outputSpacing: expected a voxel size in mm, got {self.outputSpacing!r}") from None
+        if not (np.isfinite(self.outputSpacing) and self.outputSpacing > 0):
+            raise InputError(f"outputSpacing: expected a positive voxel size in mm, got {self.outputSpacing}")
+        if self.compounding not in COMPOUNDING:
+            raise InputError(f"compounding: expected one of {', '.join(COMPOUNDING)}, got {self.compounding!r}")
+        if self.fillHoles not in FILL_HOLES:
+            raise InputError(f"fillHoles: expected one of {', '.join(FILL_HOLES)}, got {self.fillHoles!r}")
+        if not self.method:
             raise InputError(f"method: expected one of {', '.join(METHODS)} (or another registered method)")
-        if out.inputBrowser is None and out.inputSweepFile is None:
+        if self.inputBrowser is None and self.inputSweepFile is None:
             raise InputError("input: select a sequence browser (inputBrowser) or a sweep file (inputSweepFile)")
-        if out.inputBrowser is not None and not isinstance(out.inputBrowser, slicer.vtkMRMLSequenceBrowserNode):
+        if self.inputBrowser is not None and not isinstance(self.inputBrowser, slicer.vtkMRMLSequenceBrowserNode):
             raise InputError(
-                f"inputBrowser: expected a vtkMRMLSequenceBrowserNode, got {type(out.inputBrowser).__name__}"
+                f"inputBrowser: expected a vtkMRMLSequenceBrowserNode, got {type(self.inputBrowser).__name__}"
             )
-        return out
 
 
 def _has_tforms(sweep_path) -> bool:
@@ -274,7 +271,7 @@ class UltrasoundAILogic(ModuleLogic):
 
     # -- inputs --------------------------------------------------------------------------------------
     def load_sweep(self, path, name: str | None = None, scene=None):
-        """A sweep file (DESIGN.md contract) as a sequence browser: image sequence, ImageToReference
+        """A sweep file (docs/DATA_FORMATS.md) as a sequence browser: image sequence, ImageToReference
         transforms when the file has tforms, and the IMU table when it has IMU data. A browser loaded
         earlier from the same file is reused (replaced)."""
         from ultrasound_ai.io.sweep import read_sweep
@@ -461,12 +458,7 @@ class UltrasoundAILogic(ModuleLogic):
         curve = trajectory_to_curve(frame_centres_lps(estimate), name=f"{base}-Trajectory", node=curve, scene=scene)
         self.tag(curve, "trajectory", method)
 
-        metrics_node = None
-        metrics = payload.get("metrics")
-        if metrics:
-            metrics_node = self.find_output(scene, "vtkMRMLTableNode", f"{base}-Metrics", "metrics", new)
-            metrics_node = metrics_to_table(metrics, name=f"{base}-Metrics", node=metrics_node, scene=scene)
-            self.tag(metrics_node, "metrics", method)
+        metrics_node = self.metrics_output(scene, f"{base}-Metrics", payload.get("metrics"), method, new)
         weights_node = None
         if estimate.imu_weights is not None:
             weights_node = self.find_output(scene, "vtkMRMLTableNode", f"{base}-ImuWeights", "imu_weights", new)

@@ -1,40 +1,25 @@
-"""Test scenarios shared by the slicer-core tests (Testing/mrml/test_freehand_module.py) and the
-module's Test class inside Slicer (UltrasoundAITest): the same checks in both settings.
-
-Each scenario works on ``slicer.mrmlScene`` (the caller makes a fresh one: ``new_scene()`` with
-slicer-core, ``slicer.mrmlScene.Clear()`` in Slicer), runs real engine jobs in real background
-processes, and raises AssertionError (or the Logic's own error where the scenario expects none) when a
-check fails. Nothing here imports ``slicer`` at module level: a job worker imports this module for the
-cancel scenario's task (``paused_reconstruct_task``).
+"""Freehand reconstruction scenarios, run by Testing/mrml/test_freehand_module.py (slicer-core) and by
+UltrasoundAITest inside Slicer: the same checks in both (what they share and how a job is paused for
+the cancel scenario: ultrasound_ai.mrml.scenario_support). Each works on ``slicer.mrmlScene``, runs real
+jobs and raises AssertionError when a check fails; ``paused_reconstruct_task`` is imported by the worker.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
 import numpy as np
+
+from ultrasound_ai.mrml import scenario_support as support
+
+# Short names for the shared checks (used on almost every line below).
+_check, _close, _partials, _scene_node_ids, _expect_input_error = support.check, support.close, support.partial_files, support.scene_node_ids, support.expect_input_error
 
 # The cancel scenario's task, made importable for the worker through ULTRASOUND_AI_EXTRA_TASKS.
 PAUSED_TASK = "freehand.reconstruct_paused"
 _PAUSED_TARGET = "UltrasoundAILib.scenarios:paused_reconstruct_task"
 _PAUSE_AT = 0.92  # run_reconstruction's "writing" stage: the estimate's temporary file exists then
-_PAUSE_LIMIT_S = 120.0
 _MODULE_DIR = str(Path(__file__).resolve().parents[1])
-
-
-def _check(condition, message: str) -> None:
-    # Not `assert`: the checks must also run under python -O.
-    if not condition:
-        raise AssertionError(message)
-
-
-def _close(a, b, atol, what: str) -> None:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    _check(a.shape == b.shape, f"{what}: shape {a.shape} != {b.shape}")
-    err = float(np.max(np.abs(a - b))) if a.size else 0.0
-    _check(err <= atol, f"{what}: max difference {err:.3g} > {atol:.3g}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -55,16 +40,6 @@ def make_sweep(path, seed: int = 7, n_frames: int = 10, frame_shape=(40, 48), pi
     if not imu:
         sweep = dataclasses.replace(sweep, imu_acc=None, imu_euler_deg=None, imu_position_mm=None)
     return write_sweep(sweep, Path(path))
-
-
-def _scene_node_ids(scene) -> set:
-    return {scene.GetNthNode(k).GetID() for k in range(scene.GetNumberOfNodes())}
-
-
-def _partials(folder: Path) -> list:
-    from ultrasound_ai.core.atomic import is_partial
-
-    return sorted(p.name for p in Path(folder).rglob("*") if is_partial(p))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -110,11 +85,7 @@ def reconstruct_scenario(sweep_path, method: str, workdir, browser=None, repeat:
     parameters = {"inputBrowser": browser, "method": method, "outputSpacing": spacing_mm, "device": "cpu"}
     nodes = logic.run(parameters, on_event=events.append)
 
-    # Progress streamed from the worker, never going backwards, ending with the result.
-    fractions = [e["fraction"] for e in events if e.get("event") == "progress"]
-    _check(len(fractions) >= 3, f"expected progress events from the job, got {fractions}")
-    _check(all(b >= a for a, b in zip(fractions, fractions[1:])), f"progress went backwards: {fractions}")
-    _check(events[-1].get("event") == "result", f"the job's last event is {events[-1]}")
+    support.check_progress_events(events)
 
     payload = nodes["result"]
     estimate = read_sweep(payload["estimate"])
@@ -202,46 +173,20 @@ def vtk_to_numpy_matrix(transform_node) -> np.ndarray:
 # Cancel
 
 
-class _PausingContext:
-    """The worker's TaskContext, except that the first progress report at or past `at` waits (checking
-    for cancellation) until the job is cancelled: a deterministic "cancel while running"."""
-
-    def __init__(self, ctx, at: float):
-        self._ctx = ctx
-        self._at = at
-        self._paused = False
-
-    def __getattr__(self, name):
-        return getattr(self._ctx, name)
-
-    def progress(self, fraction, message=""):
-        self._ctx.progress(fraction, message)
-        if not self._paused and float(fraction) >= self._at:
-            self._paused = True
-            self._ctx.log("paused: waiting to be cancelled")
-            deadline = time.monotonic() + _PAUSE_LIMIT_S
-            while time.monotonic() < deadline:
-                self._ctx.check_cancelled()
-                time.sleep(0.02)
-            raise RuntimeError(f"the paused reconstruction was not cancelled within {_PAUSE_LIMIT_S} s")
-
-
 def paused_reconstruct_task(job, ctx):
     """``freehand.reconstruct`` that stops mid-way (outputs half written) until it is cancelled."""
     from ultrasound_ai.freehand.tasks import reconstruct_task
 
-    return reconstruct_task(job, _PausingContext(ctx, _PAUSE_AT))
+    return reconstruct_task(job, support.PausingContext(ctx, _PAUSE_AT, "reconstruction"))
 
 
 def _paused_task_env() -> dict:
-    paths = [_MODULE_DIR] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {"ULTRASOUND_AI_EXTRA_TASKS": f"{_PAUSED_TARGET}={PAUSED_TASK}", "PYTHONPATH": os.pathsep.join(paths)}
+    return support.paused_task_env(_MODULE_DIR, _PAUSED_TARGET, PAUSED_TASK)
 
 
 def cancel_scenario(sweep_path, workdir, timeout_s: float = 180.0) -> None:
     """Cancel a reconstruction while it is writing its outputs: the job ends "cancelled", no result
     node appears in the scene, and no output or temporary file is left."""
-    from ultrasound_ai.core.errors import Cancelled
     from UltrasoundAILib.logic import UltrasoundAILogic
 
     workdir = Path(workdir)
@@ -251,28 +196,12 @@ def cancel_scenario(sweep_path, workdir, timeout_s: float = 180.0) -> None:
     before = _scene_node_ids(scene)
     parameters = {"inputBrowser": browser, "method": "tracked", "outputSpacing": 0.6, "device": "cpu"}
     launcher = logic.start(parameters, task=PAUSED_TASK, env=_paused_task_env())
-    events = []
-    deadline = time.monotonic() + timeout_s
-    while not any(e.get("event") == "log" and "paused" in e.get("message", "") for e in events):
-        events += launcher.drain()
-        if launcher.done:
-            events += launcher.drain()
-            raise AssertionError(f"the job ended before it could be cancelled: {launcher.result.error} {events[-3:]}")
-        _check(time.monotonic() < deadline, "the job did not reach its pause point in time")
-        time.sleep(0.05)
+    events = support.wait_until_paused(launcher, timeout_s)
     announced = [e["name"] for e in events if e.get("event") == "partial"]
     _check(sorted(announced) == ["estimate", "volume"], f"expected both outputs announced as temporary, got {announced}")
     _check(_partials(workdir) != [], "expected half-written outputs in the work folder while running")
 
-    logic.cancel()
-    result = launcher.wait(timeout_s)
-    _check(result.status == "cancelled" and result.exit_code == 3, f"expected a cancelled job, got {result.status} {result.error}")
-    try:
-        logic.load_results(result, parameters)
-    except Cancelled:
-        pass
-    else:
-        raise AssertionError("load_results accepted a cancelled job")
+    support.cancel_paused(logic, launcher, parameters, timeout_s)
     _check(_scene_node_ids(scene) == before, "a cancelled job changed the scene")
     _check(_partials(workdir) == [], f"half-written files left after cancel: {_partials(workdir)}")
     outputs = [p for p in workdir.iterdir() if p.suffix in (".nrrd",) or p.name.endswith("-estimate.h5")]
@@ -281,19 +210,6 @@ def cancel_scenario(sweep_path, workdir, timeout_s: float = 180.0) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Bad input
-
-
-def _expect_input_error(call, *needles) -> str:
-    from ultrasound_ai.core.errors import InputError
-
-    try:
-        call()
-    except InputError as exc:
-        message = str(exc)
-        for needle in needles:
-            _check(needle in message, f"error message {message!r} does not mention {needle!r}")
-        return message
-    raise AssertionError(f"expected an InputError mentioning {needles}")
 
 
 def bad_input_scenario(workdir, with_job: bool = True) -> None:

@@ -1,13 +1,8 @@
-"""UltrasoundAIRegistration's Logic package (importable without qt/ctk).
-
-Slicer puts only the module's folder on sys.path. Installed, the engine `ultrasound_ai` sits in that
-folder; in a source checkout (Slicer's "Additional module paths" pointing at UltrasoundAIRegistration/) it sits one
-level up, added here so that every import of this package, the module file's first, finds it.
-"""
-
-import os as _os
+"""UltrasoundAIRegistration's Logic package (no qt/ctk). Slicer puts only UltrasoundAIRegistration/ on sys.path: from a source checkout
+the engine is one level up, added here, before the module file imports the Logic (installed, it is beside)."""
 import sys as _sys
+from os.path import abspath, dirname, isfile, join
 
-_checkout = _os.path.dirname(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-if _os.path.isfile(_os.path.join(_checkout, "ultrasound_ai", "__init__.py")) and _checkout not in _sys.path:
-    _sys.path.append(_checkout)
+_root = dirname(dirname(dirname(abspath(__file__))))
+if isfile(join(_root, "ultrasound_ai", "__init__.py")) and _root not in _sys.path:
+    _sys.path.append(_root)

@@ -9,7 +9,7 @@ application and, for the tests, with the slicer-core wheel.
     logic.cancel()
     nodes = logic.load_results(launcher.wait(), parameters)
     nodes = logic.show_registration(T_fixed_to_moving, parameters)   # a known transform, no job
-    case_nodes = logic.load_case("CASE_DIR")    # a case folder (DESIGN.md) into the scene
+    case_nodes = logic.load_case("CASE_DIR")    # a case folder (docs/DATA_FORMATS.md)
 
 Parameters are a dict or any object (the Widget's parameter node wrapper) with these names:
 fixedVolume (MRI, scalar volume), fixedLabel (prostate label on the MRI: a labelmap volume on the MRI's
@@ -25,7 +25,7 @@ initial transform), checkpoints (Attention-Reg .pt paths, stage 1 first; default
 Spaces. The MRI and its label are used in world coordinates (their parent transforms, if any, applied);
 the TRUS in its own (local) coordinates, because the result becomes its parent transform. The start is
 the initial transform node when given, else the TRUS's current parent transform (what the views show),
-else the volumes' physical positions. Transform nodes follow DESIGN.md: the to-parent matrix of a
+else the volumes' physical positions. Transform nodes follow docs/DATA_FORMATS.md: the to-parent matrix of a
 transform node applied to the TRUS volume maps TRUS RAS -> MRI RAS ("moving_to_fixed_ras"); the engine's
 transform maps MRI LPS -> TRUS LPS (T_fixed_to_moving).
 
@@ -56,8 +56,7 @@ import slicer
 import vtk
 
 from ultrasound_ai.core.errors import InputError
-from ultrasound_ai.mrml.module_logic import ModuleLogic, parameters_from, remove_with_helpers, safe_name
-from ultrasound_ai.mrml.tables import metrics_to_table
+from ultrasound_ai.mrml.module_logic import ModuleLogic, PanelParameters, remove_with_helpers, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ FUSION_OPACITY = 0.5
 
 
 @dataclass
-class RegistrationParameters:
+class RegistrationParameters(PanelParameters):
     """The Logic's view of the panel, read from a dict or a parameter node wrapper."""
 
     fixedVolume: Any = None
@@ -93,58 +92,55 @@ class RegistrationParameters:
     miIterations: int = 200
     checkpoints: Any = None
 
-    @classmethod
-    def from_any(cls, parameters) -> "RegistrationParameters":
-        if isinstance(parameters, cls):
-            return parameters
-        out = parameters_from(cls, parameters, "fixedVolume, fixedLabel, movingVolume")
-        out.method = str(out.method or "").strip().lower()
-        out.mode = str(out.mode or "label").strip().lower()
-        out.device = str(out.device or "auto").strip().lower()
-        if out.method not in METHODS:
-            raise InputError(f"method: expected one of {', '.join(METHODS)}, got {out.method!r}")
-        if out.mode not in MODES:
-            raise InputError(f"mode: expected one of {', '.join(MODES)}, got {out.mode!r}")
+    REQUIRED = "fixedVolume, fixedLabel, movingVolume"
+
+    def check(self) -> None:
+        self.method = str(self.method or "").strip().lower()
+        self.mode = str(self.mode or "label").strip().lower()
+        self.device = str(self.device or "auto").strip().lower()
+        if self.method not in METHODS:
+            raise InputError(f"method: expected one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.mode not in MODES:
+            raise InputError(f"mode: expected one of {', '.join(MODES)}, got {self.mode!r}")
         try:
-            out.checkerboardSquareMm = float(out.checkerboardSquareMm)
-            out.miIterations = int(out.miIterations)
+            self.checkerboardSquareMm = float(self.checkerboardSquareMm)
+            self.miIterations = int(self.miIterations)
         except (TypeError, ValueError):
             raise InputError("checkerboardSquareMm / miIterations: expected numbers") from None
-        if not (np.isfinite(out.checkerboardSquareMm) and out.checkerboardSquareMm > 0):
-            raise InputError(f"checkerboardSquareMm: expected a positive size in mm, got {out.checkerboardSquareMm}")
-        if out.miIterations < 0:
-            raise InputError(f"miIterations: expected >= 0, got {out.miIterations}")
+        if not (np.isfinite(self.checkerboardSquareMm) and self.checkerboardSquareMm > 0):
+            raise InputError(f"checkerboardSquareMm: expected a positive size in mm, got {self.checkerboardSquareMm}")
+        if self.miIterations < 0:
+            raise InputError(f"miIterations: expected >= 0, got {self.miIterations}")
         for name, cls_name, what in (
             ("fixedVolume", "vtkMRMLScalarVolumeNode", "the MRI"),
             ("movingVolume", "vtkMRMLScalarVolumeNode", "the TRUS volume"),
         ):
-            node = getattr(out, name)
+            node = getattr(self, name)
             if node is None:
                 raise InputError(f"{name}: select {what} (a scalar volume node)")
             if not isinstance(node, getattr(slicer, cls_name)) or isinstance(node, slicer.vtkMRMLLabelMapVolumeNode) \
                     or isinstance(node, slicer.vtkMRMLVectorVolumeNode):
                 raise InputError(f"{name}: expected a scalar volume node ({what}), got {type(node).__name__}")
-        if out.fixedLabel is None:
+        if self.fixedLabel is None:
             raise InputError("fixedLabel: select the prostate label on the MRI (a labelmap volume or a segmentation)")
-        if not isinstance(out.fixedLabel, (slicer.vtkMRMLLabelMapVolumeNode, slicer.vtkMRMLSegmentationNode)):
+        if not isinstance(self.fixedLabel, (slicer.vtkMRMLLabelMapVolumeNode, slicer.vtkMRMLSegmentationNode)):
             raise InputError(f"fixedLabel: expected a labelmap volume node or a segmentation node, got "
-                             f"{type(out.fixedLabel).__name__}")
-        if out.fixedVolume is out.movingVolume:
+                             f"{type(self.fixedLabel).__name__}")
+        if self.fixedVolume is self.movingVolume:
             raise InputError("movingVolume: the TRUS volume must be another node than the MRI (fixedVolume)")
         for name in ("initialTransform", "truthTransform", "outputTransform"):
-            node = getattr(out, name)
+            node = getattr(self, name)
             if node is not None and not isinstance(node, slicer.vtkMRMLLinearTransformNode):
                 raise InputError(f"{name}: expected a linear transform node, got {type(node).__name__}")
         for name in ("surfacePoints", "biopsyTargets"):
-            node = getattr(out, name)
+            node = getattr(self, name)
             if node is not None and not isinstance(node, slicer.vtkMRMLMarkupsNode):
                 raise InputError(f"{name}: expected a markups node (point list), got {type(node).__name__}")
-        if isinstance(out.checkpoints, (str, os.PathLike)):
-            text = os.fspath(out.checkpoints).strip()
-            out.checkpoints = [p.strip() for p in text.split(";") if p.strip()] or None
-        elif out.checkpoints is not None:
-            out.checkpoints = [os.fspath(p) for p in out.checkpoints] or None
-        return out
+        if isinstance(self.checkpoints, (str, os.PathLike)):
+            text = os.fspath(self.checkpoints).strip()
+            self.checkpoints = [p.strip() for p in text.split(";") if p.strip()] or None
+        elif self.checkpoints is not None:
+            self.checkpoints = [os.fspath(p) for p in self.checkpoints] or None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -431,12 +427,7 @@ class UltrasoundAIRegistrationLogic(ModuleLogic):
         except Exception as exc:  # noqa: BLE001
             log.warning("UltrasoundAIRegistration: volume rendering not shown: %s", exc)
 
-        metrics_node = None
-        if metrics:
-            name = f"{moving.GetName()}-Registration-Metrics"
-            metrics_node = self.find_output(scene, "vtkMRMLTableNode", name, "metrics")
-            metrics_node = metrics_to_table(metrics, name=name, node=metrics_node, scene=scene)
-            self.tag(metrics_node, "metrics", method)
+        metrics_node = self.metrics_output(scene, f"{moving.GetName()}-Registration-Metrics", metrics, method)
         return {"transform": transform, "targets": targets, "gland": gland, "checkerboard": checkerboard,
                 "metrics": metrics_node}
 
@@ -514,7 +505,7 @@ class UltrasoundAIRegistrationLogic(ModuleLogic):
 
     # -- cases ---------------------------------------------------------------------------------------
     def load_case(self, case_dir, scene=None) -> dict:
-        """A case folder (DESIGN.md) into the scene: {"fixed", "fixed_label", "moving", "surface", "truth"
+        """A case folder (docs/DATA_FORMATS.md) into the scene: {"fixed", "fixed_label", "moving", "surface", "truth"
         (transform node, not applied, or None), "landmarks" (markups on the MRI, or None), "case"}."""
         from ultrasound_ai.mrml import matrix_to_transform_node_ras, points_to_fiducials, resolve_scene, volume_to_node
         from ultrasound_ai.registration.case import read_case

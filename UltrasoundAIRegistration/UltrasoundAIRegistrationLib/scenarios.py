@@ -1,48 +1,23 @@
-"""Test scenarios shared by the slicer-core tests (Testing/mrml/test_registration_module.py) and the module's
-Test class inside Slicer (UltrasoundAIRegistrationTest): the same checks in both settings.
-
-Each scenario works on ``slicer.mrmlScene`` (the caller makes a fresh one: ``new_scene()`` with slicer-core,
-``slicer.mrmlScene.Clear()`` in Slicer), runs real engine jobs in real background processes, and raises
-AssertionError (or the Logic's own error where the scenario expects none) when a check fails. Nothing here
-imports ``slicer`` at module level: a job worker imports this module for the cancel scenario's task.
+"""MRI-TRUS registration scenarios for Testing/mrml/test_registration_module.py and, in Slicer, for
+UltrasoundAIRegistrationTest. Shared helpers and the paused-task set-up: ultrasound_ai.mrml.scenario_support.
+Every scenario uses ``slicer.mrmlScene`` and real background jobs; a failed check raises AssertionError.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
 import numpy as np
 
+from ultrasound_ai.mrml import scenario_support as support
+
+# Short names for the shared checks (used on almost every line below).
+_check, _close, _partials, _scene_node_ids, _expect_input_error = support.check, support.close, support.partial_files, support.scene_node_ids, support.expect_input_error
+
 PAUSED_TASK = "registration.register_paused"
 _PAUSED_TARGET = "UltrasoundAIRegistrationLib.scenarios:paused_register_task"
-_PAUSE_LIMIT_S = 120.0
 _MODULE_DIR = str(Path(__file__).resolve().parents[1])
 MI_ITERATIONS = 30  # enough for the small phantom to improve on a 6 mm start; a second or two
-
-
-def _check(condition, message: str) -> None:
-    # Not `assert`: the checks must also run under python -O.
-    if not condition:
-        raise AssertionError(message)
-
-
-def _close(a, b, atol, what: str) -> None:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    _check(a.shape == b.shape, f"{what}: shape {a.shape} != {b.shape}")
-    err = float(np.max(np.abs(a - b))) if a.size else 0.0
-    _check(err <= atol, f"{what}: max difference {err:.3g} > {atol:.3g}")
-
-
-def _scene_node_ids(scene) -> set:
-    return {scene.GetNthNode(k).GetID() for k in range(scene.GetNumberOfNodes())}
-
-
-def _partials(folder: Path) -> list:
-    from ultrasound_ai.core.atomic import is_partial
-
-    return sorted(p.name for p in Path(folder).rglob("*") if is_partial(p))
 
 
 def _files(folder: Path) -> list:
@@ -250,10 +225,7 @@ def mi_job_scenario(case_dir, workdir, initial_sre_mm: float = 6.0, iterations: 
     events = []
     out = logic.run(params, on_event=events.append)
 
-    fractions = [e["fraction"] for e in events if e.get("event") == "progress"]
-    _check(len(fractions) >= 3, f"expected progress events from the job, got {fractions}")
-    _check(all(b >= a for a, b in zip(fractions, fractions[1:])), f"progress went backwards: {fractions}")
-    _check(events[-1].get("event") == "result", f"the job's last event is {events[-1]}")
+    support.check_progress_events(events)
 
     payload = out["result"]
     metrics = payload["metrics"]
@@ -283,47 +255,21 @@ def mi_job_scenario(case_dir, workdir, initial_sre_mm: float = 6.0, iterations: 
 # Cancel
 
 
-class _PausingContext:
-    """The worker's TaskContext, except that the first progress report at or past `at` waits (checking for
-    cancellation) until the job is cancelled: a deterministic "cancel while running"."""
-
-    def __init__(self, ctx, at: float):
-        self._ctx = ctx
-        self._at = at
-        self._paused = False
-
-    def __getattr__(self, name):
-        return getattr(self._ctx, name)
-
-    def progress(self, fraction, message=""):
-        self._ctx.progress(fraction, message)
-        if not self._paused and float(fraction) >= self._at:
-            self._paused = True
-            self._ctx.log("paused: waiting to be cancelled")
-            deadline = time.monotonic() + _PAUSE_LIMIT_S
-            while time.monotonic() < deadline:
-                self._ctx.check_cancelled()
-                time.sleep(0.02)
-            raise RuntimeError(f"the paused registration was not cancelled within {_PAUSE_LIMIT_S} s")
-
-
 def paused_register_task(job, ctx):
     """``registration.register`` that stops after writing its transform file (still temporary) until it
     is cancelled."""
     from ultrasound_ai.registration.tasks import WRITING_FRACTION, register_task
 
-    return register_task(job, _PausingContext(ctx, WRITING_FRACTION))
+    return register_task(job, support.PausingContext(ctx, WRITING_FRACTION, "registration"))
 
 
 def _paused_task_env() -> dict:
-    paths = [_MODULE_DIR] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    return {"ULTRASOUND_AI_EXTRA_TASKS": f"{_PAUSED_TARGET}={PAUSED_TASK}", "PYTHONPATH": os.pathsep.join(paths)}
+    return support.paused_task_env(_MODULE_DIR, _PAUSED_TARGET, PAUSED_TASK)
 
 
 def cancel_scenario(case_dir, workdir, timeout_s: float = 180.0) -> None:
     """Cancel a registration while it writes its outputs: the job ends "cancelled", no node is added or
     changed in the scene, and no file is left in the work folder (outputs, temporaries, inputs)."""
-    from ultrasound_ai.core.errors import Cancelled
     from ultrasound_ai.mrml import resolve_scene
     from UltrasoundAIRegistrationLib.logic import UltrasoundAIRegistrationLogic
 
@@ -335,26 +281,10 @@ def cancel_scenario(case_dir, workdir, timeout_s: float = 180.0) -> None:
     before = _scene_node_ids(scene)
     params = _params(nodes, method="mi", miIterations=2, biopsyTargets=nodes["landmarks"])
     launcher = logic.start(params, task=PAUSED_TASK, env=_paused_task_env())
-    events = []
-    deadline = time.monotonic() + timeout_s
-    while not any(e.get("event") == "log" and "paused" in e.get("message", "") for e in events):
-        events += launcher.drain()
-        if launcher.done:
-            events += launcher.drain()
-            raise AssertionError(f"the job ended before it could be cancelled: {launcher.result.error} {events[-3:]}")
-        _check(time.monotonic() < deadline, "the job did not reach its pause point in time")
-        time.sleep(0.05)
+    support.wait_until_paused(launcher, timeout_s)
     _check(_partials(workdir / "run") != [], "expected a half-written transform file while running")
 
-    logic.cancel()
-    result = launcher.wait(timeout_s)
-    _check(result.status == "cancelled" and result.exit_code == 3, f"expected a cancelled job, got {result.status} {result.error}")
-    try:
-        logic.load_results(result, params)
-    except Cancelled:
-        pass
-    else:
-        raise AssertionError("load_results accepted a cancelled job")
+    support.cancel_paused(logic, launcher, params, timeout_s)
     _check(_scene_node_ids(scene) == before, "a cancelled job changed the scene")
     _check(nodes["moving"].GetParentTransformNode() is None, "a cancelled job moved the TRUS")
     _check(_files(workdir / "run") == [], f"files left after cancel: {_files(workdir / 'run')}")
@@ -362,19 +292,6 @@ def cancel_scenario(case_dir, workdir, timeout_s: float = 180.0) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Bad input
-
-
-def _expect_input_error(call, *needles) -> str:
-    from ultrasound_ai.core.errors import InputError
-
-    try:
-        call()
-    except InputError as exc:
-        message = str(exc)
-        for needle in needles:
-            _check(needle in message, f"error message {message!r} does not mention {needle!r}")
-        return message
-    raise AssertionError(f"expected an InputError mentioning {needles}")
 
 
 def bad_input_scenario(case_dir, workdir) -> None:

@@ -55,8 +55,8 @@ import numpy as np
 import slicer
 
 from ultrasound_ai.core.errors import InputError
-from ultrasound_ai.mrml.module_logic import ModuleLogic, parameters_from, path_or_none, remove_browser, safe_name
-from ultrasound_ai.mrml.tables import metrics_to_table, new_table_node, set_table
+from ultrasound_ai.mrml.module_logic import ModuleLogic, PanelParameters, path_or_none, remove_browser, safe_name
+from ultrasound_ai.mrml.tables import new_table_node, set_table
 
 log = logging.getLogger(__name__)
 
@@ -89,14 +89,14 @@ MAPS = (("density", "density", "Density"), ("direction", "direction", "Direction
 
 
 @dataclass
-class UlmRunParameters:
+class UlmRunParameters(PanelParameters):
     """The Logic's view of the panel, read from a dict or a parameter node wrapper."""
 
     inputSequence: Any = None
     inputAcquisitionFile: str | None = None
     method: str = "rs"
     resolutionFactor: float = 10.0
-    useCountingNetwork: bool = False
+    useCountingNetwork: bool = True  # per-frame counts from the counting network by default (no guessing)
     bubblesPerFrame: int = 40
     linkDistance: float = 2.0
     minTrackLength: int = 15
@@ -107,35 +107,33 @@ class UlmRunParameters:
     device: str = "auto"
     createNewNodes: bool = False
 
-    @classmethod
-    def from_any(cls, parameters) -> "UlmRunParameters":
-        if isinstance(parameters, cls):
-            return parameters
-        out = parameters_from(cls, parameters, "inputSequence or inputAcquisitionFile")
-        out.inputAcquisitionFile = path_or_none(out.inputAcquisitionFile)
-        out.method = str(out.method or "").strip().lower()
-        if out.method not in METHODS:
-            raise InputError(f"method: expected one of {', '.join(METHODS)} (RS, WA, 3DML-ResNet), got {out.method!r}")
-        out.device = str(out.device or "auto").strip().lower()
-        out.resolutionFactor = _number(out.resolutionFactor, "resolutionFactor", "a positive factor (10 gives λ/10 pixels)")
-        out.linkDistance = _number(out.linkDistance, "linkDistance", "a positive distance in acquisition pixels")
-        out.useCountingNetwork = bool(out.useCountingNetwork)
-        if not out.useCountingNetwork:
-            out.bubblesPerFrame = _integer(out.bubblesPerFrame, "bubblesPerFrame", 1, "detections kept per frame")
-        out.minTrackLength = _integer(out.minTrackLength, "minTrackLength", 1, "points a track needs")
-        out.svdCutoff = _integer(out.svdCutoff, "svdCutoff", 0, "singular components removed per block")
-        out.blockFrames = _integer(out.blockFrames, "blockFrames", 2, "frames per processing block")
+    REQUIRED = "inputSequence or inputAcquisitionFile"
+
+    def check(self) -> None:
+        self.inputAcquisitionFile = path_or_none(self.inputAcquisitionFile)
+        self.method = str(self.method or "").strip().lower()
+        if self.method not in METHODS:
+            raise InputError(f"method: expected one of {', '.join(METHODS)} (RS, WA, 3DML-ResNet), got {self.method!r}")
+        self.device = str(self.device or "auto").strip().lower()
+        self.resolutionFactor = _number(self.resolutionFactor, "resolutionFactor", "a positive factor (10 gives λ/10 pixels)")
+        self.linkDistance = _number(self.linkDistance, "linkDistance", "a positive distance in acquisition pixels")
+        self.useCountingNetwork = bool(self.useCountingNetwork)
+        # A given number is checked even when the counting network (the default) is on.
+        if not self.useCountingNetwork or self.bubblesPerFrame is not None:
+            self.bubblesPerFrame = _integer(self.bubblesPerFrame, "bubblesPerFrame", 1, "detections kept per frame")
+        self.minTrackLength = _integer(self.minTrackLength, "minTrackLength", 1, "points a track needs")
+        self.svdCutoff = _integer(self.svdCutoff, "svdCutoff", 0, "singular components removed per block")
+        self.blockFrames = _integer(self.blockFrames, "blockFrames", 2, "frames per processing block")
         for name in ("wavelengthMm", "frameRateHz"):
-            value = _number(getattr(out, name) or 0.0, name, "a positive number, or 0 to read it from the sequence",
+            value = _number(getattr(self, name) or 0.0, name, "a positive number, or 0 to read it from the sequence",
                             allow_zero=True)
-            setattr(out, name, value)
-        if out.inputSequence is None and out.inputAcquisitionFile is None:
+            setattr(self, name, value)
+        if self.inputSequence is None and self.inputAcquisitionFile is None:
             raise InputError("input: select an IQ sequence (inputSequence) or an acquisition file (inputAcquisitionFile)")
-        if out.inputSequence is not None and not isinstance(
-                out.inputSequence, (slicer.vtkMRMLSequenceBrowserNode, slicer.vtkMRMLSequenceNode)):
+        if self.inputSequence is not None and not isinstance(
+                self.inputSequence, (slicer.vtkMRMLSequenceBrowserNode, slicer.vtkMRMLSequenceNode)):
             raise InputError(f"inputSequence: expected a vtkMRMLSequenceBrowserNode or vtkMRMLSequenceNode, "
-                             f"got {type(out.inputSequence).__name__}")
-        return out
+                             f"got {type(self.inputSequence).__name__}")
 
 
 def _number(value, name: str, expected: str, allow_zero: bool = False) -> float:
@@ -408,12 +406,7 @@ class UltrasoundAIULMLogic(ModuleLogic):
             set_map_display(node, kind, image)
             nodes[kind] = node
 
-        metrics_node = None
-        metrics = payload.get("metrics")
-        if metrics:
-            metrics_node = self.find_output(scene, "vtkMRMLTableNode", f"{base}-Metrics", "metrics", new)
-            metrics_node = metrics_to_table(metrics, name=f"{base}-Metrics", node=metrics_node, scene=scene)
-            self.tag(metrics_node, "metrics", method)
+        metrics_node = self.metrics_output(scene, f"{base}-Metrics", payload.get("metrics"), method, new)
         nodes.update({"metrics": metrics_node, "result": payload, "result_file": result_path})
         return nodes
 

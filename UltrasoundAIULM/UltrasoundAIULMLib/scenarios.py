@@ -1,40 +1,26 @@
-"""Test scenarios shared by the slicer-core tests (Testing/mrml/test_ulm_module.py) and the module's
-Test class inside Slicer (UltrasoundAIULMTest): the same checks in both settings.
+"""ULM scenarios (slicer-core: Testing/mrml/test_ulm_module.py; Slicer: UltrasoundAIULMTest).
 
-Each scenario works on ``slicer.mrmlScene`` (the caller makes a fresh one: ``new_scene()`` with
-slicer-core, ``slicer.mrmlScene.Clear()`` in Slicer), runs real engine jobs in real background
-processes, and raises AssertionError (or the Logic's own error where the scenario expects none) when a
-check fails. Nothing here imports ``slicer`` at module level: a job worker imports this module for the
-cancel scenario's task (``paused_process_task``).
+They drive UltrasoundAIULMLogic on ``slicer.mrmlScene`` with real jobs and raise AssertionError on a
+failed check. Helpers shared with the other modules' scenarios: ultrasound_ai.mrml.scenario_support;
+the worker imports ``paused_process_task`` from here for the cancel scenario.
 """
 
 from __future__ import annotations
 
-import os
-import time
 from pathlib import Path
 
 import numpy as np
+
+from ultrasound_ai.mrml import scenario_support as support
+
+# Short names for the shared checks (used on almost every line below).
+_check, _close, _partials, _scene_node_ids, _expect_input_error = support.check, support.close, support.partial_files, support.scene_node_ids, support.expect_input_error
 
 # The cancel scenario's task, made importable for the worker through ULTRASOUND_AI_EXTRA_TASKS.
 PAUSED_TASK = "ulm.process_paused"
 _PAUSED_TARGET = "UltrasoundAIULMLib.scenarios:paused_process_task"
 _PAUSE_AT = 0.2  # after the first block of several: the job is mid-way
-_PAUSE_LIMIT_S = 120.0
 _MODULE_DIR = str(Path(__file__).resolve().parents[1])
-
-
-def _check(condition, message: str) -> None:
-    # Not `assert`: the checks must also run under python -O.
-    if not condition:
-        raise AssertionError(message)
-
-
-def _close(a, b, atol, what: str) -> None:
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    _check(a.shape == b.shape, f"{what}: shape {a.shape} != {b.shape}")
-    err = float(np.max(np.abs(a - b))) if a.size else 0.0
-    _check(err <= atol, f"{what}: max difference {err:.3g} > {atol:.3g}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -50,16 +36,6 @@ def make_acquisition(path, seed: int = 3, n_frames: int = 200, bubbles_per_frame
     simulate_to_file(Path(path), n_frames=n_frames, bubbles_per_frame=bubbles_per_frame, clutter_db=clutter_db,
                      noise_db=noise_db, seed=seed)
     return Path(path)
-
-
-def _scene_node_ids(scene) -> set:
-    return {scene.GetNthNode(k).GetID() for k in range(scene.GetNumberOfNodes())}
-
-
-def _partials(folder: Path) -> list:
-    from ultrasound_ai.core.atomic import is_partial
-
-    return sorted(p.name for p in Path(folder).rglob("*") if is_partial(p))
 
 
 def _input_folders(folder: Path) -> list:
@@ -185,47 +161,20 @@ def process_scenario(acquisition_path, workdir, method: str = "rs", repeat: bool
 # Cancel
 
 
-class _PausingContext:
-    """The worker's TaskContext, except that the first progress report at or past `at` waits (checking
-    for cancellation) until the job is cancelled: a deterministic "cancel while running"."""
-
-    def __init__(self, ctx, at: float):
-        self._ctx = ctx
-        self._at = at
-        self._paused = False
-
-    def __getattr__(self, name):
-        return getattr(self._ctx, name)
-
-    def progress(self, fraction, message=""):
-        self._ctx.progress(fraction, message)
-        if not self._paused and float(fraction) >= self._at:
-            self._paused = True
-            self._ctx.log("paused: waiting to be cancelled")
-            deadline = time.monotonic() + _PAUSE_LIMIT_S
-            while time.monotonic() < deadline:
-                self._ctx.check_cancelled()
-                time.sleep(0.02)
-            raise RuntimeError(f"the paused ULM job was not cancelled within {_PAUSE_LIMIT_S} s")
-
-
 def paused_process_task(job, ctx):
     """``ulm.process`` that stops after its first block until it is cancelled."""
     from ultrasound_ai.jobs.registry import resolve_task
 
-    return resolve_task("ulm.process")(job, _PausingContext(ctx, _PAUSE_AT))
+    return resolve_task("ulm.process")(job, support.PausingContext(ctx, _PAUSE_AT, "ULM job"))
 
 
 def _paused_task_env() -> dict:
-    paths = [_MODULE_DIR] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    extra = ",".join(filter(None, [os.environ.get("ULTRASOUND_AI_EXTRA_TASKS", ""), f"{_PAUSED_TARGET}={PAUSED_TASK}"]))
-    return {"ULTRASOUND_AI_EXTRA_TASKS": extra, "PYTHONPATH": os.pathsep.join(paths)}
+    return support.paused_task_env(_MODULE_DIR, _PAUSED_TARGET, PAUSED_TASK)
 
 
 def cancel_scenario(acquisition_path, workdir, timeout_s: float = 180.0) -> None:
     """Cancel a ULM job mid-way: the job ends "cancelled", no result node appears in the scene, and no
     output, temporary or exported input file is left."""
-    from ultrasound_ai.core.errors import Cancelled
     from UltrasoundAIULMLib.logic import UltrasoundAIULMLogic
 
     workdir = Path(workdir)
@@ -236,25 +185,9 @@ def cancel_scenario(acquisition_path, workdir, timeout_s: float = 180.0) -> None
     parameters = _run_parameters(browser)
     launcher = logic.start(parameters, task=PAUSED_TASK, env=_paused_task_env())
     _check(len(_input_folders(workdir)) == 1, "the sequence was not exported for the job")
-    events = []
-    deadline = time.monotonic() + timeout_s
-    while not any(e.get("event") == "log" and "paused" in e.get("message", "") for e in events):
-        events += launcher.drain()
-        if launcher.done:
-            events += launcher.drain()
-            raise AssertionError(f"the job ended before it could be cancelled: {launcher.result.error} {events[-3:]}")
-        _check(time.monotonic() < deadline, "the job did not reach its pause point in time")
-        time.sleep(0.05)
+    support.wait_until_paused(launcher, timeout_s)
 
-    logic.cancel()
-    result = launcher.wait(timeout_s)
-    _check(result.status == "cancelled" and result.exit_code == 3, f"expected a cancelled job, got {result.status} {result.error}")
-    try:
-        logic.load_results(result, parameters)
-    except Cancelled:
-        pass
-    else:
-        raise AssertionError("load_results accepted a cancelled job")
+    support.cancel_paused(logic, launcher, parameters, timeout_s)
     _check(_scene_node_ids(scene) == before, "a cancelled job changed the scene")
     _check(_partials(workdir) == [], f"half-written files left after cancel: {_partials(workdir)}")
     _check(_input_folders(workdir) == [], f"exported inputs left after cancel: {_input_folders(workdir)}")
@@ -264,19 +197,6 @@ def cancel_scenario(acquisition_path, workdir, timeout_s: float = 180.0) -> None
 
 # ---------------------------------------------------------------------------------------------------
 # Bad input
-
-
-def _expect_input_error(call, *needles) -> str:
-    from ultrasound_ai.core.errors import InputError
-
-    try:
-        call()
-    except InputError as exc:
-        message = str(exc)
-        for needle in needles:
-            _check(needle in message, f"error message {message!r} does not mention {needle!r}")
-        return message
-    raise AssertionError(f"expected an InputError mentioning {needles}")
 
 
 def bad_input_scenario(workdir) -> None:

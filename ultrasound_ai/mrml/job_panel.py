@@ -183,14 +183,27 @@ class ParameterNodePanel:
     the panel on setup and on entering the module, unbind on leaving it and while the scene closes.
 
     Mixed in before ScriptedLoadableModuleWidget (and with VTKObservationMixin, which gives
-    addObserver / removeObserver). The Widget sets `self.ui`, `self.logic`, `self.jobs` (a JobPanel)
-    and `ParameterNode` (its @parameterNodeWrapper class), then calls `self.setupPanel()` at the end
-    of setup(). Hooks: `onParameterNodeSet()` (after binding: defaults, tooltips the binding wiped)."""
+    addObserver / removeObserver). In setup() the Widget calls `self.loadPanel("UI/<Module>.ui")`,
+    sets `self.logic` and `self.jobs` (a JobPanel), and ends with `self.setupPanel()`; its class names
+    `ParameterNode` (its @parameterNodeWrapper class). Hooks: `onParameterNodeSet()` (after binding: defaults, tooltips the binding wiped)."""
 
     ParameterNode = None
     jobs: JobPanel | None = None
     _parameterNode = None
     _parameterNodeGuiTag = None
+
+    def __init__(self, parent=None):
+        # ScriptedLoadableModuleWidget.__init__ calls super().__init__(), i.e. VTKObservationMixin's.
+        super().__init__(parent)
+
+    def loadPanel(self, ui_file: str) -> None:
+        """Load Resources/<ui_file> into the module's layout as `self.ui` (its named child widgets)."""
+        import slicer
+
+        uiWidget = slicer.util.loadUI(self.resourcePath(ui_file))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
 
     def setupPanel(self) -> None:
         import slicer
@@ -245,3 +258,14 @@ class ParameterNodePanel:
         every field of the Logic's Parameters class that the parameter node has."""
         p = self._parameterNode
         return {name: getattr(p, name) for name in self.logic.Parameters.__dataclass_fields__ if hasattr(p, name)}
+
+
+def describe_module(parent, title: str, dependencies, help_text: str, acknowledgement: str) -> None:
+    """The module's entry in Slicer's module list (a ScriptedLoadableModule's `parent`): all three
+    modules sit in the Ultrasound category; the help says what the shipped models were trained on."""
+    parent.title = title
+    parent.categories = ["Ultrasound"]
+    parent.dependencies = list(dependencies)
+    parent.contributors = ["UltrasoundAI developers"]
+    parent.helpText = help_text
+    parent.acknowledgementText = acknowledgement

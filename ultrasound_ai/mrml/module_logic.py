@@ -69,6 +69,24 @@ def parameters_from(cls, parameters, what: str) -> Any:
     return cls(**{k: getattr(parameters, k) for k in fields if hasattr(parameters, k)})
 
 
+class PanelParameters:
+    """Base of a Logic's parameters dataclass: ``from_any`` reads a dict or the Widget's parameter
+    node wrapper (parameters_from), then ``check`` normalises and validates the values in place,
+    raising InputError that names the field."""
+
+    REQUIRED = "its inputs"  # completes "expected a dict or a parameter node with ..."
+
+    @classmethod
+    def from_any(cls, parameters):
+        out = parameters_from(cls, parameters, cls.REQUIRED)
+        if out is not parameters:  # an instance given is already checked
+            out.check()
+        return out
+
+    def check(self) -> None:
+        """Normalise and validate the fields (InputError naming the field)."""
+
+
 def path_or_none(value) -> str | None:
     """A path field as text, None when empty: an empty ctkPathLineEdit bound to a pathlib.Path field
     reads back as Path("") == Path("."), so "." means "no path" here."""
@@ -328,6 +346,18 @@ class ModuleLogic(_LogicBase):
             if node.GetName() == name and node.GetAttribute(self.OUTPUT_ATTRIBUTE) == kind:
                 return node
         return None
+
+    def metrics_output(self, scene, name: str, metrics, method: str, new: bool = False):
+        """The job's metrics as the table node `name` (the previous run's replaced unless `new`), or
+        None when the job reported none."""
+        if not metrics:
+            return None
+        from ultrasound_ai.mrml.tables import metrics_to_table
+
+        node = metrics_to_table(metrics, name=name, node=self.find_output(scene, "vtkMRMLTableNode", name, "metrics", new),
+                                scene=scene)
+        self.tag(node, "metrics", method)
+        return node
 
     def tag(self, node, kind: str, method: str) -> None:
         """Mark a result node with its kind and method (find_output finds it again)."""

@@ -17,7 +17,11 @@ motion (6 parameters, static-xyz degrees, averaged) of N training-like sweeps si
 settings and seeds 300000.. (those of the training configs, disjoint from the set's), chained from the
 identity. It needs no image: what a learned method must beat to show it reads the motion from the frames.
 
-A ``--row LABEL METHOD CHECKPOINT [KEY=VALUE ...]`` adds a row for a learned method with given weights and
+``--set freehand-indep-v1`` runs the independent validation family instead (section
+"freehand_methods_indep"); every section has a per-tactic table with FDR mean and median, MD, GPE, MEA,
+FDR after one fitted scale per sweep and the out-of-plane correlation (`ultrasound_ai.validation.pose_agreement`).
+
+A ``--row LABEL METHOD CHECKPOINT [KEY=VALUE ...]`` (CHECKPOINT ``-`` for none) adds a row for a method with given weights and
 method parameters (values parsed as JSON when they parse: ``online_align=false``, ``imus=[0,2]``), so that
 ablations trained side by side land in one table.
 """
@@ -72,10 +76,14 @@ def main(argv=None) -> int:
                     help="a learned method with these weights (and method parameters) as its own row")
     ap.add_argument("--constant-velocity", type=int, default=0, metavar="N",
                     help="add the constant-velocity guess from N simulated training-like sweeps (0: none)")
+    ap.add_argument("--cv-motion", default="varied", choices=("smooth", "varied", "constant"),
+                    help="data.motion of the training family the constant velocity is taken from")
     ap.add_argument("--paired", nargs=2, action="append", default=[], metavar=("A", "B"),
                     help="report row A against row B sweep by sweep (FDR difference, wins, sign test)")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
-    args = ap.parse_args(argv)
+    ap.add_argument("--section", default=None, help="BENCHMARKS.md section key (default: by set)")
+    ap.add_argument("--title", default=None, help="section title (default: by set)")
+    args = _report_module().parse_bench_args(ap, argv)
     rows = _parse_rows(args.row)
 
     t0 = time.perf_counter()
@@ -98,7 +106,7 @@ def main(argv=None) -> int:
 
     const_rel = None
     if args.constant_velocity > 0:
-        const_rel = constant_velocity_motion(args.constant_velocity, args.frames)
+        const_rel = constant_velocity_motion(args.constant_velocity, args.frames, args.cv_motion)
         methods = methods + [CONST_ROW]
     per_sweep = {m: [] for m in methods}
     timing = {m: 0.0 for m in methods}
@@ -178,7 +186,8 @@ def main(argv=None) -> int:
         + "".join(f"\n`{label}`: method `{method}`, " + ", ".join(f"{k} `{v}`" for k, v in kw.items()) + "\n"
                   for label, method, kw in rows)
         + (f"\n`{CONST_ROW}`: every frame moves by the mean frame-to-frame motion (about the frame centre) of "
-           f"{args.constant_velocity} sweeps of the *training* simulator ({args.frames} frames, seeds {CONST_SEED}–"
+           f"{args.constant_velocity} sweeps of the *training* simulator (motion `{args.cv_motion}`, {args.frames} "
+           f"frames, seeds {CONST_SEED}–"
            f"{CONST_SEED + args.constant_velocity - 1}, tactics in turn), chained from the identity: "
            f"{np.round(matrix_params(const_rel), 4).tolist()} (mm, static-xyz °).\n" if const_rel is not None else "")
         + ("".join(f"\nSkipped `{m}`: {why}\n" for m, why in skipped.items()))
@@ -192,8 +201,9 @@ def main(argv=None) -> int:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        key = "freehand_methods_indep" if args.set == INDEP_SET else "freehand_methods"
-        report.write_section(key, f"Freehand pose methods on the frozen set {args.set}", body, device=device)
+        key = args.section or ("freehand_methods_indep" if args.set == INDEP_SET else "freehand_methods")
+        report.write_section(key, args.title or f"Freehand pose methods on the frozen set {args.set}", body,
+                             device=device)
         print(f"wrote the {key} section of {report.BENCHMARKS}")
     return 0
 
@@ -228,23 +238,25 @@ def matrix_params(rel) -> np.ndarray:
     return matrix_to_params(rel, "xyz", degrees=True)
 
 
-def constant_velocity_motion(n_sweeps: int, n_frames: int) -> np.ndarray:
-    """The mean frame-to-frame motion [4, 4] about the frame centre of n training-simulator sweeps.
+def constant_velocity_motion(n_sweeps: int, n_frames: int, motion: str = "varied") -> np.ndarray:
+    """The mean frame-to-frame motion [4, 4] about the frame centre of n training-simulator trajectories.
 
-    Only the motion matters: the sweeps are simulated on 8 x 8-pixel frames with the physical extent of the
-    simulator's default 248 x 260 frames at 0.15 mm, which leaves the trajectory unchanged.
+    Only the motion matters, so only the trajectories are generated (the simulator draws them from their
+    own seed stream, so they are those of `simulate_sweep(seed, ...)`), for the simulator's default
+    248 x 260 frames at 0.15 mm; `motion` is the training family's data.motion.
     """
     from ultrasound_ai.core.geometry import params_to_matrix, to_relative
-    from ultrasound_ai.freehand.simulation.simulator import DEFAULT_FRAME_SHAPE, DEFAULT_PIXEL_SPACING, simulate_sweep
-    from ultrasound_ai.freehand.simulation.trajectories import TACTICS
+    from ultrasound_ai.freehand.simulation.simulator import DEFAULT_FRAME_SHAPE, DEFAULT_PIXEL_SPACING
+    from ultrasound_ai.freehand.simulation.trajectories import TACTICS, generate_trajectory
 
-    shape = (8, 8)
-    spacing = tuple((n - 1) * DEFAULT_PIXEL_SPACING / (k - 1) for n, k in zip(DEFAULT_FRAME_SHAPE[::-1], shape))
+    shape, spacing = DEFAULT_FRAME_SHAPE, (DEFAULT_PIXEL_SPACING, DEFAULT_PIXEL_SPACING)
+    face = ((shape[1] - 1) * spacing[0] / 2.0, 0.0, 0.0)
     params = []
     for k in range(n_sweeps):
-        sw = simulate_sweep(CONST_SEED + k, n_frames=int(n_frames), tactic=TACTICS[k % len(TACTICS)],
-                            frame_shape=shape, pixel_spacing=spacing, n_imus=0)
-        params.append(matrix_params(about_frame_centre(to_relative(sw.tforms), shape, spacing)))
+        traj = generate_trajectory(np.random.default_rng(np.random.SeedSequence([CONST_SEED + k, 0x7247])),
+                                   n_frames=int(n_frames), tactic=TACTICS[k % len(TACTICS)],
+                                   face_center_image_mm=face, motion=motion)
+        params.append(matrix_params(about_frame_centre(to_relative(traj.poses), shape, spacing)))
     mean = np.concatenate(params).mean(0)
     print(f"  constant velocity per frame (about the frame centre): {np.round(mean, 4).tolist()}", flush=True)
     return params_to_matrix(mean, "xyz", degrees=True)
@@ -289,9 +301,9 @@ def _parse_rows(specs) -> list:
         if len(spec) < 3:
             raise SystemExit(f"--row {' '.join(spec)}: expected LABEL METHOD CHECKPOINT [KEY=VALUE ...]")
         label, method, checkpoint, *pairs = spec
-        if not Path(checkpoint).is_file():
+        if checkpoint != "-" and not Path(checkpoint).is_file():
             raise SystemExit(f"--row {label}: checkpoint {checkpoint} does not exist")
-        kw = {"checkpoint": checkpoint}
+        kw = {"checkpoint": checkpoint} if checkpoint != "-" else {}
         for pair in pairs:
             key, sep, value = pair.partition("=")
             if not sep or not key:

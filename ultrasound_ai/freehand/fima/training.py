@@ -83,6 +83,9 @@ DATA_DEFAULTS: dict[str, Any] = {
     # network grid as a user's sweep is; null simulates on the grid itself.
     "sim_pixel_spacing_mm": 0.15,
     "sim_spacing_jitter": 0.1,
+    # Speed within a sweep: "varied" (x0.3-x3 segments, pauses, up to 3 reversals) makes the frames the only
+    # source of the speed; "smooth" (x0.8-1.2, at most one reversal) let the models learn a motion prior.
+    "motion": "varied",
     "train_dir": None,
     "val_dir": None,
     "window_frames": None,  # [min, max] frames per training window; None = the model's window_frames
@@ -268,7 +271,7 @@ def pool_from_sweeps(sweeps: Sequence, names: Sequence[str], mcfg) -> FimaPool:
     return FimaPool(frames, targets, tforms, accs, euls, list(names), spacing, mcfg.frame_shape)
 
 
-_SHARED_DATA_KEYS = ("source", "tactic", "sim_pixel_spacing_mm", "sim_spacing_jitter")  # pool cache key
+_SHARED_DATA_KEYS = ("source", "tactic", "sim_pixel_spacing_mm", "sim_spacing_jitter", "motion")  # pool cache key
 
 
 def build_pool(kind: str, d: Mapping, mcfg, progress: Callable[[str], None] | None = None) -> FimaPool:
@@ -295,7 +298,7 @@ def build_pool(kind: str, d: Mapping, mcfg, progress: Callable[[str], None] | No
                 progress(f"simulating {kind} sweep {i + 1}/{count}")
             sweeps.append(simulate_sweep_for_grid(seed0 + i, n, mcfg.frame_shape, mcfg.pixel_spacing_mm,
                                                   d["sim_pixel_spacing_mm"], d["sim_spacing_jitter"],
-                                                  tactic=d["tactic"], n_imus=n_imus))
+                                                  tactic=d["tactic"], n_imus=n_imus, motion=d["motion"]))
             names.append(f"sim-{seed0 + i}")
     pool = pool_from_sweeps(sweeps, names, mcfg)
     _POOLS[key] = pool

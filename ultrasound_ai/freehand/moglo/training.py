@@ -53,6 +53,9 @@ DATA_DEFAULTS: dict[str, Any] = {
     # network grid as a user's sweep is; null simulates on the grid itself.
     "sim_pixel_spacing_mm": 0.15,
     "sim_spacing_jitter": 0.1,
+    # Speed within a sweep: "varied" (x0.3-x3 segments, pauses, up to 3 reversals) makes the frames the only
+    # source of the speed; "smooth" (x0.8-1.2, at most one reversal) let the models learn a motion prior.
+    "motion": "varied",
     "train_dir": None,
     "val_dir": None,
     "weighted_l1": True,
@@ -192,7 +195,7 @@ def _pool_from_sweeps(sweeps: Sequence, names: Sequence[str], mcfg) -> SweepPool
     return SweepPool(frames, targets, tforms, list(names), spacing, mcfg.frame_shape)
 
 
-_SHARED_DATA_KEYS = ("source", "tactic", "sim_pixel_spacing_mm", "sim_spacing_jitter")  # pool cache key
+_SHARED_DATA_KEYS = ("source", "tactic", "sim_pixel_spacing_mm", "sim_spacing_jitter", "motion")  # pool cache key
 
 
 def build_pool(kind: str, d: Mapping, mcfg, progress: Callable[[str], None] | None = None) -> SweepPool:
@@ -218,7 +221,7 @@ def build_pool(kind: str, d: Mapping, mcfg, progress: Callable[[str], None] | No
                 progress(f"simulating {kind} sweep {i + 1}/{count}")
             sweeps.append(simulate_sweep_for_grid(seed0 + i, n, mcfg.frame_shape, mcfg.pixel_spacing_mm,
                                                   d["sim_pixel_spacing_mm"], d["sim_spacing_jitter"],
-                                                  tactic=d["tactic"], n_imus=0))
+                                                  tactic=d["tactic"], n_imus=0, motion=d["motion"]))
             names.append(f"sim-{seed0 + i}")
     pool = _pool_from_sweeps(sweeps, names, mcfg)
     _POOLS[key] = pool

@@ -14,7 +14,7 @@ import numpy as np
 from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.freehand.simulation.imu_model import EARTH_FROM_WORLD, ImuNoise, default_imu_positions, simulate_imus
 from ultrasound_ai.freehand.simulation.phantom import Phantom, Psf, make_phantom, to_uint8
-from ultrasound_ai.freehand.simulation.trajectories import TACTICS, generate_trajectory
+from ultrasound_ai.freehand.simulation.trajectories import MOTIONS, TACTICS, generate_trajectory
 from ultrasound_ai.io.sweep import Sweep
 
 SIMULATOR_VERSION = "freehand-sim-1"
@@ -62,6 +62,7 @@ def simulate_sweep(
     image_noise: bool = True,
     imu_noise: ImuNoise | None = ImuNoise(),
     tremor: bool = True,
+    motion: str = "smooth",
     return_phantom: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ):
@@ -107,7 +108,7 @@ def simulate_sweep(
     traj = generate_trajectory(
         np.random.default_rng(np.random.SeedSequence([seed, 0x7247])), n_frames=int(n_frames), tactic=tactic,
         frame_rate_hz=frame_rate_hz, reverse=reverse, face_center_image_mm=face, speed_mm_s=speed_mm_s,
-        rotation_deg_s=rotation_deg_s, tremor=tremor,
+        rotation_deg_s=rotation_deg_s, tremor=tremor, motion=motion,
     )
     noise_rng = np.random.default_rng(np.random.SeedSequence([seed, 0xF4A]))
     frames = np.empty((n_frames, h, w), dtype=np.uint8)
@@ -125,6 +126,7 @@ def simulate_sweep(
         "seed": seed,
         "tactic": traj.tactic,
         "reversed": bool(traj.reversed),
+        "motion": motion,
         "preset": preset or "default",
         "sigma_e_mm": float(psf.sigma_e_mm),
         "gain_db": float(gain_db),
@@ -182,9 +184,12 @@ def simulate_sweep_for_grid(seed: int, n_frames: int, grid_shape_hw, grid_spacin
 
 
 def check_acquisition_options(d: dict) -> None:
-    """Check a training config's data.sim_pixel_spacing_mm (positive or null) and data.sim_spacing_jitter."""
+    """Check a training config's data.sim_pixel_spacing_mm (positive or null), data.sim_spacing_jitter and
+    data.motion."""
     sp, jit = d["sim_pixel_spacing_mm"], d["sim_spacing_jitter"]
     if sp is not None and (isinstance(sp, bool) or not isinstance(sp, (int, float)) or not np.isfinite(sp) or sp <= 0):
         raise InputError(f"data.sim_pixel_spacing_mm: expected a positive number of mm or null, got {sp!r}")
     if isinstance(jit, bool) or not isinstance(jit, (int, float)) or not 0 <= jit < 1:
         raise InputError(f"data.sim_spacing_jitter: expected a number in [0, 1), got {jit!r}")
+    if d.get("motion", "smooth") not in MOTIONS:
+        raise InputError(f"data.motion: expected one of {list(MOTIONS)}, got {d['motion']!r}")

@@ -21,6 +21,8 @@ from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.core.geometry import euler_to_matrix, make_rigid
 
 TACTICS = ("linear", "curved", "loop", "sector")
+MOTIONS = ("smooth", "varied", "constant")
+VARIED_SPEED_FACTORS = (0.3, 3.0)
 SPEED_RANGE_MM_S = (5.0, 15.0)
 ROTATION_RANGE_DEG_S = (4.0, 13.0)
 
@@ -63,6 +65,36 @@ def _sines(rng, t, n, freq_hz, amp):
     return (a[None, :] * np.sin(2 * np.pi * f[None, :] * t[:, None] + ph[None, :])).sum(axis=1)
 
 
+def _varied_progress(rng, tt):
+    """(speed profile >= 0, direction in [-1, 1], number of reversals) for motion "varied".
+
+    Segments of 0.4-2.5 s at a speed factor log-uniform in VARIED_SPEED_FACTORS, one in five a pause,
+    joined smoothly (Gaussian, 0.15 s); 0-3 reversals at random times, each a tanh of 0.1-0.4 s.
+    """
+    dt = tt[1] - tt[0]
+    step = np.empty_like(tt)
+    start = 0.0
+    while start <= tt[-1]:
+        dur = rng.uniform(0.4, 2.5)
+        pause = rng.random() < 0.2
+        step[(tt >= start) & (tt < start + dur)] = 0.02 if pause else np.exp(
+            rng.uniform(*np.log(VARIED_SPEED_FACTORS)))
+        start += dur
+    profile = np.maximum(_gaussian_smooth(step, 0.15 / dt), 0.01)
+    profile = np.minimum(profile, 2.5 * profile.mean())  # the mean speed is rescaled to 5-15 mm/s later
+    n_rev = int(rng.integers(0, 4))
+    direction = np.ones_like(tt)
+    for t_rev in np.sort(rng.uniform(0.1, 0.9, n_rev)) * tt[-1]:
+        direction = direction * np.tanh((t_rev - tt) / rng.uniform(0.1, 0.4))
+    return profile, direction, n_rev
+
+
+def _gaussian_smooth(y, sigma_samples):
+    from scipy.ndimage import gaussian_filter1d
+
+    return gaussian_filter1d(y, sigma_samples, mode="nearest")
+
+
 def mean_speed_mm_s(positions: np.ndarray, dt: float) -> float:
     return float(np.linalg.norm(np.diff(positions, axis=0), axis=1).mean() / dt)
 
@@ -85,9 +117,17 @@ def generate_trajectory(
     tremor: bool = True,
     oversample: int = 20,
     start_mm: tuple[float, float, float] | None = None,
+    motion: str = "smooth",
 ) -> Trajectory:
     """A random freehand sweep. `face_center_image_mm` is the probe-face centre in image mm (the
-    point that follows the path), normally ((W − 1) sx / 2, 0, 0). `reverse` None = random (30 %)."""
+    point that follows the path), normally ((W − 1) sx / 2, 0, 0). `reverse` None = random (30 %).
+
+    motion "smooth": a gently varying speed (x0.8-1.2) and at most one reversal (the frozen sets'
+    sweeps); "varied": segments of x0.3-x3 speed, pauses and up to three reversals within the sweep
+    (`_varied_progress`), so that the speed must be read from the images, not from a prior; "constant":
+    one speed and direction all along (a control: what a model trained on it can learn of speed)."""
+    if motion not in MOTIONS:
+        raise InputError(f"trajectory: motion must be one of {MOTIONS}, got {motion!r}")
     rng = seed_or_rng if isinstance(seed_or_rng, np.random.Generator) else np.random.default_rng(
         np.random.SeedSequence([int(seed_or_rng), 0x7247]))
     if n_frames < 2:
@@ -140,6 +180,15 @@ def generate_trajectory(
         trem_r = np.zeros((k, 3))
     x0 = np.array(start_mm, dtype=np.float64) if start_mm is not None else np.array([rng.uniform(-5, 5), 0.0, 0.0])
     face = np.asarray(face_center_image_mm, dtype=np.float64)
+    n_reversals = int(reverse)
+    if motion == "varied":  # drawn last: the "smooth" sweeps (and the frozen sets) stay as they were
+        profile, direction, n_reversals = _varied_progress(rng, tt)
+        if tactic == "sector":
+            sector_rate = profile * direction
+    elif motion == "constant":
+        profile, direction, n_reversals = np.ones(k), np.ones(k), 0
+        if tactic == "sector":
+            sector_rate = np.ones(k)
     frames = slice(0, k, os_)
 
     def build(v_base, w_heading, w_wobble, w_sector):
@@ -180,7 +229,8 @@ def generate_trajectory(
         "rotation_target_deg_s": w_target,
         "mean_speed_mm_s": mean_speed_mm_s(face_world[frames], 1.0 / frame_rate_hz),
         "mean_rotation_deg_s": mean_rotation_deg_s(rot[frames], 1.0 / frame_rate_hz),
-        "reversal_time_s": float(t_rev) if reverse else -1.0,
+        "reversal_time_s": float(t_rev) if n_reversals and motion == "smooth" else -1.0,
+        "n_reversals": float(n_reversals),
     }
     return Trajectory(
         poses=poses[frames].copy(),

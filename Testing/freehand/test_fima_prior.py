@@ -1,0 +1,47 @@
+"""FiMA's IMU orientation prior (imu_rotation_prior) and the training simulator's varied motion."""
+
+import numpy as np
+import torch
+
+from ultrasound_ai.core.geometry import chain_relative, params_to_matrix
+from ultrasound_ai.freehand.fima.model import FimaNet, imu_pair_inputs, make_config
+from ultrasound_ai.freehand.metrics import mea
+from ultrasound_ai.freehand.simulation.trajectories import generate_trajectory
+
+
+def test_prior_starts_as_the_imu_rotation_and_chains_without_drift(small_sweep):
+    sweep, _ = small_sweep
+    torch.manual_seed(0)
+    net = FimaNet(make_config("tiny", "fima", imu_rotation_prior=True, n_imus=3)).eval()
+    frames = torch.from_numpy(sweep.frames[None].astype(np.float32))[..., :32, :36]
+    acc, ang = imu_pair_inputs(sweep.imu_acc, sweep.imu_euler_deg)
+    with torch.no_grad():
+        params = net(frames, acc[None], ang[None]).params[0].double().numpy()
+    assert np.allclose(params[:, 3:], ang.mean(-2).double().numpy(), atol=1e-6)
+    # the IMUs' relative rotations chained: sensor noise telescopes, so the end angle stays small
+    rel = params_to_matrix(np.column_stack([np.zeros((len(params), 3)), params[:, 3:]]), "xyz", degrees=True)
+    assert mea(chain_relative(rel), sweep.tforms) < 0.6
+    # the paper's fusion without the prior starts nowhere near it
+    plain = FimaNet(make_config("tiny", "fima", n_imus=3)).eval()
+    with torch.no_grad():
+        p0 = plain(frames, acc[None], ang[None]).params[0].double().numpy()
+    rel0 = params_to_matrix(np.column_stack([np.zeros((len(p0), 3)), p0[:, 3:]]), "xyz", degrees=True)
+    assert mea(chain_relative(rel0), sweep.tforms) > 1.0
+    assert any(p is net.prior_to_translation.weight for p in net.decoder_parameters())
+
+
+def test_varied_motion_changes_speed_pauses_and_reverses():
+    face = (19.0, 0.0, 0.0)
+    ratios, reversals = [], 0
+    for seed in range(6):
+        traj = generate_trajectory(seed, 200, "linear", motion="varied", face_center_image_mm=face, tremor=False)
+        assert generate_trajectory(seed, 200, "linear", face_center_image_mm=face).params["n_reversals"] <= 1
+        vz = np.diff(traj.poses[:, 2, 3])  # face-height elevational motion, mm/frame
+        moving = np.abs(vz)[np.abs(vz) > 0.02]
+        ratios.append(np.percentile(moving, 95) / np.percentile(moving, 5))
+        reversals += int(traj.params["n_reversals"])
+        assert np.abs(vz).min() < 0.05  # a pause or a reversal somewhere
+    assert np.median(ratios) > 4.0 and reversals >= 3
+    const = generate_trajectory(1, 100, "linear", motion="constant", face_center_image_mm=face, tremor=False,
+                                rotation_deg_s=0.0)
+    assert np.ptp(np.diff(const.poses[:, 2, 3])) < 1e-6

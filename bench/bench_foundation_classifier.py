@@ -4,10 +4,12 @@ and 100 % of the labels. Writes the `foundation_classifier` section of BENCHMARK
 ultrasound_ai/foundation/classifier_study.py). No timing claim.
 
     python bench/bench_foundation_classifier.py [--device cpu] [--output-dir runs/classifier_study]
-        [--cell INIT,FRACTION,SEED] [--seeds 0,1] [--steps N] [--no-write] [--note TEXT]
+        [--cell INIT,FRACTION,SEED] [--seeds 0,1] [--steps N] [--no-write] [--note TEXT] [--ship NAME]
 
 --cell trains (or resumes) one cell only and exits, so cells can run as separate background processes;
-without it every missing cell is trained, then all are evaluated and the section written.
+without it every missing cell is trained, then all are evaluated and the section written. --ship NAME
+then installs the pre-trained 100 % cell (seed 0) as Resources/Models/NAME.pt (float16) with its card,
+which records its held-out figures beside the from-scratch cell's.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     ap.add_argument("--note", help="a paragraph appended to the section")
+    ap.add_argument("--ship", metavar="NAME", help="install the pre-trained 100 %% cell as Resources/Models/NAME.pt")
     from report import parse_bench_args
 
     args = parse_bench_args(ap, argv, timing=False)  # accuracy: the load is recorded, not awaited
@@ -62,6 +65,13 @@ def main(argv=None) -> int:
         body += "\n" + args.note.strip() + "\n"
     print(body)
     print(json.dumps(results["runs"], indent=1))
+    if args.ship:
+        from report import BENCHMARKS
+
+        folder = Path(s["output_dir"])
+        card = cs.ship(folder / cs.cell_name("pretrained", 1.0, 0), s, args.ship, BENCHMARKS.parent / "Resources" / "Models",
+                       comparison={"scratch_same_labels_and_schedule": folder / cs.cell_name("scratch", 1.0, 0)})
+        print(json.dumps({"shipped": args.ship, "size_bytes": card["size_bytes"], "metrics": card["metrics"]}))
     if not args.no_write:
         from report import write_section
 

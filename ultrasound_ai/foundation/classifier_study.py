@@ -186,18 +186,31 @@ def ship(run_folder, s: Mapping, name: str, models_dir, comparison=None) -> dict
     metrics.update(heldout_accuracy=held["accuracy"], heldout_macro_f1=held["macro_f1"],
                    heldout_confusion=held["confusion"], heldout_images=int(len(arrays[1])),
                    heldout_seed=int(s["test_seed"]), heldout_appearance=TEST_APPEARANCE)
+    indep_arrays = _indep_arrays(s)
+    indep = evaluate_checkpoint(pt, s, indep_arrays)
+    metrics.update(indep_family="bmode-indep-v1", indep_seed=int(s["indep_seed"]), indep_images=int(s["indep_count"]),
+                   indep_accuracy=indep["accuracy"], indep_macro_f1=indep["macro_f1"])
     for label, folder in (comparison or {}).items():
         other = evaluate_checkpoint(_best(Path(folder)), s, arrays)
         metrics[f"{label}_heldout_accuracy"] = other["accuracy"]
         metrics[f"{label}_heldout_macro_f1"] = other["macro_f1"]
-    card = {**card, "name": name, "metrics": metrics, "default": True}
+        other = evaluate_checkpoint(_best(Path(folder)), s, indep_arrays)
+        metrics[f"{label}_indep_accuracy"] = other["accuracy"]
+        metrics[f"{label}_indep_macro_f1"] = other["macro_f1"]
+    total = ((card.get("training") or {}).get("config") or {}).get("schedule", {}).get("steps", held["steps"])
+    card = {**card, "name": name, "metrics": metrics, "default": True,
+            "training_data": f"simulated B-mode images only (simulator usfm-bmode-1, {held['labelled']} labelled images, "
+                             "randomised scanner settings); not validated on patient data"}
     card["description"] = (
         f"Benign / malignant / normal classification of B-mode images (BUSI's classes): the shipped "
         f"usfm_vit_tiny_pretrained encoder (ViT-Tiny, 128 px at 0.3125 mm, 1 channel) + a linear head on the "
-        f"mean-pooled tokens, fine-tuned {held['steps']} steps on {held['labelled']} labelled simulated images "
+        f"mean-pooled tokens, fine-tuned {total} steps (best.pt at step {held['best_step']}, chosen on validation "
+        f"accuracy) on {held['labelled']} labelled simulated images "
         f"(simulator appearance ranges {json.dumps(TRAIN_APPEARANCE)}). Held-out test ({len(arrays[1])} simulated "
         f"images, seed {s['test_seed']}, scanner settings never used in training): accuracy {held['accuracy']:.3f}, "
-        f"macro F1 {held['macro_f1']:.3f}. Trained on simulated images only: not validated on patient data. "
+        f"macro F1 {held['macro_f1']:.3f}; independent family bmode-indep-v1 ({s['indep_count']} images): accuracy "
+        f"{indep['accuracy']:.3f}, macro F1 {indep['macro_f1']:.3f}. Trained on simulated images only: not "
+        f"validated on patient data. "
         f"Stored as float16.")
     return save_checkpoint(state, Path(models_dir) / f"{name}.pt", card, fp16=True)
 

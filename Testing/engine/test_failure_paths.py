@@ -495,3 +495,18 @@ def test_compounding_and_fima_estimate_memory_before_allocating(small_sweep_file
     sweep = read_sweep(small_sweep_file)
     with pytest.raises(InputError, match=r"pair_chunk \(fima method parameter\): encoding 15 frame pairs"):
         estimate_sweep(net, {"input": {}}, sweep, method_options({"online_align": False}, net.cfg, 0))
+
+
+def test_ulm_job_parameters_of_the_wrong_type_are_bad_input(tiny_ulm_acquisition):
+    import io
+
+    from ultrasound_ai.jobs.protocol import decode_event
+    from ultrasound_ai.jobs.worker import EventWriter, execute
+
+    for parameters in ({"block_frames": "lots"}, {"resolution_factor": "x"}, {"link_distance_px": [1]}):
+        stream = io.StringIO()
+        job_data = {"task": "ulm.process", "inputs": {"acquisition": str(tiny_ulm_acquisition)},
+                    "outputs": {"result": str(tiny_ulm_acquisition.parent / "r.h5")}, "parameters": parameters}
+        assert execute(job_data, EventWriter(stream)) == 2, parameters
+        name = next(iter(parameters))
+        assert f"parameter {name!r} must be" in decode_event(stream.getvalue().splitlines()[-1])["message"]

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from ultrasound_ai.core.errors import InputError
+from ultrasound_ai.jobs.protocol import number_parameter
 
 TASK = "ulm.process"
 INPUTS = ("acquisition",)
@@ -57,6 +58,12 @@ def _params(job) -> tuple[str, dict[str, Any]]:
         if params.get("model") is not None:
             raise InputError(f"{TASK}: give either 'checkpoint' or 'model', not both")
         params["model"] = params.pop("checkpoint")
+    # Plain numbers must be numbers (a string "lots" is bad input, exit 2); UlmParams checks the ranges.
+    for name in ("block_frames", "link_distance_px", "max_gap", "min_track_length", "smooth_window",
+                 "resolution_factor", "window", "margin_frames", "max_maxima", "window_stride"):
+        if params.get(name) is not None:
+            integer = isinstance(getattr(UlmParams, name, None), int)  # from the default's type
+            params[name] = number_parameter(TASK, name, params[name], integer=integer, positive=False)
     if params.get("band_hz") is not None and not isinstance(params["band_hz"], (list, tuple)):
         raise InputError(f"{TASK}: parameter 'band_hz' must be null or [lo, hi] in Hz, got {params['band_hz']!r}")
     if isinstance(params.get("svd_cutoff"), list):

@@ -16,12 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ultrasound_ai.mrml.scenario_support import check as _check
 from UltrasoundAILib.analysis import UltrasoundAIAnalysisLogic
-
-
-def _check(condition, message: str) -> None:
-    if not condition:
-        raise AssertionError(message)
 
 
 def pydicom_data_file(name: str) -> Path:

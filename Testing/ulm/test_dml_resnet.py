@@ -104,6 +104,27 @@ def test_time_is_a_convolution_axis():
     assert float(d[6]) == 0.0 and float(d[7]) == 0.0
 
 
+def test_fast_inference_path_computes_the_training_formula():
+    # Inference runs in place, PReLU as a leaky ReLU, optionally channels-last: the same numbers as the
+    # differentiable forward used in training (learnable residual weights included).
+    from ultrasound_ai.ulm.dml_inference import model_predictor
+
+    torch.manual_seed(1)
+    for learnable in (False, True):
+        net = DmlLocalizer(dml_config({"preset": "tiny", "learnable_res_scale": learnable})).eval()
+        with torch.no_grad():
+            for blk in net.resnet.blocks:
+                blk.act.weight.fill_(0.3)  # a slope that matters (the default 0.25 would do as well)
+        x = torch.rand(2, 6, 12, 17)
+        ref = net(x)["maps"].detach()
+        with torch.no_grad():
+            fast = net(x)["maps"]
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+        maps, counts = model_predictor(net, channels_last=True)(x.numpy())
+        np.testing.assert_allclose(maps, ref.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(counts, net(x)["count"].detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_paper_configuration_parameter_count():
     net = build_model("paper")
     # conv_first 2,688 + 20 block convs 4,978,560 + 10 PReLU + conv_mid 248,928 + conv_last 7,779

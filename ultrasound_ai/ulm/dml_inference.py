@@ -301,6 +301,7 @@ def model_predictor(net, device=None, channels_last: bool = False) -> PredictFn:
     if channels_last:
         net.resnet.to(memory_format=torch.channels_last_3d)
         net.resnet.channels_last = True
+        net.counter.to(memory_format=torch.channels_last)
 
     def predict(windows: np.ndarray):
         with torch.no_grad():

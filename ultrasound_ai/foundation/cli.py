@@ -141,9 +141,19 @@ def evaluate(args) -> int:
     import numpy as np
 
     from ultrasound_ai.foundation import datasets as ds
-    from ultrasound_ai.foundation.inference import classify, evaluate_segmentation, load_model, segment
+    from ultrasound_ai.foundation.classifier_study import macro_f1
+    from ultrasound_ai.foundation.inference import (
+        classify,
+        evaluate_segmentation,
+        load_model,
+        segment,
+        training_spacing,
+    )
 
     lm = load_model(args.model, args.device)
+    # Simulated images are made at the training pixel size; folder data sets (BUSI, CAMUS) record none, and
+    # each image is read whole, as training read it.
+    opts = {"pixel_spacing_mm": training_spacing(lm) if args.data == "simulate" else None, "warn": lambda m: None}
     if args.data == "simulate":
         labels = [0, 1] if lm.task == "segment" else [0, 1, 2]
         items = ds.simulated_set(args.seed, args.count, lm.size, labels)
@@ -159,16 +169,16 @@ def evaluate(args) -> int:
     out: dict = {"model": lm.card.get("name"), "images": len(items)}
     if lm.task == "segment":
         k = int(lm.card["configuration"]["num_classes"])
-        res = evaluate_segmentation(lambda im: segment(im, lm)[0], [it.image for it in items],
+        res = evaluate_segmentation(lambda im: segment(im, lm, **opts)[0], [it.image for it in items],
                                     [it.mask for it in items], k)
         out.update(dice=res["dice"], dice_std=res["dice_std"])
     elif lm.task == "classify":
-        probs, model_names = classify(np.stack([ds.resize_image(it.image, lm.size) for it in items]), lm)
+        probs, model_names = classify(np.stack([ds.resize_image(it.image, lm.size) for it in items]), lm, **opts)
         pred = probs.argmax(1)
         truth = np.array([it.label for it in items])
         if names is not None and list(names) != list(model_names):
             raise InputError(f"data {args.data}: classes {names} differ from the model's {model_names}")
-        out.update(accuracy=float((pred == truth).mean()))
+        out.update(accuracy=float((pred == truth).mean()), macro_f1=macro_f1(truth, pred, len(model_names)))
     else:
         raise InputError(f"model {args.model}: a pre-training model; evaluate needs a segment or classify model")
     print(json.dumps(out))

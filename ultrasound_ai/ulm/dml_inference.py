@@ -290,18 +290,16 @@ def load_dml_model(model=None, device="auto"):
     return net.to(dev).eval(), card
 
 
-def model_predictor(net, device=None, channels_last: bool = False) -> PredictFn:
+def model_predictor(net, device=None, channels_last: bool = False, fused: bool = True) -> PredictFn:
     """A SlidingWindowRunner predictor running `net` (no gradients) on its device.
 
-    channels_last: run the 3D convolutions in the (N, T, Z, X, C) memory layout (the same arithmetic;
-    about twice as fast on CPU with oneDNN)."""
+    channels_last: run the convolutions in the channels-last memory layout; fused: in-place sums and
+    PReLU (`DmlResNet.set_inference`). The same arithmetic either way, faster on CPU with oneDNN."""
     import torch
 
     dev = device if device is not None else next(net.parameters()).device
-    if channels_last:
-        net.resnet.to(memory_format=torch.channels_last_3d)
-        net.resnet.channels_last = True
-        net.counter.to(memory_format=torch.channels_last)
+    net.resnet.set_inference(channels_last, fused)
+    net.counter.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
     def predict(windows: np.ndarray):
         with torch.no_grad():
@@ -351,8 +349,9 @@ class DmlLocalizationRunner:
         m = int(keep_margin if keep_margin is not None else (LONG_MARGIN if long else 0))
         n = int(window_frames or (LONG_WINDOW if long else self.net.config.window_frames))
         stride = n - 2 * m if long else int(window_stride)
+        # The sliding mode is the path of the past, kept for comparisons: plain layout and arithmetic.
         cl = long if channels_last is None else bool(channels_last)
-        self.runner = SlidingWindowRunner(model_predictor(self.net, channels_last=cl), n, stride=stride,
+        self.runner = SlidingWindowRunner(model_predictor(self.net, channels_last=cl, fused=long), n, stride=stride,
                                           batch_windows=batch_windows or (1 if long else 4), keep_margin=m)
 
     def _rows(self, estimates) -> np.ndarray:

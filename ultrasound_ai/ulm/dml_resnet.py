@@ -138,9 +138,10 @@ class _ResidualBlock(nn.Module):
             self.res_scale = nn.Parameter(torch.tensor(float(res_scale)))
         else:
             self.register_buffer("res_scale", torch.tensor(float(res_scale)), persistent=False)
+        self.fused = True  # in-place inference arithmetic (see forward); DmlResNet.set_inference switches it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or not self.fused:
             return x + self.res_scale * self.conv2(self.act(self.conv1(x)))
         # Inference: the same arithmetic in place (PReLU with its one slope is a leaky ReLU): passes that
         # allocate temporaries over channels-last activations cost a third of the convolutions' time.
@@ -159,11 +160,21 @@ class DmlResNet(nn.Module):
                                       for _ in range(config.blocks)])
         self.conv_mid = _conv3(c, c)
         self.conv_last = _conv3(c, 3)
-        self.channels_last = False  # inference may switch to the channels-last 3D layout (model_predictor)
+        self.channels_last = False  # inference may switch to the channels-last 3D layout (set_inference)
+        self.fused = True
         with torch.no_grad():
             # Bubbles occupy ~1 % of the pixels: start Pos near that prior instead of 0.5 everywhere,
             # so the first steps do not spend themselves on pushing the whole map down.
             self.conv_last.bias[0].fill_(-4.0)
+
+    def set_inference(self, channels_last: bool, fused: bool) -> None:
+        """How inference computes (the same numbers either way): the channels-last 3D memory layout, and
+        in-place sums / PReLU (`fused`) when no gradient is recorded."""
+        self.to(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
+        self.channels_last = bool(channels_last)
+        self.fused = bool(fused)
+        for blk in self.blocks:
+            blk.fused = self.fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         v = x.unsqueeze(1)
@@ -171,7 +182,7 @@ class DmlResNet(nn.Module):
             v = v.contiguous(memory_format=torch.channels_last_3d)
         layered = self.conv_first(v)
         y = self.conv_mid(self.blocks(layered))
-        y = y + layered if torch.is_grad_enabled() else y.add_(layered)
+        y = y + layered if torch.is_grad_enabled() or not self.fused else y.add_(layered)
         out = torch.sigmoid(self.conv_last(y))  # [B, 3, N, Z, X]
         return out.transpose(1, 2)
 

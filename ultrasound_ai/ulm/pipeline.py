@@ -17,10 +17,10 @@ acquisition.
 
 The ground truth (`gt_positions`) is never read here: results are identical without it.
 
-Localization methods are looked up in a small registry: `register_localizer(name, factory, label=...,
-tooltip=...)`, where `factory(ctx: LocalizerContext)` returns a `Localizer`: `push(frames, start) ->
-[K, 4]` rows = (global frame, z_mm, x_mm, intensity) and `finish() -> [K, 4]`. The labels and tooltips
-are the one source of what the CLI and the ULM panel show. Counting networks for the classical
+Localization methods are looked up in a small registry (localizers.py, re-exported here):
+`register_localizer(name, factory, label=..., tooltip=...)`, where `factory(ctx: LocalizerContext)` returns
+a `Localizer`: `push(frames, start) -> [K, 4]` rows = (global frame, z_mm, x_mm, intensity) and
+`finish() -> [K, 4]`. Counting networks for the classical
 methods (`counting_network=True`) come from `register_counter(name, factory)`: `factory(ctx)` returns
 `counts(frames, start) -> [n]` bubbles per frame. The default counter is the 3DML-ResNet checkpoint's
 counting network (`params.model`, or the installed default), imported only when it is used.
@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -39,6 +39,15 @@ from ultrasound_ai.core.errors import Cancelled, InputError
 
 from .dml_inference import WINDOW_MODES
 from .localization import localize, to_mm
+from .localizers import (
+    Localizer,
+    LocalizerInfo,
+    create_localizer,
+    localizer_info,
+    localizer_names,
+    register_localizer,
+    unregister_localizer,
+)
 from .rendering import Renderer, RenderGrid, save_maps_png
 from .tracking import Tracker, postprocess_tracks
 
@@ -170,73 +179,7 @@ class LocalizerContext:
             self.frame_counts[start:start + counts.size] = counts
 
 
-@runtime_checkable
-class Localizer(Protocol):
-    """What a localizer factory returns: a streaming localization method.
-
-    push(frames [n, Z, X], start) -> rows [K, 4] = (global frame, z_mm, x_mm, intensity) of the frames it
-    has finished (start is the global index of frames[0]); finish() -> [K, 4], the rest, once at the end.
-    """
-
-    def push(self, frames: np.ndarray, start: int) -> np.ndarray: ...
-
-    def finish(self) -> np.ndarray: ...
-
-
-@dataclass(frozen=True)
-class LocalizerInfo:
-    """What users see of a localizer: name (files, CLI), short label (panels) and tooltip (panels, --help)."""
-
-    name: str
-    label: str
-    tooltip: str
-
-
-_LOCALIZERS: dict[str, Callable[[LocalizerContext], Localizer]] = {}
-_LOCALIZER_INFO: dict[str, LocalizerInfo] = {}
 _COUNTERS: dict[str, Callable[[LocalizerContext], Callable]] = {}
-
-
-def register_localizer(name: str, factory: Callable[[LocalizerContext], Localizer], *, label: str | None = None,
-                       tooltip: str | None = None) -> None:
-    """Add (or replace) a localization method usable as `method=name` / `--method name`: `factory(ctx)`
-    returns a `Localizer`. `label` (default: the name) and `tooltip` are what the CLI and the panel show."""
-    if not isinstance(name, str) or not name.strip():
-        raise InputError(f"localizer name {name!r}: expected a short name such as 'rs'")
-    if not callable(factory):
-        raise InputError(f"localizer {name!r}: the factory must be callable (ctx -> Localizer), got {factory!r}")
-    if isinstance(factory, type):  # a class: it must implement the protocol itself
-        missing = [m for m in ("push", "finish") if not callable(getattr(factory, m, None))]
-        if missing:
-            raise InputError(f"localizer {name!r}: {factory.__name__} has no {' or '.join(missing)}(); a Localizer "
-                             "needs push(frames, start) and finish()")
-    label = name if label is None else label
-    tooltip = label if tooltip is None else tooltip
-    for what, text in (("label", label), ("tooltip", tooltip)):
-        if not isinstance(text, str) or not text.strip():
-            raise InputError(f"localizer {name!r}: {what} must be a non-empty string, got {text!r}")
-    key = name.strip().lower()
-    _LOCALIZERS[key] = factory
-    _LOCALIZER_INFO[key] = LocalizerInfo(key, label.strip(), tooltip.strip())
-
-
-def unregister_localizer(name: str) -> None:
-    """Remove a localizer added with register_localizer (tests, plug-ins)."""
-    _LOCALIZERS.pop(str(name).lower(), None)
-    _LOCALIZER_INFO.pop(str(name).lower(), None)
-
-
-def localizer_names() -> list[str]:
-    """Registered localizers in registration order (built-in first: the order the CLI and the panel show)."""
-    return list(_LOCALIZERS)
-
-
-def localizer_info(name: str) -> LocalizerInfo:
-    """Name, label and tooltip of the localizer `name` (InputError listing the known names otherwise)."""
-    key = str(name).lower()
-    if key not in _LOCALIZER_INFO:
-        raise InputError(f"unknown localization method {name!r}; available: {', '.join(localizer_names())}")
-    return _LOCALIZER_INFO[key]
 
 
 def register_counter(name: str, factory: Callable[[LocalizerContext], Callable]) -> None:
@@ -278,7 +221,7 @@ class ClassicalLocalizer:
         return np.zeros((0, 4))
 
 
-def _dml_factory(ctx: LocalizerContext):
+def dml_localizer(ctx: LocalizerContext):
     from .dml_inference import DmlLocalizationRunner
 
     p = ctx.params
@@ -300,12 +243,17 @@ def _default_counter(ctx: LocalizerContext):
                          f"--bubbles-per-frame N)") from exc
 
 
-register_localizer("rs", lambda ctx: ClassicalLocalizer(ctx, "rs"), label="RS (radial symmetry)",
-                   tooltip="regional maxima refined to sub-pixel positions by radial symmetry")
-register_localizer("wa", lambda ctx: ClassicalLocalizer(ctx, "wa"), label="WA (weighted average)",
-                   tooltip="regional maxima refined to sub-pixel positions by the intensity-weighted centroid")
-register_localizer("3dml", _dml_factory, label="3DML-ResNet",
-                   tooltip="3DML-ResNet super-resolved localization maps with its bubble-counting network")
+# Factories of the built-in localizers, named in the registry (localizers.py).
+
+
+def radial_symmetry_localizer(ctx: LocalizerContext) -> ClassicalLocalizer:
+    return ClassicalLocalizer(ctx, "rs")
+
+
+def weighted_average_localizer(ctx: LocalizerContext) -> ClassicalLocalizer:
+    return ClassicalLocalizer(ctx, "wa")
+
+
 register_counter("default", _default_counter)
 
 
@@ -575,7 +523,7 @@ def process_acquisition(source, method: str = "rs", params: UlmParams | dict | N
 
     params = _as_params(params)
     name = str(method).lower()
-    if name not in _LOCALIZERS:
+    if name not in localizer_names():
         raise InputError(f"method: expected one of {localizer_names()}, got {method!r}")
     kind, shape, pix, origin, fr, lam, blocks_fn, label = _geometry(source)
     t_total, nz, nx = shape
@@ -593,10 +541,7 @@ def process_acquisition(source, method: str = "rs", params: UlmParams | dict | N
     if params.counting_network and name != "3dml":
         factory = _COUNTERS.get("default")
         ctx.counter = factory(ctx) if factory is not None else None
-    localizer = _LOCALIZERS[name](ctx)
-    if not isinstance(localizer, Localizer):
-        raise RuntimeError(f"localizer {name!r}: its factory returned {type(localizer).__name__}, which lacks "
-                           "push(frames, start) / finish() (the Localizer protocol)")
+    localizer = create_localizer(name, ctx)
     tracks = _TrackStore(params, pix, origin, (nz, nx), float(lam), float(fr))
     guard = _InputGuard(label)
 

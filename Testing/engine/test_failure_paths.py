@@ -510,3 +510,12 @@ def test_ulm_job_parameters_of_the_wrong_type_are_bad_input(tiny_ulm_acquisition
         assert execute(job_data, EventWriter(stream)) == 2, parameters
         name = next(iter(parameters))
         assert f"parameter {name!r} must be" in decode_event(stream.getvalue().splitlines()[-1])["message"]
+
+
+def test_registration_refuses_a_bad_output_before_reading_the_volumes(tmp_path, capsys):
+    # The inputs do not even exist: the output is the first thing checked.
+    missing = str(tmp_path / "missing.nrrd")
+    assert cli_main(["registration", "register", "--fixed", missing, "--moving", missing, "--method", "mi",
+                     "--out", str(tmp_path / "T.txt.gz"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "unsupported extension" in err

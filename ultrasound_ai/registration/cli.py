@@ -73,9 +73,14 @@ def register(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
+    from ultrasound_ai.core.atomic import check_output_path
     from ultrasound_ai.registration.case import write_result_json, write_transform_tfm
     from ultrasound_ai.registration.preprocessing import check_overlap, unpack_volumes
 
+    # Before any work: a wrong extension or an unwritable folder must not cost a registration first.
+    check_output_path(args.out, what="--out", extensions=(".tfm", ".txt", ".h5"))
+    if args.json:
+        check_output_path(args.json, what="--json", extensions=(".json",))
     data, initial = _load_inputs(args)
     fixed, label, moving = unpack_volumes(data)
     check_overlap(label, moving, np.eye(4) if initial is None else initial)

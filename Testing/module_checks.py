@@ -11,9 +11,10 @@ For a scripted module folder <Module>/:
   logic-no-qt       <Module>Lib/logic.py has no qt/ctk import and imports, in a fresh interpreter,
                     with `qt` and `ctk` made unimportable
 For the extension's top CMakeLists.txt:
-  install-rules     install(DIRECTORY ...) rules put `ultrasound_ai/` and `Resources/Models/` into
-                    ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR} (COMPONENT RuntimeLibraries, __pycache__
-                    excluded)
+  install-rules     the install tree the CMake rules produce (cmake_layout: slicerMacroBuildScriptedModule,
+                    ctkMacroCompilePythonScript, install(DIRECTORY)) has `ultrasound_ai/` and the models in
+                    `Resources/Models/` beside the module files; install(DIRECTORY) rules use COMPONENT
+                    RuntimeLibraries and exclude __pycache__
   subdirectories    every module folder checked is add_subdirectory()'d
 
 Usage: python Testing/module_checks.py [MODULE_DIR ...] [--top CMakeLists.txt]

@@ -390,11 +390,6 @@ def check_first_apply(module_dir: Path, python: str | None = None) -> list[Probl
 # min-python
 
 
-def _guarded_names(tree: ast.AST) -> set[str]:
-    """API names appearing as strings in hasattr(...) / getattr(...) / a tuple of setter names: guarded."""
-    return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
-
-
 def check_min_python(files, minimum=MIN_SLICER_PYTHON, slicer_version=MIN_SLICER) -> list[Problem]:
     out = []
     for path in files:
@@ -406,24 +401,26 @@ def check_min_python(files, minimum=MIN_SLICER_PYTHON, slicer_version=MIN_SLICER
             out.append(_p("min-python", path, exc.lineno or 0, f"does not parse as Python "
                                                                f"{minimum[0]}.{minimum[1]}: {exc.msg}"))
             continue
+        # One walk: imports, the API names written as strings (hasattr/getattr guards), attribute uses.
+        strings, attributes = set(), []
         for node in ast.walk(tree):
-            mods = []
-            if isinstance(node, ast.Import):
-                mods = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                mods = [node.module]
-            for mod in mods:
-                if mod.split(".")[0] in REMOVED_STDLIB:
-                    out.append(_p("min-python", path, node.lineno, f"imports {mod}, removed from Python "
-                                                                   f"{minimum[0]}.{minimum[1]}"))
-        guarded = _guarded_names(tree)
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and node.attr in NEWER_SLICER_API:
-                since = NEWER_SLICER_API[node.attr]
-                if since > tuple(slicer_version) and node.attr not in guarded:
-                    out.append(_p("min-python", path, node.lineno,
-                                  f"{node.attr} exists from Slicer {since[0]}.{since[1]}, newer than the minimum "
-                                  f"{slicer_version[0]}.{slicer_version[1]}: call it behind a hasattr/getattr guard"))
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                strings.add(node.value)
+            elif isinstance(node, ast.Attribute) and node.attr in NEWER_SLICER_API:
+                attributes.append(node)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                mods = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module] if node.level == 0 and node.module else [])
+                for mod in mods:
+                    if mod.split(".")[0] in REMOVED_STDLIB:
+                        out.append(_p("min-python", path, node.lineno, f"imports {mod}, removed from Python "
+                                                                       f"{minimum[0]}.{minimum[1]}"))
+        for node in attributes:
+            since = NEWER_SLICER_API[node.attr]
+            if since > tuple(slicer_version) and node.attr not in strings:
+                out.append(_p("min-python", path, node.lineno,
+                              f"{node.attr} exists from Slicer {since[0]}.{since[1]}, newer than the minimum "
+                              f"{slicer_version[0]}.{slicer_version[1]}: call it behind a hasattr/getattr guard"))
     return out
 
 

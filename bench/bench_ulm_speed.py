@@ -5,7 +5,13 @@ detection + radial-symmetry localization vs `ulmtools.detect_and_localize_peaks`
 `ulmtools.link_points`. Frames are 84 x 143 (the PALA grid), 40 bubbles per frame. Writes the
 `ulm_speed` section of BENCHMARKS.md.
 
-    python bench/bench_ulm_speed.py [--frames 1000] [--threads 2] [--no-write]
+3DML-ResNet rows: the whole pipeline (`process_acquisition`: SVD, network, tracking, rendering) on
+`--dml-frames` frames at `--dml-bubbles` per frame, with the default long windows and with the old path
+(`window_mode="sliding"`: the paper's 8-frame windows slid by one frame, plain layout), the same
+checkpoint and post-processing, in the same run; raw and tracked Jaccard of both say whether the
+accuracy is equal (`--dml-frames 0` skips them).
+
+    python bench/bench_ulm_speed.py [--frames 1000] [--threads 2] [--dml-frames 400] [--no-write]
 
 `pip install ulmtools` (the optional extra `bench`) for the comparison columns.
 """
@@ -40,6 +46,29 @@ def _numpy_svd_filter(block: np.ndarray, k: int) -> np.ndarray:
     return kept.T.reshape(block.shape)
 
 
+def _dml_rows(args, notes: list) -> list:
+    """Whole-pipeline 3DML-ResNet frames/s, long windows against the old sliding path (same run)."""
+    from ultrasound_ai.ulm.metrics import evaluate_result
+    from ultrasound_ai.ulm.pipeline import UlmParams, process_acquisition
+    from ultrasound_ai.ulm.simulator import UlmSimConfig, simulate_acquisition
+
+    acq = simulate_acquisition(UlmSimConfig(n_frames=args.dml_frames, bubbles_per_frame=args.dml_bubbles,
+                                            clutter_db=20.0, noise_db=args.noise_db, seed=args.seed + 1))
+    out, speed = [], {}
+    for mode in ("sliding", "long"):
+        t, res = _best(lambda: process_acquisition(acq, "3dml", UlmParams(device="cpu", window_mode=mode)),
+                       1 if mode == "sliding" else args.repeats)
+        ev = evaluate_result(res, acq.gt_positions, acq.wavelength_mm, acq.frame_rate_hz)
+        speed[mode] = acq.n_frames / t
+        label = ("3DML-ResNet whole pipeline, long windows (default)" if mode == "long"
+                 else "3DML-ResNet whole pipeline, sliding windows (old path)")
+        out.append([label, f"{speed[mode]:,.1f}", "–", "", f"raw Jaccard {ev['raw']['jaccard']:.3f}, tracked "
+                    f"{ev['tracked']['jaccard']:.3f}; {args.dml_frames} frames, {args.dml_bubbles:g} bubbles/frame"])
+    notes.append(f"3DML-ResNet: long windows run at {speed['long'] / speed['sliding']:.1f}× the old sliding path "
+                 f"(same checkpoint, same post-processing, same run; sliding: 1 run, long: best of {args.repeats}).")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", type=int, default=1000)
@@ -50,6 +79,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cutoff", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dml-frames", type=int, default=400, help="frames for the 3DML-ResNet rows (0 = skip)")
+    ap.add_argument("--dml-bubbles", type=float, default=100.0)
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     from report import parse_bench_args
 
@@ -140,6 +171,9 @@ def main(argv=None) -> int:
     rows.append(["tracking (Hungarian, 2 px, min 15)", f"{n_loc / t_tr:,.0f}",
                  f"{n_loc / ut_tr:,.0f}" if ut_tr else "–", "ulmtools link_points",
                  f"{len(tr_locs) / n_loc:.0f} localizations per frame"])
+
+    if args.dml_frames > 0:
+        rows += _dml_rows(args, notes)
 
     from report import markdown_table, write_section
 

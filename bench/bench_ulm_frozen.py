@@ -1,0 +1,199 @@
+"""ULM accuracy on the frozen pymust-formed set (`bench/ulm_frozen_set.py`): every method as a user runs it.
+
+Rows per condition (bubbles per frame x noise level), pooled over the condition's test acquisitions:
+- `rs` and `wa` with no option (the CLI default: N per frame from the counting network);
+- RS with a fixed N tuned on validation data (the classical baseline: the fast simulator's validation
+  acquisitions of `bench_ulm_accuracy.tune_n`, never the test set);
+- `3dml` with no option (long windows, one detection per Pos peak, counting network);
+- `3dml --window-mode sliding` (the paper's 8-frame windows slid by one, the same post-processing: the
+  old path, for the speed and equal-accuracy comparison);
+- today's 3DML before this work (`3dml-v0`: sliding windows, top-N pixels without the peak rule), both
+  with the CLI default of then (a fixed 40 per frame) and with the counting network.
+Metrics (`ultrasound_ai.ulm.metrics`): raw and tracked Jaccard pooled over the acquisitions (TP, FP, FN
+summed), vessel Dice and vessel SSIM (the rendering measures restricted to the vessels), SSIM; frames/s
+of the whole pipeline (SVD, localization, tracking, rendering).
+
+    python bench/bench_ulm_frozen.py [--rows ...] [--max-pieces K] [--threads 2] [--json F] [--no-write]
+
+It runs on the pieces generated so far and says how many frames each condition had.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ROWS = ("rs", "wa", "rs-tuned", "3dml", "3dml-sliding", "3dml-v0", "3dml-v0-count")
+LABELS = {"rs": "RS (`--method rs`, counting network)", "wa": "WA (`--method wa`, counting network)",
+          "rs-tuned": "RS, fixed N tuned on validation", "3dml": "3DML-ResNet (`--method 3dml`)",
+          "3dml-sliding": "3DML-ResNet `--window-mode sliding` (old path)",
+          "3dml-v0": "3DML-ResNet before (`--method 3dml` of then: fixed 40)",
+          "3dml-v0-count": "3DML-ResNet before, with its counting network"}
+
+
+def _v0_factory(ctx):
+    """3DML-ResNet as it ran before this work: sliding windows, top-N pixels (no peak rule)."""
+    from ultrasound_ai.ulm.dml_inference import DmlLocalizationRunner
+
+    p = ctx.params
+    return DmlLocalizationRunner(ctx.pixel_size_mm, ctx.origin_mm, ctx.wavelength_mm, model=p.model, device="cpu",
+                                 bubbles_per_frame=p.bubbles_per_frame, window_mode="sliding", window_stride=1,
+                                 peaks_only=False, record_counts=ctx.record_counts)
+
+
+def _params(row: str, model, tuned_n: dict, bubbles: float):
+    from ultrasound_ai.ulm.pipeline import UlmParams
+
+    base = dict(device="cpu", model=model)
+    method = {"rs-tuned": "rs", "3dml-sliding": "3dml", "3dml-v0-count": "3dml-v0"}.get(row, row)
+    if row == "rs-tuned":
+        base["bubbles_per_frame"] = tuned_n[bubbles]
+    elif row == "3dml-sliding":
+        base["window_mode"] = "sliding"
+    elif row == "3dml-v0":
+        base["bubbles_per_frame"] = 40  # the CLI default of then
+    elif row == "3dml-v0-count":
+        base["counting_network"] = True
+    return method, UlmParams(**base)
+
+
+def evaluate_piece(acq, row: str, model, tuned_n: dict, bubbles: float) -> dict:
+    from ultrasound_ai.ulm.metrics import evaluate_result
+    from ultrasound_ai.ulm.pipeline import process_acquisition
+
+    method, params = _params(row, model, tuned_n, bubbles)
+    t = time.perf_counter()
+    res = process_acquisition(acq, method, params)
+    dt = time.perf_counter() - t
+    ev = evaluate_result(res, acq.gt_positions, acq.wavelength_mm, acq.frame_rate_hz)
+    out = {"seconds": dt, "frames": acq.n_frames, "n_tracks": res.attrs["n_tracks"]}
+    for k in ("raw", "tracked"):
+        out[k] = {c: ev[k][c] for c in ("tp", "fp", "fn")}
+    for k in ("ssim", "vessel_dice", "ssim_vessel"):
+        out[k] = ev[k]
+    return out
+
+
+def pooled(recs: list[dict]) -> dict:
+    def jac(kind):
+        tp = sum(r[kind]["tp"] for r in recs)
+        den = tp + sum(r[kind]["fp"] + r[kind]["fn"] for r in recs)
+        return tp / den if den else float("nan")
+
+    return {"jaccard": jac("raw"), "jaccard_tracked": jac("tracked"),
+            "vessel_dice": float(np.mean([r["vessel_dice"] for r in recs])),
+            "ssim_vessel": float(np.mean([r["ssim_vessel"] for r in recs])),
+            "ssim": float(np.mean([r["ssim"] for r in recs])),
+            "frames_per_s": sum(r["frames"] for r in recs) / sum(r["seconds"] for r in recs),
+            "frames": sum(r["frames"] for r in recs), "pieces": len(recs)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    ap.add_argument("--max-pieces", type=int, default=None, help="test acquisitions per condition (default: all made)")
+    ap.add_argument("--model", default=None, help="3DML-ResNet checkpoint (default: the installed default)")
+    ap.add_argument("--val-frames", type=int, default=200, help="frames per fast-simulator validation acquisition")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
+    from report import parse_bench_args
+
+    args = parse_bench_args(ap, argv, timing=False)  # accuracy first: the load is recorded, not awaited
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import ulm_frozen_set as fs
+    from bench_ulm_accuracy import tune_n
+
+    from ultrasound_ai.ulm.dml_inference import load_dml_model
+    from ultrasound_ai.ulm.pipeline import UlmParams, register_localizer
+
+    register_localizer("3dml-v0", _v0_factory)
+    _, card = load_dml_model(args.model, "cpu")
+    model_name = card.get("name", str(args.model))
+    t0 = time.perf_counter()
+    loads = [os.getloadavg()[0]]
+    tuned_n = {}
+    if "rs-tuned" in args.rows:
+        tuned = tune_n(["rs"], list(fs.BUBBLES), list(fs.NOISE_DB), args.val_frames, UlmParams(device="cpu"))
+        tuned_n = {b: v[0] for b, v in tuned["rs"].items()}
+        print("tuned N (RS):", tuned_n, flush=True)
+
+    results: dict = {}
+    for p in fs.pieces("test"):
+        if not p.path.exists() or (args.max_pieces is not None and p.index >= args.max_pieces):
+            continue
+        acq = fs.load(p)
+        for row in args.rows:
+            rec = evaluate_piece(acq, row, args.model, tuned_n, p.bubbles)
+            results.setdefault((p.bubbles, p.noise_db), {}).setdefault(row, []).append(rec)
+            print(json.dumps({"piece": p.name, "row": row, "seconds": round(rec["seconds"], 1),
+                              "vessel_dice": round(rec["vessel_dice"], 3)}), flush=True)
+        loads.append(os.getloadavg()[0])
+    wall = time.perf_counter() - t0
+    if not results:
+        print(f"no frozen set piece in {fs.DATA_DIR}: run `python bench/ulm_frozen_set.py generate` first")
+        return 2
+
+    table, summary = [], {}
+    for (b, nd), rows in sorted(results.items()):
+        for row in args.rows:
+            if row not in rows:
+                continue
+            m = pooled(rows[row])
+            summary[f"{b:g}/{nd:g}/{row}"] = m
+            n_label = (str(tuned_n.get(b)) if row == "rs-tuned" else "40" if row == "3dml-v0" else "count net")
+            table.append([f"{b:g}", f"{nd:g}", LABELS[row], n_label, f"{m['frames']}", f"{m['jaccard']:.3f}",
+                          f"{m['jaccard_tracked']:.3f}", f"{m['vessel_dice']:.3f}", f"{m['ssim_vessel']:.3f}",
+                          f"{m['ssim']:.4f}", f"{m['frames_per_s']:.1f}"])
+    from report import markdown_table, write_section
+
+    lines = []
+    for (b, nd), rows in sorted(results.items()):
+        s = {row: pooled(v) for row, v in rows.items()}
+        if b >= 100 and "3dml" in s and "rs" in s:
+            win_raw = s["3dml"]["jaccard"] > s["rs"]["jaccard"]
+            win_tr = s["3dml"]["jaccard_tracked"] > s["rs"]["jaccard_tracked"]
+            lines.append(f"- {b:g}/frame, {nd:g} dB: `3dml` vs `rs` (no options): raw Jaccard "
+                         f"{s['3dml']['jaccard']:.3f} vs {s['rs']['jaccard']:.3f} ({'beats' if win_raw else 'DOES NOT beat'}), "
+                         f"tracked {s['3dml']['jaccard_tracked']:.3f} vs {s['rs']['jaccard_tracked']:.3f} "
+                         f"({'beats' if win_tr else 'DOES NOT beat'}).")
+        if "3dml" in s and "3dml-sliding" in s:
+            d_raw = s["3dml"]["jaccard"] - s["3dml-sliding"]["jaccard"]
+            d_tr = s["3dml"]["jaccard_tracked"] - s["3dml-sliding"]["jaccard_tracked"]
+            ratio = s["3dml"]["frames_per_s"] / s["3dml-sliding"]["frames_per_s"]
+            lines.append(f"- {b:g}/frame, {nd:g} dB: long vs sliding windows (same checkpoint and post-processing): "
+                         f"raw Jaccard {d_raw:+.3f}, tracked {d_tr:+.3f}, frames/s × {ratio:.1f} (same run).")
+    body = (
+        fs.description() + f" Model `{model_name}`. "
+        f"RS fixed N per concentration tuned on {args.val_frames}-frame fast-simulator validation acquisitions "
+        f"(`bench_ulm_accuracy.tune_n`): {json.dumps({f'{k:g}': v for k, v in tuned_n.items()})}. torch threads "
+        f"{args.threads}; load average {min(loads):.1f}–{max(loads):.1f} (shared machine: frames/s are "
+        f"comparable within this table only); wall time {wall / 60:.1f} min.\n\n"
+        + markdown_table(["bubbles/frame", "noise dB", "method", "N per frame", "frames", "Jaccard raw",
+                          "Jaccard tracked", "vessel Dice", "vessel SSIM", "SSIM", "frames/s"], table)
+        + "\n\n" + "\n".join(lines) + "\n"
+    )
+    print(body)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"summary": summary, "tuned_n": {f"{k:g}": v for k, v in tuned_n.items()},
+                                               "per_piece": {f"{b:g}/{nd:g}": v for (b, nd), v in results.items()}},
+                                              indent=1))
+    if not args.no_write:
+        write_section("ulm_accuracy_frozen", "ULM accuracy on the frozen pymust-formed set", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

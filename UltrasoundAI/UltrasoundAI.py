@@ -25,9 +25,10 @@ from slicer.util import VTKObservationMixin
 
 # UltrasoundAILib puts the engine on sys.path (a source checkout), so it is imported first.
 from UltrasoundAILib.analysis import AnalysisParameters, UltrasoundAIAnalysisLogic, summary_text
-from UltrasoundAILib.logic import UltrasoundAILogic
+from UltrasoundAILib.logic import METHODS, UltrasoundAILogic
 
 from ultrasound_ai.mrml.job_panel import JobPanel, ParameterNodePanel, describe_module
+from ultrasound_ai.mrml.scenario_support import SelfTestSetUp
 
 
 class UltrasoundAI(ScriptedLoadableModule):
@@ -49,7 +50,7 @@ class UltrasoundAI(ScriptedLoadableModule):
 class UltrasoundAIParameterNode:
     inputBrowser: vtkMRMLSequenceBrowserNode
     inputSweepFile: pathlib.Path
-    method: Annotated[str, Choice(["auto", "tracked", "imu", "fima", "moglo"])] = "auto"
+    method: Annotated[str, Choice(list(METHODS))] = "auto"
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     checkpoint: pathlib.Path
     onlineAlignment: bool = False
@@ -172,15 +173,9 @@ class UltrasoundAIWidget(ParameterNodePanel, ScriptedLoadableModuleWidget, VTKOb
         slicer.util.setSliceViewerLayers(background=nodes["volume"], fit=True)
 
 
-class UltrasoundAITest(ScriptedLoadableModuleTest):
+class UltrasoundAITest(SelfTestSetUp, ScriptedLoadableModuleTest):
     """Runs, inside Slicer, the scenarios that Testing/mrml/test_freehand_module.py runs with slicer-core.
     Each test_* stands alone (ctest runs each with setUp only; runTest runs them all)."""
-
-    def setUp(self):
-        import tempfile
-
-        slicer.mrmlScene.Clear()
-        self.work = pathlib.Path(tempfile.mkdtemp(prefix="UltrasoundAITest-"))
 
     def test_tracked_and_imu(self):
         from UltrasoundAILib import scenarios

@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     ap.add_argument("--paired", nargs=2, action="append", default=[], metavar=("A", "B"),
                     help="report row A against row B sweep by sweep (FDR difference, wins, sign test)")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
+    ap.add_argument("--sweeps", type=int, nargs="+", default=None, metavar="I",
+                    help="only these sweeps of the set (indices), e.g. one per tactic for a costly row")
     ap.add_argument("--section", default=None, help="BENCHMARKS.md section key (default: by set)")
     ap.add_argument("--title", default=None, help="section title (default: by set)")
     args = _report_module().parse_bench_args(ap, argv)
@@ -95,6 +97,11 @@ def main(argv=None) -> int:
     else:
         paths, manifest = benchmark_set.ensure_benchmark_set(args.cache, n_frames=args.frames, progress=show)
     print(f"benchmark set ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.sweeps:
+        if not all(0 <= i < len(paths) for i in args.sweeps):
+            raise SystemExit(f"--sweeps: indices must be in 0..{len(paths) - 1}, got {args.sweeps}")
+        paths = [paths[i] for i in args.sweeps]
+        manifest = dict(manifest, sweeps=[manifest["sweeps"][i] for i in args.sweeps])
     methods = args.methods or available_methods()
     # Sanity row last, the methods of interest first.
     methods = [m for m in methods if m != "tracked"] + (["tracked"] if "tracked" in methods else [])
@@ -172,7 +179,8 @@ def main(argv=None) -> int:
                      f"{json.dumps(settings)}.")
     body = (
         described + " Every method sees the sweep without its tforms (registry rule); metrics against the truth, FiMA Table-1 "
-        "columns (centre and two top corners, averaged) and TUS-REC GPE/LPE. Mean (sd) over the 20 sweeps.\n\n"
+        "columns (centre and two top corners, averaged) and TUS-REC GPE/LPE. " f"Mean (sd) over the {len(manifest['sweeps'])} sweeps"
+        + (f" {args.sweeps} of the set" if args.sweeps else "") + ".\n\n"
         + report.markdown_table(header, summary_rows)
         + "\n\nPer tactic (FDR mean and median; scaled FDR: FDR after one least-squares scale of the per-pair "
         "frame-centre translations per sweep, fitted to the truth - an oracle that forgives a wrong scale, e.g. an "

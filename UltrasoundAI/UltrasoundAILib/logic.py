@@ -62,6 +62,7 @@ import numpy as np
 import slicer
 
 from ultrasound_ai.core.errors import InputError
+from ultrasound_ai.freehand.methods import PANEL_CHOICES, available_methods
 from ultrasound_ai.mrml.module_logic import (
     ModuleLogic,
     PanelParameters,
@@ -75,7 +76,7 @@ from ultrasound_ai.mrml.tables import float_column, int_column, new_table_node, 
 log = logging.getLogger(__name__)
 
 TASK_NAME = "freehand.reconstruct"
-METHODS = ("auto", "tracked", "imu", "fima", "moglo")  # offered in the panel
+METHODS = (*PANEL_CHOICES, *available_methods())  # offered in the panel: the registry's names
 IMU_METHODS = ("fima",)  # methods that take onlineAlignment / imuSelection
 DEVICES = ("auto", "cpu", "cuda", "mps")
 COMPOUNDING = ("mean", "max", "latest")
@@ -97,7 +98,7 @@ _EULER_COLUMNS = ("euler_x_deg", "euler_y_deg", "euler_z_deg")
 
 @dataclass
 class ReconstructionParameters(PanelParameters):
-    """The Logic's view of the panel, read from a dict or a parameter node wrapper."""
+    """A reconstruction run as the Logic sees it (names as in the module docstring)."""
 
     inputBrowser: Any = None
     inputSweepFile: str | None = None

@@ -26,8 +26,8 @@ scans a long sequence piece by piece with the result of one scan (streaming).
 sequence in chunks of `chunk_size` steps, carries the state between chunks, and inside a chunk runs a
 parallel scan written with cumulative sums of the log-decays S = cumsum(delta*A): h_t = exp(S_t) *
 (h0 + cumsum(exp(-S_s) * delta_s*B_s*u_s)) while |S| stays moderate within the chunk; a chunk that decays
-more steeply is halved until it does, and a short one that still does uses a Hillis-Steele doubling scan
-over products of decays <= 1. Either way no exponential overflows and exp(S_t)*exp(-S_s) stays accurate. With gradients enabled each
+more steeply is split into pieces that do, and where they would be too short a Hillis-Steele doubling scan
+over products of decays <= 1 is used. Either way no exponential overflows and exp(S_t)*exp(-S_s) stays accurate. With gradients enabled each
 chunk is recomputed in the backward pass (activation checkpointing), so training memory is O(B*D*L)
 plus one chunk's O(B*D*chunk*N) as well.
 """
@@ -35,6 +35,7 @@ plus one chunk's O(B*D*chunk*N) as well.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Tuple, Union
 
 import torch
@@ -203,7 +204,9 @@ def _doubling_scan(uf: Tensor, delta: Tensor, A: Tensor, Bt: Tensor, Ct: Tensor,
 
 # exp(+-S) must stay finite with room for the increments it multiplies (float32 overflows near 88.7).
 _SAFE_LOG_DECAY = {torch.float32: 40.0, torch.float64: 300.0}
-# A chunk that decays too steeply is halved down to this many steps, then scanned by doubling.
+# A chunk that decays too steeply is split into at most _MAX_PIECES pieces of at least _MIN_SPLIT steps, else
+# scanned by doubling.
+_MAX_PIECES = 2
 _MIN_SPLIT = 8
 
 
@@ -220,8 +223,9 @@ def _scan_chunk(uf: Tensor, delta: Tensor, A: Tensor, Bt: Tensor, Ct: Tensor, h0
     With S_t = cumsum(delta*A) inside the chunk (the log of the decay from the chunk start),
     h_t = exp(S_t) * (h0 + cumsum_s(exp(-S_s) * delta_s*B_s*u_s)): a handful of O(T) passes. The
     factorised exp(S_t)*exp(-S_s) = exp(S_t - S_s) <= 1 is exact up to rounding while |S| stays moderate;
-    a chunk that decays more steeply than that is halved, and below `_MIN_SPLIT` steps uses the doubling
-    scan, which only multiplies decays <= 1 (stable for any decay).
+    a chunk that decays more steeply than that is split into pieces that do not, and where they would be
+    shorter than `_MIN_SPLIT` steps uses the doubling scan, which only multiplies decays <= 1 (stable for
+    any decay).
     """
     S = torch.cumsum(delta.unsqueeze(-1) * A[:, None, :], dim=2)  # [b, d, T, n]
     R = None
@@ -235,14 +239,19 @@ def _scan_chunk(uf: Tensor, delta: Tensor, A: Tensor, Bt: Tensor, Ct: Tensor, h0
         else:
             extreme = float(S.detach().abs().amax())
         if extreme > _SAFE_LOG_DECAY[S.dtype]:
+            # Just over the bound, k pieces decay about k times less steeply each and stay on the fast path
+            # (a piece that still does not is split again). Far over it, so many pieces would cost more calls
+            # than the doubling scan's log2(T) passes.
             T = uf.shape[-1]
-            if T <= _MIN_SPLIT:
+            k = math.ceil(extreme / _SAFE_LOG_DECAY[S.dtype])
+            if k > _MAX_PIECES or T // k < _MIN_SPLIT:
                 return _doubling_scan(uf, delta, A, Bt, Ct, h0)
-            # Halves decay less steeply: most of them stay on the fast path.
-            m = T // 2
-            y1, h1 = _scan_chunk(uf[..., :m], delta[..., :m], A, _steps(Bt, 0, m), _steps(Ct, 0, m), h0)
-            y2, h2 = _scan_chunk(uf[..., m:], delta[..., m:], A, _steps(Bt, m, T), _steps(Ct, m, T), h1)
-            return torch.cat([y1, y2], dim=-1), h2
+            ys, h = [], h0
+            for s in range(0, T, -(-T // k)):
+                e = min(s - (-T // k), T)
+                y, h = _scan_chunk(uf[..., s:e], delta[..., s:e], A, _steps(Bt, s, e), _steps(Ct, s, e), h)
+                ys.append(y)
+            return torch.cat(ys, dim=-1), h
     x = (delta * uf).unsqueeze(-1) * Bt  # [b, d, T, n] per-step increments
     h0 = h0.unsqueeze(2) if R is None else h0.unsqueeze(2) * torch.exp(R)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (uf, delta, A, Bt, Ct, h0)):

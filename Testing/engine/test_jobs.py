@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import job_test_tasks
 import psutil
 import pytest
 
-import job_test_tasks
 from ultrasound_ai.core.atomic import is_partial
 from ultrasound_ai.core.errors import Cancelled, InputError
 from ultrasound_ai.jobs import launcher as launcher_module

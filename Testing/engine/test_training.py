@@ -9,13 +9,12 @@ import math
 import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
 from toy_training_task import ToyRegressionTask, mean_predictor_mse
+
 from ultrasound_ai.core.atomic import is_partial
 from ultrasound_ai.core.errors import Cancelled, InputError
 from ultrasound_ai.core.training import (

@@ -324,9 +324,9 @@ def translation(T):
 def _rotation_error(ops, R):
     """Largest deviation of RᵀR from I and of det R from +1, per batch element (as a Python float)."""
     RtR = ops.swap_last(R) @ R
-    I = ops.eye(3, tuple(R.shape[:-2]))
+    eye = ops.eye(3, tuple(R.shape[:-2]))
     det = (R[..., 0, :] * ops.cross(R[..., 1, :], R[..., 2, :])).sum(-1)
-    return max(_max_abs(RtR - I), _max_abs(det - 1))
+    return max(_max_abs(RtR - eye), _max_abs(det - 1))
 
 
 def _check_rotation(ops, R, name, atol, what="a proper rotation"):

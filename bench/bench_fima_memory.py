@@ -131,7 +131,11 @@ def main(argv=None) -> int:
     ap.add_argument("--baseline-frames", type=int, default=60,
                     help="frames of the same-run comparison of streamed and whole-window encoding (0: none)")
     ap.add_argument("--long-frames", type=int, default=600,
-                    help="frames of a long sweep through the largest preset, streamed (0: none)")
+                    help="frames of a long sweep, streamed (0: none)")
+    ap.add_argument("--long-config", default=None, choices=["tiny", "shipped", "paper"],
+                    help="preset of the long sweep (default: the last of --configs)")
+    ap.add_argument("--baseline-configs", nargs="*", default=None,
+                    help="presets of the streamed vs whole-window comparison (default: the same as --configs)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--align-configs", nargs="*", default=None,
@@ -148,14 +152,14 @@ def main(argv=None) -> int:
     args = report.parse_bench_args(ap, argv, cores=lambda a: 1 if a.device == "cuda" else a.threads)
 
     results = [run_child(p, args.frames, False, "streamed", args) for p in args.configs]
-    largest = args.configs[-1]
+    largest = args.long_config or args.configs[-1]
     if args.long_frames:
         results.append(run_child(largest, args.long_frames, False, "streamed", args))
     align_configs = args.configs if args.align_configs is None else args.align_configs
     results += [run_child(p, args.frames, True, "streamed", args) for p in align_configs]
     pairs = []
     if args.baseline_frames:
-        for p in args.configs:
+        for p in (args.configs if args.baseline_configs is None else args.baseline_configs):
             pairs.append((run_child(p, args.baseline_frames, False, "streamed", args),
                           run_child(p, args.baseline_frames, False, "whole", args)))
 
@@ -190,7 +194,7 @@ def main(argv=None) -> int:
     verdict = (f"Streamed, without online alignment, the largest {what} is {worst:.2f} GiB (bound: 8 GB = 7.45 GiB): "
                + ("within it" if not over else "above it: " + ", ".join(over)) + ".")
     long_rows = [r for r in streamed_rows if r["frames"] == args.long_frames and r["preset"] == largest]
-    short_rows = [r for r in streamed_rows if r["frames"] == args.frames and r["preset"] == largest]
+    short_rows = [r for r in streamed_rows if r["frames"] == args.frames and r["preset"] == largest][:1]
     if long_rows and short_rows:
         verdict += (f" The `{largest}` preset peaks at {peak_of(short_rows[0]):.2f} GiB on {args.frames} frames and "
                     f"{peak_of(long_rows[0]):.2f} GiB on {args.long_frames}: memory does not grow with the sweep "

@@ -6,7 +6,6 @@ shows progress, offers Cancel and reports the results. The Test class runs the s
 UltrasoundAIRegistrationLib/scenarios.py, the same ones the slicer-core tests run.
 """
 
-import pathlib
 import typing
 from typing import Annotated
 
@@ -31,6 +30,7 @@ from slicer.util import VTKObservationMixin
 from UltrasoundAIRegistrationLib.logic import UltrasoundAIRegistrationLogic
 
 from ultrasound_ai.mrml.job_panel import JobPanel, ParameterNodePanel, describe_module
+from ultrasound_ai.mrml.scenario_support import SelfTestSetUp
 
 
 class UltrasoundAIRegistration(ScriptedLoadableModule):
@@ -121,45 +121,42 @@ class UltrasoundAIRegistrationWidget(ParameterNodePanel, ScriptedLoadableModuleW
         slicer.util.resetSliceViews()
 
 
-class UltrasoundAIRegistrationTest(ScriptedLoadableModuleTest):
+class UltrasoundAIRegistrationTest(SelfTestSetUp, ScriptedLoadableModuleTest):
     """Runs, inside Slicer, the scenarios that Testing/mrml/test_registration_module.py runs with slicer-core.
     Each test_* stands alone: ctest runs each with setUp only (runTest runs them all)."""
 
     def setUp(self):
-        import tempfile
-
         from UltrasoundAIRegistrationLib import scenarios
 
-        slicer.mrmlScene.Clear()
-        self._work = pathlib.Path(tempfile.mkdtemp(prefix="UltrasoundAIRegistrationTest-"))
-        self._case = scenarios.make_case(self._work / "case")
+        SelfTestSetUp.setUp(self)
+        self._case = scenarios.make_case(self.work / "case")
 
     def test_known_transform(self):
         from UltrasoundAIRegistrationLib import scenarios
 
-        scenarios.known_transform_scenario(self._case, self._work / "known")
+        scenarios.known_transform_scenario(self._case, self.work / "known")
         self.delayDisplay("known transform: LPS/RAS and direction passed")
 
     def test_truth_as_initial(self):
         from UltrasoundAIRegistrationLib import scenarios
 
-        scenarios.initial_truth_job_scenario(self._case, self._work / "truth")
+        scenarios.initial_truth_job_scenario(self._case, self.work / "truth")
         self.delayDisplay("truth as initial transform passed")
 
     def test_mi_job(self):
         from UltrasoundAIRegistrationLib import scenarios
 
-        scenarios.mi_job_scenario(self._case, self._work / "mi")
+        scenarios.mi_job_scenario(self._case, self.work / "mi")
         self.delayDisplay("MI job passed")
 
     def test_cancel(self):
         from UltrasoundAIRegistrationLib import scenarios
 
-        scenarios.cancel_scenario(self._case, self._work / "cancel")
+        scenarios.cancel_scenario(self._case, self.work / "cancel")
         self.delayDisplay("cancel passed")
 
     def test_bad_input(self):
         from UltrasoundAIRegistrationLib import scenarios
 
-        scenarios.bad_input_scenario(self._case, self._work / "bad")
+        scenarios.bad_input_scenario(self._case, self.work / "bad")
         self.delayDisplay("bad input passed")

@@ -26,6 +26,7 @@ from slicer.util import VTKObservationMixin
 from UltrasoundAIULMLib.logic import METHOD_LABELS, METHODS, UltrasoundAIULMLogic
 
 from ultrasound_ai.mrml.job_panel import JobPanel, ParameterNodePanel, describe_module
+from ultrasound_ai.mrml.scenario_support import SelfTestSetUp
 
 
 class UltrasoundAIULM(ScriptedLoadableModule):
@@ -119,15 +120,9 @@ class UltrasoundAIULMWidget(ParameterNodePanel, ScriptedLoadableModuleWidget, VT
         slicer.util.setSliceViewerLayers(background=nodes["density"], fit=True)
 
 
-class UltrasoundAIULMTest(ScriptedLoadableModuleTest):
+class UltrasoundAIULMTest(SelfTestSetUp, ScriptedLoadableModuleTest):
     """Runs, inside Slicer, the scenarios that Testing/mrml/test_ulm_module.py runs with slicer-core.
     Each test_* stands alone (ctest runs each with setUp only; runTest runs them all)."""
-
-    def setUp(self):
-        import tempfile
-
-        slicer.mrmlScene.Clear()
-        self.work = pathlib.Path(tempfile.mkdtemp(prefix="UltrasoundAIULMTest-"))
 
     def test_rs(self):
         from UltrasoundAIULMLib import scenarios

@@ -74,7 +74,7 @@ FUSION_OPACITY = 0.5
 
 @dataclass
 class RegistrationParameters(PanelParameters):
-    """The Logic's view of the panel, read from a dict or a parameter node wrapper."""
+    """Inputs and settings of one registration, checked (see the module docstring for each name)."""
 
     fixedVolume: Any = None
     fixedLabel: Any = None

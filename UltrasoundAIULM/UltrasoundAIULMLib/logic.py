@@ -90,7 +90,7 @@ MAPS = (("density", "density", "Density"), ("direction", "direction", "Direction
 
 @dataclass
 class UlmRunParameters(PanelParameters):
-    """The Logic's view of the panel, read from a dict or a parameter node wrapper."""
+    """One ULM run: its input and its processing settings, checked in check()."""
 
     inputSequence: Any = None
     inputAcquisitionFile: str | None = None

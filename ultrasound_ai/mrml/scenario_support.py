@@ -127,3 +127,16 @@ def check_progress_events(events) -> None:
     check(len(fractions) >= 3, f"expected progress events from the job, got {fractions}")
     check(all(b >= a for a, b in zip(fractions, fractions[1:])), f"progress went backwards: {fractions}")
     check(events[-1].get("event") == "result", f"the job's last event is {events[-1]}")
+
+
+class SelfTestSetUp:
+    """setUp of a module's Test class (mixed in before ScriptedLoadableModuleTest): a cleared scene and a
+    new work folder `self.work` for each test_*, since ctest runs each test_* after setUp alone."""
+
+    def setUp(self):
+        import tempfile
+
+        import slicer
+
+        slicer.mrmlScene.Clear()
+        self.work = Path(tempfile.mkdtemp(prefix=f"{type(self).__name__}-"))

@@ -10,7 +10,8 @@ case starts from the set's initial transforms (exactly 0, 8 and 16 mm SRE). Rows
 - two-stage + guard: the cascade keeping a stage's proposal only when LC² does not drop
   (``inference.guarded_register``);
 - + refinement: the guarded cascade, then the LC² refinement (``--method attention+refine``, the CLI
-  default).
+  default);
+- LC² refinement alone: the same refinement from the start, no network (what the networks add).
 
 Cells: SRE (mm) mean ± sd (median), then the fraction of cases whose SRE ends above their start ("worse";
 from 0 mm: ends above 2 mm). Accuracy only: no timing claim (seconds per case are printed, not written).
@@ -39,9 +40,9 @@ sys.path.insert(0, str(HERE.parent))
 from ultrasound_ai.registration.frozen_sets import FROZEN_SETS, initial_name, materialise  # noqa: E402
 from ultrasound_ai.registration.metrics import sre  # noqa: E402
 
-ROWS = ("MI", "Feature-Reg", "stage 1", "two-stage", "two-stage + guard", "+ refinement")
+ROWS = ("MI", "Feature-Reg", "stage 1", "two-stage", "two-stage + guard", "+ refinement", "LC² refinement alone")
 ROW_KEYS = {"mi": "MI", "feature": "Feature-Reg", "nets": "stage 1", "guard": "two-stage + guard",
-            "refine": "+ refinement"}
+            "refine": "+ refinement", "lc2": "LC² refinement alone"}
 
 
 def _report_module():
@@ -97,6 +98,8 @@ def evaluate_set(name: str, args, cascade, feature) -> dict:
                 timed("two-stage + guard", lambda: guarded_register(case, cascade, initial=T0)[0])
             if "refine" in rows:
                 timed("+ refinement", lambda: guarded_register(case, cascade, initial=T0, refine=True)[0])
+            if "lc2" in rows:
+                timed("LC² refinement alone", lambda: guarded_register(case, None, initial=T0, refine=True)[0])
             print(f"[{name}] {d.name} {lv:g} mm: " + ", ".join(
                 f"{r} {out[r][-1]:.2f}" for r in ROWS if len(out[r]) == len(out["initial"])), flush=True)
     return res
@@ -150,7 +153,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="also write the raw numbers here")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
-    args = _report_module().parse_bench_args(ap, argv)
+    args = _report_module().parse_bench_args(ap, argv, cores=1, timing=False)  # accuracy only: no quiet wait
     if args.stage1 and not args.stage2:
         ap.error("--stage1 needs --stage2 (the two-stage cascade)")
     from ultrasound_ai.models.registry import list_models

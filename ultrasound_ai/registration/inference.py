@@ -54,8 +54,12 @@ __all__ = [
 ]
 
 GUARD_SIMILARITY = ("LC2 (Wein et al.): per 5-voxel patch, the fraction of the TRUS variance explained by a linear "
-                    "fit of the MR intensity and MR gradient magnitude, weighted by the patch's TRUS standard "
-                    "deviation; MR and TRUS on a 2 mm grid around the gland (label box + 25 %), 1 mm Gaussian blur")
+                    "fit of the MR intensity, the MR gradient magnitude, the smoothed gland label and its gradient "
+                    "magnitude, weighted by the patch's TRUS standard deviation; on a 2 mm grid around the gland "
+                    "(label box + 25 %), 1 mm Gaussian blur")
+# The label channels: on the training family, LC2 on the MR alone mistook the MR's PZ/TZ boundary for the
+# capsule when PZ and fat were equally bright (refinement from the truth ending 7.8 mm away).
+LC2_CHANNELS = ("label", "edge")
 
 METHOD = "attention_reg"
 MODES = ("label", "image")
@@ -268,8 +272,8 @@ def _lc2_pair(data):
     from ultrasound_ai.registration.similarity import LC2
 
     fixed, label, moving = unpack_volumes(data)
-    return (LC2(fixed, label, moving, spacing_mm=2.0, patch=5, blur_mm=1.0),
-            LC2(fixed, label, moving, spacing_mm=1.5, patch=5))
+    return (LC2(fixed, label, moving, spacing_mm=2.0, patch=5, blur_mm=1.0, label_channels=LC2_CHANNELS),
+            LC2(fixed, label, moving, spacing_mm=1.5, patch=5, label_channels=LC2_CHANNELS))
 
 
 def guarded_register(case_or_volumes, cascade: Cascade | None = None, initial=None, guard: bool = True,

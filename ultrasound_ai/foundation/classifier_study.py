@@ -47,7 +47,7 @@ CLASSIFIER_STUDY: dict = {
     "test_count": 150,
     "indep_seed": 520_000,  # the independent family ultrasound_ai.validation.bmode_indep (validation only)
     "indep_count": 150,
-    "schedule": {"steps": 150, "batch_size": 12, "lr": 5e-4, "warmup_steps": 15, "validate_every": 25,
+    "schedule": {"steps": 100, "batch_size": 12, "lr": 5e-4, "warmup_steps": 10, "validate_every": 25,
                  "checkpoint_every": 25, "log_every": 5, "best_metric": "accuracy", "best_mode": "max"},
 }
 

@@ -194,6 +194,15 @@ def test_output_paths_are_checked_before_the_task_starts(tmp_path):
     assert listing(tmp_path) == ["a-file"]
 
 
+def test_a_two_file_volume_cannot_be_a_temporary_output(tmp_path):
+    from ultrasound_ai.io.volume import write_volume
+
+    with pytest.raises(InputError, match=r"v\.mhd: a \.mhd volume is two files"):
+        with atomic_output(tmp_path / "v.mhd") as tmp:
+            write_volume(_volume(), tmp)
+    assert listing(tmp_path) == []
+
+
 def test_check_output_path_accepts_a_creatable_folder_and_refuses_bad_extensions(tmp_path):
     from ultrasound_ai.core.atomic import check_output_path
 
@@ -209,7 +218,7 @@ def test_registry_output_extensions_match_the_writers():
     from ultrasound_ai.io.volume import WRITE_EXTENSIONS
     from ultrasound_ai.jobs.registry import OUTPUT_EXTENSIONS, TASKS
 
-    assert OUTPUT_EXTENSIONS["freehand.reconstruct"]["volume"] == WRITE_EXTENSIONS
+    assert OUTPUT_EXTENSIONS["freehand.reconstruct"]["volume"] == tuple(e for e in WRITE_EXTENSIONS if e != ".mhd")
     assert set(OUTPUT_EXTENSIONS) == set(TASKS)  # every engine task declares its outputs
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ultrasound_ai.core.atomic import atomic_output, scratch_folder
+from ultrasound_ai.core.atomic import atomic_output, final_path_of, scratch_folder
 from ultrasound_ai.core.errors import InputError, OutputWriteError
 
 # Extensions SimpleITK reads for us, longest first so ".nii.gz" wins over ".gz".
@@ -255,6 +255,9 @@ def _write_mhd(image, path: Path, compress: bool) -> None:
     """A MetaImage header names its data file, so write both, then fix the name in the header."""
     import SimpleITK as sitk
 
+    if final_path_of(path) is not None:
+        raise InputError(f"volume output {final_path_of(path)}: a .mhd volume is two files (header and data) and "
+                         "cannot be one temporary output; use .mha (the same format in one file)")
     data_name = path.name[: -len(".mhd")] + (".zraw" if compress else ".raw")
     with scratch_folder(path) as scratch:
         scratch_header = Path(scratch) / "volume.mhd"

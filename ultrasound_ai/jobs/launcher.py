@@ -187,7 +187,7 @@ class JobLauncher:
         self._queue: queue.Queue[dict] = queue.Queue()
         self._events: list[dict] = []
         self._progress: tuple[float, str] = (0.0, "")
-        self._partials: dict[str, str] = {}
+        self._partials: dict[str, str] = {}  # temporary path -> output name
         self._terminal: dict | None = None
         self._status = STATUS_PENDING
         self._proc: subprocess.Popen | None = None
@@ -477,7 +477,8 @@ class JobLauncher:
                     fraction = self._progress[0]
                 self._progress = (max(self._progress[0], min(1.0, max(0.0, fraction))), str(event.get("message", "")))
             elif event["event"] == "partial" and isinstance(event.get("path"), str):
-                self._partials[str(event.get("name"))] = event["path"]
+                # Keyed by path: one output may come with several temporaries (e.g. a header and its data).
+                self._partials[event["path"]] = str(event.get("name"))
             elif event["event"] in TERMINAL_EVENTS:
                 self._terminal = event
         self._deliver(event)
@@ -558,7 +559,7 @@ class JobLauncher:
 
     def _remove_partials(self) -> None:
         """Temporary outputs of a worker that was killed before its own clean-up could run."""
-        for path in self._partials.values():
+        for path in self._partials:
             p = Path(path)
             with contextlib.suppress(OSError):
                 if p.is_dir():

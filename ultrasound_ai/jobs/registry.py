@@ -35,7 +35,9 @@ TASKS: dict[str, str] = {
 }
 
 _HDF5 = (".h5", ".hdf5")
-_VOLUME = (".nii.gz", ".nrrd", ".nii", ".mha", ".mhd")  # ultrasound_ai.io.volume.WRITE_EXTENSIONS
+# ultrasound_ai.io.volume.WRITE_EXTENSIONS but .mhd: a header and a data file, which one temporary
+# output cannot hold (use .mha, the same format in one file).
+_VOLUME = (".nii.gz", ".nrrd", ".nii", ".mha")
 
 # name -> {output name: extensions its writer supports}. The worker checks a job's outputs against
 # this before the task starts (names and extensions), so a typo costs nothing but an error message.

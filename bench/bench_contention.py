@@ -21,7 +21,7 @@ A contended run that takes longer than --cap-factor x its quiet time is stopped 
 "> N s". The machine must be quiet at the start (report.parse_bench_args waits for it); the busy
 processes are this benchmark's own and are stopped before the section is written.
 
-    python bench/bench_contention.py [--frames 120] [--cap-factor 8]
+    python bench/bench_contention.py [--frames 60] [--cap-factor 6]
 """
 
 from __future__ import annotations
@@ -146,10 +146,10 @@ def cell(run: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--frames", type=int, default=120, help="frames of the simulated sweep (default 120)")
+    ap.add_argument("--frames", type=int, default=60, help="frames of the simulated sweep (default 60)")
     ap.add_argument("--busy", type=int, default=2, help="competing busy processes (default 2)")
-    ap.add_argument("--cap-factor", type=float, default=8.0,
-                    help="stop a contended run after this many times its quiet time (default 8)")
+    ap.add_argument("--cap-factor", type=float, default=6.0,
+                    help="stop a contended run after this many times its quiet time (default 6)")
     ap.add_argument("--only", choices=["fima", "compounding"], help="run one workload only")
     args = report.parse_bench_args(ap, argv, cores=os.cpu_count() or 1)
 

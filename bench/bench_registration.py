@@ -130,7 +130,7 @@ def format_section(name: str, res: dict, args, checkpoints: list) -> str:
         "|" + "---|" * (len(ROWS) + 1),
     ]
     for lv, out in res.items():
-        lines.append(f"| {lv} mm | " + " | ".join(_cell(out[r], out["initial"], float(lv)) for r in ROWS) + " |")
+        lines.append(f"| {lv} mm | " + " | ".join(_cell(out.get(r, []), out["initial"], float(lv)) for r in ROWS) + " |")
     failures = {f"{r} at {lv} mm": len(v) for lv, out in res.items() for r, v in out.get("failures", {}).items()}
     if failures:
         lines += ["", "Failures (the method raised an error; its start counted as its result): "

@@ -4,7 +4,7 @@ Rows per condition (bubbles per frame x noise level), pooled over the condition'
 - `rs` and `wa` with no option (the CLI default: N per frame from the counting network);
 - RS with a fixed N tuned on validation data (the classical baseline: the fast simulator's validation
   acquisitions of `bench_ulm_accuracy.tune_n`, never the test set);
-- `3dml` with no option (long windows, one detection per Pos peak, counting network);
+- `3dml` with no option (tiled windows, one detection per Pos peak, counting network);
 - `3dml --window-mode sliding` (the paper's 8-frame windows slid by one, the same post-processing: the
   old path, for the speed and equal-accuracy comparison);
 - today's 3DML before this work (`3dml-v0`: sliding windows, top-N pixels without the peak rule), both
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
             d_raw = s["3dml"]["jaccard"] - s["3dml-sliding"]["jaccard"]
             d_tr = s["3dml"]["jaccard_tracked"] - s["3dml-sliding"]["jaccard_tracked"]
             ratio = s["3dml"]["frames_per_s"] / s["3dml-sliding"]["frames_per_s"]
-            lines.append(f"- {b:g}/frame, {nd:g} dB: long vs sliding windows (same checkpoint and post-processing): "
+            lines.append(f"- {b:g}/frame, {nd:g} dB: tiled vs sliding windows (same checkpoint and post-processing): "
                          f"raw Jaccard {d_raw:+.3f}, tracked {d_tr:+.3f}, frames/s × {ratio:.1f} (same run).")
     body = (
         fs.description() + f" Model `{model_name}`. "

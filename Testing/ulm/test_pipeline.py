@@ -238,11 +238,11 @@ def test_window_stride_reaches_the_3dml_runner(tiny_dml_checkpoint, tiny_acq, on
         assert res.attrs["params"]["window_stride"] == stride
         got[stride] = res.localizations
     assert not np.array_equal(got[1], got[3])  # the stride really changed the averaging
-    # The default long windows: the same as localize_3dml's default, not the sliding ones.
-    long = process_acquisition(tiny_acq, "3dml", dict(base, window_mode="long"))
+    # The default tiled windows: the same as localize_3dml's default, not the sliding ones.
+    tiled = process_acquisition(tiny_acq, "3dml", dict(base, window_mode="tiled"))
     ref = localize_3dml(tiny_acq, model=tiny_dml_checkpoint, device="cpu", bubbles_per_frame=4)
-    np.testing.assert_allclose(long.localizations[:, :4], ref, rtol=0, atol=1e-6)
-    assert not np.array_equal(long.localizations, got[1])
+    np.testing.assert_allclose(tiled.localizations[:, :4], ref, rtol=0, atol=1e-6)
+    assert not np.array_equal(tiled.localizations, got[1])
     with pytest.raises(InputError, match="window mode"):
         process_acquisition(tiny_acq, "3dml", dict(base, window_mode="paper"))
     for bad in (0, 1.5, "two"):

@@ -169,9 +169,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--resolution-factor", type=float, default=10.0, help="rendering pixel = wavelength / factor (default 10)")
     p.add_argument("--model", default=None, help="network model (3DML-ResNet checkpoint .pt or model name) for "
                    "--method 3dml and for --counting-network (default: the installed one)")
-    p.add_argument("--window-mode", choices=["long", "sliding"], default="long",
-                   help="3DML-ResNet windows: long (default: 64-frame windows, each frame predicted once) or "
-                        "sliding (the paper's 8-frame windows slid by --window-stride, estimates averaged; slower)")
+    p.add_argument("--window-mode", choices=["tiled", "sliding"], default="tiled",
+                   help="3DML-ResNet windows: tiled (default: the model's windows side by side, each frame predicted "
+                        "once) or sliding (the paper's: slid by --window-stride and averaged; about 8x slower)")
     p.add_argument("--window-stride", type=int, default=1,
                    help="stride of the sliding windows in frames (--window-mode sliding; default 1, the paper's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")

@@ -118,9 +118,20 @@ def dml_config(spec: str | Mapping | DmlConfig | None = None) -> DmlConfig:
     return dataclasses.replace(base, **spec).validate()
 
 
-def normalise_windows(frames: torch.Tensor) -> torch.Tensor:
-    """[B, N, Z, X] -> each window divided by its own maximum (all-zero windows stay zero)."""
-    peak = frames.flatten(1).amax(dim=1).clamp_min(torch.finfo(frames.dtype).tiny)
+def normalise_windows(frames: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    """[B, N, Z, X] -> each window divided by its own maximum (all-zero windows stay zero).
+
+    group: for windows longer than the training windows (N > group frames), divide by the median of
+    the maxima of its consecutive `group`-frame pieces instead: the scale one training window had (the
+    maximum of a long window is an outlier of many frames, and would dim every frame)."""
+    b, n = frames.shape[:2]
+    if group is not None and n > group:
+        k = n // group
+        peaks = frames[:, :k * group].reshape(b, k, -1).amax(dim=2)
+        peak = peaks.median(dim=1).values
+    else:
+        peak = frames.flatten(1).amax(dim=1)
+    peak = peak.clamp_min(torch.finfo(frames.dtype).tiny)
     return frames / peak.view(-1, *([1] * (frames.dim() - 1)))
 
 
@@ -221,13 +232,13 @@ class DmlLocalizer(nn.Module):
         self.resnet = DmlResNet(self.config)
         self.counter = BubbleCounter(self.config)
 
-    def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, frames: torch.Tensor, norm_group: int | None = None) -> dict[str, torch.Tensor]:
         if frames.dim() != 4:
             raise InputError(f"3DML-ResNet input: expected windows [B, N, Z, X], got shape {tuple(frames.shape)}")
         b, n, z, x = frames.shape
         if min(z, x) < 3:
             raise InputError(f"3DML-ResNet input: frames must be at least 3 x 3 pixels, got {z} x {x}")
-        x_n = normalise_windows(frames)
+        x_n = normalise_windows(frames, norm_group)
         maps = self.resnet(x_n)
         count = self.counter(x_n.reshape(b * n, z, x)).view(b, n)
         return {"maps": maps, "count": count}

@@ -81,7 +81,7 @@ class UlmParams:
     resolution_factor: float = 10.0        # rendering pixel = wavelength / factor [--resolution-factor]
     device: str = "auto"                   # torch device for the SVD and networks [--device]
     model: Any = None                      # network model for learned methods (None = installed default) [--model]
-    window_mode: str = "long"              # 3DML-ResNet windows: "long" (each frame once) or "sliding" [--window-mode]
+    window_mode: str = "tiled"             # 3DML-ResNet windows: "tiled" (each frame once) or "sliding" [--window-mode]
     window_stride: int = 1                 # "sliding" windows' stride, frames (1 = the paper's) [--window-stride]
 
     # True when the counting network was chosen by default (no count given), not asked for.

@@ -7,11 +7,11 @@ JOB.json (see ultrasound_ai.jobs.protocol)::
      "outputs": {"result": "RESULT.h5",                 # the ULM result contract
                  "png": "MAPS.png"},                    # optional: density | direction | velocity picture
      "parameters": {"method": "rs",                     # rs | wa | 3dml (or another registered method)
-                    "bubbles_per_frame": 40,            # or "counting_network": true
+                    "bubbles_per_frame": 40,            # omitted: the counting network (rs/wa: when installed)
                     "resolution_factor": 10, "link_distance_px": 2, "min_track_length": 15,
                     "svd_cutoff": 4, "band_hz": null, "block_frames": 800,
                     "checkpoint": null,                 # 3DML-ResNet .pt (3dml, counting network); null = installed
-                    "window_stride": 1, ...},           # any other field of pipeline.UlmParams but device
+                    "window_mode": "tiled", ...},       # any other field of pipeline.UlmParams but device
      "device": "auto"}
 
 Progress is reported after every block, and Cancel is honoured between blocks. The outputs are

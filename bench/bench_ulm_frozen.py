@@ -105,6 +105,9 @@ def main(argv=None) -> int:
     ap.add_argument("--val-frames", type=int, default=200, help="frames per fast-simulator validation acquisition")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    ap.add_argument("--cache", default=None,
+                    help="JSON file of per-acquisition results to reuse and extend (same code and model only: "
+                         "delete it after any change)")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     from report import parse_bench_args
 
@@ -131,12 +134,21 @@ def main(argv=None) -> int:
         print("tuned N (RS):", tuned_n, flush=True)
 
     results: dict = {}
+    cache = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
     for p in fs.pieces("test"):
         if not p.path.exists() or (args.max_pieces is not None and p.index >= args.max_pieces):
             continue
-        acq = fs.load(p)
+        acq = None
         for row in args.rows:
+            key = f"{p.name}/{row}/{model_name}/{tuned_n.get(p.bubbles)}"
+            if key in cache:
+                results.setdefault((p.bubbles, p.noise_db), {}).setdefault(row, []).append(cache[key])
+                continue
+            acq = acq or fs.load(p)
             rec = evaluate_piece(acq, row, args.model, tuned_n, p.bubbles)
+            if args.cache:
+                cache[key] = rec
+                Path(args.cache).write_text(json.dumps(cache))
             results.setdefault((p.bubbles, p.noise_db), {}).setdefault(row, []).append(rec)
             print(json.dumps({"piece": p.name, "row": row, "seconds": round(rec["seconds"], 1),
                               "vessel_dice": round(rec["vessel_dice"], 3)}), flush=True)

@@ -528,3 +528,36 @@ def test_registration_refuses_a_bad_output_before_reading_the_volumes(tmp_path, 
                      "--out", str(tmp_path / "T.txt.gz"), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "--out" in err and "unsupported extension" in err
+
+
+def test_a_freehand_job_announces_one_temporary_per_output(small_sweep_file, tmp_path):
+    import io
+
+    from ultrasound_ai.jobs.protocol import decode_event
+    from ultrasound_ai.jobs.worker import EventWriter, execute
+
+    class Watching(io.StringIO):
+        """Every time an event is sent, the temporary files on disk must all have been announced."""
+
+        def __init__(self):
+            super().__init__()
+            self.unannounced = set()
+
+        def write(self, text):
+            n = super().write(text)
+            told = {e["path"] for e in map(decode_event, self.getvalue().splitlines()) if e["event"] == "partial"}
+            self.unannounced |= {str(p) for p in tmp_path.iterdir() if is_partial(p)} - told
+            return n
+
+    stream = Watching()
+    outputs = {"estimate": str(tmp_path / "e.h5"), "volume": str(tmp_path / "v.nrrd")}
+    job_data = {"task": "freehand.reconstruct", "inputs": {"sweep": str(small_sweep_file)}, "outputs": outputs,
+                "parameters": {"method": "imu", "spacing_mm": 0.8}, "device": "cpu"}
+    assert execute(job_data, EventWriter(stream)) == 0
+    # Before: the estimate went through three nested temporary names and only the outermost was told,
+    # while the file on disk had another.
+    assert stream.unannounced == set()
+    partials = [e for e in map(decode_event, stream.getvalue().splitlines()) if e["event"] == "partial"]
+    assert sorted(e["name"] for e in partials) == ["estimate", "volume"]
+    assert all(Path(e["path"]).name.count(".partial-") == 1 for e in partials)
+    assert listing(tmp_path) == ["e.h5", "v.nrrd"]

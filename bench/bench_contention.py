@@ -100,9 +100,9 @@ def settings() -> dict[str, tuple[list[str], dict[str, str | None]]]:
 def workloads(sweep: Path, out: Path) -> dict[str, list[str]]:
     return {
         "fima": ["freehand", "reconstruct", str(sweep), "--method", "fima", "--out-sweep", str(out / "est.h5"),
-                 "--no-progress", "--device", "cpu"],
+                 "--quiet", "--device", "cpu"],
         "compounding": ["freehand", "reconstruct", str(sweep), "--method", "tracked", "--out-volume",
-                        str(out / "vol.nrrd"), "--spacing", "0.2", "--no-progress", "--device", "cpu"],
+                        str(out / "vol.nrrd"), "--spacing", "0.2", "--quiet", "--device", "cpu"],
     }
 
 

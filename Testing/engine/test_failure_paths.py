@@ -561,3 +561,10 @@ def test_a_freehand_job_announces_one_temporary_per_output(small_sweep_file, tmp
     assert sorted(e["name"] for e in partials) == ["estimate", "volume"]
     assert all(Path(e["path"]).name.count(".partial-") == 1 for e in partials)
     assert listing(tmp_path) == ["e.h5", "v.nrrd"]
+
+
+def test_the_cli_skips_or_asks_for_the_metrics(small_sweep_file, capsys):
+    # (--no-metrics and the default for other methods go through run_reconstruction's evaluate, tested above.)
+    base = ["freehand", "reconstruct", str(small_sweep_file), "--quiet"]
+    assert cli_main([*base, "--method", "tracked"]) == 0 and "fdr_pct" not in capsys.readouterr().out
+    assert cli_main([*base, "--method", "tracked", "--metrics"]) == 0 and "fdr_pct" in capsys.readouterr().out

@@ -95,7 +95,8 @@ def reconstruct(args: argparse.Namespace) -> int:
         run = run_reconstruction(args.sweep, args.method, out_sweep=args.out_sweep, out_volume=args.out_volume,
                                  out_png=args.png, spacing_mm=args.spacing, compounding=args.compounding,
                                  fill_holes=args.fill_holes, fill_kernel_mm=args.fill_kernel, device=args.device,
-                                 checkpoint=args.checkpoint, method_params=method_params, progress=progress)
+                                 checkpoint=args.checkpoint, method_params=method_params, evaluate=args.metrics,
+                                 progress=progress)
     finally:
         if bar is not None:
             bar.close()
@@ -247,6 +248,9 @@ def add_parser(subparsers) -> None:
                    help="fill small gaps between frames (default: none)")
     p.add_argument("--fill-kernel", type=float, default=1.0, metavar="MM", help="hole-filling radius in mm (default: 1)")
     p.add_argument("--checkpoint", metavar="NAME_OR_PT", help="weights for a learned method (default: its shipped model)")
+    p.add_argument("--metrics", action=argparse.BooleanOptionalAction, default=None,
+                   help="compare the estimate with the sweep's own tforms and print the metrics (default: when the "
+                   "sweep has tforms and the method is not tracked; --no-metrics skips this phase)")
     add_argument(p, "--quiet", deprecated=("--no-progress",), action="store_true", help="no progress bar")
     add_device_argument(p)
     p.add_argument("--online-align", action=argparse.BooleanOptionalAction, default=None,

@@ -7,13 +7,16 @@ import json
 
 
 def add_parser(subparsers) -> None:
+    from ultrasound_ai.core.deprecation import add_argument
+
     parser = subparsers.add_parser(
         "diagnostics",
         help="show versions, CPU, memory, GPU devices and mamba_ssm availability",
         description="Show the engine's environment: versions, CPU, memory, CUDA/MPS devices, mamba_ssm.",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
-    parser.add_argument("--output", metavar="PATH", help="also write the JSON report to PATH")
+    add_argument(parser, "--out", deprecated=("--output",), dest="output", metavar="PATH",
+                 help="also write the JSON report to PATH")
     parser.set_defaults(func=run)
 
 

@@ -1,6 +1,6 @@
 """Training configuration shared by every method: load, validate, override, and the CLI arguments.
 
-Kept free of torch so that the group CLIs can add `--config/--output/...` without slowing `--help`.
+Kept free of torch so that the group CLIs can add `--config/--out/...` without slowing `--help`.
 
 A config file (YAML or JSON) looks like::
 
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from ultrasound_ai.core.deprecation import add_argument
 from ultrasound_ai.core.errors import InputError
 
 SCHEDULE_DEFAULTS: dict[str, Any] = {
@@ -300,7 +301,8 @@ def config_differences(saved: Mapping, current: Mapping, ignore=RESUME_MUTABLE_K
 def add_training_arguments(parser) -> None:
     """Add the shared training options to a group's `train` sub-command parser."""
     parser.add_argument("--config", help="training config file (.yaml, .yml or .json)")
-    parser.add_argument("--output", help="output folder (overrides output_dir in the config)")
+    add_argument(parser, "--out", deprecated=("--output",), dest="output",
+                 help="output folder (overrides output_dir in the config)")
     parser.add_argument("--steps", type=int, help="total optimizer steps (overrides schedule.steps)")
     parser.add_argument("--seed", type=int, help="random seed (overrides seed)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps (overrides device)")

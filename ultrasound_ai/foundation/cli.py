@@ -68,7 +68,7 @@ def segment(args) -> int:
     from ultrasound_ai.foundation.inference import segment_file
 
     # Before the model is loaded and run: the writer picks the format from the extension.
-    check_output_path(args.output, what="--output", extensions=(".png", ".nrrd", ".nii.gz", ".nii", ".mha"))
+    check_output_path(args.output, what="--out", extensions=(".png", ".nrrd", ".nii.gz", ".nii", ".mha"))
     if args.probabilities:
         check_output_path(args.probabilities, what="--probabilities", extensions=(".nrrd", ".nii.gz", ".nii", ".mha"))
     summary = segment_file(args.input, args.output, args.model, device=args.device,
@@ -186,6 +186,7 @@ def evaluate(args) -> int:
 
 
 def add_parser(subparsers) -> None:
+    from ultrasound_ai.core.deprecation import add_argument
     from ultrasound_ai.core.device import add_device_argument
     from ultrasound_ai.core.training_config import add_training_arguments
 
@@ -216,8 +217,10 @@ def add_parser(subparsers) -> None:
 
     p = verbs.add_parser("segment", help="segment an image or a stack of frames into a label map")
     p.add_argument("input", help="image file (.png, .nrrd, .nii.gz, .mha)")
-    p.add_argument("--model", required=True, help="segmentation checkpoint (.pt) or installed model name")
-    p.add_argument("--output", required=True, help="label map (.png for one frame, .nrrd/.nii.gz)")
+    add_argument(p, "--checkpoint", deprecated=("--model",), dest="model", required=True, metavar="NAME_OR_PT",
+                 help="segmentation checkpoint (.pt) or installed model name")
+    add_argument(p, "--out", deprecated=("--output",), dest="output", required=True,
+                 help="label map (.png for one frame, .nrrd/.nii.gz)")
     p.add_argument("--probabilities", help="also write the foreground probability image here")
     _add_pixel_arguments(p)
     add_device_argument(p)
@@ -225,13 +228,15 @@ def add_parser(subparsers) -> None:
 
     p = verbs.add_parser("classify", help="class probabilities of an image (JSON)")
     p.add_argument("input", help="image file (.png, .nrrd, .nii.gz, .mha); a stack gives one row per frame")
-    p.add_argument("--model", required=True)
+    add_argument(p, "--checkpoint", deprecated=("--model",), dest="model", required=True, metavar="NAME_OR_PT",
+                 help="classification checkpoint (.pt) or installed model name")
     _add_pixel_arguments(p)
     add_device_argument(p)
     p.set_defaults(func=classify)
 
     p = verbs.add_parser("simulate", help="write simulated B-mode images in the BUSI layout")
-    p.add_argument("--output", required=True, help="folder to write CLASS/CLASS (n).png and _mask.png into")
+    add_argument(p, "--out", deprecated=("--output",), dest="output", required=True,
+                 help="folder to write CLASS/CLASS (n).png and _mask.png into")
     p.add_argument("--count", type=int, default=60)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=128, help="image size in pixels (square)")
@@ -240,7 +245,8 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=simulate)
 
     p = verbs.add_parser("evaluate", help="Dice / accuracy of a model on a data set (JSON)")
-    p.add_argument("--model", required=True)
+    add_argument(p, "--checkpoint", deprecated=("--model",), dest="model", required=True, metavar="NAME_OR_PT",
+                 help="segmentation or classification checkpoint (.pt) or installed model name")
     p.add_argument("--data", required=True, help="'simulate' or a BUSI-layout (or CAMUS) folder")
     p.add_argument("--format", choices=["busi", "camus"])
     p.add_argument("--all", action="store_true", help="every image, not only the fixed test split")

@@ -80,7 +80,7 @@ def register(args: argparse.Namespace) -> int:
     # Before any work: a wrong extension or an unwritable folder must not cost a registration first.
     check_output_path(args.out, what="--out", extensions=(".tfm", ".txt", ".h5"))
     if args.json:
-        check_output_path(args.json, what="--json", extensions=(".json",))
+        check_output_path(args.json, what="--out-json", extensions=(".json",))
     data, initial = _load_inputs(args)
     fixed, label, moving = unpack_volumes(data)
     check_overlap(label, moving, np.eye(4) if initial is None else initial)
@@ -115,39 +115,20 @@ def register(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_transform(T, case, initial=None) -> dict:
-    """{"sre_mm", "tre_mm", "initial_sre_mm", "initial_tre_mm"} of a fixed->moving transform on a case.
-
-    SRE needs the case's ground truth (truth.json); TRE uses the paired landmarks (or the truth); a value
-    that cannot be computed is null. The initial transform defaults to the physical positions (identity)."""
+def evaluate(args: argparse.Namespace) -> int:
+    """Print SRE/TRE (and the measures that need no truth) of a registration result (.tfm) on a case as JSON."""
     import numpy as np
 
-    from ultrasound_ai.registration.metrics import sre, tre
-
-    T0 = np.eye(4) if initial is None else np.asarray(initial, dtype=np.float64)
-    out = {"sre_mm": None, "tre_mm": None, "initial_sre_mm": None, "initial_tre_mm": None}
-    truth = case.truth_fixed_to_moving
-    if truth is not None:
-        out["sre_mm"] = sre(T, truth, case.surface_fixed)
-        out["initial_sre_mm"] = sre(T0, truth, case.surface_fixed)
-    if case.landmarks_fixed is not None and len(case.landmarks_fixed) and (
-            case.landmarks_moving is not None or truth is not None):
-        out["tre_mm"] = tre(T, truth, case.landmarks_fixed, case.landmarks_moving)
-        out["initial_tre_mm"] = tre(T0, truth, case.landmarks_fixed, case.landmarks_moving)
-    return out
-
-
-def evaluate(args: argparse.Namespace) -> int:
-    """Print SRE/TRE of a registration result (.tfm) on a case as JSON."""
     from ultrasound_ai.core.atomic import atomic_output
     from ultrasound_ai.core.errors import InputError
     from ultrasound_ai.registration.case import read_case, read_transform_tfm
+    from ultrasound_ai.registration.tasks import evaluate as case_metrics
 
     case = read_case(args.case)
     T = read_transform_tfm(args.transform)
-    initial = read_transform_tfm(args.initial) if args.initial else None
-    result = evaluate_transform(T, case, initial)
-    if result["sre_mm"] is None and result["tre_mm"] is None:
+    initial = read_transform_tfm(args.initial) if args.initial else np.eye(4)
+    result = case_metrics(T, initial, case)  # the job task's metrics: SRE/TRE when possible, consistency
+    if "sre_mm" not in result and "tre_mm" not in result:
         raise InputError(f"case {args.case}: no truth.json and no paired landmarks; nothing to evaluate against")
     text = json.dumps(result, indent=1)
     print(text)
@@ -179,6 +160,7 @@ def import_muregpro_cmd(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
+    from ultrasound_ai.core.deprecation import add_argument
     from ultrasound_ai.core.device import DEVICE_CHOICES_HELP
     from ultrasound_ai.core.training_config import add_training_arguments
 
@@ -212,10 +194,12 @@ def add_parser(subparsers) -> None:
                    help="attention: keep every stage's proposal (no LC2 check against the stage's start)")
     p.add_argument("--mode", choices=["label", "image"], default="label",
                    help="attention: feed the MRI gland label (default) or the MRI itself")
-    p.add_argument("--checkpoints", nargs="+", help="attention: stage checkpoints in order (default: shipped ones)")
+    add_argument(p, "--checkpoint", deprecated=("--checkpoints",), dest="checkpoints", nargs="+", metavar="NAME_OR_PT",
+                 help="attention: stage checkpoints in order (default: the shipped ones)")
     p.add_argument("--device", default="auto", help=DEVICE_CHOICES_HELP)
     p.add_argument("--out", required=True, help="output ITK transform file (.tfm), fixed->moving LPS")
-    p.add_argument("--json", help="also write {moving_to_fixed_ras, fixed_to_moving_lps, method, runtime_s}")
+    add_argument(p, "--out-json", deprecated=("--json",), dest="json", metavar="T.json",
+                 help="also write {moving_to_fixed_ras, fixed_to_moving_lps, method, runtime_s}")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=register)
 
@@ -223,7 +207,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("transform", help="the registration result (ITK .tfm, fixed->moving)")
     p.add_argument("--case", required=True, help="case folder with truth.json and/or paired landmarks")
     p.add_argument("--initial", help="initial transform for initial_sre_mm (default: physical positions)")
-    p.add_argument("--json", help="also write the JSON to this file")
+    add_argument(p, "--out", deprecated=("--json",), dest="json", metavar="METRICS.json",
+                 help="also write the JSON to this file")
     p.set_defaults(func=evaluate)
 
     p = verbs.add_parser("train", help="train an Attention-Reg stage (see ultrasound_ai.registration.training)")

@@ -129,6 +129,8 @@ def train(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
+    from ultrasound_ai.core.deprecation import add_argument
+
     group = subparsers.add_parser("ulm", help="ultrasound localization microscopy: simulate, process, evaluate, train")
     verbs = group.add_subparsers(dest="verb", metavar="VERB")
 
@@ -148,8 +150,12 @@ def add_parser(subparsers) -> None:
 
     p = verbs.add_parser("process", help="localize, track and render an acquisition (density, direction, velocity)")
     p.add_argument("acquisition", help="acquisition file (.h5: iq complex64 [T, Z, X] or bmode float32)")
-    p.add_argument("--method", default="rs", help="localization method: rs (radial symmetry), wa (weighted "
-                   "average), 3dml (3DML-ResNet) (default rs)")
+    from ultrasound_ai.ulm.localizers import localizer_info, localizer_names
+
+    methods = localizer_names()  # the registry, read when the parser is built: plug-ins included
+    p.add_argument("--method", default="rs", choices=methods, metavar="METHOD",
+                   help="localization method (default rs): " + "; ".join(
+                       f"{name} = {localizer_info(name).label}" for name in methods))
     p.add_argument("--out", required=True, help="output ULM result file (.h5)")
     p.add_argument("--png", default=None, help="also write density | direction | velocity as one PNG")
     count = p.add_mutually_exclusive_group()
@@ -167,8 +173,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-gap", type=int, default=0, help="frames a track may skip (gap closing, default 0)")
     p.add_argument("--min-track-length", type=int, default=15, help="minimum points per track (default 15)")
     p.add_argument("--resolution-factor", type=float, default=10.0, help="rendering pixel = wavelength / factor (default 10)")
-    p.add_argument("--model", default=None, help="network model (3DML-ResNet checkpoint .pt or model name) for "
-                   "--method 3dml and for --counting-network (default: the installed one)")
+    add_argument(p, "--checkpoint", deprecated=("--model",), dest="model", default=None, metavar="NAME_OR_PT",
+                 help="3DML-ResNet checkpoint (.pt or installed model name) for --method 3dml and for "
+                      "--counting-network (default: the installed one)")
     p.add_argument("--window-mode", choices=["tiled", "sliding"], default="tiled",
                    help="3DML-ResNet windows: tiled (default: the model's windows side by side, each frame predicted "
                         "once) or sliding (the paper's: slid by --window-stride and averaged; about 8x slower)")

@@ -80,7 +80,7 @@ class UlmParams:
     smooth_window: int = 5                 # moving-average window along tracks (points)
     resolution_factor: float = 10.0        # rendering pixel = wavelength / factor [--resolution-factor]
     device: str = "auto"                   # torch device for the SVD and networks [--device]
-    model: Any = None                      # network model for learned methods (None = installed default) [--model]
+    model: Any = None                      # network model for learned methods (None = installed default) [--checkpoint]
     window_mode: str = "tiled"             # 3DML-ResNet windows: "tiled" (each frame once) or "sliding" [--window-mode]
     window_stride: int = 1                 # "sliding" windows' stride, frames (1 = the paper's) [--window-stride]
 
@@ -239,7 +239,7 @@ def _default_counter(ctx: LocalizerContext):
         return pipeline_counter(ctx)
     except InputError as exc:
         # Say which feature needed the checkpoint and how to do without it.
-        raise InputError(f"counting network: {exc} (give a 3DML-ResNet checkpoint with --model PATH, or "
+        raise InputError(f"counting network: {exc} (give a 3DML-ResNet checkpoint with --checkpoint PATH, or "
                          f"--bubbles-per-frame N)") from exc
 
 

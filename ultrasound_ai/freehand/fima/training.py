@@ -46,7 +46,7 @@ trained on), ``t_mae_mm``, ``angle_mae_deg``, ``fdr_pct`` (Luo) and ``fdr_const_
 
 Command::
 
-    ultrasound-ai freehand train --method fima --config C.yaml --output runs/fima
+    ultrasound-ai freehand train --method fima --config C.yaml --out runs/fima
 """
 
 from __future__ import annotations

@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     ap.add_argument("--note", help="a paragraph appended to the section")
+    ap.add_argument("--no-train", action="store_true", dest="no_train",
+                    help="evaluate the cells already trained; train none (missing cells show as 'not run')")
     ap.add_argument("--ship", metavar="NAME", help="install the pre-trained 100 %% cell as Resources/Models/NAME.pt")
     from report import parse_bench_args
 
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
         print(json.dumps({"cell": args.cell, "steps": res.steps, "best_step": res.best_step,
                           "best_metrics": res.best_metrics}))
         return 0
-    for fraction in s["fractions"]:
+    for fraction in s["fractions"] if not args.no_train else []:
         for seed in s["seeds"]:
             for init in cs.INITS:
                 cs.train_cell(s, init, fraction, seed)

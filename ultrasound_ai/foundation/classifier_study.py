@@ -191,6 +191,8 @@ def ship(run_folder, s: Mapping, name: str, models_dir, comparison=None) -> dict
     metrics.update(indep_family="bmode-indep-v1", indep_seed=int(s["indep_seed"]), indep_images=int(s["indep_count"]),
                    indep_accuracy=indep["accuracy"], indep_macro_f1=indep["macro_f1"])
     for label, folder in (comparison or {}).items():
+        if not _best(Path(folder)).is_file():
+            continue  # not trained (yet): nothing to compare with
         other = evaluate_checkpoint(_best(Path(folder)), s, arrays)
         metrics[f"{label}_heldout_accuracy"] = other["accuracy"]
         metrics[f"{label}_heldout_macro_f1"] = other["macro_f1"]

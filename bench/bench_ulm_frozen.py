@@ -108,6 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", default=None,
                     help="JSON file of per-acquisition results to reuse and extend (same code and model only: "
                          "delete it after any change)")
+    ap.add_argument("--only-cached", action="store_true", help="report what --cache holds, compute nothing new")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     from report import parse_bench_args
 
@@ -143,6 +144,8 @@ def main(argv=None) -> int:
             key = f"{p.name}/{row}/{model_name}/{tuned_n.get(p.bubbles)}"
             if key in cache:
                 results.setdefault((p.bubbles, p.noise_db), {}).setdefault(row, []).append(cache[key])
+                continue
+            if args.only_cached:
                 continue
             acq = acq or fs.load(p)
             rec = evaluate_piece(acq, row, args.model, tuned_n, p.bubbles)

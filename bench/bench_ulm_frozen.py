@@ -129,13 +129,17 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     loads = [os.getloadavg()[0]]
     tuned_n = {}
-    if "rs-tuned" in args.rows:
+    cache = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
+    tune_key = f"tuned_n/{args.val_frames}"
+    if tune_key in cache:
+        tuned_n = {float(b): n for b, n in cache[tune_key].items()}
+    elif "rs-tuned" in args.rows:
         tuned = tune_n(["rs"], list(fs.BUBBLES), list(fs.NOISE_DB), args.val_frames, UlmParams(device="cpu"))
         tuned_n = {b: v[0] for b, v in tuned["rs"].items()}
-        print("tuned N (RS):", tuned_n, flush=True)
+        cache[tune_key] = tuned_n
+    print("tuned N (RS):", tuned_n, flush=True)
 
     results: dict = {}
-    cache = json.loads(Path(args.cache).read_text()) if args.cache and Path(args.cache).exists() else {}
     for p in fs.pieces("test"):
         if not p.path.exists() or (args.max_pieces is not None and p.index >= args.max_pieces):
             continue

@@ -75,10 +75,6 @@ class ViTConfig:
         n = self.img_size // self.patch_size
         return (n, n)
 
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

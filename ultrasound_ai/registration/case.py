@@ -128,12 +128,6 @@ class Case:
         if self.truth_fixed_to_moving is not None:
             self.truth_fixed_to_moving = check_rigid_matrix(self.truth_fixed_to_moving, "truth fixed_to_moving_lps")
 
-    @property
-    def centroid_fixed(self) -> np.ndarray:
-        """LPS mm centroid of the fixed (MRI) gland label."""
-        kji = np.argwhere(self.fixed_label.array != 0)
-        return self.fixed_label.index_to_physical(kji[:, ::-1].astype(np.float64)).mean(axis=0)
-
 
 def check_rigid_matrix(T, what: str) -> np.ndarray:
     m = np.asarray(T, dtype=np.float64)

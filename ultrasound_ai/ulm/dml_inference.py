@@ -128,10 +128,6 @@ class SlidingWindowRunner:
         self._shape: tuple[int, int] | None = None
         self._finished = False
 
-    @property
-    def frames_pushed(self) -> int:
-        return self._end
-
     def push(self, frames, start: int | None = None) -> list[FrameEstimate]:
         """Add frames (the stream continues at `start`, default: where it stopped); returns finished frames."""
         if self._finished:

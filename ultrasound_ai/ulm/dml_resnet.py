@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
@@ -250,8 +250,3 @@ def build_model(config: DmlConfig | str | Mapping | None = None) -> DmlLocalizer
 
 def count_parameters(module: nn.Module) -> int:
     return int(sum(p.numel() for p in module.parameters()))
-
-
-def configuration_dict(config: DmlConfig) -> dict[str, Any]:
-    """What a model card's "configuration" holds: enough for dml_config() to rebuild the model."""
-    return config.to_dict()

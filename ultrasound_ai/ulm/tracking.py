@@ -54,10 +54,6 @@ class Tracker:
         self._members: list[list[int]] = []
         self._last_frame: int | None = None
 
-    @property
-    def n_open(self) -> int:
-        return len(self._members)
-
     def _close(self, keep_mask: np.ndarray, out: list[np.ndarray]) -> None:
         for i in np.flatnonzero(~keep_mask):
             if len(self._members[i]) >= self.min_length:
@@ -120,14 +116,6 @@ class Tracker:
         stops = np.concatenate([bounds, [frames.size]])
         for a, b in zip(starts, stops):
             out.extend(self.add_frame(int(frames[a]), positions[a:b], indices[a:b]))
-        return out
-
-    def flush_before(self, frame: int) -> list[np.ndarray]:
-        """Close tracks that can no longer be extended at `frame` (e.g. after a skipped stretch)."""
-        out: list[np.ndarray] = []
-        alive = self._last >= int(frame) - 1 - self.max_gap
-        if not alive.all():
-            self._close(alive, out)
         return out
 
     def finish(self) -> list[np.ndarray]:

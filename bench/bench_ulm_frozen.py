@@ -101,6 +101,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     ap.add_argument("--max-pieces", type=int, default=None, help="test acquisitions per condition (default: all made)")
+    ap.add_argument("--pieces", nargs="+", default=None, help="only these test acquisitions (names, e.g. test_b100_n20_p0)")
     ap.add_argument("--model", default=None, help="3DML-ResNet checkpoint (default: the installed default)")
     ap.add_argument("--val-frames", type=int, default=200, help="frames per fast-simulator validation acquisition")
     ap.add_argument("--threads", type=int, default=2)
@@ -142,6 +143,8 @@ def main(argv=None) -> int:
     results: dict = {}
     for p in fs.pieces("test"):
         if not p.path.exists() or (args.max_pieces is not None and p.index >= args.max_pieces):
+            continue
+        if args.pieces is not None and p.name not in args.pieces:
             continue
         acq = None
         for row in args.rows:

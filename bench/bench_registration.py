@@ -59,6 +59,7 @@ def evaluate_set(name: str, args, cascade, feature) -> dict:
     from ultrasound_ai.registration.mi_baseline import register_mi
 
     dirs = materialise(name, args.data)
+    dirs = dirs[args.skip:]
     if args.cases:
         dirs = dirs[: args.cases]
     levels = FROZEN_SETS[name]["initial_sre_mm"]
@@ -146,7 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--feature-reg", help="a Feature-Reg stage-1 checkpoint (default: the installed one)")
     ap.add_argument("--mode", default="label", choices=("label", "image"))
     ap.add_argument("--rows", nargs="+", default=list(ROW_KEYS), choices=list(ROW_KEYS))
-    ap.add_argument("--cases", type=int, default=None, help="only the first N cases of each set")
+    ap.add_argument("--cases", type=int, default=None, help="only the first N cases of each set (after --skip)")
+    ap.add_argument("--skip", type=int, default=0, help="leave out the first N cases (to split a run over processes)")
     ap.add_argument("--data", default=None, help="folder holding the sets (default bench/data)")
     ap.add_argument("--tag", default="installed models", help="names this evaluation in its section")
     ap.add_argument("--section", default=None, help="BENCHMARKS.md section key suffix (default: the set name)")

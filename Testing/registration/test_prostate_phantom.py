@@ -100,3 +100,32 @@ def test_held_out_family_differs():
     assert h.family == "superquadric" and h.mr_spacing_xy_mm[0] > PhantomConfig().mr_spacing_xy_mm[1]
     with pytest.raises(InputError, match="family"):
         PhantomConfig(family="cube")
+
+
+def test_randomised_family_varies_appearance_and_probe_placement():
+    from ultrasound_ai.registration.phantom import FAT, PZ, _Style
+
+    cfg = PhantomConfig.randomised()
+    styles = [_Style(cfg, s) for s in range(40)]
+    ratio = np.array([st.us_echo[PZ] / st.us_echo[FAT] for st in styles])
+    assert ratio.min() < 0.5 and ratio.max() > 1.2  # hypo- to hyperechoic glands
+    assert {st.capsule_gain == 0 for st in styles} == {True, False}  # capsule echo absent or present
+    gaps = np.array([st.probe_gap_mm for st in styles])
+    assert 1.5 <= gaps.min() and gaps.max() <= 8.0 and np.ptp(gaps) > 4
+    assert np.ptp([st.fan[0] for st in styles]) > 15 and np.ptp([st.attenuation for st in styles]) > 0.05
+    # The fixed (default) style is the version-1 appearance.
+    fixed = _Style(PhantomConfig(), 3)
+    assert not fixed.randomised and fixed.probe_gap_mm is None and fixed.push_mm == 0
+
+
+def test_randomised_probe_sits_behind_the_gland():
+    c = simulate_case(2, PhantomConfig.randomised(mr_spacing_xy_mm=(1.2, 1.3), mr_spacing_z_mm=(2.5, 3.0),
+                                                   us_spacing_mm=(1.1, 1.2), surface_points=400))
+    from ultrasound_ai.registration.phantom import _Style
+
+    st = _Style(PhantomConfig.randomised(), 2)
+    kji = np.argwhere(c.moving_label.array)
+    p = c.moving_label.index_to_physical(kji[:, ::-1].astype(float))  # probe frame: axis at (0, PROBE_Y)
+    closest = np.hypot(p[:, 0], p[:, 1] - PROBE_Y).min() - st.probe_radius
+    assert closest <= st.probe_gap_mm + st.push_mm + 2.5  # the gland a few mm in front of the probe surface
+    assert c.attrs["config"]["randomise"] is True

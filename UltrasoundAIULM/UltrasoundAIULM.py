@@ -23,7 +23,7 @@ from slicer.ScriptedLoadableModule import (
 from slicer.util import VTKObservationMixin
 
 # UltrasoundAIULMLib puts the engine on sys.path (a source checkout), so it is imported first.
-from UltrasoundAIULMLib.logic import METHOD_LABELS, METHODS, UltrasoundAIULMLogic
+from UltrasoundAIULMLib.logic import METHOD_TOOLTIPS, METHODS, UltrasoundAIULMLogic
 
 from ultrasound_ai.mrml.job_panel import JobPanel, ParameterNodePanel, describe_module
 from ultrasound_ai.mrml.scenario_support import SelfTestSetUp
@@ -49,7 +49,7 @@ class UltrasoundAIULMParameterNode:
     inputAcquisitionFile: pathlib.Path
     wavelengthMm: Annotated[float, WithinRange(0.0, 10.0)] = 0.0
     frameRateHz: Annotated[float, WithinRange(0.0, 100000.0)] = 0.0
-    method: Annotated[str, Choice(["rs", "wa", "3dml"])] = "rs"
+    method: Annotated[str, Choice(list(METHODS))] = "rs"
     resolutionFactor: Annotated[float, WithinRange(1.0, 40.0)] = 10.0
     useCountingNetwork: bool = True  # per-frame counts from the counting network by default (no guessing)
     bubblesPerFrame: Annotated[int, WithinRange(1, 1000)] = 40
@@ -81,7 +81,7 @@ class UltrasoundAIULMWidget(ParameterNodePanel, ScriptedLoadableModuleWidget, VT
     def onParameterNodeSet(self):
         # connectGui refills the method combobox from its Choice: its item tooltips are set after it.
         for index, method in enumerate(METHODS):
-            self.ui.methodComboBox.setItemData(index, METHOD_LABELS[method], qt.Qt.ToolTipRole)
+            self.ui.methodComboBox.setItemData(index, METHOD_TOOLTIPS[method], qt.Qt.ToolTipRole)
 
     def _acquisitionFile(self):
         path = self._parameterNode.inputAcquisitionFile if self._parameterNode else None

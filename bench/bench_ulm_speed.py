@@ -6,8 +6,8 @@ detection + radial-symmetry localization vs `ulmtools.detect_and_localize_peaks`
 `ulm_speed` section of BENCHMARKS.md.
 
 3DML-ResNet rows: the whole pipeline (`process_acquisition`: SVD, network, tracking, rendering) on
-`--dml-frames` frames at `--dml-bubbles` per frame, with the default tiled windows and with the old path
-(`window_mode="sliding"`: the paper's 8-frame windows slid by one frame, plain layout), the same
+`--dml-frames` frames at `--dml-bubbles` per frame: the default (windows slid by 2), tiled windows, and the
+old path (the paper's 8-frame windows slid by one frame, plain layout and arithmetic), the same
 checkpoint and post-processing, in the same run; raw and tracked Jaccard of both say whether the
 accuracy is equal (`--dml-frames 0` skips them).
 
@@ -47,25 +47,33 @@ def _numpy_svd_filter(block: np.ndarray, k: int) -> np.ndarray:
 
 
 def _dml_rows(args, notes: list) -> list:
-    """Whole-pipeline 3DML-ResNet frames/s, tiled windows against the old sliding path (same run)."""
+    """Whole-pipeline 3DML-ResNet frames/s, the default and tiled windows against the old path (same run)."""
     from ultrasound_ai.ulm.metrics import evaluate_result
     from ultrasound_ai.ulm.pipeline import UlmParams, process_acquisition
     from ultrasound_ai.ulm.simulator import UlmSimConfig, simulate_acquisition
 
     acq = simulate_acquisition(UlmSimConfig(n_frames=args.dml_frames, bubbles_per_frame=args.dml_bubbles,
                                             clutter_db=20.0, noise_db=args.noise_db, seed=args.seed + 1))
+    from bench_ulm_frozen import old_path_factory
+
+    from ultrasound_ai.ulm.pipeline import register_localizer
+
+    register_localizer("3dml-old", old_path_factory())
     out, speed = [], {}
-    for mode in ("sliding", "tiled"):
-        t, res = _best(lambda: process_acquisition(acq, "3dml", UlmParams(device="cpu", window_mode=mode)),
-                       1 if mode == "sliding" else args.repeats)
+    labels = {"old": "3DML-ResNet whole pipeline, old path (stride 1, plain arithmetic)",
+              "sliding": "3DML-ResNet whole pipeline, default (stride 2)", "tiled": "3DML-ResNet whole pipeline, tiled"}
+    for mode in ("old", "sliding", "tiled"):
+        method, params = ("3dml-old", UlmParams(device="cpu")) if mode == "old" else \
+            ("3dml", UlmParams(device="cpu", window_mode=mode))
+        t, res = _best(lambda: process_acquisition(acq, method, params), 1 if mode == "old" else args.repeats)
         ev = evaluate_result(res, acq.gt_positions, acq.wavelength_mm, acq.frame_rate_hz)
         speed[mode] = acq.n_frames / t
-        label = ("3DML-ResNet whole pipeline, tiled windows (default)" if mode == "tiled"
-                 else "3DML-ResNet whole pipeline, sliding windows (old path)")
+        label = labels[mode]
         out.append([label, f"{speed[mode]:,.1f}", "–", "", f"raw Jaccard {ev['raw']['jaccard']:.3f}, tracked "
                     f"{ev['tracked']['jaccard']:.3f}; {args.dml_frames} frames, {args.dml_bubbles:g} bubbles/frame"])
-    notes.append(f"3DML-ResNet: tiled windows run at {speed['tiled'] / speed['sliding']:.1f}× the old sliding path "
-                 f"(same checkpoint, same post-processing, same run; sliding: 1 run, tiled: best of {args.repeats}).")
+    notes.append(f"3DML-ResNet: the default runs at {speed['sliding'] / speed['old']:.1f}× and tiled windows at "
+                 f"{speed['tiled'] / speed['old']:.1f}× the old path (same checkpoint, same post-processing, same run; "
+                 f"old: 1 run, others: best of {args.repeats}).")
     return out
 
 

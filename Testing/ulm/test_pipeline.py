@@ -238,11 +238,18 @@ def test_window_stride_reaches_the_3dml_runner(tiny_dml_checkpoint, tiny_acq, on
         assert res.attrs["params"]["window_stride"] == stride
         got[stride] = res.localizations
     assert not np.array_equal(got[1], got[3])  # the stride really changed the averaging
-    # The default tiled windows: the same as localize_3dml's default, not the sliding ones.
+    # Tiled windows (each frame once) differ from sliding ones; the defaults are sliding at stride 2, as
+    # localize_3dml's.
     tiled = process_acquisition(tiny_acq, "3dml", dict(base, window_mode="tiled"))
-    ref = localize_3dml(tiny_acq, model=tiny_dml_checkpoint, device="cpu", bubbles_per_frame=4)
+    ref = localize_3dml(tiny_acq, model=tiny_dml_checkpoint, device="cpu", bubbles_per_frame=4, window_mode="tiled")
     np.testing.assert_allclose(tiled.localizations[:, :4], ref, rtol=0, atol=1e-6)
     assert not np.array_equal(tiled.localizations, got[1])
+    default = dict(base)
+    del default["window_mode"]
+    res = process_acquisition(tiny_acq, "3dml", default)
+    ref = localize_3dml(tiny_acq, model=tiny_dml_checkpoint, device="cpu", bubbles_per_frame=4)
+    np.testing.assert_allclose(res.localizations[:, :4], ref, rtol=0, atol=1e-6)
+    assert res.attrs["params"]["window_mode"] == "sliding" and res.attrs["params"]["window_stride"] == 2
     with pytest.raises(InputError, match="window mode"):
         process_acquisition(tiny_acq, "3dml", dict(base, window_mode="paper"))
     for bad in (0, 1.5, "two"):

@@ -176,11 +176,12 @@ def add_parser(subparsers) -> None:
     add_argument(p, "--checkpoint", deprecated=("--model",), dest="model", default=None, metavar="NAME_OR_PT",
                  help="3DML-ResNet checkpoint (.pt or installed model name) for --method 3dml and for "
                       "--counting-network (default: the installed one)")
-    p.add_argument("--window-mode", choices=["tiled", "sliding"], default="tiled",
-                   help="3DML-ResNet windows: tiled (default: the model's windows side by side, each frame predicted "
-                        "once) or sliding (the paper's: slid by --window-stride and averaged; about 8x slower)")
-    p.add_argument("--window-stride", type=int, default=1,
-                   help="stride of the sliding windows in frames (--window-mode sliding; default 1, the paper's)")
+    p.add_argument("--window-mode", choices=["sliding", "tiled"], default="sliding",
+                   help="3DML-ResNet windows: sliding (default: the paper's, slid by --window-stride, estimates "
+                        "averaged) or tiled (side by side, each frame predicted once: fastest, slightly less accurate)")
+    p.add_argument("--window-stride", type=int, default=2,
+                   help="stride of the sliding windows in frames (default 2: each frame predicted 4 times, as "
+                        "accurate as the paper's 1 and about 4x faster)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=process)

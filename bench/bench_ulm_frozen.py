@@ -203,7 +203,8 @@ def main(argv=None) -> int:
             d_tr = s["3dml"]["jaccard_tracked"] - s["3dml-sliding"]["jaccard_tracked"]
             ratio = s["3dml"]["frames_per_s"] / s["3dml-sliding"]["frames_per_s"]
             lines.append(f"- {b:g}/frame, {nd:g} dB: default vs the old path (same checkpoint and post-processing): "
-                         f"raw Jaccard {d_raw:+.3f}, tracked {d_tr:+.3f}, frames/s × {ratio:.1f} (same run).")
+                         f"raw Jaccard {d_raw:+.3f}, tracked {d_tr:+.3f}, frames/s × {ratio:.1f}"
+                         + (" (rows from different cached runs: indicative only)." if args.cache else " (same run)."))
     st = fs.status()
     made = sum(1 for q in fs.pieces("test") if q.path.exists())
     missing = "" if made == fs.TEST_PIECES * len(fs.BUBBLES) * len(fs.NOISE_DB) else (

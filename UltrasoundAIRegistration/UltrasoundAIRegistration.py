@@ -53,7 +53,7 @@ class UltrasoundAIRegistrationParameterNode:
     # (an abstract vtkMRMLDisplayableNode raised in connectGui). None: the wrapper's default.
     fixedLabel: typing.Union[vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, None]
     movingVolume: vtkMRMLScalarVolumeNode
-    method: Annotated[str, Choice(["attention", "mi"])] = "attention"
+    method: Annotated[str, Choice(["attention+refine", "attention", "mi"])] = "attention+refine"
     mode: Annotated[str, Choice(["label", "image"])] = "label"
     device: Annotated[str, Choice(["auto", "cpu", "cuda", "mps"])] = "auto"
     miIterations: Annotated[int, WithinRange(0, 2000)] = 200

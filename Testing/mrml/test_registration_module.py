@@ -224,3 +224,12 @@ def test_module_folder_passes_static_checks():
     fields = set(next(iter(mc.parameter_classes(MODULE_DIR)[0].values())))
     bound = {name for name, _, _ in mc.ui_parameter_names(MODULE_DIR / "Resources" / "UI" / "UltrasoundAIRegistration.ui")}
     assert bound == fields
+
+
+def test_panel_default_is_the_guarded_cascade_with_refinement():
+    # The command line's default (the guard keeps the start when a stage makes LC2 worse; refinement
+    # then starts from the network's result) is what a clinician gets from Apply as well.
+    from UltrasoundAIRegistrationLib.logic import METHODS, RegistrationParameters, UltrasoundAIRegistrationLogic
+
+    assert RegistrationParameters().method == "attention+refine" == METHODS[0]
+    assert UltrasoundAIRegistrationLogic.MODEL_METHODS["attention+refine"] == "attention_reg"

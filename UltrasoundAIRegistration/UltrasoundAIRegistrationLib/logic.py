@@ -14,7 +14,7 @@ application and, for the tests, with the slicer-core wheel.
 Parameters are a dict or any object (the Widget's parameter node wrapper) with these names:
 fixedVolume (MRI, scalar volume), fixedLabel (prostate label on the MRI: a labelmap volume on the MRI's
 grid, or a segmentation node, exported onto the MRI's grid), movingVolume (TRUS, scalar volume), method
-("attention" | "mi"), mode ("label" | "image", Attention-Reg's fixed channel), device ("auto", "cpu",
+("attention+refine" | "attention" | "mi"; the default refines the guarded cascade's result by LC2), mode ("label" | "image", Attention-Reg's fixed channel), device ("auto", "cpu",
 "cuda[:N]", "mps"), initialTransform (linear transform node, same convention as the result; optional),
 surfacePoints (markups on the MRI's gland surface; optional, default: derived from the label),
 truthTransform (linear transform node holding the true registration, same convention; optional: SRE),
@@ -61,7 +61,7 @@ from ultrasound_ai.mrml.module_logic import ModuleLogic, PanelParameters, remove
 log = logging.getLogger(__name__)
 
 TASK_NAME = "registration.register"
-METHODS = ("attention", "mi")
+METHODS = ("attention+refine", "attention", "mi")
 MODES = ("label", "image")
 OUTPUT_ATTRIBUTE = "UltrasoundAIRegistration.Output"  # transform, targets, gland, checkerboard, metrics
 METHOD_ATTRIBUTE = "UltrasoundAIRegistration.Method"
@@ -79,7 +79,7 @@ class RegistrationParameters(PanelParameters):
     fixedVolume: Any = None
     fixedLabel: Any = None
     movingVolume: Any = None
-    method: str = "attention"
+    method: str = "attention+refine"
     mode: str = "label"
     device: str = "auto"
     initialTransform: Any = None
@@ -249,7 +249,7 @@ class UltrasoundAIRegistrationLogic(ModuleLogic):
     Parameters = RegistrationParameters
     OUTPUT_ATTRIBUTE = OUTPUT_ATTRIBUTE
     METHOD_ATTRIBUTE = METHOD_ATTRIBUTE
-    MODEL_METHODS = {"attention": "attention_reg"}
+    MODEL_METHODS = {"attention+refine": "attention_reg", "attention": "attention_reg"}
 
     # -- inputs --------------------------------------------------------------------------------------
     @staticmethod

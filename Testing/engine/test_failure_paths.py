@@ -12,12 +12,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import job_test_tasks
 import numpy as np
 import pytest
+from launcher_waiting import wait_for_event
 
 from ultrasound_ai.cli import main as cli_main
 from ultrasound_ai.core.atomic import atomic_output, is_partial
@@ -42,15 +42,7 @@ def job(task, *, outputs=None, parameters=None):
 
 
 def wait_for(launcher: JobLauncher, predicate, timeout=60.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for event in launcher.drain():
-            if predicate(event):
-                return event
-        if launcher.done:
-            break
-        time.sleep(0.02)
-    raise AssertionError(f"no matching event; events so far: {launcher.events()}")
+    return wait_for_event(launcher, predicate, timeout)
 
 
 @contextlib.contextmanager

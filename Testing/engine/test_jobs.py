@@ -14,6 +14,7 @@ from pathlib import Path
 import job_test_tasks
 import psutil
 import pytest
+from launcher_waiting import wait_for_event
 
 from ultrasound_ai.core.atomic import is_partial
 from ultrasound_ai.core.errors import Cancelled, InputError
@@ -38,17 +39,6 @@ def job(task, *, inputs=None, outputs=None, parameters=None, device="auto"):
     return {"task": task, "inputs": inputs or {}, "outputs": outputs or {}, "parameters": parameters or {}, "device": device}
 
 
-def wait_for_event(launcher: JobLauncher, predicate, timeout=30.0) -> dict:
-    """Drain the launcher like a GUI timer would until an event matches (bounded, not a timing test)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for event in launcher.drain():
-            if predicate(event):
-                return event
-        if launcher.done:
-            break
-        time.sleep(0.02)
-    raise AssertionError(f"no matching event; events so far: {launcher.events()}")
 
 
 def gone(pid: int, timeout=10.0) -> bool:

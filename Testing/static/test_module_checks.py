@@ -4,15 +4,14 @@ check meant for it, and the repository's own module folders and top CMakeLists.t
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
+from fixture_module import FIXTURE, copy_good_module, edit
 
 TESTING = Path(__file__).resolve().parent.parent
 REPO = TESTING.parent
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "GoodModule"
 
 
 def _load_checks():
@@ -28,15 +27,7 @@ mc = _load_checks()
 
 @pytest.fixture
 def good(tmp_path) -> Path:
-    dst = tmp_path / "GoodModule"
-    shutil.copytree(FIXTURE, dst, ignore=shutil.ignore_patterns("__pycache__"))
-    return dst
-
-
-def _edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text(encoding="utf-8")
-    assert old in text, f"fixture changed: {old!r} not in {path.name}"
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+    return copy_good_module(tmp_path)
 
 
 def _checks(problems) -> set[str]:
@@ -69,7 +60,7 @@ def test_good_module_reading_is_real():
 def test_import_closure_follows_the_logic_imports(good):
     (good / "GoodModuleLib" / "helpers.py").write_text("X = 1\n")
     (good / "GoodModuleLib" / "unused.py").write_text("Y = 1\n")
-    _edit(good / "GoodModuleLib" / "logic.py", "import vtk\n", "import vtk\nfrom .helpers import X\n")
+    edit(good / "GoodModuleLib" / "logic.py", "import vtk\n", "import vtk\nfrom .helpers import X\n")
     closure = [p.relative_to(good).as_posix() for p in mc.local_import_closure(good, "GoodModuleLib.logic")]
     assert closure == ["GoodModuleLib/__init__.py", "GoodModuleLib/helpers.py", "GoodModuleLib/logic.py"]
 
@@ -86,7 +77,7 @@ def test_logic_import_leaves_no_bytecode(good):
 
 
 def test_missing_ui_widget_is_caught(good):
-    _edit(good / "GoodModule.py", "self.ui.applyButton.enabled = True",
+    edit(good / "GoodModule.py", "self.ui.applyButton.enabled = True",
           "self.ui.applyButton.enabled = True\n            self.ui.missingButton.enabled = False")
     problems = mc.check_module(good)
     assert _checks(problems) == {"ui-names"}
@@ -97,7 +88,7 @@ def test_missing_ui_widget_is_caught(good):
 
 
 def test_unknown_parameter_name_is_caught(good):
-    _edit(good / "Resources" / "UI" / "GoodModule.ui", "<string>invert</string>", "<string>notAField</string>")
+    edit(good / "Resources" / "UI" / "GoodModule.ui", "<string>invert</string>", "<string>notAField</string>")
     problems = mc.check_module(good)
     assert _checks(problems) == {"parameter-names"}
     (p,) = problems
@@ -127,7 +118,7 @@ def test_unlisted_resource_and_listed_missing_file_are_caught(good):
 def test_syntax_error_is_caught(good):
     broken = good / "GoodModuleLib" / "report.py"
     broken.write_text("def summary(values:\n    return len(values)\n")
-    _edit(good / "CMakeLists.txt", "${MODULE_NAME}Lib/logic.py", "${MODULE_NAME}Lib/logic.py\n  ${MODULE_NAME}Lib/report.py")
+    edit(good / "CMakeLists.txt", "${MODULE_NAME}Lib/logic.py", "${MODULE_NAME}Lib/logic.py\n  ${MODULE_NAME}Lib/report.py")
     problems = mc.check_module(good)
     assert _checks(problems) == {"compile"}
     (p,) = problems
@@ -142,7 +133,7 @@ def test_syntax_error_in_module_testing_folder_is_caught(good):
 
 
 def test_logic_importing_qt_is_caught(good):
-    _edit(good / "GoodModuleLib" / "logic.py", "import vtk\n", "import qt\nimport vtk\n")
+    edit(good / "GoodModuleLib" / "logic.py", "import vtk\n", "import qt\nimport vtk\n")
     problems = mc.check_module(good)
     assert _checks(problems) == {"logic-no-qt"}
     messages = [p.message for p in problems]
@@ -153,8 +144,8 @@ def test_logic_importing_qt_is_caught(good):
 def test_logic_importing_ctk_indirectly_is_caught(good):
     # No qt/ctk import in logic.py itself: only the real import in a subprocess can see this one.
     (good / "GoodModuleLib" / "widgets.py").write_text("from ctk import ctkCollapsibleButton\n")
-    _edit(good / "GoodModuleLib" / "logic.py", "import vtk\n", "import vtk\nfrom . import widgets\n")
-    _edit(good / "CMakeLists.txt", "${MODULE_NAME}Lib/logic.py", "${MODULE_NAME}Lib/logic.py\n  ${MODULE_NAME}Lib/widgets.py")
+    edit(good / "GoodModuleLib" / "logic.py", "import vtk\n", "import vtk\nfrom . import widgets\n")
+    edit(good / "CMakeLists.txt", "${MODULE_NAME}Lib/logic.py", "${MODULE_NAME}Lib/logic.py\n  ${MODULE_NAME}Lib/widgets.py")
     problems = mc.check_module(good)
     assert _checks(problems) == {"logic-no-qt"}
     (p,) = problems
@@ -215,7 +206,7 @@ def test_module_not_added_as_subdirectory_is_caught():
 
 def test_cli_exit_status(good, tmp_path, capsys):
     assert mc.main([str(good), "--no-top"]) == 0
-    _edit(good / "Resources" / "UI" / "GoodModule.ui", "<string>invert</string>", "<string>notAField</string>")
+    edit(good / "Resources" / "UI" / "GoodModule.ui", "<string>invert</string>", "<string>notAField</string>")
     assert mc.main([str(good), "--no-top"]) == 1
     out = capsys.readouterr().out
     assert "[parameter-names]" in out and "notAField" in out

@@ -4,18 +4,17 @@ check catches the defect it guards, planted in a small fixture module."""
 from __future__ import annotations
 
 import importlib.util
-import shutil
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from fixture_module import copy_good_module, edit
 
 pytest.importorskip("slicer", reason="the Slicer-fidelity checks need the slicer-core wheel")
 
 TESTING = Path(__file__).resolve().parent.parent
 REPO = TESTING.parent
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "GoodModule"
 MODULES = ("UltrasoundAI", "UltrasoundAIRegistration", "UltrasoundAIULM")
 
 
@@ -34,15 +33,7 @@ sc = _load("slicer_checks")
 
 @pytest.fixture
 def good(tmp_path) -> Path:
-    dst = tmp_path / "GoodModule"
-    shutil.copytree(FIXTURE, dst, ignore=shutil.ignore_patterns("__pycache__"))
-    return dst
-
-
-def _edit(path: Path, old: str, new: str) -> None:
-    text = path.read_text(encoding="utf-8")
-    assert old in text, f"fixture changed: {old!r} not in {path.name}"
-    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+    return copy_good_module(tmp_path)
 
 
 def _messages(problems) -> str:
@@ -90,12 +81,12 @@ def test_minimum_slicer_is_stated_consistently():
 def test_abstract_node_field_is_caught_and_a_union_of_concrete_nodes_passes(good):
     module = good / "GoodModule.py"
     assert sc.check_node_fields(good) == []
-    _edit(module, "from slicer import vtkMRMLScalarVolumeNode",
+    edit(module, "from slicer import vtkMRMLScalarVolumeNode",
           "import typing\n\nfrom slicer import vtkMRMLDisplayableNode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode")
-    _edit(module, "    inputVolume: vtkMRMLScalarVolumeNode", "    inputVolume: vtkMRMLDisplayableNode")
+    edit(module, "    inputVolume: vtkMRMLScalarVolumeNode", "    inputVolume: vtkMRMLDisplayableNode")
     (p,) = sc.check_node_fields(good)
     assert p.check == "node-fields" and "vtkMRMLDisplayableNode" in p.message and "abstract" in p.message
-    _edit(module, "    inputVolume: vtkMRMLDisplayableNode",
+    edit(module, "    inputVolume: vtkMRMLDisplayableNode",
           "    inputVolume: typing.Union[vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, None]")
     assert sc.check_node_fields(good) == []
 
@@ -104,15 +95,15 @@ def test_widget_of_a_class_no_connector_accepts_is_caught(good):
     ui = good / "Resources" / "UI" / "GoodModule.ui"
     assert sc.check_widget_bindings(good) == []
     # A QLineEdit cannot show a bool; a plain QComboBox needs a Choice for a str field.
-    _edit(ui, '<widget class="QCheckBox" name="invertCheckBox">', '<widget class="QLineEdit" name="invertCheckBox">')
+    edit(ui, '<widget class="QCheckBox" name="invertCheckBox">', '<widget class="QLineEdit" name="invertCheckBox">')
     (p,) = sc.check_widget_bindings(good)
     assert p.check == "widget-bindings" and "QLineEdit" in p.message and "'invert'" in p.message
     assert "QCheckBox" in p.message
 
 
 def test_combobox_without_choice_is_caught(good):
-    _edit(good / "GoodModule.py", "    invert: bool = False", "    invert: str = 'no'")
-    _edit(good / "Resources" / "UI" / "GoodModule.ui", '<widget class="QCheckBox" name="invertCheckBox">',
+    edit(good / "GoodModule.py", "    invert: bool = False", "    invert: str = 'no'")
+    edit(good / "Resources" / "UI" / "GoodModule.ui", '<widget class="QCheckBox" name="invertCheckBox">',
           '<widget class="QComboBox" name="invertCheckBox">')
     (p,) = sc.check_widget_bindings(good)
     assert "without a Choice annotation" in p.message
@@ -138,9 +129,9 @@ def test_field_kinds_read_from_annotations():
 
 def test_test_method_depending_on_runtest_state_is_caught(good):
     assert sc.check_ctest(good) == []
-    _edit(good / "GoodModule.py", "        self.setUp()\n        self.test_threshold()",
+    edit(good / "GoodModule.py", "        self.setUp()\n        self.test_threshold()",
           "        self.setUp()\n        self._offset = 12\n        self.test_threshold()")
-    _edit(good / "GoodModule.py", "threshold(volume, output, 12)", "threshold(volume, output, self._offset)")
+    edit(good / "GoodModule.py", "threshold(volume, output, 12)", "threshold(volume, output, self._offset)")
     (p,) = sc.check_ctest(good)
     assert p.check == "ctest" and "_offset" in p.message and "test_threshold" in p.message
 

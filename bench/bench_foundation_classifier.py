@@ -4,7 +4,13 @@ and 100 % of the labels. Writes the `foundation_classifier` section of BENCHMARK
 ultrasound_ai/foundation/classifier_study.py). No timing claim.
 
     python bench/bench_foundation_classifier.py [--device cpu] [--output-dir runs/classifier_study]
-        [--cell INIT,FRACTION,SEED] [--seeds 0,1] [--steps N] [--no-write] [--note TEXT] [--ship NAME]
+        [--pretrain-encoder] [--cell INIT,FRACTION,SEED] [--seeds 0,1] [--steps N] [--no-write] [--note TEXT]
+        [--ship NAME]
+
+--pretrain-encoder trains (or resumes) the study's encoder (masked image modelling continued from
+usfm_vit_tiny_pretrained on images whose scanner settings are drawn across the broad training band),
+installs it as Resources/Models/usfm_vit_tiny_pretrained_wide.pt with its card, and exits; the cells
+fine-tune from that installed encoder.
 
 --cell trains (or resumes) one cell only and exits, so cells can run as separate background processes;
 without it every missing cell is trained, then all are evaluated and the section written. --ship NAME
@@ -27,6 +33,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--output-dir", default="runs/classifier_study")
+    ap.add_argument("--pretrain-encoder", action="store_true", dest="pretrain_encoder",
+                    help="pre-train the study's encoder, install it, and exit")
     ap.add_argument("--cell", help="INIT,FRACTION,SEED (init: pretrained | scratch): train this cell only")
     ap.add_argument("--seeds", help="comma-separated seeds (default 0)")
     ap.add_argument("--steps", type=int, help="fine-tuning steps per cell")
@@ -51,6 +59,14 @@ def main(argv=None) -> int:
     if args.steps:
         over["schedule"] = {"steps": args.steps}
     s = cs.settings(over)
+    if args.pretrain_encoder:
+        from report import BENCHMARKS
+
+        res = cs.pretrain_encoder(s, progress_bar=False)
+        card = cs.ship_encoder(s, BENCHMARKS.parent / "Resources" / "Models")
+        print(json.dumps({"encoder": card["name"], "steps": res.steps, "best_step": res.best_step,
+                          "best_metrics": res.best_metrics, "size_bytes": card["size_bytes"]}))
+        return 0
     if args.cell:
         init, fraction, seed = args.cell.split(",")
         res = cs.train_cell(s, init, float(fraction), int(seed), progress_bar=False)

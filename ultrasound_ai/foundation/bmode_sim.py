@@ -38,7 +38,8 @@ from ultrasound_ai.core.atomic import atomic_output
 from ultrasound_ai.core.errors import InputError
 
 __all__ = ["SIMULATOR_VERSION", "CLASS_NAMES", "ORGANS", "BModeImage", "simulate_bmode", "simulate_batch",
-           "sample_seed", "write_busi_folder", "APPEARANCE_KEYS", "check_appearance", "draw_appearance"]
+           "sample_seed", "write_busi_folder", "APPEARANCE_KEYS", "SCANNER_VARIATION", "check_appearance",
+           "draw_appearance", "speckle_field"]
 
 SIMULATOR_VERSION = "usfm-bmode-1"
 CLASS_NAMES = ("benign", "malignant", "normal")
@@ -155,9 +156,9 @@ def _organ(rng, organ: str, z, x, depth_mm, width_mm, sigma_px) -> tuple[np.ndar
     return e, anechoic
 
 
-def _lesion_shape(rng, z, x, label, depth_mm, width_mm) -> tuple[np.ndarray, dict]:
+def _lesion_shape(rng, z, x, label, depth_mm, width_mm, scale=1.0) -> tuple[np.ndarray, dict]:
     """Boolean lesion mask from a polar radius function: smooth for benign, spiculated for malignant."""
-    r0 = rng.uniform(3.5, 8.0)
+    r0 = rng.uniform(3.5, 8.0) * float(scale)
     cz = rng.uniform(max(10.0, r0 + 4), max(11.0, depth_mm * 0.65))
     cx = rng.uniform(0.25, 0.75) * width_mm
     if label == 0:
@@ -196,14 +197,66 @@ def _posterior(mask: np.ndarray, z_mm: np.ndarray, factor: float, decay_mm: floa
     return 1.0 + (factor - 1.0) * effect
 
 
+def speckle_field(rng, echo: np.ndarray, spacing_mm: Sequence[float], psf_mm: Sequence[float],
+                  scatterer_density_mm2: float | None = None, focus_depth_mm: float | None = None) -> np.ndarray:
+    """Complex (baseband) echo field [H, W] of scatterers weighted by the amplitude map `echo`.
+
+    spacing_mm: (row = depth, column = lateral) pixel size. psf_mm: (axial, lateral) Gaussian PSF sigmas.
+    scatterer_density_mm2 None: one complex Gaussian per pixel (fully developed speckle: Rayleigh
+    envelope); a number: Poisson-many unit scatterers per pixel at that density, so with few scatterers
+    per resolution cell the envelope is not Rayleigh (K-distributed), as in sparse tissue.
+    focus_depth_mm: the transmit focus; the lateral sigma is psf_mm[1] there and widens away from it as a
+    focused beam does (sigma * sqrt(1 + (dz / 8 mm)^2)); None: a depth-invariant PSF.
+    """
+    h, w = echo.shape
+    dz, dx = float(spacing_mm[0]), float(spacing_mm[1])
+    scat = rng.standard_normal((h, w)) + 1j * rng.standard_normal((h, w))
+    if scatterer_density_mm2 is not None:
+        lam = float(scatterer_density_mm2) * dz * dx
+        # A sum of n unit complex Gaussians is one of variance n: scale by sqrt(n / mean n).
+        scat = scat * np.sqrt(rng.poisson(lam, (h, w)) / lam)
+    scat = scat * np.clip(echo, 0, None)
+    sig_z, sig_x = float(psf_mm[0]), float(psf_mm[1])
+    fz = np.fft.fftfreq(h, d=dz)[:, None]
+    fx = np.fft.fftfreq(w, d=dx)[None, :]
+    spectrum = np.fft.fft2(scat)
+
+    def blurred(sx):
+        # Baseband (IQ) PSF: the carrier would alias on a coarse pixel grid and does not change the envelope.
+        # Fourier transform of exp(-z^2/2sz^2 - x^2/2sx^2):
+        return np.fft.ifft2(spectrum * np.exp(-2 * np.pi ** 2 * (fz ** 2 * sig_z ** 2 + fx ** 2 * sx ** 2)))
+
+    if focus_depth_mm is None:
+        return blurred(sig_x)
+    depth = (np.arange(h) + 0.5) * dz
+    sig_rows = sig_x * np.sqrt(1.0 + ((depth - float(focus_depth_mm)) / 8.0) ** 2)
+    # Space-variant blur: fields at a few lateral widths, each row interpolated between the two nearest.
+    levels = np.geomspace(sig_rows.min(), sig_rows.max() * 1.0001, 6)
+    fields = [blurred(sx) for sx in levels]
+    k = np.clip(np.searchsorted(levels, sig_rows) - 1, 0, len(levels) - 2)
+    t = ((sig_rows - levels[k]) / (levels[k + 1] - levels[k]))[:, None]
+    stack = np.stack(fields)
+    rows = np.arange(h)
+    return (1 - t) * stack[k, rows] + t * stack[k + 1, rows]
+
+
 def simulate_bmode(seed=None, size: int | Sequence[int] = 128, *, organ: str | None = None, label: int | None = None,
                    fov_mm: Sequence[float] = DEFAULT_FOV_MM, dynamic_range_db: float = 45.0,
-                   psf_mm: Sequence[float] = (0.25, 0.5)) -> BModeImage:
+                   psf_mm: Sequence[float] = (0.25, 0.5), gain_db: float = 0.0, tgc_slope_db_cm: float | None = None,
+                   tgc_ripple_db: float = 0.0, scatterer_density_mm2: float | None = None,
+                   noise_db: float | None = None, focus_depth_mm: float | None = None, lesion_contrast: float = 1.0,
+                   lesion_scale: float = 1.0) -> BModeImage:
     """One simulated B-mode image [H, W] with its lesion mask and class label (see the module docstring).
 
     seed: an int, a SeedSequence or a numpy Generator. size: H = W, or (H, W). organ: one of ORGANS
     (random when None). label: 0 benign, 1 malignant, 2 normal (random when None).
     fov_mm: (lateral width, depth) of the field of view. psf_mm: (axial, lateral) point-spread widths.
+    Scanner settings (the defaults give the original images): gain_db (overall gain after log
+    compression, saturating), tgc_slope_db_cm (residual attenuation left by TGC; None: a random 0.4-1.7
+    dB/cm), tgc_ripple_db (peak of a smooth random TGC error over depth), scatterer_density_mm2 and
+    focus_depth_mm (see speckle_field), noise_db (receiver noise below the brightest tissue; None: a
+    -60 dB floor). Lesion: lesion_contrast (exponent on its echogenicity and posterior effect: < 1 fainter),
+    lesion_scale (size multiplier).
     """
     rng = _rng(seed)
     h, w = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
@@ -232,7 +285,7 @@ def simulate_bmode(seed=None, size: int | Sequence[int] = 128, *, organ: str | N
     mask = np.zeros((h, w), dtype=bool)
     info: dict = {"organ": organ, "class": CLASS_NAMES[label]}
     if label in LESION_CLASSES:
-        mask, shape_info = _lesion_shape(rng, z, x, label, depth_mm, width_mm)
+        mask, shape_info = _lesion_shape(rng, z, x, label, depth_mm, width_mm, lesion_scale)
         info.update(shape_info)
         tex = _smooth_noise(rng, (h, w), 1.5 * sigma_px)
         if label == 0:
@@ -251,34 +304,64 @@ def simulate_bmode(seed=None, size: int | Sequence[int] = 128, *, organ: str | N
             e = np.where(ring, e * rng.uniform(1.3, 1.8), e)  # echogenic halo
             effect = "shadowing"
             factor = rng.uniform(0.2, 0.5)
+        if lesion_contrast != 1.0:
+            inner, factor = inner ** float(lesion_contrast), factor ** float(lesion_contrast)
         e = np.where(mask, inner, e)
         if factor != 1.0:
             post = post * _posterior(mask, z, factor, rng.uniform(8, 25), 0.5 * sigma_px)
         info.update(echogenicity=str(echo), posterior=str(effect))
     e = e * post
 
-    # Speckle: echogenicity (amplitude)-weighted complex scatterers through an analytic PSF (FFT convolution).
-    scat = (rng.standard_normal((h, w)) + 1j * rng.standard_normal((h, w))) * np.clip(e, 0, None)
-    sig_z, sig_x = float(psf_mm[0]), float(psf_mm[1])  # mm: axial and lateral PSF widths
-    fz = np.fft.fftfreq(h, d=dz)[:, None]
-    fx = np.fft.fftfreq(w, d=dx)[None, :]
-    # Baseband (IQ) PSF: the carrier would alias on a coarse pixel grid and does not change the envelope.
-    # Fourier transform of exp(-z^2/2sz^2 - x^2/2sx^2):
-    psf_hat = np.exp(-2 * np.pi ** 2 * (fz ** 2 * sig_z ** 2 + fx ** 2 * sig_x ** 2))
-    env = np.abs(np.fft.ifft2(np.fft.fft2(scat) * psf_hat))
+    field = speckle_field(rng, e, (dz, dx), psf_mm, scatterer_density_mm2, focus_depth_mm)
     att = np.exp(-rng.uniform(0.005, 0.02) * z)  # residual attenuation after TGC
-    env = env * att + 1e-3 * rng.random((h, w))
+    floor = 1e-3 * rng.random((h, w))
+    if tgc_slope_db_cm is not None or tgc_ripple_db:
+        # The scanner's time-gain compensation left a residual slope (dB/cm) and a smooth ripple over depth.
+        extra = np.random.default_rng(rng.integers(2 ** 63))
+        profile = -float(tgc_slope_db_cm or 0.0) * z[:, 0] / 10.0
+        if tgc_ripple_db:
+            ripple = ndimage.gaussian_filter1d(extra.standard_normal(h), 0.12 * h, mode="nearest")
+            profile = profile + float(tgc_ripple_db) * ripple / (np.abs(ripple).max() + 1e-12)
+        att = np.repeat((10.0 ** (profile / 20.0))[:, None], w, axis=1)
+    env = np.abs(field) * att
+    if noise_db is not None:
+        # Receiver noise: complex Gaussian at noise_db below the brightest tissue, after the gain stages.
+        extra = np.random.default_rng(rng.integers(2 ** 63))
+        level = np.percentile(env, 99.5) * 10.0 ** (float(noise_db) / 20.0)
+        env = np.abs(env * np.exp(1j * np.angle(field))
+                     + level * (extra.standard_normal((h, w)) + 1j * extra.standard_normal((h, w))) / np.sqrt(2))
+    else:
+        env = env + floor
     ref = np.percentile(env, 99.5) + 1e-12
-    db = 20.0 * np.log10(env / ref + 1e-12)
+    db = 20.0 * np.log10(env / ref + 1e-12) + float(gain_db)
     image = np.clip((db + dynamic_range_db) / dynamic_range_db, 0.0, 1.0).astype(np.float32)
     return BModeImage(image=image, mask=mask.astype(np.uint8), label=label, organ=organ,
                       pixel_spacing_mm=(float(dx), float(dz)), info=info)
 
 
-# Scanner / appearance settings an image set may draw per image (uniform in [lo, hi]) and the organs it
-# may show. A held-out set uses ranges no training set used, to measure how a model carries over to
-# appearances it never saw (the real world varies these from scanner to scanner and preset to preset).
-APPEARANCE_KEYS = ("dynamic_range_db", "psf_axial_mm", "psf_lateral_mm", "organs")
+# Scanner / appearance settings an image set may draw per image and the organs it may show. Each numeric
+# key is a [lo, hi] range of the simulate_bmode argument of the same name (psf_axial_mm / psf_lateral_mm:
+# psf_mm's two entries), drawn uniformly per image; scatterer_density_mm2 is drawn log-uniformly (it spans
+# decades). A held-out set may use ranges no training set used, to measure how a model carries over.
+APPEARANCE_KEYS = ("dynamic_range_db", "psf_axial_mm", "psf_lateral_mm", "gain_db", "tgc_slope_db_cm",
+                   "tgc_ripple_db", "scatterer_density_mm2", "noise_db", "focus_depth_mm", "lesion_contrast",
+                   "lesion_scale", "organs")
+_SIGNED_KEYS = ("gain_db", "tgc_slope_db_cm", "tgc_ripple_db", "noise_db")  # may be zero or negative
+_LOG_UNIFORM_KEYS = ("scatterer_density_mm2",)
+
+# How far real scanners and presets vary an image (a broad band, chosen from what clinical systems offer,
+# not from any test set): log compression 30-80 dB; axial PSF sigma 0.1-0.5 mm (about 15 down to 3 MHz);
+# lateral sigma at the focus 0.2-1.0 mm, the focus anywhere from 8 to 35 mm deep; gain -12 to +6 dB (the
+# simulator already puts its brightest tissue at white, so more gain only saturates); TGC left
+# uncompensated by -1.5 to +3 dB/cm with up to 6 dB of ripple; 0.5-50 scatterers per mm^2 (from about one
+# per resolution cell, sparse speckle, to fully developed); receiver noise 35-70 dB below the brightest
+# tissue; lesions 0.6-1.4x as contrasted and 0.7-1.4x as large as the simulator's nominal ones.
+SCANNER_VARIATION = {
+    "dynamic_range_db": [30.0, 80.0], "psf_axial_mm": [0.1, 0.5], "psf_lateral_mm": [0.2, 1.0],
+    "gain_db": [-12.0, 6.0], "tgc_slope_db_cm": [-1.5, 3.0], "tgc_ripple_db": [0.0, 6.0],
+    "scatterer_density_mm2": [0.5, 50.0], "noise_db": [-70.0, -35.0], "focus_depth_mm": [8.0, 35.0],
+    "lesion_contrast": [0.6, 1.4], "lesion_scale": [0.7, 1.4],
+}
 
 
 def check_appearance(appearance, what: str = "appearance") -> dict:
@@ -289,12 +372,15 @@ def check_appearance(appearance, what: str = "appearance") -> dict:
     if unknown:
         raise InputError(f"{what}: unknown key(s) {unknown}; expected some of {list(APPEARANCE_KEYS)}")
     out = {}
-    for key in APPEARANCE_KEYS[:3]:
+    for key in APPEARANCE_KEYS[:-1]:
         if key in appearance:
             v = appearance[key]
-            if (not isinstance(v, (list, tuple)) or len(v) != 2 or not all(isinstance(t, (int, float)) for t in v)
-                    or not 0 < v[0] <= v[1]):
-                raise InputError(f"{what}.{key}: expected [lo, hi] with 0 < lo <= hi, got {v!r}")
+            signed = key in _SIGNED_KEYS
+            if (not isinstance(v, (list, tuple)) or len(v) != 2
+                    or not all(isinstance(t, (int, float)) and np.isfinite(t) for t in v)
+                    or not v[0] <= v[1] or (not signed and not v[0] > 0)):
+                expected = "lo <= hi" if signed else "0 < lo <= hi"
+                raise InputError(f"{what}.{key}: expected [lo, hi] with {expected}, got {v!r}")
             out[key] = [float(v[0]), float(v[1])]
     if "organs" in appearance:
         organs = list(appearance["organs"])
@@ -309,6 +395,7 @@ def draw_appearance(base_seed: int, index: int, appearance: dict) -> dict:
     stream, hence the lesion and label of image i, is the same with or without an appearance)."""
     rng = np.random.default_rng(np.random.SeedSequence([int(base_seed) & 0xFFFFFFFF, 17, int(index)]))
     kw: dict = {}
+    # The first three draws keep their order, so sets drawn before the other keys existed are unchanged.
     if "dynamic_range_db" in appearance:
         kw["dynamic_range_db"] = float(rng.uniform(*appearance["dynamic_range_db"]))
     ax = rng.uniform(*appearance.get("psf_axial_mm", (0.25, 0.25)))
@@ -316,6 +403,11 @@ def draw_appearance(base_seed: int, index: int, appearance: dict) -> dict:
     kw["psf_mm"] = (float(ax), float(lat))
     if "organs" in appearance:
         kw["organ"] = str(appearance["organs"][int(rng.integers(len(appearance["organs"])))])
+    for key in APPEARANCE_KEYS[3:-1]:
+        if key in appearance:
+            lo, hi = appearance[key]
+            kw[key] = float(np.exp(rng.uniform(np.log(lo), np.log(hi))) if key in _LOG_UNIFORM_KEYS
+                            else rng.uniform(lo, hi))
     return kw
 
 

@@ -17,6 +17,8 @@ motion (6 parameters, static-xyz degrees, averaged) of N training-like sweeps si
 settings and seeds 300000.. (those of the training configs, disjoint from the set's), chained from the
 identity. It needs no image: what a learned method must beat to show it reads the motion from the frames.
 
+``--set freehand-v2`` runs the training family as it is since issue 15 (varied motion, randomised appearance;
+held-out seeds 920000..), on which retrained models are compared and selected.
 ``--set freehand-indep-v1`` runs the independent validation family instead (section
 "freehand_methods_indep"); every section has a per-tactic table with FDR mean and median, MD, GPE, MEA,
 FDR after one fitted scale per sweep and the out-of-plane correlation (`ultrasound_ai.validation.pose_agreement`).
@@ -69,8 +71,9 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=None, help="methods to run (default: every registered one)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--frames", type=int, default=benchmark_set.DEFAULT_FRAMES)
-    ap.add_argument("--set", default="freehand-v1", choices=("freehand-v1", INDEP_SET),
-                    help="the frozen set: the training simulator's held-out sweeps, or the independent family")
+    ap.add_argument("--set", default="freehand-v1", choices=(*benchmark_set.SETS, INDEP_SET),
+                    help="the frozen set: the training simulator's held-out sweeps (v1: smooth motion, nominal "
+                         "appearance; v2: varied, randomised), or the independent family")
     ap.add_argument("--cache", default=None, help="benchmark set folder (default: bench/data/<set>)")
     ap.add_argument("--row", nargs="+", action="append", default=[], metavar="LABEL METHOD CHECKPOINT [K=V]",
                     help="a learned method with these weights (and method parameters) as its own row")
@@ -95,7 +98,8 @@ def main(argv=None) -> int:
 
         paths, manifest = ensure_indep_set(args.cache, progress=show)
     else:
-        paths, manifest = benchmark_set.ensure_benchmark_set(args.cache, n_frames=args.frames, progress=show)
+        paths, manifest = benchmark_set.ensure_benchmark_set(args.cache, n_frames=args.frames, progress=show,
+                                                             name=args.set)
     print(f"benchmark set ready in {time.perf_counter() - t0:.0f} s", flush=True)
     if args.sweeps:
         if not all(0 <= i < len(paths) for i in args.sweeps):
@@ -173,7 +177,7 @@ def main(argv=None) -> int:
             "frames 20–28 × 20–26 mm at 0.13–0.18 mm, drawn per sweep.")
     else:
         settings = {k: manifest[k] for k in ("simulator_version", "n_frames", "frame_shape_hw", "pixel_spacing_mm",
-                                             "n_imus", "frame_rate_hz")}
+                                             "n_imus", "frame_rate_hz", "motion", "appearance") if k in manifest}
         described = (f"Frozen set `{manifest['name']}`: 20 simulated sweeps, 5 per tactic (linear, curved, loop, "
                      f"sector), seeds {manifest['sweeps'][0]['seed']}–{manifest['sweeps'][-1]['seed']}; settings "
                      f"{json.dumps(settings)}.")
@@ -209,7 +213,8 @@ def main(argv=None) -> int:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        key = args.section or ("freehand_methods_indep" if args.set == INDEP_SET else "freehand_methods")
+        key = args.section or {INDEP_SET: "freehand_methods_indep", "freehand-v2": "freehand_methods_v2"}.get(
+            args.set, "freehand_methods")
         report.write_section(key, args.title or f"Freehand pose methods on the frozen set {args.set}", body,
                              device=device)
         print(f"wrote the {key} section of {report.BENCHMARKS}")

@@ -198,3 +198,47 @@ def test_cli_simulate(tmp_path):
     assert s.n_frames == 3 and s.attrs["tactic"] == "sector" and s.attrs["reversed"] is True and s.n_imus == 2
     assert main(["freehand", "simulate", str(tmp_path / "x.h5"), "--frames", "1", "--quiet"]) == 2
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_randomised_appearance_varies_per_sweep_and_leaves_the_nominal_sweeps_alone():
+    """Issue 15: appearance="randomised" draws scatterer density (speckle not fully developed included),
+    echogenicity contrast, gain/TGC, dynamic range, noise and the PSF per sweep, with the elevational beam in
+    the nominal probe's band; the nominal draws are untouched."""
+    import pytest
+
+    from ultrasound_ai.core.errors import InputError
+    from ultrasound_ai.freehand.simulation.simulator import (
+        RANDOMISED_RANGES,
+        random_appearance,
+        simulate_sweep,
+        simulate_sweep_for_grid,
+    )
+
+    looks = [random_appearance(s) for s in range(60)]
+    density = np.array([a["phantom"]["scatterer_density_per_mm3"] for a in looks])
+    assert density.min() < 5.0 and density.max() > 40.0  # sparse (not fully developed) to fully developed
+    assert 2 <= sum(a["phantom"].get("kind") == "homogeneous" for a in looks) <= 20
+    for key in ("dynamic_range_db", "noise_floor", "axial_fwhm_mm", "lateral_fwhm_mm", "tgc_compensation"):
+        v = np.array([getattr(a["psf"], key) for a in looks])
+        lo, hi = RANDOMISED_RANGES[key]
+        assert lo <= v.min() < lo + 0.25 * (hi - lo) and hi - 0.25 * (hi - lo) < v.max() <= hi, key
+    sig_e = np.array([a["psf"].sigma_e_mm for a in looks])
+    assert 0.5 <= sig_e.min() and sig_e.max() <= 0.8  # the nominal probe's elevational band (model cards)
+    assert random_appearance(7)["psf"] == random_appearance(7)["psf"]
+
+    kw = dict(n_frames=3, tactic="linear", frame_shape=(24, 28), pixel_spacing=0.3, n_imus=0)
+    a, b = simulate_sweep(5, **kw, appearance="randomised"), simulate_sweep(5, **kw, appearance="randomised")
+    np.testing.assert_array_equal(a.frames, b.frames)
+    nominal = simulate_sweep(5, **kw)
+    np.testing.assert_array_equal(nominal.frames, simulate_sweep(5, **kw, appearance="nominal").frames)
+    np.testing.assert_array_equal(nominal.tforms, a.tforms)  # same motion, another look
+    assert not np.array_equal(nominal.frames, a.frames)
+    assert a.attrs["appearance"] == "randomised" and "appearance" not in nominal.attrs
+    assert a.attrs["psf_dynamic_range_db"] == pytest.approx(random_appearance(5)["psf"].dynamic_range_db)
+    with pytest.raises(InputError, match="appearance"):
+        simulate_sweep(5, **kw, appearance="random")
+    # over a network grid: half the sweeps come shallower or narrower than the grid
+    shapes = {simulate_sweep_for_grid(s, 2, (24, 26), 0.3, 0.15, 0.1, n_imus=0, appearance="randomised")
+              .frames.shape[1:] for s in range(8)}
+    full = simulate_sweep_for_grid(0, 2, (24, 26), 0.3, 0.15, 0.0, n_imus=0).frames.shape[1:]
+    assert any(h < 0.9 * full[0] or w < 0.9 * full[1] for h, w in shapes)

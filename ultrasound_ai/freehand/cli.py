@@ -41,6 +41,8 @@ def _method_params(args: argparse.Namespace) -> dict:
     params = {}
     if args.online_align is not None:
         params["online_align"] = bool(args.online_align)
+    if getattr(args, "rotation_from_imus", None) is not None:
+        params["rotation_from_imus"] = bool(args.rotation_from_imus)
     if args.align_steps is not None:
         params["align_steps"] = args.align_steps
     if args.align_lr is not None:
@@ -51,7 +53,8 @@ def _method_params(args: argparse.Namespace) -> dict:
         except ValueError:
             raise InputError(f"--imus {args.imus!r}: expected comma-separated IMU indices such as 0,2") from None
     if params and args.method != "fima":
-        raise InputError(f"--online-align/--align-steps/--align-lr/--imus are options of the fima method, "
+        raise InputError(f"--online-align/--rotation-from-imus/--align-steps/--align-lr/--imus are options of the "
+                         f"fima method, "
                          f"not of {args.method!r}")
     return params
 
@@ -256,6 +259,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--online-align", action=argparse.BooleanOptionalAction, default=None,
                    help="fima: run (or, with --no-online-align, skip) online alignment on the sweep "
                    "(default: the checkpoint's setting, on for the fima variant)")
+    p.add_argument("--rotation-from-imus", action=argparse.BooleanOptionalAction, default=None,
+                   help="fima: each frame pair's rotation from the IMUs instead of the network's angles "
+                   "(default: the checkpoint's setting, on for the shipped fima_small)")
     p.add_argument("--align-steps", type=int, metavar="N", help="fima: online alignment Adam steps (default 60)")
     p.add_argument("--align-lr", type=float, metavar="LR", help="fima: online alignment learning rate (default 2e-6)")
     p.add_argument("--imus", metavar="I,J,...", help="fima: indices of the sweep's IMUs to use (default: all)")

@@ -15,6 +15,8 @@ and online alignment re-decodes them. The per-pair transforms T_{i<-i+1} on the 
 the sweep's image-mm coordinates (the grid offset carried through) and chained: ``tforms[0]`` = identity.
 
 Parameters: ``online_align`` (bool; default: the card's ``online_alignment``, true for "fima"),
+``rotation_from_imus`` (bool; default: the card's configuration): each pair's rotation is the IMUs' mean
+relative rotation instead of the network's angles (IMU variants only; `FimaConfig.rotation_from_imus`),
 ``align_steps`` (60), ``align_lr`` (2e-6), ``align_whole_network`` (false: adapt only the fusion, SSM-C and
 head on cached features), ``imus`` (indices of the sweep's IMUs to use; default all; the estimate's
 ``imu_weights`` keep one column per IMU of the sweep, 0 for those left out), ``pair_chunk`` (default
@@ -140,12 +142,14 @@ def encode_windows(model, frames: np.ndarray, starts: Sequence[int], length: int
 
 def predict_pairs(model, frames: np.ndarray, imu_acc=None, imu_angle=None, *, pair_chunk: int = DEFAULT_PAIR_CHUNK,
                   align: Optional[AlignOptions] = None, device=None,
-                  progress: Optional[Callable[[float, str], None]] = None) -> Prediction:
+                  progress: Optional[Callable[[float, str], None]] = None,
+                  rotation_from_imus: Optional[bool] = None) -> Prediction:
     """Per-pair estimates for frames [N, h, w] (0..255) already on the model's grid.
 
     imu_acc / imu_angle: per-pair IMU inputs [N-1, M, 3] (`imu_inputs`), needed by the IMU variants.
     align: run online alignment first (`fima.align.online_align`) on a copy of the model; the model given
-    is never changed, so every sweep starts from the trained weights.
+    is never changed, so every sweep starts from the trained weights. rotation_from_imus: see `FimaNet.decode`
+    (None: the model's configuration).
     """
     f = np.asarray(frames)
     n = f.shape[0]
@@ -185,7 +189,7 @@ def predict_pairs(model, frames: np.ndarray, imu_acc=None, imu_angle=None, *, pa
         per_params, per_weights = [], []
         with torch.no_grad():
             for ft, (a, r) in zip(feats, win_imu):
-                out = net.decode(ft, a, r)
+                out = net.decode(ft, a, r, rotation_from_imus)
                 per_params.append(out.params[0].double().cpu().numpy())
                 if out.imu_weights is not None:
                     per_weights.append(out.imu_weights[0].double().cpu().numpy())
@@ -228,7 +232,7 @@ def _flag(params: dict, key: str, default: bool) -> bool:
 def method_options(params: dict, cfg, n_imus_sweep: int) -> dict:
     """Check the method parameters against the model configuration and the sweep (InputError naming them).
 
-    Returns {"imus": list or None, "align": AlignOptions or None, "pair_chunk": int}.
+    Returns {"imus": list or None, "align": AlignOptions or None, "pair_chunk": int, "rotation_from_imus": bool}.
     """
     steps = params.get("align_steps", AlignOptions.steps)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -243,6 +247,7 @@ def method_options(params: dict, cfg, n_imus_sweep: int) -> dict:
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise InputError(f"fima parameter pair_chunk: expected an integer >= 1, got {chunk!r}")
     online = _flag(params, "online_align", bool(cfg.online_alignment) and cfg.uses_imus)
+    imu_rotation = _flag(params, "rotation_from_imus", bool(cfg.rotation_from_imus) and cfg.uses_imus)
 
     imus = params.get("imus")
     if not cfg.uses_imus:
@@ -252,7 +257,10 @@ def method_options(params: dict, cfg, n_imus_sweep: int) -> dict:
         if online:
             raise InputError(f"fima parameter online_align: model variant {cfg.variant!r} has no IMU features "
                              "to align (online alignment needs an IMU variant: rem-f-prime, rem-f, fima)")
-        return {"imus": None, "align": None, "pair_chunk": int(chunk)}
+        if imu_rotation:
+            raise InputError(f"fima parameter rotation_from_imus: model variant {cfg.variant!r} uses the images "
+                             "only (the IMU rotation needs an IMU variant: rem-f-prime, rem-f, fima)")
+        return {"imus": None, "align": None, "pair_chunk": int(chunk), "rotation_from_imus": False}
     if n_imus_sweep == 0:
         raise InputError(f"method 'fima': model variant {cfg.variant!r} fuses IMUs, but the sweep has no IMU data; "
                          "expected 'imu_acc' and 'imu_euler_deg' [M, N, 3]")
@@ -273,7 +281,7 @@ def method_options(params: dict, cfg, n_imus_sweep: int) -> dict:
                          f"{cfg.n_imus} IMUs, got {m} (from the sweep's imu_acc/imu_euler_deg"
                          f"{' and the imus parameter' if imus is not None else ''})")
     align = AlignOptions(steps=int(steps), lr=float(lr), whole_network=whole) if online else None
-    return {"imus": imus, "align": align, "pair_chunk": int(chunk)}
+    return {"imus": imus, "align": align, "pair_chunk": int(chunk), "rotation_from_imus": imu_rotation}
 
 
 def estimate_sweep(model, card: dict, sweep, options: dict, progress=None) -> tuple[np.ndarray, Optional[np.ndarray], dict]:
@@ -301,7 +309,7 @@ def estimate_sweep(model, card: dict, sweep, options: dict, progress=None) -> tu
                  f"{cfg.frame_shape[0]}x{cfg.frame_shape[1]} px at once", option="pair_chunk (fima method parameter)",
                  device=str(next(model.parameters()).device))
     pred = predict_pairs(model, net_frames, acc, ang, pair_chunk=options["pair_chunk"], align=options["align"],
-                         progress=progress)
+                         progress=progress, rotation_from_imus=options.get("rotation_from_imus"))
     rel = from_network_relative(params_to_matrix(pred.params, PARAM_CONVENTION, degrees=True), geom)
     weights = None
     if pred.imu_weights is not None:
@@ -312,7 +320,8 @@ def estimate_sweep(model, card: dict, sweep, options: dict, progress=None) -> tu
     align = options["align"]
     facts = {"variant": cfg.variant, "network_frame_shape_hw": list(geom.frame_shape_hw),
              "network_pixel_spacing_mm": list(geom.spacing_xy), "network_grid_offset_mm": list(geom.offset_mm),
-             "window_frames": int(cfg.window_frames[1]), "online_align": align is not None}
+             "window_frames": int(cfg.window_frames[1]), "online_align": align is not None,
+             "rotation_from_imus": bool(options.get("rotation_from_imus", False))}
     if cfg.uses_imus:
         facts["imus_used"] = list(options["imus"]) if options["imus"] is not None else list(range(sweep.n_imus))
     if align is not None:
@@ -326,7 +335,8 @@ class FimaMethod(PoseMethod):
     and online alignment; the variant comes from the checkpoint's card."""
 
     name = METHOD
-    accepted_params = ("online_align", "align_steps", "align_lr", "align_whole_network", "imus", "pair_chunk")
+    accepted_params = ("online_align", "align_steps", "align_lr", "align_whole_network", "imus", "pair_chunk",
+                       "rotation_from_imus")
 
     def _estimate(self, sweep, ctx: MethodContext) -> PoseEstimate:
         ctx.report(0.0, "loading FiMA")

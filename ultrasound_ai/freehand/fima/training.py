@@ -86,6 +86,9 @@ DATA_DEFAULTS: dict[str, Any] = {
     # Speed within a sweep: "varied" (x0.3-x3 segments, pauses, up to 3 reversals) makes the frames the only
     # source of the speed; "smooth" (x0.8-1.2, at most one reversal) let the models learn a motion prior.
     "motion": "varied",
+    # Per-sweep appearance: "randomised" (scatterer density, echogenicity contrast, gain/TGC, dynamic range,
+    # noise, PSF, depth and pixel size drawn per sweep; simulator.RANDOMISED_RANGES) or "nominal".
+    "appearance": "randomised",
     "train_dir": None,
     "val_dir": None,
     "window_frames": None,  # [min, max] frames per training window; None = the model's window_frames
@@ -271,7 +274,8 @@ def pool_from_sweeps(sweeps: Sequence, names: Sequence[str], mcfg) -> FimaPool:
     return FimaPool(frames, targets, tforms, accs, euls, list(names), spacing, mcfg.frame_shape)
 
 
-_SHARED_DATA_KEYS = ("source", "tactic", "sim_pixel_spacing_mm", "sim_spacing_jitter", "motion")  # pool cache key
+_SHARED_DATA_KEYS = ("source", "tactic", "sim_pixel_spacing_mm", "sim_spacing_jitter", "motion",
+                     "appearance")  # pool cache key
 
 
 def build_pool(kind: str, d: Mapping, mcfg, progress: Callable[[str], None] | None = None) -> FimaPool:
@@ -298,7 +302,8 @@ def build_pool(kind: str, d: Mapping, mcfg, progress: Callable[[str], None] | No
                 progress(f"simulating {kind} sweep {i + 1}/{count}")
             sweeps.append(simulate_sweep_for_grid(seed0 + i, n, mcfg.frame_shape, mcfg.pixel_spacing_mm,
                                                   d["sim_pixel_spacing_mm"], d["sim_spacing_jitter"],
-                                                  tactic=d["tactic"], n_imus=n_imus, motion=d["motion"]))
+                                                  tactic=d["tactic"], n_imus=n_imus, motion=d["motion"],
+                                                  appearance=d["appearance"]))
             names.append(f"sim-{seed0 + i}")
     pool = pool_from_sweeps(sweeps, names, mcfg)
     _POOLS[key] = pool
@@ -569,7 +574,7 @@ class FimaTask:
                             train_seeds=[d["train_seed"], d["train_seed"] + d["train_sweeps"] - 1],
                             train_frames=d["train_frames"],
                             val_seeds=[d["val_seed"], d["val_seed"] + d["val_sweeps"] - 1], val_frames=d["val_frames"],
-                            tactic=d["tactic"] or "random")
+                            tactic=d["tactic"] or "random", motion=d["motion"], appearance=d["appearance"])
         else:
             training.update(train_dir=str(d["train_dir"]), val_dir=str(d["val_dir"]))
         imus = ("none (images only)" if not mcfg.uses_imus

@@ -12,6 +12,10 @@ Settings: 200 frames at 20 fps (10 s, the full length of the paper-like sweeps, 
 about) of 96 x 104 pixels at 0.15 mm - smaller frames than the simulator default, to keep generation
 within minutes on two CPU cores; pose metrics depend on the frame's physical size only through the
 three reference points.
+
+"freehand-v2" is the same for the training family as it is since issue 15 (motion "varied": speed
+changes, pauses and reversals within a sweep; appearance "randomised" per sweep), seeds 920000 + i: the
+held-out set on which retrained models are compared and selected (never on freehand-indep-v1).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ __all__ = ["SET_NAME", "SEED_BASE", "SweepSpec", "benchmark_specs", "default_cac
 
 SET_NAME = "freehand-v1"
 SEED_BASE = 900_000
+# name -> (first seed, simulate_sweep motion, appearance)
+SETS = {SET_NAME: (SEED_BASE, "smooth", "nominal"), "freehand-v2": (920_000, "varied", "randomised")}
 PER_TACTIC = 5
 DEFAULT_FRAMES = 200
 DEFAULT_FRAME_SHAPE = (96, 104)
@@ -45,16 +51,24 @@ class SweepSpec:
         return f"sweep_{self.index:02d}_{self.tactic}_{self.seed}.h5"
 
 
-def benchmark_specs() -> list[SweepSpec]:
+def _set(name: str):
+    if name not in SETS:
+        raise InputError(f"freehand benchmark set: expected one of {sorted(SETS)}, got {name!r}")
+    return SETS[name]
+
+
+def benchmark_specs(name: str = SET_NAME) -> list[SweepSpec]:
     """The 20 sweeps of the set, in a fixed order."""
     from ultrasound_ai.freehand.simulation.trajectories import TACTICS
 
-    return [SweepSpec(i, SEED_BASE + i, TACTICS[i // PER_TACTIC]) for i in range(PER_TACTIC * len(TACTICS))]
+    base = _set(name)[0]
+    return [SweepSpec(i, base + i, TACTICS[i // PER_TACTIC]) for i in range(PER_TACTIC * len(TACTICS))]
 
 
-def default_cache_dir() -> Path:
-    """``bench/data/freehand-v1`` of the source checkout."""
-    return Path(__file__).resolve().parents[2] / "bench" / "data" / SET_NAME
+def default_cache_dir(name: str = SET_NAME) -> Path:
+    """``bench/data/<set name>`` of the source checkout."""
+    _set(name)
+    return Path(__file__).resolve().parents[2] / "bench" / "data" / name
 
 
 def _sha256(path: Path) -> str:
@@ -65,18 +79,22 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _settings(n_frames: int, frame_shape, pixel_spacing: float) -> dict:
+def _settings(n_frames: int, frame_shape, pixel_spacing: float, name: str = SET_NAME) -> dict:
     from ultrasound_ai.freehand.simulation.simulator import SIMULATOR_VERSION
 
-    return {"name": SET_NAME, "simulator_version": SIMULATOR_VERSION, "n_frames": int(n_frames),
-            "frame_shape_hw": [int(v) for v in frame_shape], "pixel_spacing_mm": float(pixel_spacing),
-            "n_imus": 4, "frame_rate_hz": 20.0}
+    out = {"name": name, "simulator_version": SIMULATOR_VERSION, "n_frames": int(n_frames),
+           "frame_shape_hw": [int(v) for v in frame_shape], "pixel_spacing_mm": float(pixel_spacing),
+           "n_imus": 4, "frame_rate_hz": 20.0}
+    if name != SET_NAME:  # freehand-v1's manifest stays as it was
+        out["motion"], out["appearance"] = _set(name)[1:]
+    return out
 
 
 def ensure_benchmark_set(cache_dir=None, n_frames: int = DEFAULT_FRAMES, frame_shape=DEFAULT_FRAME_SHAPE,
                          pixel_spacing: float = DEFAULT_PIXEL_SPACING,
-                         progress: Optional[Callable[[int, int, str], None]] = None) -> tuple[list[Path], dict]:
-    """Generate (or reuse) the set; returns (sweep paths in spec order, manifest dict).
+                         progress: Optional[Callable[[int, int, str], None]] = None,
+                         name: str = SET_NAME) -> tuple[list[Path], dict]:
+    """Generate (or reuse) the set `name` (SETS); returns (sweep paths in spec order, manifest dict).
 
     progress(done, total, message) is called per sweep.
     """
@@ -84,10 +102,11 @@ def ensure_benchmark_set(cache_dir=None, n_frames: int = DEFAULT_FRAMES, frame_s
     from ultrasound_ai.freehand.simulation.simulator import simulate_sweep
     from ultrasound_ai.io.sweep import write_sweep
 
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    _, motion, appearance = _set(name)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(name)
     cache.mkdir(parents=True, exist_ok=True)
-    settings = _settings(n_frames, frame_shape, pixel_spacing)
-    specs = benchmark_specs()
+    settings = _settings(n_frames, frame_shape, pixel_spacing, name)
+    specs = benchmark_specs(name)
     manifest_path = cache / "manifest.json"
     known = {}
     if manifest_path.exists():
@@ -114,8 +133,8 @@ def ensure_benchmark_set(cache_dir=None, n_frames: int = DEFAULT_FRAMES, frame_s
             if progress is not None:
                 progress(done, len(specs), f"simulating {spec.file_name}")
             sweep = simulate_sweep(spec.seed, n_frames=n_frames, tactic=spec.tactic, frame_shape=tuple(frame_shape),
-                                   pixel_spacing=pixel_spacing, n_imus=4)
-            sweep.attrs["benchmark_set"] = SET_NAME
+                                   pixel_spacing=pixel_spacing, n_imus=4, motion=motion, appearance=appearance)
+            sweep.attrs["benchmark_set"] = name
             sweep.attrs["benchmark_index"] = spec.index
             write_sweep(sweep, path)
             entry = {"file": spec.file_name, "seed": spec.seed, "tactic": spec.tactic, "sha256": _sha256(path),

@@ -169,6 +169,9 @@ class Phantom:
     scatterer_density_per_mm3: float = 60.0
     cell_mm: float = 3.0
     homogeneous_echo: float = 1.0
+    # Echogenicity contrast: amplitudes e -> e ** echo_gamma (1 = reference tissue stays 1); the training
+    # simulator's randomised appearance draws it per sweep.
+    echo_gamma: float = 1.0
     gel_mm: float = 0.6
     skin_mm: float = 1.6
     fat_mm: float = 5.0
@@ -193,6 +196,8 @@ class Phantom:
             raise InputError(f"phantom kind must be 'arm', 'carotid' or 'homogeneous', got {self.kind!r}")
         if not (self.scatterer_density_per_mm3 > 0 and self.cell_mm > 0):
             raise InputError("phantom scatterer density and cell size must be positive")
+        if not (np.isfinite(self.echo_gamma) and self.echo_gamma > 0):
+            raise InputError(f"phantom echo_gamma must be a positive number, got {self.echo_gamma}")
         self._cells: OrderedDict = OrderedDict()
 
     # -- construction ------------------------------------------------------------------------------
@@ -276,9 +281,12 @@ class Phantom:
 
     def describe(self) -> dict:
         """Small JSON-able summary for sweep attributes."""
-        return {"phantom_kind": self.kind, "phantom_seed": int(self.seed), "n_vessels": len(self.vessels),
-                "n_inclusions": len(self.inclusions),
-                "scatterer_density_per_mm3": float(self.scatterer_density_per_mm3)}
+        out = {"phantom_kind": self.kind, "phantom_seed": int(self.seed), "n_vessels": len(self.vessels),
+               "n_inclusions": len(self.inclusions),
+               "scatterer_density_per_mm3": float(self.scatterer_density_per_mm3)}
+        if self.echo_gamma != 1.0:  # only then: the attributes of the nominal phantoms stay as they were
+            out["echo_gamma"] = float(self.echo_gamma)
+        return out
 
     # -- echogenicity ------------------------------------------------------------------------------
 
@@ -299,7 +307,7 @@ class Phantom:
         # float32 throughout: millions of scatterers per sweep go through here once.
         pts = np.asarray(pts, dtype=np.float32)
         if self.kind == "homogeneous":
-            return np.full(len(pts), self.homogeneous_echo, dtype=np.float32)
+            return np.full(len(pts), self.homogeneous_echo ** self.echo_gamma, dtype=np.float32)
         x, y, z = pts[:, 0], pts[:, 1], pts[:, 2]
         inv_w = np.float32(1.0 / 0.12)  # boundary softness 0.12 mm: smooth interfaces, no staircase
         skin_top = self.skin_surface_y(x, z)
@@ -339,7 +347,10 @@ class Phantom:
             inner = _sigmoid((np.float32(v.radius) - r) * np.float32(12.5))
             vessel = np.float32(v.wall_echo) * (1 - inner) + np.float32(v.lumen_echo) * inner
             e = e * (1 - outer) + vessel * outer
-        return np.maximum(e, 0).astype(np.float32)
+        e = np.maximum(e, 0)
+        if self.echo_gamma != 1.0:
+            e = e ** np.float32(self.echo_gamma)
+        return e.astype(np.float32)
 
     # -- scatterers --------------------------------------------------------------------------------
 

@@ -27,6 +27,27 @@ PRESETS = {
 }
 _DEFAULT_RANGES = {"center_frequency_mhz": (6.0, 9.0), "axial_fwhm_mm": (0.28, 0.4),
                    "lateral_fwhm_mm": (0.4, 0.6), "sigma_e_mm": (0.5, 0.8)}
+APPEARANCES = ("nominal", "randomised")
+# Per-sweep appearance of appearance="randomised" (training data that makes the images matter, issue 15):
+# what differs between scanners, presets, patients and users, drawn per sweep. The elevational beam stays in
+# the nominal probe's band (sigma_e 0.5-0.8 mm, recorded in the model cards): images alone cannot tell an
+# out-of-plane distance from a different beam width.
+RANDOMISED_RANGES = {
+    "scatterers_per_mm3": (2.0, 80.0),  # log-uniform; below ~10/mm3 speckle is not fully developed
+    "echo_gamma": (0.6, 1.6),  # echogenicity contrast: structure amplitudes raised to this power
+    "homogeneous_fraction": 0.15,  # sweeps over uniform tissue (no structures at all)
+    "gain_db": (-9.0, 9.0),
+    "tgc_compensation": (0.55, 1.0),
+    "dynamic_range_db": (30.0, 60.0),
+    "noise_floor": (0.03, 0.3),  # log-compression knee relative to reference tissue
+    "noise_sigma": (0.0, 0.04),
+    "axial_fwhm_mm": (0.2, 0.55),
+    "lateral_fwhm_mm": (0.3, 0.85),
+    "center_frequency_mhz": (4.5, 11.0),
+    "depth_fraction": (0.55, 1.0),  # frame depth / width relative to the network grid (half the sweeps)
+    "width_fraction": (0.7, 1.0),
+    "spacing_jitter": 0.25,  # pixel size x (1 +- this)
+}
 
 
 def random_psf(rng: np.random.Generator, preset: str | None = None) -> Psf:
@@ -42,6 +63,26 @@ def random_psf(rng: np.random.Generator, preset: str | None = None) -> Psf:
         attenuation_db_cm_mhz=rng.uniform(0.4, 0.7),
         tgc_compensation=rng.uniform(0.85, 1.0),
     )
+
+
+def random_appearance(seed: int) -> dict:
+    """The per-sweep appearance of appearance="randomised" (RANDOMISED_RANGES), from its own random stream
+    (the nominal draws of `simulate_sweep` are unchanged): psf, gain_db, noise_sigma, phantom keywords."""
+    r = RANDOMISED_RANGES
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0xA99E]))
+    lo, hi = np.log(r["scatterers_per_mm3"])
+    psf = Psf(axial_fwhm_mm=rng.uniform(*r["axial_fwhm_mm"]), lateral_fwhm_mm=rng.uniform(*r["lateral_fwhm_mm"]),
+              sigma_e_mm=rng.uniform(*_DEFAULT_RANGES["sigma_e_mm"]),
+              center_frequency_mhz=rng.uniform(*r["center_frequency_mhz"]),
+              attenuation_db_cm_mhz=rng.uniform(0.3, 0.8), tgc_compensation=rng.uniform(*r["tgc_compensation"]),
+              dynamic_range_db=rng.uniform(*r["dynamic_range_db"]), noise_floor=rng.uniform(*r["noise_floor"]))
+    phantom = {"scatterer_density_per_mm3": float(np.exp(rng.uniform(lo, hi))),
+               "echo_gamma": float(rng.uniform(*r["echo_gamma"]))}
+    if rng.random() < r["homogeneous_fraction"]:
+        phantom["kind"] = "homogeneous"
+        phantom["homogeneous_echo"] = float(rng.uniform(0.5, 1.5))
+    return {"psf": psf, "gain_db": float(rng.uniform(*r["gain_db"])), "noise_sigma": float(rng.uniform(*r["noise_sigma"])),
+            "phantom": phantom}
 
 
 def simulate_sweep(
@@ -63,6 +104,7 @@ def simulate_sweep(
     imu_noise: ImuNoise | None = ImuNoise(),
     tremor: bool = True,
     motion: str = "smooth",
+    appearance: str = "nominal",
     return_phantom: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ):
@@ -70,8 +112,12 @@ def simulate_sweep(
 
     frame_shape [H, W] and pixel_spacing (mm; a number or (sx, sy)) default to 248 x 260 at 0.15 mm
     with a small random jitter (±5 % size, ±10 % spacing); given explicitly they are used as they are.
-    psf, gain and image noise are randomised unless given. `progress(done, total)` is called per frame.
+    psf, gain and image noise are randomised unless given. appearance="randomised" draws them (and the
+    phantom's scatterer density, echogenicity contrast and kind) from the wider `RANDOMISED_RANGES` instead;
+    an explicit psf or phantom still wins. `progress(done, total)` is called per frame.
     """
+    if appearance not in APPEARANCES:
+        raise InputError(f"simulate_sweep: appearance must be one of {APPEARANCES}, got {appearance!r}")
     if preset is not None and preset not in PRESETS:
         raise InputError(f"simulate_sweep: unknown preset {preset!r}; expected one of {sorted(PRESETS)}")
     if tactic is not None and tactic not in TACTICS:
@@ -98,10 +144,20 @@ def simulate_sweep(
         sx, sy = float(sp[0]), float(sp[1])
     if not (sx > 0 and sy > 0):
         raise InputError(f"simulate_sweep: pixel_spacing must be positive, got {pixel_spacing}")
+    given_psf = psf
     drawn_psf = random_psf(rng, preset)
     psf = psf or drawn_psf
     gain_db = rng.uniform(-3.0, 3.0)
     noise_sigma = rng.uniform(0.004, 0.015) if image_noise else 0.0
+    if appearance == "randomised":
+        look = random_appearance(seed)
+        drawn_psf, gain_db = look["psf"], look["gain_db"]
+        noise_sigma = look["noise_sigma"] if image_noise else 0.0
+        psf = given_psf or drawn_psf
+        if phantom is None:
+            kw = dict(look["phantom"])
+            phantom = (Phantom.homogeneous(seed, kw.pop("homogeneous_echo"), **{k: v for k, v in kw.items() if k != "kind"})
+                       if kw.get("kind") == "homogeneous" else make_phantom(seed, **kw))
     phantom = phantom if phantom is not None else make_phantom(seed)
 
     face = ((w - 1) * sx / 2.0, 0.0, 0.0)
@@ -136,6 +192,8 @@ def simulate_sweep(
         **phantom.describe(),
         **{f"trajectory_{k}": float(v) for k, v in traj.params.items()},
     }
+    if appearance != "nominal":  # only then: the nominal sweeps' attributes stay as they were
+        attrs["appearance"] = appearance
     imu_acc = imu_euler = imu_pos = None
     if n_imus > 0:
         imu_pos = default_imu_positions(int(n_imus), face[0])
@@ -177,15 +235,22 @@ def simulate_sweep_for_grid(seed: int, n_frames: int, grid_shape_hw, grid_spacin
         raise InputError(f"simulate_sweep_for_grid: acquisition spacing {acquisition_spacing_mm!r} must be positive "
                          f"and spacing_jitter {spacing_jitter!r} in [0, 1)")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x6121D]))
+    randomised = kwargs.get("appearance") == "randomised"
+    if randomised:  # a wider band of scanner pixel sizes
+        spacing_jitter = max(spacing_jitter, RANDOMISED_RANGES["spacing_jitter"])
     sp = float(acquisition_spacing_mm) * float(rng.uniform(1.0 - spacing_jitter, 1.0 + spacing_jitter))
     # the grid's extent (pixel centres) in acquisition pixels, +1 so the grid lies inside the frame
     shape = tuple(int(np.ceil((n - 1) * grid_spacing_mm / sp)) + 1 for n in (h, w))
+    if randomised and rng.random() < 0.5:
+        # a shallower or narrower frame than the grid (the grid is 0 outside it, as at inference)
+        fr = (rng.uniform(*RANDOMISED_RANGES["depth_fraction"]), rng.uniform(*RANDOMISED_RANGES["width_fraction"]))
+        shape = tuple(max(8, int(round(n * f))) for n, f in zip(shape, fr))
     return simulate_sweep(seed, n_frames=n_frames, frame_shape=shape, pixel_spacing=sp, **kwargs)
 
 
 def check_acquisition_options(d: dict) -> None:
-    """Check a training config's data.sim_pixel_spacing_mm (positive or null), data.sim_spacing_jitter and
-    data.motion."""
+    """Check a training config's data.sim_pixel_spacing_mm (positive or null), data.sim_spacing_jitter,
+    data.motion and data.appearance."""
     sp, jit = d["sim_pixel_spacing_mm"], d["sim_spacing_jitter"]
     if sp is not None and (isinstance(sp, bool) or not isinstance(sp, (int, float)) or not np.isfinite(sp) or sp <= 0):
         raise InputError(f"data.sim_pixel_spacing_mm: expected a positive number of mm or null, got {sp!r}")
@@ -193,3 +258,5 @@ def check_acquisition_options(d: dict) -> None:
         raise InputError(f"data.sim_spacing_jitter: expected a number in [0, 1), got {jit!r}")
     if d.get("motion", "smooth") not in MOTIONS:
         raise InputError(f"data.motion: expected one of {list(MOTIONS)}, got {d['motion']!r}")
+    if d.get("appearance", "nominal") not in APPEARANCES:
+        raise InputError(f"data.appearance: expected one of {list(APPEARANCES)}, got {d['appearance']!r}")

@@ -88,7 +88,8 @@ def main(argv=None) -> int:
 
         folder = Path(s["output_dir"])
         card = cs.ship(folder / cs.cell_name("pretrained", 1.0, 0), s, args.ship, BENCHMARKS.parent / "Resources" / "Models",
-                       comparison={"scratch_same_labels_and_schedule": folder / cs.cell_name("scratch", 1.0, 0)})
+                       comparison={"scratch_same_labels_and_schedule": folder / cs.cell_name("scratch", 1.0, 0)},
+                       study=results)
         print(json.dumps({"shipped": args.ship, "size_bytes": card["size_bytes"], "metrics": card["metrics"]}))
     if not args.no_write:
         from report import write_section

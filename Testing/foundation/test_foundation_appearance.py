@@ -110,3 +110,15 @@ def test_bad_appearance_ranges_name_the_key():
         check_appearance({"brightness": [0, 1]})
     assert check_appearance({"gain_db": [-3, 0]}) == {"gain_db": [-3.0, 0.0]}
     assert check_appearance(SCANNER_VARIATION) == SCANNER_VARIATION
+
+
+def test_study_summary_means_per_arm_and_fraction():
+    runs = [{"init": i, "fraction": f, "seed": k, "accuracy": a, "macro_f1": a - 0.1, "indep_accuracy": a / 2,
+             "indep_macro_f1": a / 4} for i, f, k, a in (("pretrained", 0.2, 0, 0.6), ("pretrained", 0.2, 1, 0.8),
+                                                        ("scratch", 0.2, 0, 0.4), ("scratch", 1.0, 0, 0.9))]
+    out = cs.study_summary({"runs": runs})
+    assert out["pretrained_f0.2"]["seeds"] == [0, 1]
+    assert out["pretrained_f0.2"]["heldout_macro_f1_mean"] == pytest.approx(0.6)
+    assert out["pretrained_f0.2"]["indep_accuracy_mean"] == pytest.approx(0.35)
+    assert out["scratch_f1"]["heldout_accuracy_mean"] == pytest.approx(0.9) and set(out) == {
+        "pretrained_f0.2", "scratch_f0.2", "scratch_f1"}

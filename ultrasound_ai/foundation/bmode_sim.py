@@ -13,9 +13,15 @@ An image is built in four steps, each a crude but physically motivated stand-in:
    * normal (label 2): no lesion (an all-background mask).
    Posterior effects are applied per column below the lesion's deepest point, decaying with depth.
 3. Speckle: complex Gaussian scatterers weighted by the echogenicity (an amplitude) convolved with a complex
-   (baseband) point-spread function, axial resolution finer than lateral, then the envelope.
-4. Depth attenuation (partly compensated, as TGC would), log compression to a 45 dB dynamic range, and
-   scaling to [0, 1].
+   (baseband) point-spread function, axial resolution finer than lateral, then the envelope. Optionally
+   sparse scatterers (not fully developed speckle) and a focused beam (lateral width growing away from
+   the focus).
+4. Depth attenuation (partly compensated, as TGC would), optional receiver noise, log compression to a
+   45 dB dynamic range, and scaling to [0, 1].
+
+Every scanner setting of steps 3-4 (and the lesion's contrast and size) is an argument of simulate_bmode;
+an image set draws them per image from ranges (APPEARANCE_KEYS; SCANNER_VARIATION is the broad band real
+scanners span), from a stream of its own, so the anatomy and label of image i do not depend on them.
 
 Geometry: rows are depth (axial), columns lateral; the field of view is fov_mm (lateral, depth) whatever
 the pixel count, so the speckle grain keeps its physical size. The class order follows BUSI's folders:

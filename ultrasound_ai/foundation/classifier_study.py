@@ -232,10 +232,23 @@ def evaluate_study(s: Mapping) -> dict:
             "indep_counts": np.bincount(indep[1], minlength=3).tolist()}
 
 
-def ship(run_folder, s: Mapping, name: str, models_dir, comparison=None) -> dict:
+def study_summary(results: Mapping) -> dict:
+    """{"<init>_f<fraction>": {"seeds", "heldout_macro_f1_mean", "indep_macro_f1_mean", ...}} over the
+    finished cells of an evaluate_study result (the figures a model card quotes)."""
+    out: dict = {}
+    for r in results["runs"]:
+        out.setdefault(f"{r['init']}_f{r['fraction']:g}", []).append(r)
+    return {key: {"seeds": [r["seed"] for r in rs],
+                  **{f"{p}{m}_mean": float(np.mean([r[p_key + m] for r in rs]))
+                     for p, p_key in (("heldout_", ""), ("indep_", "indep_")) for m in ("accuracy", "macro_f1")}}
+            for key, rs in out.items()}
+
+
+def ship(run_folder, s: Mapping, name: str, models_dir, comparison=None, study: Mapping | None = None) -> dict:
     """Write a trained cell's best.pt as the installed model NAME.pt (float16) + NAME.card.json, its card
     holding the held-out accuracy and macro F1 (and, given `comparison` = {"init": folder}, those of the
-    same-size model trained from scratch on the same labels and schedule)."""
+    same-size model trained from scratch on the same labels and schedule; given `study`, an evaluate_study
+    result, the per-arm means of the whole study)."""
     from ultrasound_ai.models.checkpoint import load_checkpoint, save_checkpoint
 
     pt = _best(Path(run_folder))
@@ -259,6 +272,13 @@ def ship(run_folder, s: Mapping, name: str, models_dir, comparison=None) -> dict
         other = evaluate_checkpoint(_best(Path(folder)), s, indep_arrays)
         metrics[f"{label}_indep_accuracy"] = other["accuracy"]
         metrics[f"{label}_indep_macro_f1"] = other["macro_f1"]
+    study_text = ""
+    if study is not None:
+        metrics["label_study"] = summary = study_summary(study)
+        pairs = [(f, summary.get(f"pretrained_f{f:g}"), summary.get(f"scratch_f{f:g}")) for f in s["fractions"]]
+        study_text = " Label study (mean held-out macro F1, pre-trained vs from scratch, same labels and schedule): " + \
+            "; ".join(f"{f * 100:g} % labels {p['heldout_macro_f1_mean']:.3f} vs {q['heldout_macro_f1_mean']:.3f} "
+                      f"(seeds {p['seeds']})" for f, p, q in pairs if p and q) + "."
     total = ((card.get("training") or {}).get("config") or {}).get("schedule", {}).get("steps", held["steps"])
     card = {**card, "name": name, "metrics": metrics, "default": True,
             "training_data": f"simulated B-mode images only (simulator usfm-bmode-1, {held['labelled']} labelled images, "
@@ -273,7 +293,7 @@ def ship(run_folder, s: Mapping, name: str, models_dir, comparison=None) -> dict
         f"simulated images, seed {s['test_seed']}, a fixed setting {json.dumps(TEST_APPEARANCE)} never used for "
         f"training or selection): accuracy {held['accuracy']:.3f}, "
         f"macro F1 {held['macro_f1']:.3f}; independent family bmode-indep-v1 ({s['indep_count']} images): accuracy "
-        f"{indep['accuracy']:.3f}, macro F1 {indep['macro_f1']:.3f}. Trained on simulated images only: not "
+        f"{indep['accuracy']:.3f}, macro F1 {indep['macro_f1']:.3f}.{study_text} Trained on simulated images only: not "
         f"validated on patient data. "
         f"Stored as float16.")
     return save_checkpoint(state, Path(models_dir) / f"{name}.pt", card, fp16=True)

@@ -88,7 +88,10 @@ def main(argv=None) -> int:
                     help="only these sweeps of the set (indices), e.g. one per tactic for a costly row")
     ap.add_argument("--section", default=None, help="BENCHMARKS.md section key (default: by set)")
     ap.add_argument("--title", default=None, help="section title (default: by set)")
-    args = _report_module().parse_bench_args(ap, argv)
+    ap.add_argument("--accuracy-only", action="store_true",
+                    help="no timing columns: the load is recorded, not awaited (accuracy runs on a busy machine)")
+    accuracy_only = "--accuracy-only" in (sys.argv[1:] if argv is None else argv)
+    args = _report_module().parse_bench_args(ap, argv, timing=not accuracy_only)
     rows = _parse_rows(args.row)
 
     t0 = time.perf_counter()
@@ -147,15 +150,16 @@ def main(argv=None) -> int:
             f"{m} FDR {per_sweep[m][-1][1]['fdr_pct']:.1f}%" for m in methods if m not in skipped), flush=True)
 
     report = _report_module()
-    header = ["method"] + [h for _, h, _ in COLUMNS] + ["s/sweep", "ms/frame"]
+    header = ["method"] + [h for _, h, _ in COLUMNS] + ([] if args.accuracy_only else ["s/sweep", "ms/frame"])
     summary_rows = []
     for m in methods:
         if m in skipped or not per_sweep[m]:
             continue
         vals = {k: np.array([r[1][k] for r in per_sweep[m]]) for k, _, _ in COLUMNS}
         summary_rows.append([f"`{m}`"] + [f"{vals[k].mean():.{d}f} ({vals[k].std(ddof=1):.{d}f})" for k, _, d in COLUMNS]
-                            + [f"{timing[m] / len(per_sweep[m]):.3f}",
-                               f"{1e3 * timing[m] / sum(r[1]['n_frames'] for r in per_sweep[m]):.2f}"])
+                            + ([] if args.accuracy_only else [
+                                f"{timing[m] / len(per_sweep[m]):.3f}",
+                                f"{1e3 * timing[m] / sum(r[1]['n_frames'] for r in per_sweep[m]):.2f}"]))
     sweep_header = ["sweep", "tactic", "seed", "reversed"] + [f"{m} {h}" for m in methods if m not in skipped
                                                                for _, h, _ in COLUMNS[:1] + COLUMNS[2:3] + COLUMNS[5:6]]
     sweep_rows = []

@@ -68,7 +68,7 @@ def benchmark_specs(name: str = SET_NAME) -> list[SweepSpec]:
 def default_cache_dir(name: str = SET_NAME) -> Path:
     """``bench/data/<set name>`` of the source checkout."""
     _set(name)
-    return Path(__file__).resolve().parents[2] / "bench" / "data" / name
+    return Path(__file__).resolve().parents[3] / "bench" / "data" / name  # ultrasound_ai/freehand/simulation/
 
 
 def _sha256(path: Path) -> str:

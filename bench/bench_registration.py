@@ -139,6 +139,42 @@ def format_section(name: str, res: dict, args, checkpoints: list) -> str:
     return "\n".join(lines)
 
 
+def merge_results(docs: list) -> tuple[list, dict]:
+    """(checkpoints, {set: {level: rows}}) of several --json outputs: per set and level, the lists of every
+    run concatenated in the order given (the runs must have used the same checkpoints)."""
+    checkpoints = docs[0]["checkpoints"]
+    for doc in docs[1:]:
+        if doc["checkpoints"] != checkpoints:
+            raise SystemExit(f"--merge: runs with different checkpoints: {checkpoints} vs {doc['checkpoints']}")
+    merged: dict = {}
+    for doc in docs:
+        for name, levels in doc["sets"].items():
+            for lv, out in levels.items():
+                into = merged.setdefault(name, {}).setdefault(lv, {})
+                for key, value in out.items():
+                    if isinstance(value, list):
+                        into.setdefault(key, []).extend(value)
+                    elif isinstance(value, dict):  # seconds / failures: row -> list
+                        for row, vals in value.items():
+                            into.setdefault(key, {}).setdefault(row, []).extend(vals)
+    return checkpoints, merged
+
+
+def _merge(args) -> int:
+    docs = [json.loads(Path(p).read_text()) for p in args.merge]
+    checkpoints, merged = merge_results(docs)
+    args.tag = docs[0].get("tag", args.tag) if args.tag == "installed models" else args.tag
+    for name, res in merged.items():
+        body = format_section(name, res, args, checkpoints)
+        print(body)
+        if not args.no_write:
+            _report_module().write_section(f"registration_{args.section or name}",
+                                           f"MRI-TRUS registration on `{name}`, {args.tag}", body, device=args.device)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"checkpoints": checkpoints, "tag": args.tag, "sets": merged}, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sets", nargs="+", default=sorted(FROZEN_SETS), choices=sorted(FROZEN_SETS))
@@ -155,7 +191,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", help="also write the raw numbers here")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
+    ap.add_argument("--merge", nargs="+", metavar="JSON",
+                    help="evaluate nothing: join the --json outputs of runs split with --skip/--cases (same models) "
+                         "and write their section")
     args = _report_module().parse_bench_args(ap, argv, cores=1, timing=False)  # accuracy only: no quiet wait
+    if args.merge:
+        return _merge(args)
     if args.stage1 and not args.stage2:
         ap.error("--stage1 needs --stage2 (the two-stage cascade)")
     from ultrasound_ai.models.registry import list_models

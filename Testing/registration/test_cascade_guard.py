@@ -74,3 +74,29 @@ def test_refinement_recovers_from_a_wrong_start(case):
     assert report["kept"] == "refinement"
     # Cuts the error by 40 % or more (coarse test voxels; the elastic push moves the LC2 optimum off the rigid truth).
     assert sre(T, truth, case.surface_fixed) < 0.6 * sre(T0, truth, case.surface_fixed)
+
+
+class _TwoBasins:
+    """An LC²-like score of the translation alone: a weak narrow peak at the start (a side lobe) and the
+    true, stronger peak 14 mm away. Rotations leave it unchanged (the centre is the origin)."""
+
+    centre = np.zeros(3)
+
+    def __init__(self, peak):
+        self.peak = np.asarray(peak, dtype=np.float64)
+
+    def __call__(self, T):
+        t = np.asarray(T)[:3, 3]
+        return float(0.4 * np.exp(-np.sum(t ** 2) / 8.0) + np.exp(-np.sum((t - self.peak) ** 2) / 32.0))
+
+
+def test_capture_search_leaves_a_side_lobe_the_local_refinement_stays_in():
+    from ultrasound_ai.registration.similarity import capture_search, refine_lc2
+
+    metric = _TwoBasins([10.0, -8.0, 6.0])
+    T_local, _, _ = refine_lc2(metric, np.eye(4), step_mm=4.0, min_step_mm=1.0, max_evals=150)
+    assert np.linalg.norm(T_local[:3, 3]) < 2.0  # the defect: a compass search keeps to its own basin
+    T, value, evals, starts = capture_search(metric, metric, np.eye(4), reach_mm=12.0, grid_mm=6.0, keep=3)
+    assert np.linalg.norm(T[:3, 3] - metric.peak) < 1.0 and value > 0.99
+    assert starts[0][0] == [0.0, 0.0, 0.0] and len(starts) == 3  # the start itself is always refined too
+    assert evals >= 125

@@ -65,6 +65,7 @@ LC2_CHANNELS = ("label", "edge")
 # 7.5 %: on nine training-family cases (randomised phantom, seeds 600003..600012) refinement from the truth
 # raised LC2 by 1-6 % while drifting 1-4 mm, and from 8 mm by 8-56 %.
 GUARD_MARGIN = 0.075
+CAPTURE_SEARCH = False
 
 METHOD = "attention_reg"
 MODES = ("label", "image")
@@ -281,9 +282,18 @@ def _lc2_pair(data):
             LC2(fixed, label, moving, spacing_mm=1.5, patch=5, label_channels=LC2_CHANNELS))
 
 
+def _lc2_wide(data):
+    """The capture search's LC²: a 3 mm grid and 2 mm blur, cheap enough to score a grid of translations."""
+    from ultrasound_ai.registration.preprocessing import unpack_volumes
+    from ultrasound_ai.registration.similarity import LC2
+
+    fixed, label, moving = unpack_volumes(data)
+    return LC2(fixed, label, moving, spacing_mm=3.0, patch=5, blur_mm=2.0, label_channels=LC2_CHANNELS)
+
+
 def guarded_register(case_or_volumes, cascade: Cascade | None = None, initial=None, guard: bool = True,
                      refine: bool = False, progress: Callable[[float, str], None] | None = None,
-                     margin: float = GUARD_MARGIN):
+                     margin: float = GUARD_MARGIN, capture: bool = CAPTURE_SEARCH):
     """The cascade with the LC² guard after every stage and, with refine, an LC² refinement from the kept
     estimate (cascade None: refinement alone). A proposal (a stage's or the refinement's) is kept only when
     its LC² exceeds the current estimate's by more than `margin` (relative). Returns (T fixed -> moving,
@@ -324,11 +334,19 @@ def guarded_register(case_or_volumes, cascade: Cascade | None = None, initial=No
 
         if progress is not None:
             progress(len(stages) / max(n, 1), "LC2 refinement")
-        T1, _, n1 = refine_lc2(coarse, T, step_mm=4.0, min_step_mm=1.0, max_evals=150)
+        starts = None
+        if capture:
+            from ultrasound_ai.registration.similarity import capture_search
+
+            T1, _, n1, starts = capture_search(_lc2_wide(case_or_volumes), coarse, T)
+        else:
+            T1, _, n1 = refine_lc2(coarse, T, step_mm=4.0, min_step_mm=1.0, max_evals=150)
         T2, v2, n2 = refine_lc2(fine, T1, step_mm=1.0, min_step_mm=0.5, max_evals=100)
         v_coarse = coarse(T2)
         entry = {"stage": "refinement", "lc2_start": current, "lc2_proposal": v_coarse, "lc2_fine": v2,
                  "evaluations": n1 + n2, "kept": bool(better(v_coarse, current))}
+        if starts is not None:
+            entry["capture_starts"] = [{"offset_mm": o, "lc2": v} for o, v in starts]
         entry["reason"] = (f"the refinement raised LC2 by more than {margin:.0%}" if entry["kept"]
                            else f"the refinement raised LC2 by {margin:.0%} or less: the previous estimate is kept")
         if entry["kept"]:

@@ -27,7 +27,7 @@ from ultrasound_ai.core.geometry import params_to_matrix
 from ultrasound_ai.io.volume import Volume, resample_volume
 from ultrasound_ai.registration.preprocessing import label_bbox_ijk, label_centroid
 
-__all__ = ["LC2", "refine_lc2"]
+__all__ = ["LC2", "refine_lc2", "capture_search"]
 
 
 class LC2:
@@ -157,3 +157,33 @@ def refine_lc2(metric: LC2, T0, step_mm: float = 3.0, min_step_mm: float = 0.25,
         if not improved:
             step *= 0.5
     return T0 @ _about(c, x), best, evals
+
+
+def capture_search(wide: LC2, metric: LC2, T0, reach_mm: float = 12.0, grid_mm: float = 6.0, keep: int = 3,
+                   max_evals: int = 150) -> tuple[np.ndarray, float, int, list]:
+    """Widen the refinement's capture range: score `wide` (a coarse, blurred LC²) at the translations of a
+    cubic grid (multiples of grid_mm within reach_mm on each axis, about the gland centroid) from T0, then
+    refine T0 and the (keep - 1) best-scoring grid starts that score above T0 on `metric` by ``refine_lc2`` and
+    return the one with the highest `metric`: (T, value, evaluations, [(offset mm, value) per start]).
+    A compass search from a start 10-16 mm off can settle on a side lobe; the grid lets it begin in the
+    basin of the highest LC² instead."""
+    T0 = np.asarray(T0, dtype=np.float64)
+    n = int(np.floor(reach_mm / grid_mm + 1e-9))
+    ticks = grid_mm * np.arange(-n, n + 1)
+    offsets = np.array([(x, y, z) for x in ticks for y in ticks for z in ticks], dtype=np.float64)
+    c = wide.centre
+    scores = np.array([wide(T0 @ _about(c, np.r_[o, 0.0, 0.0, 0.0])) for o in offsets])
+    evals = len(offsets)
+    zero = int(np.argmin(np.abs(offsets).sum(axis=1)))
+    # Only grid starts that score above the start itself are worth a refinement (near the optimum, none do).
+    better = [int(i) for i in np.argsort(-scores, kind="stable") if int(i) != zero and scores[i] > scores[zero]]
+    order = [zero] + better[: max(keep - 1, 0)]
+    best, tried = None, []
+    for i in order:
+        T, v, k = refine_lc2(metric, T0 @ _about(c, np.r_[offsets[i], 0.0, 0.0, 0.0]), step_mm=4.0, min_step_mm=1.0,
+                             max_evals=max_evals)
+        evals += k
+        tried.append((offsets[i].tolist(), float(v)))
+        if best is None or v > best[1]:
+            best = (T, float(v))
+    return best[0], best[1], evals, tried

@@ -1,0 +1,32 @@
+"""The registration benchmark's --merge joins runs split with --skip/--cases into the one set's rows."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location(
+    "bench_registration", Path(__file__).parents[2] / "bench" / "bench_registration.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
+
+
+def _run(cases, values, ck=("s1.pt", "s2.pt")):
+    return {"checkpoints": list(ck), "tag": "t", "sets": {"registration-indep-v1": {"0": {
+        "initial": [0.0] * len(cases), "cases": cases, "+ refinement": values, "MI": [],
+        "seconds": {"+ refinement": [1.0] * len(cases)}}}}}
+
+
+def test_merge_concatenates_split_runs_in_order():
+    ck, merged = bench.merge_results([_run(["a", "b"], [0.1, 2.5]), _run(["c"], [0.3])])
+    out = merged["registration-indep-v1"]["0"]
+    assert ck == ["s1.pt", "s2.pt"]
+    assert out["cases"] == ["a", "b", "c"] and out["+ refinement"] == [0.1, 2.5, 0.3]
+    assert out["seconds"]["+ refinement"] == [1.0, 1.0, 1.0] and out["MI"] == []
+    # one case of three above 2 mm from the truth
+    assert bench._cell(out["+ refinement"], out["initial"], 0.0).endswith("; 33 %")
+
+
+def test_merge_refuses_runs_of_different_models():
+    with pytest.raises(SystemExit, match="different checkpoints"):
+        bench.merge_results([_run(["a"], [0.1]), _run(["b"], [0.2], ck=("other.pt", "s2.pt"))])

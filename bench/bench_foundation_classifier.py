@@ -5,12 +5,14 @@ ultrasound_ai/foundation/classifier_study.py). No timing claim.
 
     python bench/bench_foundation_classifier.py [--device cpu] [--output-dir runs/classifier_study]
         [--pretrain-encoder] [--cell INIT,FRACTION,SEED] [--seeds 0,1] [--steps N] [--no-write] [--note TEXT]
-        [--ship NAME]
+        [--ship NAME] [--probe]
 
 --pretrain-encoder trains (or resumes) the study's encoder (masked image modelling continued from
 usfm_vit_tiny_pretrained on images whose scanner settings are drawn across the broad training band),
 installs it as Resources/Models/usfm_vit_tiny_pretrained_wide.pt with its card, and exits; the cells
-fine-tune from that installed encoder.
+fine-tune from that installed encoder. --probe adds a linear probe of the encoders' mean-pooled features
+(random, usfm_vit_tiny_pretrained, the study's encoder), fitted on the labelled images and scored on the
+validation images: how much class information pre-training put into the features.
 
 --cell trains (or resumes) one cell only and exits, so cells can run as separate background processes;
 without it every missing cell is trained, then all are evaluated and the section written. --ship NAME
@@ -43,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--note", help="a paragraph appended to the section")
     ap.add_argument("--no-train", action="store_true", dest="no_train",
                     help="evaluate the cells already trained; train none (missing cells show as 'not run')")
+    ap.add_argument("--probe", action="store_true", help="add the linear probe of the encoders to the section")
     ap.add_argument("--ship", metavar="NAME", help="install the pre-trained 100 %% cell as Resources/Models/NAME.pt")
     from report import parse_bench_args
 
@@ -79,6 +82,14 @@ def main(argv=None) -> int:
                 cs.train_cell(s, init, fraction, seed)
     results = cs.evaluate_study(s)
     body = cs.format_table(results)
+    if args.probe:
+        rows = cs.linear_probe(s, {"random initialisation": None, "usfm_vit_tiny_pretrained": "usfm_vit_tiny_pretrained",
+                                   s["pretrained"]: s["pretrained"]}, s["fractions"])
+        body += ("\nLinear probe before fine-tuning (logistic regression on the mean-pooled features, fitted on the "
+                 "labelled images of label seed 0, scored on the validation images, training distribution):\n\n"
+                 "| encoder | labelled | train accuracy | validation accuracy | validation macro F1 |\n|---|---|---|---|---|\n"
+                 + "".join(f"| {r['encoder']} | {r['labelled']} | {r['train_accuracy']:.3f} | {r['val_accuracy']:.3f} | "
+                           f"{r['val_macro_f1']:.3f} |\n" for r in rows))
     if args.note:
         body += "\n" + args.note.strip() + "\n"
     print(body)

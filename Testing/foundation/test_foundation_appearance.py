@@ -122,3 +122,14 @@ def test_study_summary_means_per_arm_and_fraction():
     assert out["pretrained_f0.2"]["indep_accuracy_mean"] == pytest.approx(0.35)
     assert out["scratch_f1"]["heldout_accuracy_mean"] == pytest.approx(0.9) and set(out) == {
         "pretrained_f0.2", "scratch_f0.2", "scratch_f1"}
+
+
+def test_logistic_probe_separates_separable_features_and_not_noise():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    centres = rng.normal(0, 1, (3, 16)) * 3
+    x = centres[y] + rng.normal(0, 1, (300, 16))
+    predict = cs.fit_logistic(x[:200], y[:200], 3)
+    assert (predict(x[200:]) == y[200:]).mean() > 0.95
+    noise = rng.normal(0, 1, (300, 16))
+    assert (cs.fit_logistic(noise[:200], y[:200], 3)(noise[200:]) == y[200:]).mean() < 0.5

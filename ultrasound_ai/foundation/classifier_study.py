@@ -30,7 +30,8 @@ from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.foundation.bmode_sim import SCANNER_VARIATION
 
 __all__ = ["TRAIN_APPEARANCE", "TEST_APPEARANCE", "CLASSIFIER_STUDY", "cell_name", "cell_config", "train_cell",
-           "macro_f1", "confusion", "evaluate_study", "evaluate_checkpoint", "format_table", "ship"]
+           "macro_f1", "confusion", "evaluate_study", "evaluate_checkpoint", "format_table", "ship", "encoder_config",
+           "pretrain_encoder", "ship_encoder", "study_summary", "fit_logistic", "linear_probe"]
 
 # Scanner settings drawn per image (bmode_sim.APPEARANCE_KEYS). Training: the broad band real scanners span
 # (bmode_sim.SCANNER_VARIATION). The held-out test keeps the fixed narrow setting it has had since the study
@@ -297,6 +298,73 @@ def ship(run_folder, s: Mapping, name: str, models_dir, comparison=None, study: 
         f"validated on patient data. "
         f"Stored as float16.")
     return save_checkpoint(state, Path(models_dir) / f"{name}.pt", card, fp16=True)
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, k: int, c: float = 1.0):
+    """Multinomial logistic regression on standardised features (L2 penalty 1 / (2 C n), LBFGS); returns
+    predict(x) -> class indices."""
+    import torch
+
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xt = torch.tensor((x - mu) / sd, dtype=torch.float64)
+    yt = torch.as_tensor(np.asarray(y, dtype=np.int64))
+    w = torch.zeros(x.shape[1], k, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xt @ w + b, yt) + (w ** 2).sum() / (2 * c * len(yt))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+
+    def predict(z: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return (torch.tensor((z - mu) / sd, dtype=torch.float64) @ w + b).argmax(1).numpy()
+
+    return predict
+
+
+def linear_probe(s: Mapping, encoders: Mapping, fractions=(0.2, 1.0)) -> list[dict]:
+    """How much class information an encoder's mean-pooled features hold before any fine-tuning: a
+    logistic regression on them, fitted on the labelled training images (label seed 0) and scored on the
+    validation images (the training distribution; never the held-out or independent sets).
+    encoders: {label: installed name or .pt path, or None for a randomly initialised encoder}."""
+    import torch
+
+    from ultrasound_ai.foundation import datasets as ds
+    from ultrasound_ai.foundation.heads import build_model
+    from ultrasound_ai.foundation.training import load_pretrained_encoder
+    from ultrasound_ai.foundation.vit import vit_config
+
+    vit = vit_config(s["preset"])
+    pool = ds.simulated_set(s["train_seed"], s["train_count"], vit.img_size, [0, 1, 2], TRAIN_APPEARANCE)
+    val = ds.simulated_set(s["val_seed"], s["val_count"], vit.img_size, [0, 1, 2], TRAIN_APPEARANCE)
+
+    def arrays(items):
+        return (torch.from_numpy(np.stack([ds.to_model_input(it.image, vit.img_size) for it in items])).unsqueeze(1),
+                np.array([it.label for it in items]))
+
+    (xp, yp), (xv, yv) = arrays(pool), arrays(val)
+    rows = []
+    for label, name in encoders.items():
+        torch.manual_seed(0)
+        model = build_model({"task": "classify", "vit": vit.to_dict(), "num_classes": 3})
+        if name:
+            load_pretrained_encoder(model, name, vit)
+        model.eval()
+        with torch.no_grad():
+            fp, fv = (torch.cat([model.encoder(x[i:i + 50]) for i in range(0, len(x), 50)]).numpy() for x in (xp, xv))
+        for f in fractions:
+            keep = ds.label_subset(np.arange(len(yp)), f, 0)
+            predict = fit_logistic(fp[keep], yp[keep], 3)
+            rows.append({"encoder": label, "fraction": f, "labelled": int(len(keep)),
+                         "train_accuracy": float((predict(fp[keep]) == yp[keep]).mean()),
+                         "val_accuracy": float((predict(fv) == yv).mean()),
+                         "val_macro_f1": macro_f1(yv, predict(fv), 3)})
+    return rows
 
 
 def format_table(results: Mapping) -> str:

@@ -148,6 +148,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=simulate)
 
+    from ultrasound_ai.ulm.dml_inference import DEFAULT_STRIDE, DEFAULT_WINDOW_MODE, WINDOW_MODES  # numpy only
+
     p = verbs.add_parser("process", help="localize, track and render an acquisition (density, direction, velocity)")
     p.add_argument("acquisition", help="acquisition file (.h5: iq complex64 [T, Z, X] or bmode float32)")
     from ultrasound_ai.ulm.localizers import localizer_info, localizer_names
@@ -176,12 +178,13 @@ def add_parser(subparsers) -> None:
     add_argument(p, "--checkpoint", deprecated=("--model",), dest="model", default=None, metavar="NAME_OR_PT",
                  help="3DML-ResNet checkpoint (.pt or installed model name) for --method 3dml and for "
                       "--counting-network (default: the installed one)")
-    p.add_argument("--window-mode", choices=["sliding", "tiled"], default="sliding",
-                   help="3DML-ResNet windows: sliding (default: the paper's, slid by --window-stride, estimates "
-                        "averaged) or tiled (side by side, each frame predicted once: fastest, slightly less accurate)")
-    p.add_argument("--window-stride", type=int, default=2,
-                   help="stride of the sliding windows in frames (default 2: each frame predicted 4 times, as "
-                        "accurate as the paper's 1 and about 4x faster)")
+    p.add_argument("--window-mode", choices=list(WINDOW_MODES), default=DEFAULT_WINDOW_MODE,
+                   help="3DML-ResNet windows: inner (default: windows slid by their length - 2, each frame predicted "
+                        "once away from a window's edge; as accurate as the paper's sliding windows at 1/6 of their "
+                        "passes), sliding (the paper's, slid by --window-stride, estimates averaged) or tiled (side "
+                        "by side, each frame predicted once, a quarter of them at an edge: less accurate)")
+    p.add_argument("--window-stride", type=int, default=DEFAULT_STRIDE,
+                   help=f"stride of the sliding windows in frames (default {DEFAULT_STRIDE}; 1 = the paper's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=process)

@@ -37,7 +37,7 @@ import numpy as np
 
 from ultrasound_ai.core.errors import Cancelled, InputError
 
-from .dml_inference import WINDOW_MODES
+from .dml_inference import DEFAULT_STRIDE, DEFAULT_WINDOW_MODE, WINDOW_MODES
 from .localization import localize, to_mm
 from .localizers import (
     Localizer,
@@ -81,8 +81,8 @@ class UlmParams:
     resolution_factor: float = 10.0        # rendering pixel = wavelength / factor [--resolution-factor]
     device: str = "auto"                   # torch device for the SVD and networks [--device]
     model: Any = None                      # network model for learned methods (None = installed default) [--checkpoint]
-    window_mode: str = "sliding"           # 3DML-ResNet windows: "sliding" or "tiled" (each frame once) [--window-mode]
-    window_stride: int = 2                 # "sliding" windows' stride, frames (1 = the paper's) [--window-stride]
+    window_mode: str = DEFAULT_WINDOW_MODE  # 3DML-ResNet windows: "inner", "tiled" or "sliding" [--window-mode]
+    window_stride: int = DEFAULT_STRIDE    # "sliding" windows' stride, frames (1 = the paper's) [--window-stride]
 
     # True when the counting network was chosen by default (no count given), not asked for.
     counting_network_auto: bool = field(default=False, init=False, repr=False, compare=False)

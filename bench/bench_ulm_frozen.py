@@ -4,7 +4,8 @@ Rows per condition (bubbles per frame x noise level), pooled over the condition'
 - `rs` and `wa` with no option (the CLI default: N per frame from the counting network);
 - RS with a fixed N tuned on validation data (the classical baseline: the fast simulator's validation
   acquisitions of `bench_ulm_accuracy.tune_n`, never the test set);
-- `3dml` with no option (8-frame windows slid by 2, one detection per Pos peak, counting network);
+- `3dml` with no option ("inner" windows: 8-frame windows slid by 6, each frame estimated once away from
+  a window edge; one detection per Pos peak, counting network);
 - `3dml --window-mode tiled` (each frame predicted once);
 - the old path: the paper's 8-frame windows slid by one with the plain layout and arithmetic of
   before, the same post-processing (for the speed and equal-accuracy comparison);
@@ -51,7 +52,8 @@ def old_path_factory(peaks_only: bool = True):
         p = ctx.params
         return DmlLocalizationRunner(ctx.pixel_size_mm, ctx.origin_mm, ctx.wavelength_mm, model=p.model,
                                      device="cpu", bubbles_per_frame=p.bubbles_per_frame, window_mode="sliding",
-                                     window_stride=1, channels_last=False, fused=False, peaks_only=peaks_only,
+                                     window_stride=1, channels_last=False, fused=False, pad_single=False,
+                                     peaks_only=peaks_only,
                                      record_counts=ctx.record_counts)
     return factory
 

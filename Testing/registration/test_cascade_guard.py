@@ -100,3 +100,22 @@ def test_capture_search_leaves_a_side_lobe_the_local_refinement_stays_in():
     assert np.linalg.norm(T[:3, 3] - metric.peak) < 1.0 and value > 0.99
     assert starts[0][0] == [0.0, 0.0, 0.0] and len(starts) == 3  # the start itself is always refined too
     assert evals >= 125
+
+
+def test_refinement_beyond_its_reach_is_not_kept(case, monkeypatch):
+    """A refinement that jumps to a distant LC² optimum (seen on training-family cases: 9-17 mm from the
+    truth) is refused when it moves the gland farther than refine_reach_mm, whatever its LC² gain."""
+    import ultrasound_ai.registration.similarity as similarity
+    from ultrasound_ai.registration.inference import gland_motion_mm
+
+    truth = case.truth_fixed_to_moving
+    jump = truth.copy()
+    jump[:3, 3] += [12.0, 0.0, -9.0]  # 15 mm
+    monkeypatch.setattr(similarity, "refine_lc2", lambda metric, T0, **kw: (jump.copy(), 1.0, 1))
+    assert abs(gland_motion_mm(case, truth, jump) - 15.0) < 1e-6
+    T, report = guarded_register(case, None, initial=truth, refine=True, margin=-1.0, refine_reach_mm=8.0)
+    entry = report["stages"][-1]
+    assert np.allclose(T, truth) and not entry["kept"] and "reach" in entry["reason"]
+    assert abs(entry["moved_mm"] - 15.0) < 1e-6
+    T_free, _ = guarded_register(case, None, initial=truth, refine=True, margin=-1.0, refine_reach_mm=None)
+    assert np.allclose(T_free, jump)

@@ -66,6 +66,7 @@ LC2_CHANNELS = ("label", "edge")
 # raised LC2 by 1-6 % while drifting 1-4 mm, and from 8 mm by 8-56 %.
 GUARD_MARGIN = 0.075
 CAPTURE_SEARCH = False
+REFINE_REACH_MM = None
 
 METHOD = "attention_reg"
 MODES = ("label", "image")
@@ -282,6 +283,21 @@ def _lc2_pair(data):
             LC2(fixed, label, moving, spacing_mm=1.5, patch=5, label_channels=LC2_CHANNELS))
 
 
+def gland_motion_mm(data, T_a, T_b) -> float:
+    """Mean distance (mm) between where T_a and T_b put the fixed gland's boundary voxels (as SRE between them)."""
+    from scipy import ndimage
+
+    from ultrasound_ai.registration.preprocessing import unpack_volumes
+
+    _, label, _ = unpack_volumes(data)
+    mask = label.array != 0
+    edge = np.argwhere(mask & ~ndimage.binary_erosion(mask))
+    edge = edge[:: max(1, len(edge) // 4000)]
+    p = label.index_to_physical(edge[:, ::-1].astype(np.float64))
+    d = p @ (np.asarray(T_a)[:3, :3] - np.asarray(T_b)[:3, :3]).T + (np.asarray(T_a)[:3, 3] - np.asarray(T_b)[:3, 3])
+    return float(np.linalg.norm(d, axis=1).mean())
+
+
 def _lc2_wide(data):
     """The capture search's LC²: a 3 mm grid and 2 mm blur, cheap enough to score a grid of translations."""
     from ultrasound_ai.registration.preprocessing import unpack_volumes
@@ -293,7 +309,8 @@ def _lc2_wide(data):
 
 def guarded_register(case_or_volumes, cascade: Cascade | None = None, initial=None, guard: bool = True,
                      refine: bool = False, progress: Callable[[float, str], None] | None = None,
-                     margin: float = GUARD_MARGIN, capture: bool = CAPTURE_SEARCH):
+                     margin: float = GUARD_MARGIN, capture: bool = CAPTURE_SEARCH,
+                     refine_reach_mm: float | None = REFINE_REACH_MM):
     """The cascade with the LC² guard after every stage and, with refine, an LC² refinement from the kept
     estimate (cascade None: refinement alone). A proposal (a stage's or the refinement's) is kept only when
     its LC² exceeds the current estimate's by more than `margin` (relative). Returns (T fixed -> moving,
@@ -345,10 +362,17 @@ def guarded_register(case_or_volumes, cascade: Cascade | None = None, initial=No
         v_coarse = coarse(T2)
         entry = {"stage": "refinement", "lc2_start": current, "lc2_proposal": v_coarse, "lc2_fine": v2,
                  "evaluations": n1 + n2, "kept": bool(better(v_coarse, current))}
+        moved = gland_motion_mm(case_or_volumes, T, T2)
+        entry["moved_mm"] = moved
+        far = refine_reach_mm is not None and moved > refine_reach_mm
         if starts is not None:
             entry["capture_starts"] = [{"offset_mm": o, "lc2": v} for o, v in starts]
         entry["reason"] = (f"the refinement raised LC2 by more than {margin:.0%}" if entry["kept"]
                            else f"the refinement raised LC2 by {margin:.0%} or less: the previous estimate is kept")
+        if entry["kept"] and far:
+            entry["kept"] = False
+            entry["reason"] = (f"the refinement moved the gland {moved:.1f} mm, beyond its reach of "
+                               f"{refine_reach_mm:g} mm (a distant LC2 optimum): the previous estimate is kept")
         if entry["kept"]:
             T, current, report["kept"] = T2, v_coarse, "refinement"
         report["stages"].append(entry)

@@ -98,7 +98,16 @@ def evaluate_set(name: str, args, cascade, feature) -> dict:
             if "guard" in rows:
                 timed("two-stage + guard", lambda: guarded_register(case, cascade, initial=T0)[0])
             if "refine" in rows:
-                timed("+ refinement", lambda: guarded_register(case, cascade, initial=T0, refine=True)[0])
+                def refined():
+                    T, report = guarded_register(case, cascade, initial=T0, refine=True)
+                    entry = report["stages"][-1]  # the refinement: kept, or why not, and where it went
+                    out.setdefault("refinement", []).append({
+                        "kept": bool(entry["kept"]), "beyond_reach": bool(entry.get("beyond_reach", False)),
+                        "moved_mm": entry["moved_mm"], "proposal_sre_mm": sre(np.array(entry["proposal"]), truth, surf),
+                        "lc2_gain": entry["lc2_proposal"] / max(entry["lc2_start"], 1e-12) - 1.0})
+                    return T
+
+                timed("+ refinement", refined)
             if "lc2" in rows:
                 timed("LC² refinement alone", lambda: guarded_register(case, None, initial=T0, refine=True)[0])
             print(f"[{name}] {d.name} {lv:g} mm: " + ", ".join(

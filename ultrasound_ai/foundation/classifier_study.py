@@ -310,7 +310,7 @@ def fit_logistic(x: np.ndarray, y: np.ndarray, k: int, c: float = 1.0):
     yt = torch.as_tensor(np.asarray(y, dtype=np.int64))
     w = torch.zeros(x.shape[1], k, dtype=torch.float64, requires_grad=True)
     b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=300, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([w, b], max_iter=100, tolerance_grad=1e-5, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()

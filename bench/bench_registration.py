@@ -123,6 +123,24 @@ def _cell(values, initial, level) -> str:
     return f"{v.mean():.2f} ± {v.std():.2f} ({np.median(v):.2f}); {100 * worse:.0f} %"
 
 
+def _reach_lines(res: dict) -> list:
+    """What the refinement's reach changed, per level: the refinements it refused, and the "+ refinement" cell
+    without the reach (a refused refinement's proposal is what it would have kept: the run is deterministic)."""
+    lines = []
+    for lv, out in res.items():
+        rows = out.get("refinement", [])
+        if not rows or len(rows) != len(out["+ refinement"]):
+            continue
+        refused = [r for r in rows if r["beyond_reach"]]
+        free = [r["proposal_sre_mm"] if r["beyond_reach"] else v for r, v in zip(rows, out["+ refinement"])]
+        moves = ", ".join(f"{r['moved_mm']:.1f}" for r in refused) or "none"
+        lines.append(f"- from {lv} mm: {len(refused)} of {len(rows)} refinements refused for moving the gland more "
+                     f"than the reach (moves {moves} mm); without the reach: {_cell(free, out['initial'], float(lv))}")
+    if lines:
+        lines = ["", "The refinement's reach (`inference.REFINE_REACH_MM`):"] + lines
+    return lines
+
+
 def format_section(name: str, res: dict, args, checkpoints: list) -> str:
     spec = FROZEN_SETS[name]
     n = len(next(iter(res.values()))["initial"])
@@ -141,6 +159,7 @@ def format_section(name: str, res: dict, args, checkpoints: list) -> str:
     ]
     for lv, out in res.items():
         lines.append(f"| {lv} mm | " + " | ".join(_cell(out.get(r, []), out["initial"], float(lv)) for r in ROWS) + " |")
+    lines += _reach_lines(res)
     failures = {f"{r} at {lv} mm": len(v) for lv, out in res.items() for r, v in out.get("failures", {}).items()}
     if failures:
         lines += ["", "Failures (the method raised an error; its start counted as its result): "

@@ -30,3 +30,14 @@ def test_merge_concatenates_split_runs_in_order():
 def test_merge_refuses_runs_of_different_models():
     with pytest.raises(SystemExit, match="different checkpoints"):
         bench.merge_results([_run(["a"], [0.1]), _run(["b"], [0.2], ck=("other.pt", "s2.pt"))])
+
+
+def test_section_reports_the_refinement_without_its_reach():
+    run = _run(["a", "b"], [0.0, 16.0])
+    out = run["sets"]["registration-indep-v1"]["0"]
+    out["initial"] = [16.0, 16.0]
+    out["refinement"] = [{"kept": True, "beyond_reach": False, "moved_mm": 3.0, "proposal_sre_mm": 0.0, "lc2_gain": 0.2},
+                         {"kept": False, "beyond_reach": True, "moved_mm": 15.2, "proposal_sre_mm": 2.0, "lc2_gain": 0.3}]
+    lines = bench._reach_lines({"16": out})
+    assert "1 of 2 refinements refused" in lines[-1] and "15.2" in lines[-1]
+    assert lines[-1].endswith("without the reach: 1.00 ± 1.00 (1.00); 0 %")

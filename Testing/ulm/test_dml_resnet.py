@@ -282,6 +282,16 @@ def test_default_windows_estimate_each_frame_once_off_the_window_edges(tiny_chec
     assert starts == [0, 0, 0, 2, 2, 4, 4, 6, 6, 7, 7]
     positions = [e.index - s for e, s in zip(est, starts)]
     assert all(1 <= j <= 2 for j in positions[1:-1]) and positions[0] == 0 and positions[-1] == 3
+    # --window-stride below N - 2 averages several inner estimates (here 2 per frame, positions 1 and 2).
+    r = DmlLocalizationRunner(acq.pixel_size_mm, acq.origin_mm, acq.wavelength_mm, model=tiny_checkpoint,
+                              device="cpu", window_stride=1).runner
+    r.predict = toy_predictor([])
+    est = r.push(frames_with_index(9)) + r.finish()
+    assert (r.stride, r.m) == (1, 1) and [e.n_estimates for e in est] == [1, 1, 2, 2, 2, 2, 2, 1, 1]
+    assert est[4].maps[1, 0, 0] == pytest.approx((0.2 + 0.3) / 2)  # windows at 2 and 3
+    with pytest.raises(InputError, match="--window-stride"):
+        DmlLocalizationRunner(acq.pixel_size_mm, acq.origin_mm, acq.wavelength_mm, model=tiny_checkpoint,
+                              device="cpu", window_stride=3)
 
 
 def test_a_single_window_runs_in_a_batch_of_two_with_the_same_numbers():

@@ -183,8 +183,10 @@ def add_parser(subparsers) -> None:
                         "once away from a window's edge; as accurate as the paper's sliding windows at 1/6 of their "
                         "passes), sliding (the paper's, slid by --window-stride, estimates averaged) or tiled (side "
                         "by side, each frame predicted once, a quarter of them at an edge: less accurate)")
-    p.add_argument("--window-stride", type=int, default=DEFAULT_STRIDE,
-                   help=f"stride of the sliding windows in frames (default {DEFAULT_STRIDE}; 1 = the paper's)")
+    p.add_argument("--window-stride", type=int, default=None,
+                   help=f"3DML-ResNet windows' stride in frames: sliding windows (default {DEFAULT_STRIDE}; 1 = the "
+                        "paper's) or inner ones (default: the window length - 2, each frame predicted once; 3 = twice, "
+                        "averaged: a little more accurate, half the speed)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=process)

@@ -85,7 +85,8 @@ DEFAULT_WINDOW_MODE = "inner"
 # Frames dropped at each end of an "inner" window: the edge frame only (positions 1..N-2 were all as
 # good as the average of the paper's N estimates).
 INNER_MARGIN = 1
-# Stride of "sliding" windows when none is given (each frame predicted N/2 = 4 times).
+# Stride of "sliding" windows when none is given (each frame predicted N/2 = 4 times); "inner" windows
+# are slid by N - 2 unless a stride is given.
 DEFAULT_STRIDE = 2
 # Windows per network call in "inner"/"tiled" modes: per window, 3D convolutions on 2-3 windows ran
 # about 15 % faster than on 4 and 30 % faster than on 6 (activations stay in cache).
@@ -370,7 +371,7 @@ class DmlLocalizationRunner:
     """
 
     def __init__(self, pixel_size_mm, origin_mm, wavelength_mm=None, *, model=None, device="auto",
-                 bubbles_per_frame=None, window_mode: str = DEFAULT_WINDOW_MODE, window_stride: int = DEFAULT_STRIDE,
+                 bubbles_per_frame=None, window_mode: str = DEFAULT_WINDOW_MODE, window_stride: int | None = None,
                  window_frames: int | None = None, keep_margin: int | None = None, batch_windows: int | None = None,
                  channels_last: bool = True, fused: bool = True, pad_single: bool = True, peaks_only: bool = True,
                  record_counts: Callable | None = None):
@@ -387,12 +388,21 @@ class DmlLocalizationRunner:
             raise InputError(f"3DML-ResNet window mode: expected one of {list(WINDOW_MODES)}, got {window_mode!r}")
         side_by_side = window_mode != "sliding"
         # "inner"/"tiled" windows (the training length by default) keep only their frames at least
-        # keep_margin from the edges (default: 1 for "inner", 0 for "tiled") and are slid by n - 2 margins.
+        # keep_margin from the edges (default: 1 for "inner", 0 for "tiled") and are slid by n - 2 margins;
+        # "inner" windows may be slid by less (window_stride), then a frame's inner estimates are averaged.
         m = int((INNER_MARGIN if window_mode == "inner" else 0) if keep_margin is None else keep_margin)
         n = int(window_frames or self.net.config.window_frames)
         if side_by_side and n - 2 * m < 1:
             raise InputError(f"3DML-ResNet windows of {n} frames cannot keep a margin of {m} frames at each end")
-        stride = n - 2 * m if side_by_side else int(window_stride)
+        if window_mode == "sliding":
+            stride = int(window_stride or DEFAULT_STRIDE)
+        elif window_mode == "inner" and window_stride is not None:
+            stride = int(window_stride)
+            if not 1 <= stride <= n - 2 * m:
+                raise InputError(f"window stride (--window-stride) of inner windows: expected 1 to {n - 2 * m} frames "
+                                 f"(windows of {n} frames keeping {n - 2 * m}), got {window_stride}")
+        else:
+            stride = n - 2 * m
         # channels_last=False, fused=False, pad_single=False: the plain path of the past (for comparisons).
         # Windows longer than the training ones are scaled as those were (normalise_windows' group).
         predict = model_predictor(self.net, channels_last=channels_last, fused=fused,
@@ -453,7 +463,7 @@ def pipeline_counter(ctx) -> DmlFrameCounter:
 
 
 def localize_3dml(acquisition, *, model=None, device="auto", bubbles_per_frame=None,
-                  window_mode: str = DEFAULT_WINDOW_MODE, window_stride: int = DEFAULT_STRIDE, block_frames: int = 200,
+                  window_mode: str = DEFAULT_WINDOW_MODE, window_stride: int | None = None, block_frames: int = 200,
                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Localize every frame of an Acquisition (or an acquisition file path): [K, 4] (frame, z_mm, x_mm,
     intensity). Never reads the ground truth."""

@@ -37,7 +37,7 @@ import numpy as np
 
 from ultrasound_ai.core.errors import Cancelled, InputError
 
-from .dml_inference import DEFAULT_STRIDE, DEFAULT_WINDOW_MODE, WINDOW_MODES
+from .dml_inference import DEFAULT_WINDOW_MODE, WINDOW_MODES
 from .localization import localize, to_mm
 from .localizers import (
     Localizer,
@@ -82,7 +82,7 @@ class UlmParams:
     device: str = "auto"                   # torch device for the SVD and networks [--device]
     model: Any = None                      # network model for learned methods (None = installed default) [--checkpoint]
     window_mode: str = DEFAULT_WINDOW_MODE  # 3DML-ResNet windows: "inner", "tiled" or "sliding" [--window-mode]
-    window_stride: int = DEFAULT_STRIDE    # "sliding" windows' stride, frames (1 = the paper's) [--window-stride]
+    window_stride: int | None = None       # windows' stride, frames; None: N - 2 ("inner"), 2 ("sliding") [--window-stride]
 
     # True when the counting network was chosen by default (no count given), not asked for.
     counting_network_auto: bool = field(default=False, init=False, repr=False, compare=False)
@@ -112,7 +112,8 @@ class UlmParams:
         if int(self.max_gap) < 0:
             raise InputError(f"max gap: expected >= 0 frames, got {self.max_gap!r}")
         try:
-            stride_ok = int(self.window_stride) == self.window_stride and int(self.window_stride) >= 1
+            stride_ok = self.window_stride is None or (int(self.window_stride) == self.window_stride
+                                                       and int(self.window_stride) >= 1)
         except (TypeError, ValueError):
             stride_ok = False
         if not stride_ok:
@@ -228,7 +229,8 @@ def dml_localizer(ctx: LocalizerContext):
     return DmlLocalizationRunner(ctx.pixel_size_mm, ctx.origin_mm, ctx.wavelength_mm, model=p.model,
                                  device=ctx.device if ctx.device is not None else p.device,
                                  bubbles_per_frame=p.bubbles_per_frame, record_counts=ctx.record_counts,
-                                 window_mode=p.window_mode, window_stride=int(p.window_stride))
+                                 window_mode=p.window_mode,
+                                 window_stride=None if p.window_stride is None else int(p.window_stride))
 
 
 def _default_counter(ctx: LocalizerContext):

@@ -6,6 +6,7 @@ Rows per condition (bubbles per frame x noise level), pooled over the condition'
   acquisitions of `bench_ulm_accuracy.tune_n`, never the test set);
 - `3dml` with no option ("inner" windows: 8-frame windows slid by 6, each frame estimated once away from
   a window edge; one detection per Pos peak, counting network);
+- `3dml --window-stride 3` (inner windows slid by 3, two estimates per frame averaged);
 - `3dml --window-mode sliding` (windows slid by 2, estimates averaged: the previous default);
 - `3dml --window-mode tiled` (each frame predicted once);
 - the old path: the paper's 8-frame windows slid by one with the plain layout and arithmetic of
@@ -35,9 +36,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ROWS = ("rs", "wa", "rs-tuned", "3dml", "3dml-s2", "3dml-tiled", "3dml-sliding", "3dml-v0", "3dml-v0-count")
+ROWS = ("rs", "wa", "rs-tuned", "3dml", "3dml-i3", "3dml-s2", "3dml-tiled", "3dml-sliding", "3dml-v0", "3dml-v0-count")
 LABELS = {"rs": "RS (`--method rs`, counting network)", "wa": "WA (`--method wa`, counting network)",
           "rs-tuned": "RS, fixed N tuned on validation", "3dml": "3DML-ResNet (`--method 3dml`)",
+          "3dml-i3": "3DML-ResNet `--window-stride 3` (inner windows, 2 estimates per frame)",
           "3dml-s2": "3DML-ResNet `--window-mode sliding` (stride 2, the previous default)",
           "3dml-tiled": "3DML-ResNet `--window-mode tiled`",
           "3dml-sliding": "3DML-ResNet old path (stride 1, plain arithmetic, peaks)",
@@ -64,11 +66,13 @@ def _params(row: str, model, tuned_n: dict, bubbles: float):
     from ultrasound_ai.ulm.pipeline import UlmParams
 
     base = dict(device="cpu", model=model)
-    method = {"rs-tuned": "rs", "3dml-tiled": "3dml", "3dml-s2": "3dml", "3dml-sliding": "3dml-old", "3dml-v0-count": "3dml-v0"}.get(row, row)
+    method = {"rs-tuned": "rs", "3dml-tiled": "3dml", "3dml-s2": "3dml", "3dml-i3": "3dml", "3dml-sliding": "3dml-old", "3dml-v0-count": "3dml-v0"}.get(row, row)
     if row == "rs-tuned":
         base["bubbles_per_frame"] = tuned_n[bubbles]
     elif row == "3dml-tiled":
         base["window_mode"] = "tiled"
+    elif row == "3dml-i3":
+        base["window_stride"] = 3
     elif row == "3dml-s2":
         base["window_mode"] = "sliding"
     elif row == "3dml-v0":

@@ -133,9 +133,10 @@ def _reach_lines(res: dict) -> list:
             continue
         refused = [r for r in rows if r["beyond_reach"]]
         free = [r["proposal_sre_mm"] if r["beyond_reach"] else v for r, v in zip(rows, out["+ refinement"])]
-        moves = ", ".join(f"{r['moved_mm']:.1f}" for r in refused) or "none"
+        moves = ", ".join("%.1f" % r["moved_mm"] for r in refused)
+        moves = f" (moves {moves} mm)" if refused else ""
         lines.append(f"- from {lv} mm: {len(refused)} of {len(rows)} refinements refused for moving the gland more "
-                     f"than the reach (moves {moves} mm); without the reach: {_cell(free, out['initial'], float(lv))}")
+                     f"than the reach{moves}; without the reach: {_cell(free, out['initial'], float(lv))}")
     if lines:
         lines = ["", "The refinement's reach (`inference.REFINE_REACH_MM`):"] + lines
     return lines

@@ -62,14 +62,26 @@ def main(argv=None) -> int:
     if args.steps:
         over["schedule"] = {"steps": args.steps}
     s = cs.settings(over)
-    if args.pretrain_encoder:
+
+    def install_encoder():
         from report import BENCHMARKS
 
         res = cs.pretrain_encoder(s, progress_bar=False)
         card = cs.ship_encoder(s, BENCHMARKS.parent / "Resources" / "Models")
         print(json.dumps({"encoder": card["name"], "steps": res.steps, "best_step": res.best_step,
                           "best_metrics": res.best_metrics, "size_bytes": card["size_bytes"]}))
+
+    if args.pretrain_encoder:
+        install_encoder()
         return 0
+    if (args.cell or "").startswith("pretrained") or (not args.cell and not args.no_train):
+        from ultrasound_ai.core.errors import InputError
+        from ultrasound_ai.models.registry import find_model
+
+        try:
+            find_model(s["pretrained"])
+        except InputError:  # not installed (it is not shipped unless a classifier uses it): pre-train it first
+            install_encoder()
     if args.cell:
         init, fraction, seed = args.cell.split(",")
         res = cs.train_cell(s, init, float(fraction), int(seed), progress_bar=False)

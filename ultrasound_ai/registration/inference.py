@@ -71,9 +71,10 @@ GUARD_MARGIN = 0.075
 # (higher than at the truth's own optimum), so a wider search finds that wrong peak. A reach of 8 mm
 # would refuse the distant optima reached from the truth (8.7, 17.0 mm) but also sound refinements of 9.2-11.9
 # mm (from 8 and 16 mm starts), and a refinement from a 16 mm start no network improved must move ~16 mm. The reach: 12 mm, the least restrictive of the reaches
-# that did best on nine training-family cases (seeds 980015..980023, retrained stage 1): from the truth
+# that did best on nine training-family cases (seeds 980015..980023, the fine-tuned stage 1 at step 250): from the truth
 # 2.10 -> 0.21 mm, from 8 mm 4.40 -> 3.05 mm, from 16 mm unchanged (5.16 mm); the refusals were jumps of
-# 17 mm to a wrong LC² peak. Sound refinements there moved the gland 1-12 mm.
+# 17 mm to a wrong LC² peak. Sound refinements there moved the gland 1-12 mm. On registration-indep-v1 (never
+# used to choose) the reach refused four sound 13-18 mm refinements from 16 mm: see BENCHMARKS.md.
 CAPTURE_SEARCH = False
 REFINE_REACH_MM = 12.0
 

@@ -180,8 +180,8 @@ def add_parser(subparsers) -> None:
                       "--counting-network (default: the installed one)")
     p.add_argument("--window-mode", choices=list(WINDOW_MODES), default=DEFAULT_WINDOW_MODE,
                    help="3DML-ResNet windows: inner (default: windows slid by their length - 2, each frame predicted "
-                        "once away from a window's edge; as accurate as the paper's sliding windows at 1/6 of their "
-                        "passes), sliding (the paper's, slid by --window-stride, estimates averaged) or tiled (side "
+                        "once away from a window's edge; within about 0.01 Jaccard of the paper's sliding windows at 1/6 "
+                        "of their passes), sliding (the paper's, slid by --window-stride, estimates averaged) or tiled (side "
                         "by side, each frame predicted once, a quarter of them at an edge: less accurate)")
     p.add_argument("--window-stride", type=int, default=None,
                    help=f"3DML-ResNet windows' stride in frames: sliding windows (default {DEFAULT_STRIDE}; 1 = the "

@@ -45,7 +45,7 @@ CLASSIFIER_STUDY: dict = {
     "device": "auto",
     "preset": "tiny",
     "pretrained": "usfm_vit_tiny_pretrained_wide",
-    # The encoder both the study and the shipped classifier start from: masked image modelling continued
+    # The encoder the study's pre-trained arm starts from: masked image modelling continued
     # from usfm_vit_tiny_pretrained on unlabelled images drawn across TRAIN_APPEARANCE (a narrowly
     # pre-trained encoder has never seen most scanner settings, so fine-tuning gains nothing from it).
     "encoder": {"init": "usfm_vit_tiny_pretrained", "train_seed": 1_100_000, "train_count": 4096, "val_seed": 150_000,
@@ -132,7 +132,7 @@ def ship_encoder(s: Mapping, models_dir) -> dict:
         f"{tr.get('steps', e['steps'])} steps, batch {e['batch_size']}, lr {e['lr']}, on {e['train_count']} "
         f"unlabelled simulated images (seed {e['train_seed']}) whose scanner settings are drawn per image from "
         f"{json.dumps(TRAIN_APPEARANCE)} (bmode_sim.SCANNER_VARIATION: compression, PSF and focus, gain, TGC, "
-        f"scatterer density, noise, lesion contrast and size). The encoder of usfm_cls_lesion. Trained on "
+        f"scatterer density, noise, lesion contrast and size). The encoder the classifier study fine-tunes from. Trained on "
         f"simulated images only: not validated on patient data. Stored as float16.")
     return save_checkpoint(state, Path(models_dir) / f"{name}.pt", card, fp16=True)
 

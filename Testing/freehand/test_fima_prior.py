@@ -1,12 +1,22 @@
 """FiMA's IMU orientation prior (imu_rotation_prior) and the training simulator's varied motion."""
 
 import numpy as np
+import pytest
 import torch
 
 from ultrasound_ai.core.geometry import chain_relative, params_to_matrix
 from ultrasound_ai.freehand.fima.model import FimaNet, imu_pair_inputs, make_config
 from ultrasound_ai.freehand.metrics import mea
 from ultrasound_ai.freehand.simulation.trajectories import generate_trajectory
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Small networks and sweeps gain nothing from a second thread; on a busy machine it cost up to 30x.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_prior_starts_as_the_imu_rotation_and_chains_without_drift(small_sweep):
@@ -74,17 +84,15 @@ def test_rotation_from_imus_replaces_the_head_angles_and_chains_with_the_imus(sm
 def test_shipped_fima_takes_its_rotation_from_the_imus(small_sweep):
     """The shipped card turns rotation_from_imus on: through the method the chained rotation follows the IMUs;
     the parameter turns it off, and an images-only variant refuses it."""
-    import pytest
-
     from ultrasound_ai.core.errors import InputError
     from ultrasound_ai.freehand.fima.method import method_options
     from ultrasound_ai.freehand.methods import get_method
 
     sweep, _ = small_sweep
     est = get_method("fima").estimate(sweep, device="cpu")  # the registry hides the truth from the method
+    off = get_method("fima").estimate(sweep, device="cpu", rotation_from_imus=False)
     assert est.attrs["rotation_from_imus"] is True
     assert mea(est.tforms, sweep.tforms) < 0.6
-    off = get_method("fima").estimate(sweep, device="cpu", rotation_from_imus=False)
     assert off.attrs["rotation_from_imus"] is False
     assert not np.allclose(off.tforms[-1][:3, :3], est.tforms[-1][:3, :3], atol=1e-4)
     with pytest.raises(InputError, match="rotation_from_imus"):

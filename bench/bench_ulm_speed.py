@@ -20,7 +20,6 @@ and tracked Jaccard of each say whether the accuracy is equal (`--dml-frames 0` 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -194,7 +193,6 @@ def main(argv=None) -> int:
 
     table = markdown_table(["stage", "ours (frames/s)", "peer (frames/s)", "peer", "accuracy / notes"],
                            svd_rows + rows)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     body = (
         f"Data: `ultrasound_ai.ulm.simulator` version {acq.attrs.get('ulm_sim_version')}, seed {args.seed}, "
         f"{T} frames of {Z}×{X} IQ (λ = {lam * 1000:.2f} µm pixels, 1 kHz), {args.bubbles:g} bubbles per frame, "
@@ -203,9 +201,7 @@ def main(argv=None) -> int:
         f"against the ground truth with PALA's metrics (λ/4 true-positive radius). torch threads: "
         f"{args.threads}. Best of {args.repeats} runs (numpy SVD: 1 run).\n\n{table}\n\n"
         + "".join(f"- {n}\n" for n in notes)
-        + f"- Load average when measured: {load:.1f} (this machine is shared; timings on a busy machine are "
-          f"pessimistic for every column alike).\n"
-    )
+    )  # the load before, during and after is the harness's Load line
     print(body)
     if not args.no_write:
         write_section("ulm_speed", "ULM speed per stage", body)

@@ -1,4 +1,4 @@
-"""Shared pytest setup: one torch thread setting, a hypothesis profile, and the gpu marker."""
+"""Shared pytest setup: torch thread settings, a hypothesis profile, and the gpu marker."""
 
 import os
 
@@ -15,6 +15,20 @@ try:
     settings.load_profile("ultrasound_ai")
 except ImportError:  # pragma: no cover - hypothesis is part of the test extra
     pass
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tiny networks, then the session's setting back.
+
+    A second intra-op thread gains tiny models nothing and, on a busy 2-core machine, slows them severalfold.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def pytest_configure(config):

@@ -142,13 +142,7 @@ MICRO = {"preset": "micro"}
 SCHED = {"batch_size": 8, "warmup_steps": 3, "log_every": 5, "checkpoint_every": 100}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: one thread is as fast alone and far faster on a loaded shared machine (no spinning).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # Testing/conftest.py
 
 
 @pytest.fixture(scope="module")

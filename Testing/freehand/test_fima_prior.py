@@ -9,14 +9,7 @@ from ultrasound_ai.freehand.fima.model import FimaNet, imu_pair_inputs, make_con
 from ultrasound_ai.freehand.metrics import mea
 from ultrasound_ai.freehand.simulation.trajectories import generate_trajectory
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small networks and sweeps gain nothing from a second thread; on a busy machine it cost up to 30x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # Testing/conftest.py
 
 
 def test_prior_starts_as_the_imu_rotation_and_chains_without_drift(small_sweep):

@@ -22,16 +22,6 @@ from ultrasound_ai.freehand.simulation.simulator import simulate_sweep
 SP = 0.3  # tiny ReM at 0.3-mm pixels on 48 x 48 frames (14 mm): speckle is resolved, and it trains fast
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    # The tiny models gain nothing from intra-op threads, and a second thread on a busy 2-core machine
-    # slows them down severalfold; restore the session's setting afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------ (a) training
 
 

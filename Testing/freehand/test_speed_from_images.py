@@ -80,14 +80,6 @@ def eval_correlation(result, seeds=EVAL_SEEDS) -> float:
     return float(np.mean(rs))
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("motion,strides,reads_images", [("varied", (1, 2), True), ("constant", (1,), False)])
 def test_only_speed_varying_apart_from_anatomy_makes_the_images_matter(tmp_path, one_thread, motion, strides,
                                                                       reads_images):

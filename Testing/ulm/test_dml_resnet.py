@@ -23,14 +23,7 @@ from ultrasound_ai.ulm.dml_resnet import (
     normalise_windows,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions run faster on one thread than on two contended ones.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # Testing/conftest.py
 
 
 @pytest.fixture(scope="module")

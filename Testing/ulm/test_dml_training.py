@@ -37,15 +37,6 @@ def tiny_config(out, steps=250, **schedule):
             "model": {"preset": "tiny"}, "data": dict(TINY_DATA), "schedule": sched}
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny convolutions run faster on one thread than on two contended ones.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ----------------------------------------------------------------------------------------- targets
 
 

@@ -294,18 +294,13 @@ def _lc2_pair(data):
 
 
 def gland_motion_mm(data, T_a, T_b) -> float:
-    """Mean distance (mm) between where T_a and T_b put the fixed gland's boundary voxels (as SRE between them)."""
-    from scipy import ndimage
-
+    """Mean distance (mm) between where T_a and T_b put the fixed gland's boundary (the SRE between them)."""
+    from ultrasound_ai.registration.case import surface_points_from_label
+    from ultrasound_ai.registration.metrics import sre
     from ultrasound_ai.registration.preprocessing import unpack_volumes
 
     _, label, _ = unpack_volumes(data)
-    mask = label.array != 0
-    edge = np.argwhere(mask & ~ndimage.binary_erosion(mask))
-    edge = edge[:: max(1, len(edge) // 4000)]
-    p = label.index_to_physical(edge[:, ::-1].astype(np.float64))
-    d = p @ (np.asarray(T_a)[:3, :3] - np.asarray(T_b)[:3, :3]).T + (np.asarray(T_a)[:3, 3] - np.asarray(T_b)[:3, 3])
-    return float(np.linalg.norm(d, axis=1).mean())
+    return sre(T_a, T_b, surface_points_from_label(label, max_points=4000))
 
 
 def _lc2_wide(data):

@@ -101,10 +101,14 @@ def evaluate_set(name: str, args, cascade, feature) -> dict:
                 def refined():
                     T, report = guarded_register(case, cascade, initial=T0, refine=True)
                     entry = report["stages"][-1]  # the refinement: kept, or why not, and where it went
+                    start_sre = sre(np.array(entry["start"]), truth, surf)
                     out.setdefault("refinement", []).append({
                         "kept": bool(entry["kept"]), "beyond_reach": bool(entry.get("beyond_reach", False)),
+                        "within_noise": bool(entry.get("within_noise", False)), "start_sre_mm": start_sre,
                         "moved_mm": entry["moved_mm"], "proposal_sre_mm": sre(np.array(entry["proposal"]), truth, surf),
                         "lc2_gain": entry["lc2_proposal"] / max(entry["lc2_start"], 1e-12) - 1.0})
+                    if "guard" not in rows:  # the refinement starts from the guarded cascade's result
+                        out["two-stage + guard"].append(start_sre)
                     return T
 
                 timed("+ refinement", refined)
@@ -137,8 +141,15 @@ def _reach_lines(res: dict) -> list:
         moves = f" (moves {moves} mm)" if refused else ""
         lines.append(f"- from {lv} mm: {len(refused)} of {len(rows)} refinements refused for moving the gland more "
                      f"than the reach{moves}; without the reach: {_cell(free, out['initial'], float(lv))}")
+        near = [r for r in rows if r.get("within_noise")]
+        if near:
+            free = [r["proposal_sre_mm"] if r.get("within_noise") else v for r, v in zip(rows, out["+ refinement"])]
+            moves = ", ".join("%.1f" % r["moved_mm"] for r in near)
+            lines.append(f"  {len(near)} refused for moving it less than the dead zone (moves {moves} mm); without "
+                         f"the dead zone: {_cell(free, out['initial'], float(lv))}")
     if lines:
-        lines = ["", "The refinement's reach (`inference.REFINE_REACH_MM`):"] + lines
+        lines = ["", "The refinement's reach (`inference.REFINE_REACH_MM`) and dead zone "
+                 "(`inference.REFINE_MIN_MOVE_MM`):"] + lines
     return lines
 
 

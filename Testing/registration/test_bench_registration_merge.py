@@ -41,3 +41,14 @@ def test_section_reports_the_refinement_without_its_reach():
     lines = bench._reach_lines({"16": out})
     assert "1 of 2 refinements refused" in lines[-1] and "15.2" in lines[-1]
     assert lines[-1].endswith("without the reach: 1.00 ± 1.00 (1.00); 0 %")
+
+
+def test_section_reports_the_refinement_without_its_dead_zone():
+    run = _run(["a", "b"], [0.0, 0.0])
+    out = run["sets"]["registration-indep-v1"]["0"]
+    out["refinement"] = [{"kept": False, "beyond_reach": False, "within_noise": True, "moved_mm": 2.6,
+                          "proposal_sre_mm": 2.6, "lc2_gain": 0.09},
+                         {"kept": False, "beyond_reach": False, "moved_mm": 1.0, "proposal_sre_mm": 1.0, "lc2_gain": 0.01}]
+    lines = bench._reach_lines({"0": out})
+    assert "1 refused for moving it less than the dead zone (moves 2.6 mm)" in lines[-1]
+    assert lines[-1].endswith("without the dead zone: 1.30 ± 1.30 (1.30); 50 %")

@@ -119,3 +119,23 @@ def test_refinement_beyond_its_reach_is_not_kept(case, monkeypatch):
     assert abs(entry["moved_mm"] - 15.0) < 1e-6
     T_free, _ = guarded_register(case, None, initial=truth, refine=True, margin=-1.0, refine_reach_mm=None)
     assert np.allclose(T_free, jump)
+
+
+def test_refinement_within_lc2_localisation_error_keeps_the_start(case, monkeypatch):
+    """From a well-aligned start, LC²'s optimum lies a few mm off the rigid truth (probe push, elastic
+    deformation) with a gain above the margin; a refinement that moves the gland less than
+    REFINE_MIN_MOVE_MM cannot be told from that bias, so the default keeps the start."""
+    import ultrasound_ai.registration.similarity as similarity
+    from ultrasound_ai.registration.inference import REFINE_MIN_MOVE_MM, gland_motion_mm
+
+    truth = case.truth_fixed_to_moving
+    drift = truth.copy()
+    drift[:3, 3] += [1.2, -1.6, 0.0]  # 2 mm: the size of the drift seen from the truth
+    monkeypatch.setattr(similarity, "refine_lc2", lambda metric, T0, **kw: (drift.copy(), 1.0, 1))
+    assert abs(gland_motion_mm(case, truth, drift) - 2.0) < 1e-6 < REFINE_MIN_MOVE_MM - 2.0
+    T, report = guarded_register(case, None, initial=truth, refine=True, margin=-1.0)
+    entry = report["stages"][-1]
+    assert np.allclose(T, truth) and not entry["kept"] and entry["within_noise"]
+    assert report["kept"] == "start" and "localisation" in entry["reason"]
+    T_free, report = guarded_register(case, None, initial=truth, refine=True, margin=-1.0, refine_min_move_mm=0.0)
+    assert np.allclose(T_free, drift) and report["kept"] == "refinement"

@@ -106,7 +106,9 @@ def evaluate_set(name: str, args, cascade, feature) -> dict:
                         "kept": bool(entry["kept"]), "beyond_reach": bool(entry.get("beyond_reach", False)),
                         "within_noise": bool(entry.get("within_noise", False)), "start_sre_mm": start_sre,
                         "moved_mm": entry["moved_mm"], "proposal_sre_mm": sre(np.array(entry["proposal"]), truth, surf),
-                        "lc2_gain": entry["lc2_proposal"] / max(entry["lc2_start"], 1e-12) - 1.0})
+                        "lc2_gain": entry["lc2_proposal"] / max(entry["lc2_start"], 1e-12) - 1.0,
+                        "kept_before": next((e["stage"] for e in reversed(report["stages"][:-1]) if e["kept"]), "start"),
+                        "start": entry["start"], "proposal": entry["proposal"]})  # to judge other acceptance rules
                     if "guard" not in rows:  # the refinement starts from the guarded cascade's result
                         out["two-stage + guard"].append(start_sre)
                     return T

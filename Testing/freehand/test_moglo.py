@@ -102,6 +102,27 @@ def test_model_shapes_units_and_config_errors():
     assert make_config("paper", corr_layout="centres").corr_channels == 256
 
 
+
+def test_frame_normalisation_makes_the_output_blind_to_each_frames_gain_and_offset():
+    """input_normalisation="frame" standardises every frame on its own (issue 15: with gain, TGC and dynamic
+    range randomised per sweep the fixed x / 127.5 - 1 mapping let a tiny model reach r 0.07 on unseen
+    appearance, per-frame standardisation 0.61), so a per-frame gain and offset change nothing; the
+    shipped default ("fixed") does see them."""
+    torch.manual_seed(0)
+    frames = torch.randint(20, 200, (2, 5, 64, 64)).float()
+    gain = torch.tensor([0.5, 1.0, 1.3, 0.8, 1.1]).view(1, 5, 1, 1)
+    offset = torch.tensor([10.0, -5.0, 0.0, 30.0, 3.0]).view(1, 5, 1, 1)
+    outs = {}
+    for norm in ("fixed", "frame"):
+        model = MogloNet(make_config("tiny", input_normalisation=norm)).eval()
+        with torch.no_grad():
+            outs[norm] = (model(frames).params, model(frames * gain + offset).params)
+    assert torch.allclose(*outs["frame"], atol=1e-4)
+    assert not torch.allclose(*outs["fixed"], atol=1e-4)
+    assert make_config("tiny").input_normalisation == "fixed"
+    with pytest.raises(InputError, match="input_normalisation"):
+        make_config("tiny", input_normalisation="clip")
+
 def test_cbam_and_global_local_attention():
     x = torch.randn(3, 32, 4, 4)
     assert ChannelAttention(32, 16)(x).shape == (3, 32, 1, 1)

@@ -3,7 +3,8 @@
 Facts from the paper and the authors' public code. Data flow for a batch of B clips of T frames
 (S = T - 1 consecutive pairs; the paper uses T = 5 at 256 x 256 px)::
 
-    frames [B, T, H, W] (0..255) -> x / 127.5 - 1 -> every frame through the shared encoder_1
+    frames [B, T, H, W] (0..255) -> x / 127.5 - 1 (input_normalisation "frame": (x - mean) / 3 sd per frame)
+      -> every frame through the shared encoder_1
       (7x7/2 conv, BN, ReLU, residual blocks, one stride-2 block)      f_i [C1 = w, H/4, W/4]
     correlation(f_i, f_{i+1}): 3x3 kernels at patch centres (stride 4 on H/4) against a +-8 px search
       window -> 15 x 15 = 225 cosine costs per centre                   cv  [225, H/16, W/16]
@@ -66,6 +67,9 @@ _EPS = 1e-6
 # ------------------------------------------------------------------------------------------------
 
 
+INPUT_NORMALISATIONS = ("fixed", "frame")
+
+
 @dataclass(frozen=True)
 class MogloConfig:
     """Everything that fixes the network's shape (stored in model cards via `to_dict`).
@@ -88,6 +92,9 @@ class MogloConfig:
     corr_grad: bool = False
     attention_reduction: int = 16
     lstm_hidden: Optional[int] = None  # default 8w
+    # "fixed": x / 127.5 - 1 (the paper). "frame": each frame standardised on its own, (x - mean) / (3 sd),
+    # so gain, TGC and dynamic range that differ between scanners cannot swamp the speckle decorrelation.
+    input_normalisation: str = "fixed"
 
     def __post_init__(self):
         h, w = self.frame_shape
@@ -103,6 +110,9 @@ class MogloConfig:
             raise InputError("MogloConfig: base_width >= 1 and four block counts >= 2 expected")
         if self.pixel_spacing_mm <= 0:
             raise InputError("MogloConfig.pixel_spacing_mm must be positive")
+        if self.input_normalisation not in INPUT_NORMALISATIONS:
+            raise InputError(f"MogloConfig.input_normalisation must be one of {INPUT_NORMALISATIONS}, "
+                             f"got {self.input_normalisation!r}")
 
     @property
     def n_displacements(self) -> int:
@@ -402,7 +412,12 @@ class MogloNet(nn.Module):
                              f"{tuple(c.frame_shape)} (resample with freehand.sweep_windows)")
         B, T, H, W = frames.shape
         S = T - 1
-        x = frames.to(self.param_mean.dtype) / 127.5 - 1.0
+        x = frames.to(self.param_mean.dtype)
+        if c.input_normalisation == "frame":
+            mean = x.mean(dim=(-2, -1), keepdim=True)
+            x = (x - mean) / (3.0 * x.std(dim=(-2, -1), keepdim=True).clamp_min(1.0))
+        else:
+            x = x / 127.5 - 1.0
         f = self.encoder_1(self.stem(x.reshape(B * T, 1, H, W)))  # each frame once, shared encoder
         f = f.reshape(B, T, *f.shape[1:])
         f1 = f[:, :-1].reshape(B * S, *f.shape[2:])

@@ -350,7 +350,9 @@ class MogloTask:
                 "pixel_spacing_mm": [mcfg.pixel_spacing_mm, mcfg.pixel_spacing_mm],
                 "clip_frames": mcfg.clip_frames,
                 "imus": 0,
-                "intensity_normalisation": "uint8 0..255 -> x / 127.5 - 1 (in the network)",
+                "intensity_normalisation": ("uint8 0..255 -> per frame (x - mean) / (3 sd), sd >= 1 (in the network)"
+                                            if mcfg.input_normalisation == "frame"
+                                            else "uint8 0..255 -> x / 127.5 - 1 (in the network)"),
                 "resampling": ("frames resampled onto a grid of frame_shape_hw at pixel_spacing_mm (x first) "
                                "centred laterally, from the top row (transducer face) in depth; linear, anti-aliased "
                                "when shrinking; 0 outside"),

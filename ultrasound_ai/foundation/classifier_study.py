@@ -44,6 +44,9 @@ CLASSIFIER_STUDY: dict = {
     "output_dir": "runs/classifier_study",
     "device": "auto",
     "preset": "tiny",
+    # Both arms pool the final tokens with heads.AttentionPool: a lesion covers a few of the 64 patches,
+    # and averaging it with the background tokens (USFM's mean pooling) dilutes its signal.
+    "pooling": "attention",
     "pretrained": "usfm_vit_tiny_pretrained_wide",
     # The encoder the study's pre-trained arm starts from: masked image modelling continued
     # from usfm_vit_tiny_pretrained on unlabelled images drawn across TRAIN_APPEARANCE (a narrowly
@@ -80,7 +83,8 @@ def cell_config(s: Mapping, init: str, fraction: float, seed: int) -> dict:
         "method": "usfm", "name": f"usfm_cls_{cell_name(init, fraction, seed)}",
         "output_dir": str(Path(s["output_dir"]) / cell_name(init, fraction, seed)), "seed": int(seed),
         "device": s["device"],
-        "model": {"preset": s["preset"], "pretrained": s["pretrained"] if init == "pretrained" else None},
+        "model": {"preset": s["preset"], "pretrained": s["pretrained"] if init == "pretrained" else None,
+                  "pooling": s["pooling"]},
         "data": {"source": "simulate", "train_seed": s["train_seed"], "train_count": s["train_count"],
                  "val_seed": s["val_seed"], "val_count": s["val_count"], "classes": [0, 1, 2],
                  "appearance": copy.deepcopy(TRAIN_APPEARANCE), "label_fraction": float(fraction),
@@ -288,7 +292,7 @@ def ship(run_folder, s: Mapping, name: str, models_dir, comparison=None, study: 
     card["description"] = (
         f"Benign / malignant / normal classification of B-mode images (BUSI's classes): the shipped "
         f"{s['pretrained']} encoder (ViT-Tiny, 128 px at 0.3125 mm, 1 channel) + a linear head on the "
-        f"mean-pooled tokens, fine-tuned {total} steps (best.pt at step {held['best_step']}, chosen on validation "
+        f"{_pooled(s)} tokens, fine-tuned {total} steps (best.pt at step {held['best_step']}, chosen on validation "
         f"accuracy) on {held['labelled']} labelled simulated images "
         f"(scanner settings drawn per image from {json.dumps(TRAIN_APPEARANCE)}). Held-out test ({len(arrays[1])} "
         f"simulated images, seed {s['test_seed']}, a fixed setting {json.dumps(TEST_APPEARANCE)} never used for "
@@ -367,6 +371,10 @@ def linear_probe(s: Mapping, encoders: Mapping, fractions=(0.2, 1.0)) -> list[di
     return rows
 
 
+def _pooled(s: Mapping) -> str:
+    return "attention-pooled" if s.get("pooling") == "attention" else "mean-pooled"
+
+
 def format_table(results: Mapping) -> str:
     """Markdown table (mean ± std over seeds) with the data and schedule facts."""
     s = results["settings"]
@@ -374,8 +382,8 @@ def format_table(results: Mapping) -> str:
     lines = ["| test set | encoder | " + " | ".join(f"accuracy @ {f * 100:g} % | macro F1 @ {f * 100:g} %" for f in fr)
              + " |", "|" + "---|" * (2 * len(fr) + 2)]
     for prefix, set_label in (("", "held-out settings (simulator)"), ("indep_", "independent family bmode-indep-v1")):
-        for init, label in (("pretrained", f"pre-trained ({s['pretrained']}) + linear head"),
-                            ("scratch", "same ViT-Tiny from scratch + linear head")):
+        for init, label in (("pretrained", f"pre-trained ({s['pretrained']}) + {_pooled(s)} head"),
+                            ("scratch", f"same ViT-Tiny from scratch + {_pooled(s)} head")):
             cells = []
             for f in fr:
                 rs = [r for r in results["runs"] if r["init"] == init and r["fraction"] == f]

@@ -20,7 +20,7 @@ from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.foundation.vit import VisionTransformer, ViTConfig, vit_config
 
 __all__ = ["SimMIMDecoder", "MaskedImageModel", "UPerNetHead", "SegmentationModel", "ClassificationHead",
-           "ClassificationModel", "feature_blocks", "build_model", "TASKS"]
+           "ClassificationModel", "AttentionPool", "POOLINGS", "feature_blocks", "build_model", "TASKS"]
 
 TASKS = ("pretrain", "segment", "classify")
 
@@ -156,17 +156,50 @@ class ClassificationHead(nn.Module):
         return self.fc(self.dropout(pooled))
 
 
+class AttentionPool(nn.Module):
+    """Multi-head attention pooling (a learned query attends over the patch tokens, then an MLP), as in
+    the MAP head of big_vision's ViT: a small lesion's tokens can carry the image-level feature instead of
+    being averaged with ~60 background tokens."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        nn.init.trunc_normal_(self.query, std=0.02)
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        hidden = int(dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x, _ = self.attn(self.query.expand(tokens.shape[0], -1, -1), tokens, tokens, need_weights=False)
+        x = x[:, 0]
+        return x + self.mlp(self.norm(x))
+
+
+POOLINGS = ("mean", "attention")
+
+
 class ClassificationModel(nn.Module):
-    def __init__(self, cfg: ViTConfig, num_classes: int, dropout: float = 0.0):
+    """Encoder + linear classifier on pooled patch tokens. pooling "mean": the encoder's mean-pooled,
+    fc_norm-ed feature (USFM / BEiT fine-tuning); "attention": an AttentionPool over the final tokens."""
+
+    def __init__(self, cfg: ViTConfig, num_classes: int, dropout: float = 0.0, pooling: str = "mean"):
         super().__init__()
         if num_classes < 2:
             raise InputError(f"classification num_classes: expected >= 2, got {num_classes}")
+        if pooling not in POOLINGS:
+            raise InputError(f"classification pooling: expected one of {list(POOLINGS)}, got {pooling!r}")
         self.encoder = VisionTransformer(cfg)
+        self.pooling = pooling
+        self.pool = AttentionPool(cfg.embed_dim, cfg.num_heads) if pooling == "attention" else None
         self.head = ClassificationHead(cfg.embed_dim, num_classes, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [B, K] from the mean-pooled patch tokens."""
-        return self.head(self.encoder(x))
+        """Logits [B, K] from the pooled patch tokens."""
+        if self.pool is None:
+            return self.head(self.encoder(x))
+        tokens, _ = self.encoder.forward_features(x)
+        return self.head(self.pool(tokens[:, self.encoder.num_prefix:]))
 
 
 def build_model(configuration: Mapping) -> nn.Module:
@@ -179,4 +212,5 @@ def build_model(configuration: Mapping) -> nn.Module:
         return MaskedImageModel(cfg)
     if task == "segment":
         return SegmentationModel(cfg, int(configuration.get("num_classes", 2)), int(configuration.get("head_channels", 64)))
-    return ClassificationModel(cfg, int(configuration.get("num_classes", 3)), float(configuration.get("dropout", 0.0)))
+    return ClassificationModel(cfg, int(configuration.get("num_classes", 3)), float(configuration.get("dropout", 0.0)),
+                               str(configuration.get("pooling", "mean")))

@@ -79,6 +79,7 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "head_channels": 64,
     "num_classes": None,  # default: 2 (segment; 4 for camus), the number of classes (classify)
     "dropout": 0.0,
+    "pooling": "mean",  # classify: "mean" (USFM's mean-pooled tokens) or "attention" (heads.AttentionPool)
     "layer_decay": None,  # default 0.65 when fine-tuning a pre-trained encoder, else 1.0
     "pretrained": None,  # path of a usfm checkpoint whose encoder initialises the model
 }
@@ -188,6 +189,8 @@ def _configuration(task: str, m: Mapping, class_names) -> dict:
             out["label_names"] = ["background", "lesion"]  # BUSI / simulator masks: one lesion label
     elif task == "classify":
         out.update(num_classes=int(m["num_classes"]), dropout=float(m["dropout"]), class_names=list(class_names))
+        if m["pooling"] != "mean":
+            out["pooling"] = str(m["pooling"])  # absent: mean (cards written before the option existed)
     return out
 
 

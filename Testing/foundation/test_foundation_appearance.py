@@ -42,8 +42,8 @@ def test_classifier_and_its_encoder_train_across_a_broad_scanner_band():
     density = np.array([d["scatterer_density_mm2"] for d in draws])
     assert (density < 3).mean() > 0.15 and (density > 15).mean() > 0.15  # sparse and developed speckle both seen
     cfg = cs.encoder_config(cs.settings())
-    assert cfg["data"]["appearance"] == cs.TRAIN_APPEARANCE and cfg["name"] == cs.CLASSIFIER_STUDY["pretrained"]
-    assert cs.cell_config(cs.settings(), "pretrained", 0.2, 0)["model"]["pretrained"] == cfg["name"]
+    assert cfg["data"]["appearance"] == cs.TRAIN_APPEARANCE and cfg["name"] == cs.CLASSIFIER_STUDY["encoder"]["name"]
+    assert cs.cell_config(cs.settings(), "pretrained", 0.2, 0)["model"]["pretrained"] == cs.CLASSIFIER_STUDY["pretrained"]
     assert cs.cell_config(cs.settings(), "scratch", 0.2, 0)["data"]["appearance"] == cs.TRAIN_APPEARANCE
 
 

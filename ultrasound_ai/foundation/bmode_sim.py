@@ -51,6 +51,7 @@ SIMULATOR_VERSION = "usfm-bmode-1"
 CLASS_NAMES = ("benign", "malignant", "normal")
 ORGANS = ("breast", "thyroid", "liver", "muscle")
 LESION_CLASSES = (0, 1)
+LESION_MODELS = ("v1", "birads")
 DEFAULT_FOV_MM = (40.0, 40.0)  # (lateral, depth) field of view of every simulated data set
 
 
@@ -108,7 +109,7 @@ def _ellipse(z, x, cz, cx, a, b, angle) -> np.ndarray:
     return u * u + v * v
 
 
-def _organ(rng, organ: str, z, x, depth_mm, width_mm, sigma_px) -> tuple[np.ndarray, list]:
+def _organ(rng, organ: str, z, x, depth_mm, width_mm, sigma_px, cysts: bool = True) -> tuple[np.ndarray, list]:
     """Echogenicity map of the organ's tissue and the anechoic structures (vessels, cysts) in it."""
     xs = x[0]
     skin = _interface(rng, xs, rng.uniform(1.0, 2.0), 0.2)
@@ -154,7 +155,7 @@ def _organ(rng, organ: str, z, x, depth_mm, width_mm, sigma_px) -> tuple[np.ndar
     else:
         raise InputError(f"B-mode simulator organ {organ!r}: unknown; expected one of {list(ORGANS)}")
     # Simple cysts: anechoic, smooth; they are not lesions of the label (distractors for thresholding).
-    for _ in range(int(rng.integers(0, 2))):
+    for _ in range(int(rng.integers(0, 2)) if cysts else 0):
         r = rng.uniform(1.2, 3.0)
         anechoic.append((rng.uniform(10, depth_mm * 0.8), rng.uniform(0.1, 0.9) * width_mm, r * rng.uniform(1.0, 1.5),
                          r, rng.uniform(0, np.pi)))
@@ -191,6 +192,78 @@ def _lesion_shape(rng, z, x, label, depth_mm, width_mm, scale=1.0) -> tuple[np.n
         radius += amp * np.exp(-0.5 * (d / width) ** 2)
     mask = rho < r0 * radius
     return mask, {"centre_mm": [float(cx), float(cz)], "radius_mm": float(r0)}
+
+
+def _birads_lesion(rng, e, z, x, label, depth_mm, width_mm, sigma_px, scale=1.0, contrast=1.0):
+    """A mass drawn with the BI-RADS ultrasound descriptors that separate BUSI's benign and malignant
+    classes, each a tendency with overlap, not a rule (see the probabilities):
+
+    * benign: oval, circumscribed, parallel (wider than tall), homogeneous; mostly hypoechoic (some iso-
+      or hyperechoic with a thin dark capsule); posterior enhancement or none, rarely shadowing;
+      sometimes gently lobulated;
+    * malignant: irregular (angular, microlobulated) or spiculated margin, often indistinct; not parallel
+      (taller than wide); hypoechoic and heterogeneous; often an echogenic halo; posterior shadowing
+      mostly, sometimes none or enhancement.
+
+    Returns (mask, echogenicity map with the mass, posterior factor, its decay in mm, info)."""
+    r0 = rng.uniform(3.5, 8.0) * float(scale)
+    cz = rng.uniform(max(10.0, r0 + 4), max(11.0, depth_mm * 0.65))
+    cx = rng.uniform(0.25, 0.75) * width_mm
+    if label == 0:
+        aspect = rng.uniform(1.2, 2.2)  # lateral / axial extent
+        angle = rng.uniform(-0.25, 0.25)
+        lobes = rng.random() < 0.25
+        harmonics = [(k, rng.uniform(0.04, 0.12) if lobes else rng.uniform(0, 0.04), rng.uniform(0, 2 * np.pi))
+                     for k in (2, 3, 4)]
+        spikes = []
+        margin = "lobulated" if lobes else "circumscribed"
+    else:
+        aspect = rng.uniform(0.55, 1.0)  # taller than wide
+        angle = rng.uniform(-0.35, 0.35)
+        spiculated = rng.random() < 0.6
+        harmonics = [(k, rng.uniform(0.04, 0.14), rng.uniform(0, 2 * np.pi)) for k in range(3, 10)]
+        spikes = [(rng.uniform(-np.pi, np.pi), rng.uniform(0.2, 0.6), rng.uniform(0.04, 0.1))
+                  for _ in range(int(rng.integers(5, 11)) if spiculated else 0)]
+        margin = "spiculated" if spiculated else "angular/microlobulated"
+    c, s = np.cos(angle), np.sin(angle)
+    u = ((x - cx) * c + (z - cz) * s) / np.sqrt(aspect)
+    v = (-(x - cx) * s + (z - cz) * c) * np.sqrt(aspect)
+    theta = np.arctan2(v, u)
+    radius = np.ones_like(theta)
+    for k, amp, ph in harmonics:
+        radius += amp * np.cos(k * theta + ph)
+    for th, amp, width in spikes:
+        radius += amp * np.exp(-0.5 * (np.angle(np.exp(1j * (theta - th))) / width) ** 2)
+    mask = np.hypot(u, v) < r0 * radius
+    tex = _smooth_noise(rng, z.shape, rng.uniform(0.6, 1.5) * sigma_px)
+    if label == 0:
+        echo = str(rng.choice(["hypo", "iso", "hyper"], p=[0.75, 0.15, 0.10]))
+        level = {"hypo": rng.uniform(0.12, 0.4), "iso": rng.uniform(0.75, 1.0), "hyper": rng.uniform(1.6, 2.4)}[echo]
+        inner = level * np.exp(rng.uniform(0.03, 0.12) * tex)  # homogeneous
+        if echo != "hypo":  # a thin dark capsule delimits a mass as bright as its surroundings
+            ring = ndimage.binary_dilation(mask, iterations=max(1, int(round(0.5 * sigma_px)))) & ~mask
+            e = np.where(ring, e * 0.35, e)
+        posterior = str(rng.choice(["enhancement", "none", "shadowing"], p=[0.5, 0.45, 0.05]))
+        edge = 0.0
+    else:
+        echo = "hypo"
+        inner = rng.uniform(0.08, 0.3) * np.exp(rng.uniform(0.25, 0.5) * tex)  # heterogeneous
+        if rng.random() < 0.6:  # echogenic halo: tumour infiltrating the surrounding tissue
+            ring = ndimage.binary_dilation(mask, iterations=max(1, int(round(rng.uniform(0.8, 1.6) * sigma_px)))) & ~mask
+            e = np.where(ring, e * rng.uniform(1.4, 2.0), e)
+        posterior = str(rng.choice(["shadowing", "none", "enhancement"], p=[0.65, 0.28, 0.07]))
+        edge = rng.uniform(0.0, 0.6) * sigma_px  # indistinct margin
+    if float(contrast) != 1.0:
+        inner = inner ** float(contrast)
+    weight = mask.astype(np.float64)
+    if edge > 0:
+        weight = np.clip(ndimage.gaussian_filter(weight, edge), 0, 1)
+    e = e * (1 - weight) + inner * weight
+    factor = {"enhancement": rng.uniform(1.3, 1.8), "none": 1.0, "shadowing": rng.uniform(0.15, 0.5)}[posterior]
+    factor = factor ** float(contrast)
+    return mask, e, factor, rng.uniform(8, 25), {
+        "centre_mm": [float(cx), float(cz)], "radius_mm": float(r0), "aspect": float(aspect), "margin": margin,
+        "echogenicity": echo, "posterior": posterior}
 
 
 def _posterior(mask: np.ndarray, z_mm: np.ndarray, factor: float, decay_mm: float, sigma_px: float) -> np.ndarray:
@@ -251,7 +324,7 @@ def simulate_bmode(seed=None, size: int | Sequence[int] = 128, *, organ: str | N
                    psf_mm: Sequence[float] = (0.25, 0.5), gain_db: float = 0.0, tgc_slope_db_cm: float | None = None,
                    tgc_ripple_db: float = 0.0, scatterer_density_mm2: float | None = None,
                    noise_db: float | None = None, focus_depth_mm: float | None = None, lesion_contrast: float = 1.0,
-                   lesion_scale: float = 1.0) -> BModeImage:
+                   lesion_scale: float = 1.0, lesion_model: str = "v1") -> BModeImage:
     """One simulated B-mode image [H, W] with its lesion mask and class label (see the module docstring).
 
     seed: an int, a SeedSequence or a numpy Generator. size: H = W, or (H, W). organ: one of ORGANS
@@ -262,7 +335,8 @@ def simulate_bmode(seed=None, size: int | Sequence[int] = 128, *, organ: str | N
     dB/cm), tgc_ripple_db (peak of a smooth random TGC error over depth), scatterer_density_mm2 and
     focus_depth_mm (see speckle_field), noise_db (receiver noise below the brightest tissue; None: a
     -60 dB floor). Lesion: lesion_contrast (exponent on its echogenicity and posterior effect: < 1 fainter),
-    lesion_scale (size multiplier).
+    lesion_scale (size multiplier). lesion_model: "v1" (the original lesions; simple cysts in any organ) or
+    "birads" (the BI-RADS descriptors of _birads_lesion, no simple cysts: a cyst is a benign finding).
     """
     rng = _rng(seed)
     h, w = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
@@ -270,6 +344,8 @@ def simulate_bmode(seed=None, size: int | Sequence[int] = 128, *, organ: str | N
         raise InputError(f"B-mode simulator size: expected at least 8x8 pixels, got {h}x{w}")
     if label is not None and label not in (0, 1, 2):
         raise InputError(f"B-mode simulator label: expected 0 (benign), 1 (malignant) or 2 (normal), got {label!r}")
+    if lesion_model not in LESION_MODELS:
+        raise InputError(f"B-mode simulator lesion_model: expected one of {list(LESION_MODELS)}, got {lesion_model!r}")
     organ = organ if organ is not None else ORGANS[int(rng.integers(len(ORGANS)))]
     label = int(rng.integers(3)) if label is None else int(label)
     width_mm, depth_mm = float(fov_mm[0]), float(fov_mm[1])
@@ -277,7 +353,7 @@ def simulate_bmode(seed=None, size: int | Sequence[int] = 128, *, organ: str | N
     z, x = np.meshgrid((np.arange(h) + 0.5) * dz, (np.arange(w) + 0.5) * dx, indexing="ij")
     sigma_px = 1.0 / dx  # 1 mm in pixels, for smoothing scales
 
-    e, anechoic = _organ(rng, organ, z, x, depth_mm, width_mm, sigma_px)
+    e, anechoic = _organ(rng, organ, z, x, depth_mm, width_mm, sigma_px, cysts=lesion_model == "v1")
     post = np.ones_like(e)
     for cz, cx, a, b, ang in anechoic:
         inside = _ellipse(z, x, cz, cx, a, b, ang) < 1.0
@@ -290,7 +366,13 @@ def simulate_bmode(seed=None, size: int | Sequence[int] = 128, *, organ: str | N
 
     mask = np.zeros((h, w), dtype=bool)
     info: dict = {"organ": organ, "class": CLASS_NAMES[label]}
-    if label in LESION_CLASSES:
+    if label in LESION_CLASSES and lesion_model == "birads":
+        mask, e, factor, decay, lesion_info = _birads_lesion(rng, e, z, x, label, depth_mm, width_mm, sigma_px,
+                                                             lesion_scale, lesion_contrast)
+        info.update(lesion_info)
+        if factor != 1.0:
+            post = post * _posterior(mask, z, factor, decay, 0.5 * sigma_px)
+    elif label in LESION_CLASSES:
         mask, shape_info = _lesion_shape(rng, z, x, label, depth_mm, width_mm, lesion_scale)
         info.update(shape_info)
         tex = _smooth_noise(rng, (h, w), 1.5 * sigma_px)
@@ -349,9 +431,10 @@ def simulate_bmode(seed=None, size: int | Sequence[int] = 128, *, organ: str | N
 # key is a [lo, hi] range of the simulate_bmode argument of the same name (psf_axial_mm / psf_lateral_mm:
 # psf_mm's two entries), drawn uniformly per image; scatterer_density_mm2 is drawn log-uniformly (it spans
 # decades). A held-out set may use ranges no training set used, to measure how a model carries over.
-APPEARANCE_KEYS = ("dynamic_range_db", "psf_axial_mm", "psf_lateral_mm", "gain_db", "tgc_slope_db_cm",
-                   "tgc_ripple_db", "scatterer_density_mm2", "noise_db", "focus_depth_mm", "lesion_contrast",
-                   "lesion_scale", "organs")
+# "lesion_model" (not a range: one of LESION_MODELS) picks the lesion descriptors of the whole set.
+_RANGE_KEYS = ("dynamic_range_db", "psf_axial_mm", "psf_lateral_mm", "gain_db", "tgc_slope_db_cm", "tgc_ripple_db",
+               "scatterer_density_mm2", "noise_db", "focus_depth_mm", "lesion_contrast", "lesion_scale")
+APPEARANCE_KEYS = _RANGE_KEYS + ("organs", "lesion_model")
 _SIGNED_KEYS = ("gain_db", "tgc_slope_db_cm", "tgc_ripple_db", "noise_db")  # may be zero or negative
 _LOG_UNIFORM_KEYS = ("scatterer_density_mm2",)
 
@@ -378,7 +461,7 @@ def check_appearance(appearance, what: str = "appearance") -> dict:
     if unknown:
         raise InputError(f"{what}: unknown key(s) {unknown}; expected some of {list(APPEARANCE_KEYS)}")
     out = {}
-    for key in APPEARANCE_KEYS[:-1]:
+    for key in _RANGE_KEYS:
         if key in appearance:
             v = appearance[key]
             signed = key in _SIGNED_KEYS
@@ -393,6 +476,11 @@ def check_appearance(appearance, what: str = "appearance") -> dict:
         if not organs or any(o not in ORGANS for o in organs):
             raise InputError(f"{what}.organs: expected a non-empty list among {list(ORGANS)}, got {organs!r}")
         out["organs"] = organs
+    if "lesion_model" in appearance:
+        if appearance["lesion_model"] not in LESION_MODELS:
+            raise InputError(f"{what}.lesion_model: expected one of {list(LESION_MODELS)}, "
+                             f"got {appearance['lesion_model']!r}")
+        out["lesion_model"] = str(appearance["lesion_model"])
     return out
 
 
@@ -409,11 +497,13 @@ def draw_appearance(base_seed: int, index: int, appearance: dict) -> dict:
     kw["psf_mm"] = (float(ax), float(lat))
     if "organs" in appearance:
         kw["organ"] = str(appearance["organs"][int(rng.integers(len(appearance["organs"])))])
-    for key in APPEARANCE_KEYS[3:-1]:
+    for key in _RANGE_KEYS[3:]:
         if key in appearance:
             lo, hi = appearance[key]
             kw[key] = float(np.exp(rng.uniform(np.log(lo), np.log(hi))) if key in _LOG_UNIFORM_KEYS
                             else rng.uniform(lo, hi))
+    if "lesion_model" in appearance:
+        kw["lesion_model"] = appearance["lesion_model"]
     return kw
 
 

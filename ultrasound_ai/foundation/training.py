@@ -32,6 +32,7 @@ ultrasound_ai.foundation.training:PretrainTask``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import threading
 from typing import Any, Iterator, Mapping
@@ -197,7 +198,21 @@ def _configuration(task: str, m: Mapping, class_names) -> dict:
 # ---------------------------------------------------------------------------------------------- data
 
 _CACHE: dict[str, dict] = {}
+_SIM_CACHE: dict[str, list] = {}
 _LOCK = threading.Lock()
+
+
+def _simulated(seed, count, size, classes, appearance) -> list:
+    """Fresh copies (labels are renumbered in place) of a simulated set, generated once per process: the
+    cells of a label study share their pool and validation images."""
+    key = json.dumps([seed, count, size, classes, appearance], sort_keys=True)
+    with _LOCK:
+        items = _SIM_CACHE.get(key)
+    if items is None:
+        items = ds.simulated_set(seed, count, size, classes, appearance)
+        with _LOCK:
+            _SIM_CACHE[key] = items
+    return [dataclasses.replace(it) for it in items]
 
 
 def prepared_data(d: Mapping, task: str, size: int) -> dict:
@@ -211,8 +226,8 @@ def prepared_data(d: Mapping, task: str, size: int) -> dict:
     facts: dict = {"source": src}
     if src == "simulate":
         classes = [int(c) for c in d["classes"]]
-        train_items = ds.simulated_set(d["train_seed"], d["train_count"], size, classes, d["appearance"])
-        val_items = ds.simulated_set(d["val_seed"], d["val_count"], size, classes, d["appearance"])
+        train_items = _simulated(d["train_seed"], d["train_count"], size, classes, d["appearance"])
+        val_items = _simulated(d["val_seed"], d["val_count"], size, classes, d["appearance"])
         test_items: list = []
         # Labels are renumbered to positions in `classes`, so a 2-class task has labels 0 and 1.
         remap = {c: i for i, c in enumerate(classes)}

@@ -76,6 +76,7 @@ def process(args: argparse.Namespace) -> int:
         model=args.model,
         window_mode=args.window_mode,
         window_stride=args.window_stride,
+        rs_agreement_px=args.rs_agreement,
     )
     result = process_acquisition(args.acquisition, args.method, params, args.out, png=args.png,
                                  show_progress=not args.quiet)
@@ -148,7 +149,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=simulate)
 
-    from ultrasound_ai.ulm.dml_inference import DEFAULT_STRIDE, DEFAULT_WINDOW_MODE, WINDOW_MODES  # numpy only
+    from ultrasound_ai.ulm.dml_inference import (  # numpy only
+        DEFAULT_STRIDE,
+        DEFAULT_WINDOW_MODE,
+        RS_AGREEMENT_PX,
+        WINDOW_MODES,
+    )
 
     p = verbs.add_parser("process", help="localize, track and render an acquisition (density, direction, velocity)")
     p.add_argument("acquisition", help="acquisition file (.h5: iq complex64 [T, Z, X] or bmode float32)")
@@ -187,6 +193,10 @@ def add_parser(subparsers) -> None:
                    help=f"3DML-ResNet windows' stride in frames: sliding windows (default {DEFAULT_STRIDE}; 1 = the "
                         "paper's) or inner ones (default: the window length - 2, each frame predicted once; 3 = twice, "
                         "averaged: a little more accurate, half the speed)")
+    p.add_argument("--rs-agreement", type=float, default=RS_AGREEMENT_PX, metavar="PX",
+                   help=f"3DML-ResNet sub-pixel positions: the network's offsets averaged with radial symmetry on the "
+                        f"envelope where the two agree within PX pixels along both axes (default {RS_AGREEMENT_PX:g}; "
+                        f"0 = the network's offsets alone)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=process)

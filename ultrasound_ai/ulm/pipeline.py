@@ -37,7 +37,7 @@ import numpy as np
 
 from ultrasound_ai.core.errors import Cancelled, InputError
 
-from .dml_inference import DEFAULT_WINDOW_MODE, WINDOW_MODES
+from .dml_inference import DEFAULT_WINDOW_MODE, RS_AGREEMENT_PX, WINDOW_MODES
 from .localization import localize, to_mm
 from .localizers import (
     Localizer,
@@ -83,6 +83,7 @@ class UlmParams:
     model: Any = None                      # network model for learned methods (None = installed default) [--checkpoint]
     window_mode: str = DEFAULT_WINDOW_MODE  # 3DML-ResNet windows: "inner", "tiled" or "sliding" [--window-mode]
     window_stride: int | None = None       # windows' stride, frames; None: N - 2 ("inner"), 2 ("sliding") [--window-stride]
+    rs_agreement_px: float = RS_AGREEMENT_PX  # 3DML offsets averaged with radial symmetry's within this; 0 = off [--rs-agreement]
 
     # True when the counting network was chosen by default (no count given), not asked for.
     counting_network_auto: bool = field(default=False, init=False, repr=False, compare=False)
@@ -118,6 +119,13 @@ class UlmParams:
             stride_ok = False
         if not stride_ok:
             raise InputError(f"window stride: expected a whole number of frames >= 1, got {self.window_stride!r}")
+        try:
+            agreement_ok = self.rs_agreement_px is None or (np.isfinite(self.rs_agreement_px) and self.rs_agreement_px >= 0)
+        except TypeError:
+            agreement_ok = False
+        if not agreement_ok:
+            raise InputError(f"radial-symmetry agreement (--rs-agreement): expected a number of pixels >= 0 (0 = the "
+                             f"3DML-ResNet offsets alone), got {self.rs_agreement_px!r}")
         if self.window_mode not in WINDOW_MODES:
             raise InputError(f"window mode (--window-mode): expected one of {list(WINDOW_MODES)}, got {self.window_mode!r}")
         if not np.isfinite(self.resolution_factor) or self.resolution_factor <= 0:
@@ -230,7 +238,8 @@ def dml_localizer(ctx: LocalizerContext):
                                  device=ctx.device if ctx.device is not None else p.device,
                                  bubbles_per_frame=p.bubbles_per_frame, record_counts=ctx.record_counts,
                                  window_mode=p.window_mode,
-                                 window_stride=None if p.window_stride is None else int(p.window_stride))
+                                 window_stride=None if p.window_stride is None else int(p.window_stride),
+                                 rs_agreement_px=p.rs_agreement_px, fwhm_px=p.fwhm_px, window=p.window)
 
 
 def _default_counter(ctx: LocalizerContext):

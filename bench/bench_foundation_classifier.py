@@ -7,12 +7,14 @@ ultrasound_ai/foundation/classifier_study.py). No timing claim.
         [--pretrain-encoder] [--cell INIT,FRACTION,SEED] [--seeds 0,1] [--steps N] [--no-write] [--note TEXT]
         [--ship NAME] [--probe]
 
---pretrain-encoder trains (or resumes) the study's encoder (masked image modelling continued from
-usfm_vit_tiny_pretrained on images whose scanner settings are drawn across the broad training band),
-installs it as Resources/Models/usfm_vit_tiny_pretrained_wide.pt with its card, and exits; the cells
-fine-tune from that installed encoder. --probe adds a linear probe of the encoders' mean-pooled features
-(random, usfm_vit_tiny_pretrained, the study's encoder), fitted on the labelled images and scored on the
-validation images: how much class information pre-training put into the features.
+The pre-trained arm fine-tunes from the shipped usfm_vit_tiny_pretrained; both arms pool the tokens
+with the same attention-pooling head. --pretrain-encoder trains (or resumes) the alternative encoder
+(masked image modelling continued from usfm_vit_tiny_pretrained on images drawn across the broad
+training band), installs it as Resources/Models/usfm_vit_tiny_pretrained_wide.pt with its card, and
+exits (the cells use it only with settings {"pretrained": "usfm_vit_tiny_pretrained_wide"}). --probe adds
+a linear probe of the encoders' mean-pooled features (random, the study's encoder, and the wide one if
+installed), fitted on the labelled images and scored on the validation images: how much class
+information pre-training put into the features.
 
 --cell trains (or resumes) one cell only and exits, so cells can run as separate background processes;
 without it every missing cell is trained, then all are evaluated and the section written. --ship NAME
@@ -74,7 +76,8 @@ def main(argv=None) -> int:
     if args.pretrain_encoder:
         install_encoder()
         return 0
-    if (args.cell or "").startswith("pretrained") or (not args.cell and not args.no_train):
+    if ((args.cell or "").startswith("pretrained") or (not args.cell and not args.no_train)) and \
+            s["pretrained"] == s["encoder"]["name"]:
         from ultrasound_ai.core.errors import InputError
         from ultrasound_ai.models.registry import find_model
 
@@ -95,8 +98,12 @@ def main(argv=None) -> int:
     results = cs.evaluate_study(s)
     body = cs.format_table(results)
     if args.probe:
-        rows = cs.linear_probe(s, {"random initialisation": None, "usfm_vit_tiny_pretrained": "usfm_vit_tiny_pretrained",
-                                   s["pretrained"]: s["pretrained"]}, s["fractions"])
+        from ultrasound_ai.models.registry import list_models
+
+        encoders = {"random initialisation": None, s["pretrained"]: s["pretrained"]}
+        if any(e.name == s["encoder"]["name"] for e in list_models()):
+            encoders[s["encoder"]["name"]] = s["encoder"]["name"]
+        rows = cs.linear_probe(s, encoders, s["fractions"])
         body += ("\nLinear probe before fine-tuning (logistic regression on the mean-pooled features, fitted on the "
                  "labelled images of label seed 0, scored on the validation images, training distribution):\n\n"
                  "| encoder | labelled | train accuracy | validation accuracy | validation macro F1 |\n|---|---|---|---|---|\n"

@@ -1,12 +1,14 @@
 """Classifier study: benign / malignant / normal with 20 % and 100 % of the labels, a pre-trained encoder
 vs the same network from scratch, scored on held-out images whose appearance was never trained on.
 
-Data are frozen simulator sets (bmode_sim, all three classes). The labelled pool (``train_seed``) and the
-validation set that picks each run's best.pt (``val_seed``) draw their scanner settings per image from
-TRAIN_APPEARANCE, the broad band real scanners span (bmode_sim.SCANNER_VARIATION); the test set
-(``test_seed``) draws them from TEST_APPEARANCE, a fixed narrow setting (strong log compression, coarse
-point-spread function) that no training run selects on. The encoder of the pre-trained arm is itself
-pre-trained (label-free) across the same band (``pretrain_encoder``). The 20 % label set is a nested
+Data are frozen simulator sets (bmode_sim, all three classes): breast images whose masses carry the
+BI-RADS descriptors (lesion_model "birads"). The labelled pool (``train_seed``) and the validation set
+that picks each run's best.pt (``val_seed``) draw their scanner settings per image from TRAIN_APPEARANCE,
+the broad band real scanners span (bmode_sim.SCANNER_VARIATION); the test set (``test_seed``) draws them
+from TEST_APPEARANCE, a fixed narrow setting (strong log compression, coarse point-spread function) that
+no training run selects on. Both arms pool the tokens with the same attention-pooling head; the
+pre-trained arm starts from the shipped encoder (``pretrain_encoder`` builds an alternative pre-trained
+across the training band). The 20 % label set is a nested
 seeded subset of the pool (datasets.label_subset). The independent family bmode_indep is never used for
 training or selection.
 
@@ -37,8 +39,9 @@ __all__ = ["TRAIN_APPEARANCE", "TEST_APPEARANCE", "CLASSIFIER_STUDY", "cell_name
 # (bmode_sim.SCANNER_VARIATION). The held-out test keeps the fixed narrow setting it has had since the study
 # began (strong compression, coarse PSF, the simulator's nominal gain, TGC, speckle and lesions), so the
 # figures stay comparable; it now lies inside the training band for its two PSF widths and compression.
-# Every set of the study draws its masses with the BI-RADS descriptors (bmode_sim lesion_model "birads").
-LESIONS = {"lesion_model": "birads"}
+# Every set of the study shows the breast (BUSI's organ) and draws its masses with the BI-RADS descriptors
+# (bmode_sim lesion_model "birads").
+LESIONS = {"lesion_model": "birads", "organs": ["breast"]}
 TRAIN_APPEARANCE = {**copy.deepcopy(SCANNER_VARIATION), **LESIONS}
 TEST_APPEARANCE = {"dynamic_range_db": [54.0, 60.0], "psf_axial_mm": [0.32, 0.38], "psf_lateral_mm": [0.65, 0.8]}
 
@@ -59,7 +62,7 @@ CLASSIFIER_STUDY: dict = {
     "fractions": [0.2, 1.0],
     "seeds": [0],
     "train_seed": 20_000,
-    "train_count": 400,
+    "train_count": 1000,
     "val_seed": 120_000,
     "val_count": 90,
     "test_seed": 320_000,
@@ -408,7 +411,8 @@ def format_table(results: Mapping) -> str:
     text = "\n".join(lines) + "\n\n"
     text += (f"Held-out test: {s['test_count']} simulated images (seed {s['test_seed']}, classes benign / malignant / "
              f"normal = {results['test_counts']}) drawn with the fixed scanner setting {json.dumps(TEST_APPEARANCE)} "
-             "(the simulator's nominal gain, TGC, speckle and lesions), never used for training or selection. "
+             "(the simulator's nominal gain, TGC and speckle; breast images with BI-RADS masses, as in training), never "
+             "used for training or selection. "
              f"Training and validation images draw their settings per image from the broad band "
              f"{json.dumps(TRAIN_APPEARANCE)} (bmode_sim.SCANNER_VARIATION, what clinical scanners span; the held-out "
              "compression and PSF widths lie inside it). Labelled images: "

@@ -5,14 +5,17 @@ Rows per condition (bubbles per frame x noise level), pooled over the condition'
 - RS with a fixed N tuned on validation data (the classical baseline: the fast simulator's validation
   acquisitions of `bench_ulm_accuracy.tune_n`, never the test set);
 - `3dml` with no option ("inner" windows: 8-frame windows slid by 6, each frame estimated once away from
-  a window edge; one detection per Pos peak, counting network);
+  a window edge; one detection per Pos peak, counting network; sub-pixel offsets averaged with radial
+  symmetry's where the two agree within 0.3 px);
+- `3dml --rs-agreement 0` (the network's sub-pixel offsets alone: the default before that averaging);
 - `3dml --window-stride 3` (inner windows slid by 3, two estimates per frame averaged);
 - `3dml --window-mode sliding` (windows slid by 2, estimates averaged: the previous default);
 - `3dml --window-mode tiled` (each frame predicted once);
 - the old path: the paper's 8-frame windows slid by one with the plain layout and arithmetic of
   before, the same post-processing (for the speed and equal-accuracy comparison);
-- today's 3DML before this work (`3dml-v0`: sliding windows, top-N pixels without the peak rule), both
-  with the CLI default of then (a fixed 40 per frame) and with the counting network.
+- today's 3DML before this work (`3dml-v0`: sliding windows, top-N pixels without the peak rule, the
+  network's offsets alone), both with the CLI default of then (a fixed 40 per frame) and with the
+  counting network.
 Metrics (`ultrasound_ai.ulm.metrics`): raw and tracked Jaccard pooled over the acquisitions (TP, FP, FN
 summed), vessel Dice and vessel SSIM (the rendering measures restricted to the vessels), SSIM; frames/s
 of the whole pipeline (SVD, localization, tracking, rendering).
@@ -36,9 +39,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ROWS = ("rs", "wa", "rs-tuned", "3dml", "3dml-i3", "3dml-s2", "3dml-tiled", "3dml-sliding", "3dml-v0", "3dml-v0-count")
+ROWS = ("rs", "wa", "rs-tuned", "3dml", "3dml-net", "3dml-i3", "3dml-s2", "3dml-tiled", "3dml-sliding", "3dml-v0", "3dml-v0-count")
 LABELS = {"rs": "RS (`--method rs`, counting network)", "wa": "WA (`--method wa`, counting network)",
           "rs-tuned": "RS, fixed N tuned on validation", "3dml": "3DML-ResNet (`--method 3dml`)",
+          "3dml-net": "3DML-ResNet `--rs-agreement 0` (network offsets alone)",
           "3dml-i3": "3DML-ResNet `--window-stride 3` (inner windows, 2 estimates per frame)",
           "3dml-s2": "3DML-ResNet `--window-mode sliding` (stride 2, the previous default)",
           "3dml-tiled": "3DML-ResNet `--window-mode tiled`",
@@ -48,8 +52,9 @@ LABELS = {"rs": "RS (`--method rs`, counting network)", "wa": "WA (`--method wa`
 
 
 def old_path_factory(peaks_only: bool = True):
-    """3DML-ResNet's path before this work: the paper's windows slid by one, plain layout and arithmetic;
-    peaks_only=False: also its top-N pixels (no peak rule)."""
+    """3DML-ResNet's path before this work: the paper's windows slid by one, plain layout and arithmetic,
+    the pipeline's post-processing (its `rs_agreement_px`); peaks_only=False: also its top-N pixels (no
+    peak rule) and the network's offsets alone, as then."""
     def factory(ctx):
         from ultrasound_ai.ulm.dml_inference import DmlLocalizationRunner
 
@@ -58,6 +63,8 @@ def old_path_factory(peaks_only: bool = True):
                                      device="cpu", bubbles_per_frame=p.bubbles_per_frame, window_mode="sliding",
                                      window_stride=1, channels_last=False, fused=False, pad_single=False,
                                      peaks_only=peaks_only,
+                                     rs_agreement_px=p.rs_agreement_px if peaks_only else 0,
+                                     fwhm_px=p.fwhm_px, window=p.window,
                                      record_counts=ctx.record_counts)
     return factory
 
@@ -66,9 +73,11 @@ def _params(row: str, model, tuned_n: dict, bubbles: float):
     from ultrasound_ai.ulm.pipeline import UlmParams
 
     base = dict(device="cpu", model=model)
-    method = {"rs-tuned": "rs", "3dml-tiled": "3dml", "3dml-s2": "3dml", "3dml-i3": "3dml", "3dml-sliding": "3dml-old", "3dml-v0-count": "3dml-v0"}.get(row, row)
+    method = {"rs-tuned": "rs", "3dml-tiled": "3dml", "3dml-net": "3dml", "3dml-s2": "3dml", "3dml-i3": "3dml", "3dml-sliding": "3dml-old", "3dml-v0-count": "3dml-v0"}.get(row, row)
     if row == "rs-tuned":
         base["bubbles_per_frame"] = tuned_n[bubbles]
+    elif row == "3dml-net":
+        base["rs_agreement_px"] = 0
     elif row == "3dml-tiled":
         base["window_mode"] = "tiled"
     elif row == "3dml-i3":
@@ -80,6 +89,15 @@ def _params(row: str, model, tuned_n: dict, bubbles: float):
     elif row == "3dml-v0-count":
         base["counting_network"] = True
     return method, UlmParams(**base)
+
+
+def cache_key(piece: str, row: str, model_name: str, tuned, params) -> str:
+    """Key of one row's result on one piece in the --cache file: the row's processing parameters are
+    part of it, so a cache written before a default changed is not taken for the new default."""
+    import hashlib
+
+    digest = hashlib.sha1(json.dumps(params.to_attrs(), sort_keys=True).encode()).hexdigest()[:12]
+    return f"{piece}/{row}/{model_name}/{tuned}/{digest}"
 
 
 def evaluate_piece(acq, row: str, model, tuned_n: dict, bubbles: float) -> dict:
@@ -123,8 +141,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     ap.add_argument("--cache", default=None,
-                    help="JSON file of per-acquisition results to reuse and extend (same code and model only: "
-                         "delete it after any change)")
+                    help="JSON file of per-acquisition results to reuse and extend (keyed by piece, row, model "
+                         "and the row's parameters; delete it after any other change of the code)")
     ap.add_argument("--only-cached", action="store_true", help="report what --cache holds, compute nothing new")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     from report import parse_bench_args
@@ -165,7 +183,8 @@ def main(argv=None) -> int:
             continue
         acq = None
         for row in args.rows:
-            key = f"{p.name}/{row}/{model_name}/{tuned_n.get(p.bubbles)}"
+            key = cache_key(p.name, row, model_name, tuned_n.get(p.bubbles),
+                            _params(row, args.model, tuned_n, p.bubbles)[1])
             if key in cache:
                 results.setdefault((p.bubbles, p.noise_db), {}).setdefault(row, []).append(cache[key])
                 continue

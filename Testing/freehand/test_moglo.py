@@ -248,6 +248,20 @@ def test_tiny_model_beats_constant_motion_on_out_of_plane_translation(trained):
     assert card["training"]["frame_strides"] == [1, 2, 3]
 
 
+def test_validation_reports_the_out_of_plane_correlation():
+    """oop_r: per validation sweep the Pearson r of |predicted| vs |true| centre out-of-plane translation per
+    pair (the issue-15 correlation), averaged: 1 for the true pairs, 0 for a constant."""
+    from ultrasound_ai.freehand.moglo.training import validation_metrics
+
+    val_pool, _ = _pool([601, 602], [6.5, 10.0], 12, make_config("tiny"))
+    truth = [y.astype(np.float64) for y in val_pool.targets]
+    const = np.mean(np.concatenate(truth), 0)
+    assert validation_metrics(truth, val_pool, const)["oop_r"] == pytest.approx(1.0, abs=1e-9)
+    assert validation_metrics([np.broadcast_to(const, y.shape) for y in truth], val_pool, const)["oop_r"] == 0.0
+    noisy = [y + np.random.default_rng(0).normal(0, 0.2, y.shape) for y in truth]
+    assert 0.0 < validation_metrics(noisy, val_pool, const)["oop_r"] < 0.99
+
+
 def test_method_ignores_tforms_and_resamples_other_grids(trained):
     from ultrasound_ai.freehand.methods import get_method
     from ultrasound_ai.io.sweep import Sweep

@@ -15,7 +15,9 @@ uniformly), so it depends only on (seed, rank, s). Loss: `moglo.losses.moglo_los
 Validation on fixed held-out sweeps (whole sweeps through `moglo.method.predict_pairs`, overlap "last"):
 ``tz_mae_mm`` (first: picks best.pt) the mean absolute error of the out-of-plane translation per pair,
 ``tz_mae_const_mm`` the same for a constant-motion predictor (the training pool's mean motion),
-``t_mae_mm``, ``angle_mae_deg``, ``fdr_pct`` (Luo) and ``fdr_const_pct``.
+``t_mae_mm``, ``angle_mae_deg``, ``fdr_pct`` (Luo), ``fdr_const_pct`` and ``oop_r`` (per sweep the Pearson r of
+|predicted| vs |true| centre out-of-plane translation per pair, averaged; `best_metric: oop_r, best_mode: max`
+selects on it).
 
 Command (the CLI wiring `ultrasound-ai freehand train --method moglo` calls `train_moglo`)::
 
@@ -368,8 +370,9 @@ def validation_metrics(preds: Sequence[np.ndarray], pool: SweepPool, const: np.n
     from ultrasound_ai.core.geometry import chain_relative, params_to_matrix
     from ultrasound_ai.freehand.metrics import fdr
     from ultrasound_ai.freehand.moglo.model import PARAM_CONVENTION
+    from ultrasound_ai.validation.pose_agreement import out_of_plane_correlation
 
-    tz, tz_c, t_err, a_err, fdrs, fdrs_c = [], [], [], [], [], []
+    tz, tz_c, t_err, a_err, fdrs, fdrs_c, rs = [], [], [], [], [], [], []
     for p, y, truth in zip(preds, pool.targets, pool.tforms):
         y = y.astype(np.float64)
         tz.append(np.abs(p[:, 2] - y[:, 2]))
@@ -379,10 +382,14 @@ def validation_metrics(preds: Sequence[np.ndarray], pool: SweepPool, const: np.n
         for params, out in ((p, fdrs), (np.broadcast_to(const, p.shape), fdrs_c)):
             est = chain_relative(params_to_matrix(params, PARAM_CONVENTION, degrees=True))
             out.append(fdr(est, truth, pool.frame_shape_hw, pool.spacing_xy))
+            if out is fdrs:  # does the speed follow the images (issue 15's correlation; None: constant truth)
+                rs.append(out_of_plane_correlation(est, truth, pool.frame_shape_hw, pool.spacing_xy))
+    rs = [r for r in rs if r is not None]
     cat = np.concatenate
     return {"tz_mae_mm": float(cat(tz).mean()), "tz_mae_const_mm": float(cat(tz_c).mean()),
             "t_mae_mm": float(cat(t_err).mean()), "angle_mae_deg": float(cat(a_err).mean()),
-            "fdr_pct": float(np.mean(fdrs)), "fdr_const_pct": float(np.mean(fdrs_c))}
+            "fdr_pct": float(np.mean(fdrs)), "fdr_const_pct": float(np.mean(fdrs_c)),
+            "oop_r": float(np.mean(rs)) if rs else 0.0}
 
 
 def train_moglo(config, progress: Callable[[float, str], None] | None = None,

@@ -381,6 +381,9 @@ def test_3dml_offsets_are_averaged_with_radial_symmetry_where_the_two_agree(tiny
     off = DmlLocalizationRunner(acq.pixel_size_mm, acq.origin_mm, acq.wavelength_mm, model=tiny_checkpoint,
                                 device="cpu", rs_agreement_px=0)
     assert off.rs_agreement_px == 0
+    for bad in (-0.1, float("nan"), "x"):
+        with pytest.raises(InputError, match="--rs-agreement"):
+            UlmParams(rs_agreement_px=bad).validate()
 
 
 # ------------------------------------------------------------------------------- model and pipeline

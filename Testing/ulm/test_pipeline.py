@@ -250,6 +250,16 @@ def test_window_stride_reaches_the_3dml_runner(tiny_dml_checkpoint, tiny_acq, on
     ref = localize_3dml(tiny_acq, model=tiny_dml_checkpoint, device="cpu", bubbles_per_frame=4)
     np.testing.assert_allclose(res.localizations[:, :4], ref, rtol=0, atol=1e-6)
     assert res.attrs["params"]["window_mode"] == "inner" and res.attrs["params"]["window_stride"] is None
+    assert res.attrs["params"]["rs_agreement_px"] == pytest.approx(0.3)
+    # --rs-agreement reaches the runner (0: the network's offsets alone; 5 px: nearly always averaged).
+    runs = {}
+    for agreement in (0, 5):
+        runs[agreement] = process_acquisition(tiny_acq, "3dml", dict(default, rs_agreement_px=agreement))
+        ref = localize_3dml(tiny_acq, model=tiny_dml_checkpoint, device="cpu", bubbles_per_frame=4,
+                            rs_agreement_px=agreement)
+        np.testing.assert_allclose(runs[agreement].localizations[:, :4], ref, rtol=0, atol=1e-6)
+        assert runs[agreement].attrs["params"]["rs_agreement_px"] == agreement
+    assert not np.allclose(runs[0].localizations[:, 1:3], runs[5].localizations[:, 1:3])
     with pytest.raises(InputError, match="window mode"):
         process_acquisition(tiny_acq, "3dml", dict(base, window_mode="paper"))
     for bad in (0, 1.5, "two"):

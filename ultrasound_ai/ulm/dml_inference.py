@@ -518,6 +518,7 @@ def pipeline_counter(ctx) -> DmlFrameCounter:
 
 def localize_3dml(acquisition, *, model=None, device="auto", bubbles_per_frame=None,
                   window_mode: str = DEFAULT_WINDOW_MODE, window_stride: int | None = None, block_frames: int = 200,
+                  rs_agreement_px: float | None = RS_AGREEMENT_PX,
                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Localize every frame of an Acquisition (or an acquisition file path): [K, 4] (frame, z_mm, x_mm,
     intensity). Never reads the ground truth."""
@@ -536,7 +537,8 @@ def localize_3dml(acquisition, *, model=None, device="auto", bubbles_per_frame=N
     else:
         raise InputError(f"3DML-ResNet: expected an Acquisition or an acquisition file, got {type(acquisition).__name__}")
     runner = DmlLocalizationRunner(*geo, model=model, device=device, bubbles_per_frame=bubbles_per_frame,
-                                   window_mode=window_mode, window_stride=window_stride)
+                                   window_mode=window_mode, window_stride=window_stride,
+                                   rs_agreement_px=rs_agreement_px)
     parts = []
     for start, block in blocks:
         parts.append(runner.push(block, start))

@@ -47,8 +47,11 @@ of detections within lambda/2 that the tracker could not link consistently (trac
 shorter than the minimum length: tracked Jaccard 0.38 -> 0.56 on a 100-bubble simulated set). A detection in pixel
 (iz, ix) with offsets (X_E, Y_E) lies at
     z_mm = z0 + (iz + X_E - 0.5) * dz,   x_mm = x0 + (ix + Y_E - 0.5) * dx
-(pixel centres at origin + index * pixel size; offsets in [0, 1] map to [-0.5, 0.5] pixel). The
-intensity column is the envelope of the input frame at that pixel (as the classical methods report).
+(pixel centres at origin + index * pixel size; offsets in [0, 1] map to [-0.5, 0.5] pixel). By default
+(`rs_agreement_px`, RS_AGREEMENT_PX below) the offsets are then averaged with the radial-symmetry centre
+of the input envelope around that pixel where the two agree within 0.3 px along both axes: on frames
+formed unlike the training ones the network detects well but places less precisely. The intensity
+column is the envelope of the input frame at that pixel (as the classical methods report).
 
 The network expects pixels of the size it was trained on (`input.pixel_size_lambda` in its card);
 another pixel size is refused with a clear message (resample the acquisition first).

@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--no-write", action="store_true", help="print only, leave BENCHMARKS.md alone")
     ap.add_argument("--note", help="a paragraph appended to the section")
+    ap.add_argument("--note-file", dest="note_file", help="a file whose text is appended to the section (read at the end)")
     ap.add_argument("--no-train", action="store_true", dest="no_train",
                     help="evaluate the cells already trained; train none (missing cells show as 'not run')")
     ap.add_argument("--probe", action="store_true", help="add the linear probe of the encoders to the section")
@@ -111,6 +112,8 @@ def main(argv=None) -> int:
                            f"{r['val_macro_f1']:.3f} |\n" for r in rows))
     if args.note:
         body += "\n" + args.note.strip() + "\n"
+    if args.note_file:
+        body += "\n" + Path(args.note_file).read_text().strip() + "\n"
     print(body)
     print(json.dumps(results["runs"], indent=1))
     if args.ship:
@@ -124,8 +127,15 @@ def main(argv=None) -> int:
     if not args.no_write:
         from report import write_section
 
+        # The recorded command leaves the reading out (it follows the table).
+        argv = list(sys.argv[1:] if argv is None else argv)
+        for flag in ("--note", "--note-file"):
+            while flag in argv:
+                i = argv.index(flag)
+                del argv[i:i + 2]
         write_section("foundation_classifier", "Foundation model: benign / malignant / normal classifier on held-out "
-                      "scanner settings", body, device=args.device)
+                      "scanner settings", body, device=args.device,
+                      command=" ".join(["python bench/bench_foundation_classifier.py"] + argv))
     return 0
 
 

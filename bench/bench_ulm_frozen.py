@@ -51,6 +51,13 @@ LABELS = {"rs": "RS (`--method rs`, counting network)", "wa": "WA (`--method wa`
           "3dml-v0-count": "3DML-ResNet before, with its counting network"}
 
 
+def timing_provenance(cached_rows, compared) -> str:
+    """How far a frames/s ratio between `compared` rows can be trusted: only rows timed in this run compare."""
+    if any(r in cached_rows for r in compared):
+        return " (rows from different cached runs: indicative only)."
+    return " (same run)."
+
+
 def old_path_factory(peaks_only: bool = True):
     """3DML-ResNet's path before this work: the paper's windows slid by one, plain layout and arithmetic,
     the pipeline's post-processing (its `rs_agreement_px`); peaks_only=False: also its top-N pixels (no
@@ -176,6 +183,7 @@ def main(argv=None) -> int:
     print("tuned N (RS):", tuned_n, flush=True)
 
     results: dict = {}
+    cached_rows: set = set()  # rows with at least one acquisition answered by the cache (another run)
     for p in fs.pieces("test"):
         if not p.path.exists() or (args.max_pieces is not None and p.index >= args.max_pieces):
             continue
@@ -187,6 +195,7 @@ def main(argv=None) -> int:
                             _params(row, args.model, tuned_n, p.bubbles)[1])
             if key in cache:
                 results.setdefault((p.bubbles, p.noise_db), {}).setdefault(row, []).append(cache[key])
+                cached_rows.add(row)
                 continue
             if args.only_cached:
                 continue
@@ -235,7 +244,7 @@ def main(argv=None) -> int:
             ratio = s[row]["frames_per_s"] / s["3dml-sliding"]["frames_per_s"]
             lines.append(f"- {b:g}/frame, {nd:g} dB: {what} vs the old path (same checkpoint and post-processing): "
                          f"raw Jaccard {d_raw:+.3f}, tracked {d_tr:+.3f}, frames/s × {ratio:.1f}"
-                         + (" (rows from different cached runs: indicative only)." if args.cache else " (same run)."))
+                         + timing_provenance(cached_rows, (row, "3dml-sliding")))
     st = fs.status()
     made = sum(1 for q in fs.pieces("test") if q.path.exists())
     missing = "" if made == fs.TEST_PIECES * len(fs.BUBBLES) * len(fs.NOISE_DB) else (

@@ -23,3 +23,10 @@ def test_cache_key_changes_with_the_rows_processing_parameters():
     assert key != bench.cache_key("test_b100_n40_p1", "3dml", "ulm_3dml_small", None, UlmParams(device="cpu"))
     method, params = bench._params("3dml-net", None, {}, 100.0)
     assert (method, params.rs_agreement_px) == ("3dml", 0)
+
+
+def test_a_speed_ratio_is_called_indicative_only_when_a_compared_row_came_from_the_cache():
+    # Passing --cache alone must not mark ratios of rows all timed in this run as coming from other runs.
+    assert bench.timing_provenance(set(), ("3dml", "3dml-sliding")) == " (same run)."
+    assert bench.timing_provenance({"rs"}, ("3dml", "3dml-sliding")) == " (same run)."
+    assert "indicative only" in bench.timing_provenance({"3dml-sliding"}, ("3dml", "3dml-sliding"))

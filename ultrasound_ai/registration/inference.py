@@ -82,7 +82,8 @@ REFINE_REACH_MM = 12.0
 # 980000..980011, refinement started at the truth) it lay 1.2-4.8 mm away (median 2.4 mm, 8 of 10 within
 # 3.3 mm, leaving out two wrong peaks 8.6-8.7 mm away), with LC² gains of up to 7 % - a move that short cannot
 # be told from LC²'s own bias. The refinements that improved a start there all moved 3.6 mm or more, so a
-# 3 mm dead zone changed no outcome from 8 or 16 mm on those cases.
+# 3 mm dead zone changed no outcome from 8 or 16 mm on those cases. On cases 980012..980023 (not used to choose;
+# retrained stage 1 and 2) it took the default from 0.88 / 2.95 / 5.16 to 0.73 / 2.90 / 5.06 mm from 0 / 8 / 16 mm.
 REFINE_MIN_MOVE_MM = 3.0
 
 METHOD = "attention_reg"

@@ -107,6 +107,17 @@ BATCH_WINDOWS = 3
 RS_AGREEMENT_PX = 0.3
 
 
+def check_rs_agreement(value) -> None:
+    """InputError naming --rs-agreement unless value is None or a finite number of pixels >= 0."""
+    try:
+        ok = value is None or bool(np.isfinite(value) and value >= 0)
+    except TypeError:
+        ok = False
+    if not ok:
+        raise InputError(f"radial-symmetry agreement (--rs-agreement): expected a number of pixels >= 0 (0 = the "
+                         f"3DML-ResNet offsets alone), got {value!r}")
+
+
 @dataclass
 class FrameEstimate:
     """One frame's averaged network output."""
@@ -435,9 +446,7 @@ class DmlLocalizationRunner:
         self.bubbles_per_frame = bubbles_per_frame
         self.record_counts = record_counts
         self.peaks_only = peaks_only
-        if rs_agreement_px is not None and not (np.isfinite(rs_agreement_px) and rs_agreement_px >= 0):
-            raise InputError(f"3DML-ResNet radial-symmetry agreement (--rs-agreement): expected a number of pixels "
-                             f">= 0 (0 = the network's offsets alone), got {rs_agreement_px!r}")
+        check_rs_agreement(rs_agreement_px)
         self.rs_agreement_px = rs_agreement_px
         self.fwhm_px, self.window = fwhm_px, int(window)
         if window_mode not in WINDOW_MODES:

@@ -37,7 +37,7 @@ import numpy as np
 
 from ultrasound_ai.core.errors import Cancelled, InputError
 
-from .dml_inference import DEFAULT_WINDOW_MODE, RS_AGREEMENT_PX, WINDOW_MODES
+from .dml_inference import DEFAULT_WINDOW_MODE, RS_AGREEMENT_PX, WINDOW_MODES, check_rs_agreement
 from .localization import localize, to_mm
 from .localizers import (
     Localizer,
@@ -119,13 +119,7 @@ class UlmParams:
             stride_ok = False
         if not stride_ok:
             raise InputError(f"window stride: expected a whole number of frames >= 1, got {self.window_stride!r}")
-        try:
-            agreement_ok = self.rs_agreement_px is None or (np.isfinite(self.rs_agreement_px) and self.rs_agreement_px >= 0)
-        except TypeError:
-            agreement_ok = False
-        if not agreement_ok:
-            raise InputError(f"radial-symmetry agreement (--rs-agreement): expected a number of pixels >= 0 (0 = the "
-                             f"3DML-ResNet offsets alone), got {self.rs_agreement_px!r}")
+        check_rs_agreement(self.rs_agreement_px)
         if self.window_mode not in WINDOW_MODES:
             raise InputError(f"window mode (--window-mode): expected one of {list(WINDOW_MODES)}, got {self.window_mode!r}")
         if not np.isfinite(self.resolution_factor) or self.resolution_factor <= 0:

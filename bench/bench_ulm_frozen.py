@@ -72,7 +72,7 @@ def old_path_factory(peaks_only: bool = True):
                                      peaks_only=peaks_only,
                                      rs_agreement_px=p.rs_agreement_px if peaks_only else 0,
                                      fwhm_px=p.fwhm_px, window=p.window,
-                                     record_counts=ctx.record_counts)
+                                     record_counts=ctx.record_counts, workers=1)
     return factory
 
 

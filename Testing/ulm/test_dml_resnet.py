@@ -253,6 +253,72 @@ def test_long_windows_estimate_each_frame_once_away_from_the_edges():
         SlidingWindowRunner(toy_predictor([]), 8, stride=4, keep_margin=3)
 
 
+def test_window_workers_predict_at_once_and_give_the_estimates_of_one_worker():
+    # CPU inference runs batches of windows on several threads (one torch thread each). The first two
+    # predictions must be in flight together (a barrier both must reach; one worker would never release
+    # it), and the estimates must be those of one worker, in any block sizes and strides.
+    import threading
+
+    barrier = threading.Barrier(2, timeout=10)
+    calls = []
+    toy = toy_predictor([])
+
+    def predict(windows):
+        name = threading.current_thread().name
+        calls.append(name)
+        if name.startswith("3dml-window") and calls.count(name) == 1:  # a lone batch runs in the caller
+            barrier.wait()
+        return toy(windows)
+
+    frames = frames_with_index(23)
+    for stride, cuts in ((1, []), (3, [5, 6, 17]), (4, [9])):
+        ref = SlidingWindowRunner(toy_predictor([]), 4, stride=stride, batch_windows=1)
+        want = ref.push(frames) + ref.finish()
+        barrier.reset()
+        calls.clear()
+        r = SlidingWindowRunner(predict, 4, stride=stride, batch_windows=1, workers=2)
+        bounds, got = [0, *cuts, 23], []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            got += r.push(frames[a:b])
+        got += r.finish()
+        assert [e.index for e in got] == list(range(23)) and len({c for c in calls if c.startswith("3dml")}) == 2
+        for e, w in zip(got, want):
+            np.testing.assert_array_equal(e.maps, w.maps)
+            assert e.count == w.count and e.n_estimates == w.n_estimates
+        assert r._pool is None  # shut down by finish()
+    with pytest.raises(InputError, match="workers"):
+        SlidingWindowRunner(toy_predictor([]), 4, workers=0)
+
+
+def test_window_workers_give_the_localizations_of_one_worker(tiny_checkpoint, tiny_acquisition):
+    # The 3DML runner's default on CPU: one worker per torch thread, each with torch on one thread (the
+    # caller's thread count is restored); the localizations are the same numbers as with one worker.
+    from ultrasound_ai.ulm.clutter import svd_filter
+    from ultrasound_ai.ulm.dml_inference import default_workers
+
+    acq = tiny_acquisition
+    env = np.abs(svd_filter(acq.iq, 4)).astype(np.float32)
+    rows = {}
+    for workers in (1, 2):
+        r = DmlLocalizationRunner(acq.pixel_size_mm, acq.origin_mm, acq.wavelength_mm, model=tiny_checkpoint,
+                                  device="cpu", window_mode="sliding", window_stride=2, batch_windows=1,
+                                  workers=workers)
+        torch.set_num_threads(workers)
+        try:
+            rows[workers] = np.concatenate([r.push(env[:11], 0), r.push(env[11:], 11), r.finish()])
+            assert torch.get_num_threads() == workers
+        finally:
+            torch.set_num_threads(1)
+    assert rows[1].shape[0] > 0
+    np.testing.assert_array_equal(rows[2], rows[1])
+    assert default_workers("cpu") == 1  # this module runs torch on one thread
+    torch.set_num_threads(2)
+    try:
+        assert default_workers("cpu") == 2
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_default_windows_estimate_each_frame_once_off_the_window_edges(tiny_checkpoint, tiny_acquisition):
     # The default layout ("inner"): the trained N-frame windows slid by N - 2, each frame estimated once,
     # from the window where it is neither first nor last (on the speed benchmark's 100-bubble set a

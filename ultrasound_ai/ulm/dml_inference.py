@@ -60,6 +60,7 @@ another pixel size is refused with a clear message (resample the acquisition fir
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -78,6 +79,7 @@ __all__ = [
     "model_predictor",
     "DmlFrameCounter",
     "pipeline_counter",
+    "default_workers",
 ]
 
 PredictFn = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
@@ -105,6 +107,11 @@ BATCH_WINDOWS = 3
 # gained) and cost 0.003 on four fast-simulator validation acquisitions (0.602 -> 0.599); 0.3 px was
 # the widest agreement costing at most 0.005 there (0.2-0.4 px tried, 0.5 lost 0.02).
 RS_AGREEMENT_PX = 0.3
+# CPU inference: batches of windows run on this many threads at most (one per torch thread by default),
+# each with torch on one thread. On 2 cores two single-thread workers beat one process of two torch threads
+# (oneDNN's 3D convolutions on these sizes scale below 2x over two threads, and a preempted OpenMP thread
+# stalls its partner on a shared machine); the outputs are the same numbers (see _predictions).
+MAX_WORKERS = 8
 
 
 def check_rs_agreement(value) -> None:
@@ -150,7 +157,7 @@ class SlidingWindowRunner:
     """
 
     def __init__(self, predict: PredictFn, window_frames: int, stride: int = 1, batch_windows: int = 4,
-                 keep_margin: int = 0):
+                 keep_margin: int = 0, workers: int = 1):
         if int(window_frames) < 1:
             raise InputError(f"window_frames must be a positive number of frames, got {window_frames}")
         if not 1 <= int(stride) <= int(window_frames):
@@ -163,6 +170,11 @@ class SlidingWindowRunner:
         # A window's estimates count only for its frames [m, n - m) (all of them at the acquisition's start).
         self.m = int(keep_margin)
         self.batch_windows = max(1, int(batch_windows))
+        if int(workers) < 1:
+            raise InputError(f"window workers must be a positive number of threads, got {workers}")
+        # workers > 1: batches of windows predicted on that many threads at once (see _predictions).
+        self.workers = int(workers)
+        self._pool = None
         self._frames: list[np.ndarray] = []  # raw frames from self._raw_start on
         self._raw_start = 0
         self._end = 0  # frames pushed so far
@@ -206,23 +218,58 @@ class SlidingWindowRunner:
         if self._finished:
             return []
         self._finished = True
-        if self._end == 0:
-            return []
-        uncovered = [t for t in range(self._emit, self._end) if self._n_est.get(t, 0) == 0]
-        if uncovered:
-            n = min(self.n, self._end)
-            self._run([self._end - n], n, only=set(uncovered))
-        return self._collect(self._end)
+        try:
+            if self._end == 0:
+                return []
+            uncovered = [t for t in range(self._emit, self._end) if self._n_est.get(t, 0) == 0]
+            if uncovered:
+                n = min(self.n, self._end)
+                self._run([self._end - n], n, only=set(uncovered))
+            return self._collect(self._end)
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
 
     def _window(self, s: int, n: int) -> np.ndarray:
         i = s - self._raw_start
         return np.stack(self._frames[i:i + n])
 
+    def _predictions(self, groups: list[list[int]], n: int):
+        """(windows, maps, counts) of each group of window starts, in order. With workers > 1 the groups
+        are predicted on a thread pool, at most 2 * workers in flight (the predictor must release the GIL
+        while it computes, as torch does); the results are used in the same order, so the sums are the
+        same as with one worker."""
+        if self.workers == 1 or len(groups) < 2:
+            for group in groups:
+                windows = np.stack([self._window(s, n) for s in group])
+                yield (windows, *self.predict(windows))
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="3dml-window")
+        pending: deque = deque()
+        todo = iter(groups)
+        try:
+            while True:
+                for group in todo:
+                    windows = np.stack([self._window(s, n) for s in group])
+                    pending.append((windows, self._pool.submit(self.predict, windows)))
+                    if len(pending) >= 2 * self.workers:
+                        break
+                if not pending:
+                    return
+                windows, future = pending.popleft()
+                yield (windows, *future.result())
+        finally:
+            for _, future in pending:
+                future.cancel()
+
     def _run(self, starts: list[int], n: int, only: set | None = None) -> None:
-        for b in range(0, len(starts), self.batch_windows):
-            group = starts[b:b + self.batch_windows]
-            windows = np.stack([self._window(s, n) for s in group])
-            maps, counts = self.predict(windows)
+        groups = [starts[b:b + self.batch_windows] for b in range(0, len(starts), self.batch_windows)]
+        for group, (windows, maps, counts) in zip(groups, self._predictions(groups, n)):
             maps = np.asarray(maps, dtype=np.float64)
             counts = np.asarray(counts, dtype=np.float64)
             if maps.shape != (len(group), n, 3) + windows.shape[2:] or counts.shape != (len(group), n):
@@ -436,7 +483,7 @@ class DmlLocalizationRunner:
                  window_frames: int | None = None, keep_margin: int | None = None, batch_windows: int | None = None,
                  channels_last: bool = True, fused: bool = True, pad_single: bool = True, peaks_only: bool = True,
                  rs_agreement_px: float | None = RS_AGREEMENT_PX, fwhm_px=(3.0, 3.0), window: int = 5,
-                 record_counts: Callable | None = None):
+                 record_counts: Callable | None = None, workers: int | None = None):
         self.net, self.card = load_dml_model(model, device)
         _check_pixel_size(self.card, pixel_size_mm, wavelength_mm, "3DML-ResNet input")
         if bubbles_per_frame is not None and np.isscalar(bubbles_per_frame) and int(bubbles_per_frame) < 0:
@@ -473,9 +520,11 @@ class DmlLocalizationRunner:
         predict = model_predictor(self.net, channels_last=channels_last, fused=fused,
                                   norm_group=self.net.config.window_frames if side_by_side else None,
                                   pad_single=pad_single)
+        if workers is None:
+            workers = default_workers(next(self.net.parameters()).device)
         self.runner = SlidingWindowRunner(predict, n, stride=stride,
                                           batch_windows=batch_windows or (BATCH_WINDOWS if side_by_side else 4),
-                                          keep_margin=m)
+                                          keep_margin=m, workers=workers)
 
     def _rows(self, estimates) -> np.ndarray:
         return estimates_to_localizations(estimates, self.pixel_size_mm, self.origin_mm, self.bubbles_per_frame,
@@ -483,10 +532,38 @@ class DmlLocalizationRunner:
                                           self.window)
 
     def push(self, block, start: int | None = None) -> np.ndarray:
-        return self._rows(self.runner.push(block, start))
+        with _one_torch_thread_per_worker(self.runner.workers):
+            return self._rows(self.runner.push(block, start))
 
     def finish(self) -> np.ndarray:
-        return self._rows(self.runner.finish())
+        with _one_torch_thread_per_worker(self.runner.workers):
+            return self._rows(self.runner.finish())
+
+
+def default_workers(device) -> int:
+    """Window workers of the runner on `device`: on CPU one per torch thread (each running torch on one
+    thread), up to MAX_WORKERS; on a GPU one."""
+    import torch
+
+    if torch.device(device).type != "cpu":
+        return 1
+    return max(1, min(MAX_WORKERS, torch.get_num_threads()))
+
+
+@contextmanager
+def _one_torch_thread_per_worker(workers: int):
+    """torch's intra-op threads set to 1 while `workers` > 1 threads each run windows, then restored."""
+    if workers <= 1:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class DmlFrameCounter:

@@ -76,6 +76,18 @@ def old_path_factory(peaks_only: bool = True):
     return factory
 
 
+def one_worker_factory():
+    """The default 3DML path with one window worker (torch on all its threads): the default before the
+    window workers, for the speed comparison."""
+    def factory(ctx):
+        from ultrasound_ai.ulm.pipeline import dml_localizer
+
+        runner = dml_localizer(ctx)
+        runner.runner.workers = 1
+        return runner
+    return factory
+
+
 def _params(row: str, model, tuned_n: dict, bubbles: float):
     from ultrasound_ai.ulm.pipeline import UlmParams
 

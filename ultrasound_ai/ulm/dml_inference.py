@@ -22,7 +22,9 @@ frame estimated once at window position 0 or N-1 had raw Jaccard 0.53, at positi
   N / (N - 2) times fewer passes than "inner", 0.026 lower raw Jaccard.
 All run in the channels-last layout with in-place arithmetic (`model_predictor`: the same numbers,
 faster with oneDNN), a single window padded to a batch of two; channels_last=False, fused=False,
-pad_single=False give the plain path of before, for comparisons. The runner below also supports
+pad_single=False give the plain path of before, for comparisons. On CPU, batches of windows run on one
+worker thread per torch thread, each with torch on one thread (`workers`; the sums are taken in window
+order, so the localizations are the same numbers as with one worker; workers=1 is the path before). The runner below also supports
 windows longer than the training ones that keep only their frames at least `keep_margin` from the
 edges (then divided by the median of their N-frame maxima, the training scale: see
 `normalise_windows`).

@@ -109,6 +109,13 @@ def evaluate_set(name: str, args, cascade, feature) -> dict:
                         "lc2_gain": entry["lc2_proposal"] / max(entry["lc2_start"], 1e-12) - 1.0,
                         "kept_before": next((e["stage"] for e in reversed(report["stages"][:-1]) if e["kept"]), "start"),
                         "start": entry["start"], "proposal": entry["proposal"]})  # to judge other acceptance rules
+                    multi = entry.get("multistart")
+                    if multi is not None:  # the estimate's refinement alone: the rule before the multi-start
+                        own = multi["ends"][0]
+                        out["refinement"][-1].update(
+                            multistart_chosen=multi["chosen"], agreeing=multi["agreeing"],
+                            single_start_sre_mm=sre(np.array(own["end"]), truth, surf) if multi["estimate_alone_kept"]
+                            else start_sre)
                     if "guard" not in rows:  # the refinement starts from the guarded cascade's result
                         out["two-stage + guard"].append(start_sre)
                     return T
@@ -143,6 +150,11 @@ def _reach_lines(res: dict) -> list:
         moves = f" (moves {moves} mm)" if refused else ""
         lines.append(f"- from {lv} mm: {len(refused)} of {len(rows)} refinements refused for moving the gland more "
                      f"than the reach{moves}; without the reach: {_cell(free, out['initial'], float(lv))}")
+        if all("single_start_sre_mm" in r for r in rows):
+            taken = [r for r in rows if r["multistart_chosen"] not in (None, "estimate")]
+            lines.append(f"  multi-start: {len(taken)} end point(s) reached from two starts kept instead of the "
+                         f"estimate's own; with the estimate's refinement alone (the previous rule): "
+                         f"{_cell([r['single_start_sre_mm'] for r in rows], out['initial'], float(lv))}")
         near = [r for r in rows if r.get("within_noise")]
         if near:
             free = [r["proposal_sre_mm"] if r.get("within_noise") else v for r, v in zip(rows, out["+ refinement"])]
@@ -150,8 +162,8 @@ def _reach_lines(res: dict) -> list:
             lines.append(f"  {len(near)} refused for moving it less than the dead zone (moves {moves} mm); without "
                          f"the dead zone: {_cell(free, out['initial'], float(lv))}")
     if lines:
-        lines = ["", "The refinement's reach (`inference.REFINE_REACH_MM`) and dead zone "
-                 "(`inference.REFINE_MIN_MOVE_MM`):"] + lines
+        lines = ["", "The refinement's reach (`inference.REFINE_REACH_MM`), dead zone "
+                 "(`inference.REFINE_MIN_MOVE_MM`) and multi-start (`inference.REFINE_MULTISTART`):"] + lines
     return lines
 
 

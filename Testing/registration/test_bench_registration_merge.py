@@ -52,3 +52,16 @@ def test_section_reports_the_refinement_without_its_dead_zone():
     lines = bench._reach_lines({"0": out})
     assert "1 refused for moving it less than the dead zone (moves 2.6 mm)" in lines[-1]
     assert lines[-1].endswith("without the dead zone: 1.30 ± 1.30 (1.30); 50 %")
+
+
+def test_section_reports_the_refinement_without_its_multistart():
+    run = _run(["a", "b"], [1.5, 4.0])
+    out = run["sets"]["registration-indep-v1"]["0"]
+    out["initial"] = [16.0, 16.0]
+    out["refinement"] = [{"kept": True, "beyond_reach": False, "moved_mm": 14.0, "proposal_sre_mm": 1.5, "lc2_gain": 0.4,
+                          "multistart_chosen": "start", "agreeing": [["estimate", "start"]], "single_start_sre_mm": 10.5},
+                         {"kept": True, "beyond_reach": False, "moved_mm": 5.0, "proposal_sre_mm": 4.0, "lc2_gain": 0.2,
+                          "multistart_chosen": "estimate", "agreeing": [], "single_start_sre_mm": 4.0}]
+    lines = bench._reach_lines({"16": out})
+    assert "multi-start: 1 end point(s) reached from two starts" in lines[-1]
+    assert lines[-1].endswith("(the previous rule): 7.25 ± 3.25 (7.25); 0 %")

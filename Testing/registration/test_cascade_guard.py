@@ -139,3 +139,58 @@ def test_refinement_within_lc2_localisation_error_keeps_the_start(case, monkeypa
     assert report["kept"] == "start" and "localisation" in entry["reason"]
     T_free, report = guarded_register(case, None, initial=truth, refine=True, margin=-1.0, refine_min_move_mm=0.0)
     assert np.allclose(T_free, drift) and report["kept"] == "refinement"
+
+
+def _stage_then_refine(case, monkeypatch, ends_at):
+    """A 14 mm start, a stage proposing a point 12 mm from it (the guard keeps it: margin -1), and a refinement
+    (patched) that ends where ends_at(start) says; the estimate's own refinement moves ~11 mm, beyond a 5 mm reach."""
+    import ultrasound_ai.registration.similarity as similarity
+
+    truth = case.truth_fixed_to_moving
+    T0, P = truth.copy(), truth.copy()
+    T0[:3, 3] += [0.0, 0.0, 14.0]
+    P[:3, 3] += [0.0, -9.0, 6.0]
+    made = []
+
+    def fake_refine(metric, T, **kw):
+        if not any(np.allclose(T, e) for e in made):  # the fine search starts at the coarse one's end: stays
+            made.append(ends_at(np.asarray(T)))
+            T = made[-1]
+        return T.copy(), 1.0, 1
+
+    monkeypatch.setattr(similarity, "refine_lc2", fake_refine)
+    cascade = types.SimpleNamespace(stages=[_FixedStage(P)])
+    return truth, P, guarded_register(case, cascade, initial=T0, refine=True, margin=-1.0, refine_reach_mm=5.0)
+
+
+def test_refinement_beyond_its_reach_is_kept_when_two_starts_reach_it(case, monkeypatch):
+    """From 16 mm the networks can stop ~10 mm short, and the refinement must then move beyond the reach; when
+    the refinements from the user's start and from the estimate (starts 12 mm apart) end at the same optimum,
+    it is kept (the reach refuses jumps to LC² peaks reached from one start only)."""
+    peak = case.truth_fixed_to_moving.copy()
+    peak[:3, 3] += [0.5, 0.0, 0.0]
+    truth, P, (T, report) = _stage_then_refine(case, monkeypatch, lambda T: peak.copy())
+    entry = report["stages"][-1]
+    assert np.allclose(T, peak) and report["kept"] == "refinement" and entry["kept"]
+    multi = entry["multistart"]
+    assert multi["agreeing"] == [["estimate", "start"]] and multi["chosen"] in ("estimate", "start")
+    assert [e["from"] for e in multi["ends"]] == ["estimate", "start"]  # stage 1 (no guard) = the estimate
+    assert entry["moved_mm"] > 5.0 and "reached within" in entry["reason"]
+    # One start only (the previous rule): refused for its reach.
+    T1, report1 = guarded_register(case, types.SimpleNamespace(stages=[_FixedStage(P)]),
+                                   initial=np.asarray(multi["ends"][1]["start"]), refine=True, margin=-1.0,
+                                   refine_reach_mm=5.0, multistart=False)
+    assert np.allclose(T1, P) and report1["stages"][-1]["beyond_reach"]
+
+
+def test_refinement_to_peaks_reached_from_one_start_each_stays_within_reach(case, monkeypatch):
+    def away(T):  # each start runs 15 mm further along its own offset: no two ends agree
+        end = T.copy()
+        off = T[:3, 3] - case.truth_fixed_to_moving[:3, 3]
+        end[:3, 3] += 15.0 * off / np.linalg.norm(off)
+        return end
+
+    truth, P, (T, report) = _stage_then_refine(case, monkeypatch, away)
+    entry = report["stages"][-1]
+    assert np.allclose(T, P) and report["kept"] == "stage 1" and entry["beyond_reach"]
+    assert entry["multistart"]["agreeing"] == [] and entry["multistart"]["chosen"] is None

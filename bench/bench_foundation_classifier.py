@@ -67,10 +67,9 @@ def main(argv=None) -> int:
     s = cs.settings(over)
 
     def install_encoder():
-        from report import BENCHMARKS
-
         res = cs.pretrain_encoder(s, progress_bar=False)
-        card = cs.ship_encoder(s, BENCHMARKS.parent / "Resources" / "Models")
+        # Installed beside the study's runs, not shipped: the classifier carries its weights.
+        card = cs.ship_encoder(s, Path(cs.encoder_source(s)).parent)
         print(json.dumps({"encoder": card["name"], "steps": res.steps, "best_step": res.best_step,
                           "best_metrics": res.best_metrics, "size_bytes": card["size_bytes"]}))
 
@@ -78,14 +77,8 @@ def main(argv=None) -> int:
         install_encoder()
         return 0
     if ((args.cell or "").startswith("pretrained") or (not args.cell and not args.no_train)) and \
-            s["pretrained"] == s["encoder"]["name"]:
-        from ultrasound_ai.core.errors import InputError
-        from ultrasound_ai.models.registry import find_model
-
-        try:
-            find_model(s["pretrained"])
-        except InputError:  # not installed (it is not shipped unless a classifier uses it): pre-train it first
-            install_encoder()
+            s["pretrained"] == s["encoder"]["name"] and not Path(cs.encoder_source(s)).is_file():
+        install_encoder()  # not installed yet: pre-train (or resume) it first
     if args.cell:
         init, fraction, seed = args.cell.split(",")
         res = cs.train_cell(s, init, float(fraction), int(seed), progress_bar=False)

@@ -70,6 +70,7 @@ def test_both_arms_of_the_classifier_study_use_the_same_attention_pooling_head()
 
     a, b = (cs.cell_config(cs.settings(), init, 0.2, 0)["model"] for init in ("pretrained", "scratch"))
     assert a["pooling"] == b["pooling"] == "attention"
-    arm = ("pretrained", "layer_decay")  # the encoder's start and its lr decay; the network is the same
+    # The encoder's start (the probe stage's model, see test_foundation_lpft) and its lr decay; the network is the same.
+    arm = ("pretrained", "init_from", "layer_decay")
     assert {k: v for k, v in a.items() if k not in arm} == {k: v for k, v in b.items() if k not in arm}
     assert b["layer_decay"] == 1.0 and a["layer_decay"] < 1.0

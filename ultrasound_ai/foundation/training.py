@@ -51,6 +51,7 @@ from ultrasound_ai.foundation.vit import ViTConfig, vit_config
 
 __all__ = ["METHOD", "DATA_DEFAULTS", "MODEL_DEFAULTS", "default_config", "PretrainTask", "SegmentTask",
            "ClassifyTask", "task_for", "train_foundation", "data_options", "model_options", "load_pretrained_encoder",
+           "load_whole_model",
            "prepared_data"]
 
 METHOD = "usfm"
@@ -83,6 +84,11 @@ MODEL_DEFAULTS: dict[str, Any] = {
     "pooling": "mean",  # classify: "mean" (USFM's mean-pooled tokens) or "attention" (heads.AttentionPool)
     "layer_decay": None,  # default 0.65 when fine-tuning a pre-trained encoder, else 1.0
     "pretrained": None,  # path of a usfm checkpoint whose encoder initialises the model
+    # classify: a classification checkpoint of this module whose whole model (encoder, pooling, head)
+    # initialises this one: the second stage of linear-probe-then-fine-tune (LP-FT)
+    "init_from": None,
+    # classify: train the pooling and head only, the encoder fixed (the linear-probe stage of LP-FT)
+    "freeze_encoder": False,
 }
 
 _VIT_KEYS = {"img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
@@ -305,6 +311,24 @@ def load_pretrained_encoder(model: torch.nn.Module, path, vit: ViTConfig) -> dic
     return card
 
 
+def load_whole_model(model: torch.nn.Module, path, configuration: Mapping) -> dict:
+    """Copy every weight of the usfm checkpoint `path` (encoder, pooling and head) into `model`, after
+    checking that its card's configuration is `configuration` (same task, architecture, pooling and
+    classes); returns its card."""
+    from ultrasound_ai.models.checkpoint import load_checkpoint
+    from ultrasound_ai.models.registry import find_model
+
+    state, card = load_checkpoint(find_model(path))
+    if card.get("method") != METHOD:
+        raise InputError(f"model.init_from {path}: method {card.get('method')!r}, expected {METHOD!r}")
+    theirs = dict(card.get("configuration") or {})
+    if theirs != dict(configuration):
+        raise InputError(f"model.init_from {path}: its configuration {theirs} differs from this model's "
+                         f"{dict(configuration)}; use the same task, preset, pooling and classes")
+    model.load_state_dict(state)
+    return card
+
+
 # -------------------------------------------------------------------------------------------- tasks
 
 
@@ -334,6 +358,11 @@ class _FoundationTask:
         model = build_model(_configuration(self.task, m, data.get("class_names", [])))
         if m["pretrained"]:
             load_pretrained_encoder(model, m["pretrained"], m["vit"])
+        if m["init_from"]:
+            load_whole_model(model, m["init_from"], _configuration(self.task, m, data.get("class_names", [])))
+        if m["freeze_encoder"]:
+            # No gradient reaches the encoder (so its forward builds no graph) and no parameter group holds it.
+            model.encoder.requires_grad_(False)
         return model
 
     def parameter_groups(self, model: torch.nn.Module, config: TrainConfig) -> list[dict]:
@@ -383,7 +412,8 @@ class _FoundationTask:
             "training_data": _training_data_line(data.get("facts", {})),
             "training": {"task": self.task, "data": data.get("facts", {}),
                          "pretrained": str(m["pretrained"]) if m["pretrained"] else None,
-                         "layer_decay": float(m["layer_decay"])},
+                         "init_from": str(m["init_from"]) if m["init_from"] else None,
+                         "freeze_encoder": bool(m["freeze_encoder"]), "layer_decay": float(m["layer_decay"])},
             "metrics": dict(metrics),
         }
 

@@ -286,6 +286,13 @@ def test_window_workers_predict_at_once_and_give_the_estimates_of_one_worker():
             np.testing.assert_array_equal(e.maps, w.maps)
             assert e.count == w.count and e.n_estimates == w.n_estimates
         assert r._pool is None  # shut down by finish()
+    # push_iter hands the finished frames over batch by batch (to be localized while the next batches run).
+    r = SlidingWindowRunner(toy_predictor([]), 4, stride=2, batch_windows=2, keep_margin=1, workers=2)
+    parts = list(r.push_iter(frames)) + [r.finish()]
+    ref = SlidingWindowRunner(toy_predictor([]), 4, stride=2, batch_windows=2, keep_margin=1)
+    want = ref.push(frames) + ref.finish()
+    assert len([p for p in parts if p]) >= 4 and [e.index for p in parts for e in p] == list(range(23))
+    np.testing.assert_array_equal(np.stack([e.maps for p in parts for e in p]), np.stack([e.maps for e in want]))
     with pytest.raises(InputError, match="workers"):
         SlidingWindowRunner(toy_predictor([]), 4, workers=0)
 

@@ -159,7 +159,7 @@ class SlidingWindowRunner:
     """
 
     def __init__(self, predict: PredictFn, window_frames: int, stride: int = 1, batch_windows: int = 4,
-                 keep_margin: int = 0, workers: int = 1):
+                 keep_margin: int = 0, workers: int = 1, edge_share: float = 0.0):
         if int(window_frames) < 1:
             raise InputError(f"window_frames must be a positive number of frames, got {window_frames}")
         if not 1 <= int(stride) <= int(window_frames):
@@ -177,6 +177,12 @@ class SlidingWindowRunner:
         # workers > 1: batches of windows predicted on that many threads at once (see _predictions).
         self.workers = int(workers)
         self._pool = None
+        # edge_share > 0: a frame that a neighbouring window also holds within its margin (at a seam between
+        # kept ranges) takes that edge estimate with this share: (1 - share) * kept mean + share * edge mean.
+        if not 0.0 <= float(edge_share) < 1.0:
+            raise InputError(f"edge share must be in [0, 1), got {edge_share}")
+        self.edge_share = float(edge_share)
+        self._edge: dict[int, list] = {}  # frame -> [sum of edge maps, sum of edge counts, number]
         self._frames: list[np.ndarray] = []  # raw frames from self._raw_start on
         self._raw_start = 0
         self._end = 0  # frames pushed so far
@@ -190,6 +196,11 @@ class SlidingWindowRunner:
 
     def push(self, frames, start: int | None = None) -> list[FrameEstimate]:
         """Add frames (the stream continues at `start`, default: where it stopped); returns finished frames."""
+        return [e for part in self.push_iter(frames, start) for e in part]
+
+    def push_iter(self, frames, start: int | None = None):
+        """As push, but yields the finished frames in parts, one after each batch of windows, so the caller
+        can work on them while the workers predict the next batches (the parts join into push's list)."""
         if self._finished:
             raise RuntimeError("SlidingWindowRunner: push() after finish()")
         env = _envelope(frames, "3DML-ResNet input block")
@@ -200,7 +211,7 @@ class SlidingWindowRunner:
                                  f"{self._end} (blocks must be contiguous or overlap the previous one)")
             env = env[self._end - start:]  # overlapping frames were pushed already
         if env.shape[0] == 0:
-            return []
+            return
         if self._shape is None:
             self._shape = env.shape[1:]
         elif env.shape[1:] != self._shape:
@@ -212,8 +223,11 @@ class SlidingWindowRunner:
         while self._next_start + self.n <= self._end:
             starts.append(self._next_start)
             self._next_start += self.stride
-        self._run(starts, self.n)
-        return self._collect(min(self._next_start + self.m, self._end) if self._next_start else 0)
+        # Frames before the next window's start (its kept range, without edge estimates) are final.
+        ahead = 0 if self.edge_share else self.m
+        for next_start in self._run(starts, self.n):
+            yield self._collect(min(next_start + ahead, self._end), keep_from=next_start)
+        yield self._collect(min(self._next_start + ahead, self._end) if self._next_start else 0)
 
     def finish(self) -> list[FrameEstimate]:
         """Run the last window if frames are left uncovered; return every frame not yet returned."""
@@ -226,7 +240,8 @@ class SlidingWindowRunner:
             uncovered = [t for t in range(self._emit, self._end) if self._n_est.get(t, 0) == 0]
             if uncovered:
                 n = min(self.n, self._end)
-                self._run([self._end - n], n, only=set(uncovered))
+                for _ in self._run([self._end - n], n, only=set(uncovered)):
+                    pass
             return self._collect(self._end)
         finally:
             if self._pool is not None:
@@ -269,9 +284,11 @@ class SlidingWindowRunner:
             for _, future in pending:
                 future.cancel()
 
-    def _run(self, starts: list[int], n: int, only: set | None = None) -> None:
+    def _run(self, starts: list[int], n: int, only: set | None = None):
+        """Predicts the windows at `starts` batch by batch and adds their estimates; yields after each batch
+        the start of the next window not yet added (the frames before it are final)."""
         groups = [starts[b:b + self.batch_windows] for b in range(0, len(starts), self.batch_windows)]
-        for group, (windows, maps, counts) in zip(groups, self._predictions(groups, n)):
+        for gi, (group, (windows, maps, counts)) in enumerate(zip(groups, self._predictions(groups, n))):
             maps = np.asarray(maps, dtype=np.float64)
             counts = np.asarray(counts, dtype=np.float64)
             if maps.shape != (len(group), n, 3) + windows.shape[2:] or counts.shape != (len(group), n):
@@ -284,7 +301,13 @@ class SlidingWindowRunner:
                         if t not in only:
                             continue
                     elif (j < self.m and s > 0) or j >= n - self.m:
-                        continue  # too close to this window's edge; a neighbouring window covers it
+                        # Too close to this window's edge; a neighbouring window covers it.
+                        if self.edge_share:
+                            e = self._edge.setdefault(t, [0.0, 0.0, 0])
+                            e[0] = e[0] + maps[k, j]
+                            e[1] += float(counts[k, j])
+                            e[2] += 1
+                        continue
                     if t in self._sum_maps:
                         self._sum_maps[t] += maps[k, j]
                         self._sum_count[t] += counts[k, j]
@@ -293,17 +316,25 @@ class SlidingWindowRunner:
                         self._sum_maps[t] = maps[k, j].copy()
                         self._sum_count[t] = float(counts[k, j])
                         self._n_est[t] = 1
+            yield groups[gi + 1][0] if gi + 1 < len(groups) else self._next_start
 
-    def _collect(self, upto: int) -> list[FrameEstimate]:
+    def _collect(self, upto: int, keep_from: int | None = None) -> list[FrameEstimate]:
+        """The frames before `upto` not yet returned; raw frames are kept from `keep_from` (default: the
+        next regular window's start) on."""
         out = []
         for t in range(self._emit, upto):
             n_est = self._n_est.pop(t)
+            maps, count = self._sum_maps.pop(t) / n_est, self._sum_count.pop(t) / n_est
+            edge = self._edge.pop(t, None)
+            if edge is not None:
+                a = self.edge_share
+                maps = (1.0 - a) * maps + a * (edge[0] / edge[2])
+                count = (1.0 - a) * count + a * edge[1] / edge[2]
             out.append(FrameEstimate(index=t, envelope=self._frames[t - self._raw_start],
-                                     maps=(self._sum_maps.pop(t) / n_est).astype(np.float32),
-                                     count=self._sum_count.pop(t) / n_est, n_estimates=n_est))
+                                     maps=maps.astype(np.float32), count=count, n_estimates=n_est))
         self._emit = max(self._emit, upto)
         # Keep the raw frames later windows need, including the last N for a final tail window.
-        keep_from = max(0, min(self._emit, self._next_start, self._end - self.n))
+        keep_from = max(0, min(self._emit, self._next_start if keep_from is None else keep_from, self._end - self.n))
         drop = keep_from - self._raw_start
         if drop > 0:
             del self._frames[:drop]
@@ -485,7 +516,7 @@ class DmlLocalizationRunner:
                  window_frames: int | None = None, keep_margin: int | None = None, batch_windows: int | None = None,
                  channels_last: bool = True, fused: bool = True, pad_single: bool = True, peaks_only: bool = True,
                  rs_agreement_px: float | None = RS_AGREEMENT_PX, fwhm_px=(3.0, 3.0), window: int = 5,
-                 record_counts: Callable | None = None, workers: int | None = None):
+                 record_counts: Callable | None = None, workers: int | None = None, edge_share: float = 0.0):
         self.net, self.card = load_dml_model(model, device)
         _check_pixel_size(self.card, pixel_size_mm, wavelength_mm, "3DML-ResNet input")
         if bubbles_per_frame is not None and np.isscalar(bubbles_per_frame) and int(bubbles_per_frame) < 0:
@@ -526,7 +557,7 @@ class DmlLocalizationRunner:
             workers = default_workers(next(self.net.parameters()).device)
         self.runner = SlidingWindowRunner(predict, n, stride=stride,
                                           batch_windows=batch_windows or (BATCH_WINDOWS if side_by_side else 4),
-                                          keep_margin=m, workers=workers)
+                                          keep_margin=m, workers=workers, edge_share=edge_share)
 
     def _rows(self, estimates) -> np.ndarray:
         return estimates_to_localizations(estimates, self.pixel_size_mm, self.origin_mm, self.bubbles_per_frame,
@@ -535,7 +566,9 @@ class DmlLocalizationRunner:
 
     def push(self, block, start: int | None = None) -> np.ndarray:
         with _one_torch_thread_per_worker(self.runner.workers):
-            return self._rows(self.runner.push(block, start))
+            # Each part is localized while the workers predict the next batches of windows.
+            parts = [self._rows(est) for est in self.runner.push_iter(block, start)]
+        return np.concatenate(parts) if parts else np.zeros((0, 4))
 
     def finish(self) -> np.ndarray:
         with _one_torch_thread_per_worker(self.runner.workers):

@@ -100,6 +100,9 @@ DEFAULT_STRIDE = 2
 # Windows per network call in "inner"/"tiled" modes: per window, 3D convolutions on 2-3 windows ran
 # about 15 % faster than on 4 and 30 % faster than on 6 (activations stay in cache).
 BATCH_WINDOWS = 3
+# The same per single-thread worker (window workers, below): 2 windows per call took 10-15 % less CPU time
+# per window than 3 on one torch thread (the two workers' activations share the L3 cache).
+WORKER_BATCH_WINDOWS = 2
 # Sub-pixel refinement of the default runner (`estimates_to_localizations`' rs_agreement_px): on frames
 # formed unlike the training ones (pymust SIMUS + delay-and-sum, the frozen set's validation pieces)
 # the network found more bubbles than RS (83 vs 79 % of its detections within lambda/2 at 100/frame,
@@ -555,9 +558,10 @@ class DmlLocalizationRunner:
                                   pad_single=pad_single)
         if workers is None:
             workers = default_workers(next(self.net.parameters()).device)
-        self.runner = SlidingWindowRunner(predict, n, stride=stride,
-                                          batch_windows=batch_windows or (BATCH_WINDOWS if side_by_side else 4),
-                                          keep_margin=m, workers=workers, edge_share=edge_share)
+        if not batch_windows:
+            batch_windows = (WORKER_BATCH_WINDOWS if workers > 1 else BATCH_WINDOWS) if side_by_side else 4
+        self.runner = SlidingWindowRunner(predict, n, stride=stride, batch_windows=batch_windows, keep_margin=m,
+                                          workers=workers, edge_share=edge_share)
 
     def _rows(self, estimates) -> np.ndarray:
         return estimates_to_localizations(estimates, self.pixel_size_mm, self.origin_mm, self.bubbles_per_frame,

@@ -189,7 +189,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--initial", help="initial fixed->moving transform (ITK .tfm); default: physical positions")
     p.add_argument("--method", choices=["attention+refine", "attention", "mi"], default="attention+refine",
                    help="attention+refine (default): the guarded Attention-Reg cascade, then an LC2 intensity "
-                        "refinement (kept only when it raises LC2 by the guard's margin and moves the gland 3-12 mm; the JSON says); "
+                        "refinement, also run from the start and the networks' own proposals (kept only when it raises LC2 by the guard's "
+                        "margin and moves the gland 3-12 mm, or farther when two refinements reach the same optimum; "
+                        "the JSON says); "
                         "attention: the guarded cascade alone; mi: Mattes mutual information")
     p.add_argument("--no-guard", action="store_true",
                    help="attention: keep every stage's proposal (no LC2 check against the stage's start)")

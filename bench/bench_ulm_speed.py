@@ -80,6 +80,7 @@ def _dml_rows(args, notes: list) -> list:
         label = labels[mode]
         out.append([label, f"{speed[mode]:,.1f}", "–", "", f"raw Jaccard {ev['raw']['jaccard']:.3f}, tracked "
                     f"{ev['tracked']['jaccard']:.3f}; {args.dml_frames} frames, {args.dml_bubbles:g} bubbles/frame"])
+    out.append(_network_alone_row(acq, speed, notes))
     notes.append(f"3DML-ResNet: the default (`inner`) runs at {speed['inner'] / speed['old']:.1f}× (on one window "
                  f"worker {speed['inner1'] / speed['old']:.1f}×), inner windows "
                  f"slid by 3 at {speed['inner3'] / speed['old']:.1f}×, sliding windows "
@@ -87,6 +88,38 @@ def _dml_rows(args, notes: list) -> list:
                  f"{speed['tiled'] / speed['old']:.1f}× the old path (same checkpoint, same post-processing, same run; "
                  f"old: 1 run, others: best of {args.repeats}).")
     return out
+
+
+def _network_alone_row(acq, speed: dict, notes: list) -> list:
+    """The default's windows through the network alone (no localization, tracking or rendering): the most
+    the whole pipeline could reach with everything else free, against the old path."""
+    from ultrasound_ai.ulm.clutter import svd_filter
+    from ultrasound_ai.ulm.dml_inference import DmlLocalizationRunner, _one_torch_thread_per_worker
+
+    env = np.abs(svd_filter(acq.iq, 4)).astype(np.float32)
+
+    def network_only():
+        r = DmlLocalizationRunner(acq.pixel_size_mm, acq.origin_mm, acq.wavelength_mm, device="cpu").runner
+        with _one_torch_thread_per_worker(r.workers):
+            return r.push(env) + r.finish()
+
+    t, est = _best(network_only, 2)
+    c = DmlLocalizationRunner(acq.pixel_size_mm, acq.origin_mm, acq.wavelength_mm, device="cpu").net.config
+    z, x = env.shape[1:]
+    w, n = c.width, c.window_frames
+    # Multiply-adds per pixel of one window pass: the 3D ResNet's 3x3x3 convolutions (1 -> w, 2 * blocks + 1
+    # of w -> w, w -> 3) and the counting network's 2D ones (full, 1/4 and 1/16 of the pixels).
+    k = c.counter_width
+    macs = z * x * (27 * (w + (2 * c.blocks + 1) * w * w + 3 * w) + 9 * (k + 2 * k * k / 4 + 8 * k * k / 16 + 16 * k * k / 16))
+    gflop = 2 * macs * n / (n - 2) / 1e9  # per frame: "inner" windows pass each frame n / (n - 2) times
+    fps = env.shape[0] / t
+    speed["network"] = fps
+    notes.append(f"3DML-ResNet network alone on the default's windows: {fps:.1f} frames/s = "
+                 f"{fps / speed['old']:.1f}× the old path's whole pipeline (the ceiling with localization, "
+                 f"tracking and rendering free); {gflop:.2f} GFLOP per frame, {fps * gflop:.0f} GFLOP/s on the "
+                 f"cores used.")
+    return ["3DML-ResNet network alone (default windows, no localization / tracking)", f"{fps:,.1f}", "–", "",
+            f"{gflop:.2f} GFLOP per frame, {fps * gflop:.0f} GFLOP/s; {env.shape[0]} frames"]
 
 
 def main(argv=None) -> int:

@@ -82,7 +82,7 @@ CLASSIFIER_STUDY: dict = {
     "probe": {"steps": 300, "lr": 3e-3, "warmup_steps": 10},
     "layer_decay": 0.75,
     "scratch_lr": 1e-3,
-    "schedule": {"steps": 300, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "validate_every": 50,
+    "schedule": {"steps": 300, "batch_size": 12, "lr": 3e-4, "warmup_steps": 20, "validate_every": 100,
                  "checkpoint_every": 50, "log_every": 10, "best_metric": "accuracy", "best_mode": "max"},
 }
 

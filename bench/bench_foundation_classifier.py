@@ -5,7 +5,7 @@ ultrasound_ai/foundation/classifier_study.py). No timing claim.
 
     python bench/bench_foundation_classifier.py [--device cpu] [--output-dir runs/classifier_study]
         [--pretrain-encoder] [--cell INIT,FRACTION,SEED] [--seeds 0,1] [--steps N] [--no-write] [--note TEXT]
-        [--ship NAME] [--probe]
+        [--ship NAME [--ship-cell FRACTION,SEED]] [--probe]
 
 The pre-trained arm fine-tunes from the shipped usfm_vit_tiny_pretrained; both arms pool the tokens
 with the same attention-pooling head. --pretrain-encoder trains (or resumes) the alternative encoder
@@ -16,10 +16,11 @@ a linear probe of the encoders' mean-pooled features (random, the study's encode
 installed), fitted on the labelled images and scored on the validation images: how much class
 information pre-training put into the features.
 
---cell trains (or resumes) one cell only and exits, so cells can run as separate background processes;
-without it every missing cell is trained, then all are evaluated and the section written. --ship NAME
-then installs the pre-trained 100 % cell (seed 0) as Resources/Models/NAME.pt (float16) with its card,
-which records its held-out figures beside the from-scratch cell's.
+--cell trains (or resumes) one cell only and exits, so cells can run as separate background processes
+(the pre-trained arm's probe stage first, then its fine-tuning); without it every missing cell is
+trained, then all are evaluated and the section written. --ship NAME then installs a pre-trained cell
+(--ship-cell FRACTION,SEED, default the 100 % cell of seed 0) as Resources/Models/NAME.pt (float16) with
+its card, which records its held-out figures beside the from-scratch cell's of the same labels.
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def main(argv=None) -> int:
     ap.add_argument("--no-train", action="store_true", dest="no_train",
                     help="evaluate the cells already trained; train none (missing cells show as 'not run')")
     ap.add_argument("--probe", action="store_true", help="add the linear probe of the encoders to the section")
-    ap.add_argument("--ship", metavar="NAME", help="install the pre-trained 100 %% cell as Resources/Models/NAME.pt")
+    ap.add_argument("--ship", metavar="NAME", help="install a pre-trained cell as Resources/Models/NAME.pt")
+    ap.add_argument("--ship-cell", dest="ship_cell", default="1,0", metavar="FRACTION,SEED",
+                    help="the pre-trained cell --ship installs, compared with the scratch cell of the same labels "
+                         "(default 1,0)")
     from report import parse_bench_args
 
     args = parse_bench_args(ap, argv, timing=False)  # accuracy: the load is recorded, not awaited
@@ -113,9 +117,10 @@ def main(argv=None) -> int:
         from report import BENCHMARKS
 
         folder = Path(s["output_dir"])
-        card = cs.ship(folder / cs.cell_name("pretrained", 1.0, 0), s, args.ship, BENCHMARKS.parent / "Resources" / "Models",
-                       comparison={"scratch_same_labels_and_schedule": folder / cs.cell_name("scratch", 1.0, 0)},
-                       study=results)
+        fraction, seed = float(args.ship_cell.split(",")[0]), int(args.ship_cell.split(",")[1])
+        card = cs.ship(folder / cs.cell_name("pretrained", fraction, seed), s, args.ship,
+                       BENCHMARKS.parent / "Resources" / "Models", study=results,
+                       comparison={"scratch_same_labels_and_schedule": folder / cs.cell_name("scratch", fraction, seed)})
         print(json.dumps({"shipped": args.ship, "size_bytes": card["size_bytes"], "metrics": card["metrics"]}))
     if not args.no_write:
         from report import write_section

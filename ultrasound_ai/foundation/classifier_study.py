@@ -341,9 +341,9 @@ def ship(run_folder, s: Mapping, name: str, models_dir, comparison=None, study: 
                              "scanner settings randomised per image across a broad band); not validated on patient "
                              "data"}
     card["description"] = (
-        f"Benign / malignant / normal classification of B-mode images (BUSI's classes): the shipped "
-        f"{s['pretrained']} encoder (ViT-Tiny, 128 px at 0.3125 mm, 1 channel) + a linear head on the "
-        f"{_pooled(s)} tokens, fine-tuned {total} steps (best.pt at step {held['best_step']}, chosen on validation "
+        f"Benign / malignant / normal classification of B-mode images (BUSI's classes): the encoder "
+        f"{_encoder_text(s)} (ViT-Tiny, 128 px at 0.3125 mm, 1 channel) + a linear head on the "
+        f"{_pooled(s)} tokens, {_recipe_text(s, total)} (best.pt at step {held['best_step']}, chosen on validation "
         f"accuracy) on {held['labelled']} labelled simulated images "
         f"(scanner settings drawn per image from {json.dumps(TRAIN_APPEARANCE)}). Held-out test ({len(arrays[1])} "
         f"simulated images, seed {s['test_seed']}, a fixed setting {json.dumps(TEST_APPEARANCE)} never used for "
@@ -426,9 +426,23 @@ def _encoder_text(s: Mapping) -> str:
     e = s["encoder"]
     if s["pretrained"] != e.get("name"):
         return f"the shipped {s['pretrained']} (masked image modelling on unlabelled simulated images; see its card)"
-    return (f"{s['pretrained']} (masked image modelling continued from {e['init']} for {e['steps']} steps, batch "
-            f"{e['batch_size']}, on {e['train_count']} unlabelled images drawn across the same band, seed "
-            f"{e['train_seed']})")
+    lesions = "BI-RADS masses" if e.get("appearance", TRAIN_APPEARANCE).get("lesion_model") == "birads" else \
+        "the simulator's default lesions and organs"
+    return (f"{s['pretrained']}: the shipped {e['init']} with its masked image modelling continued for {e['steps']} "
+            f"steps, batch {e['batch_size']}, lr {e['lr']}, on {e['train_count']} unlabelled simulated images drawn "
+            f"across the same scanner band with {lesions} (seed {e['train_seed']}; no label used)")
+
+
+def _recipe_text(s: Mapping, steps=None) -> str:
+    """How the pre-trained arm is fine-tuned (LP-FT when s["probe"] has steps)."""
+    sc = s["schedule"]
+    ft = (f"{steps or sc['steps']} steps, batch {sc['batch_size']}, AdamW lr {sc['lr']}, cosine with "
+          f"{sc['warmup_steps']} warm-up steps, layer decay {s['layer_decay']}")
+    if not _probe_steps(s):
+        return f"fine-tuned {ft}"
+    p = s["probe"]
+    return (f"fine-tuned in two stages (LP-FT): the pooling and head alone on the frozen encoder for {p['steps']} "
+            f"steps (lr {p['lr']}, {p['warmup_steps']} warm-up), then everything from that model for {ft}")
 
 
 def _pooled(s: Mapping) -> str:
@@ -463,8 +477,9 @@ def format_table(results: Mapping) -> str:
              "compression and PSF widths lie inside it). Labelled images: "
              + ", ".join(f"{n_lab[f]} at {f * 100:g} %" for f in fr)
              + f" (nested subsets of a pool of {s['train_count']}, seed {s['train_seed']}); seeds {s['seeds']}. "
-             f"Fine-tuning: {sc['steps']} steps, batch {sc['batch_size']}, AdamW lr {sc['lr']}, cosine with "
-             f"{sc['warmup_steps']} warm-up steps, layer decay {s['layer_decay']} on the pre-trained encoder and none from scratch; "
+             f"Pre-trained arm {_recipe_text(s)}. From scratch: {sc['steps'] + _probe_steps(s)} steps (the pre-trained "
+             f"arm's stages together), batch {sc['batch_size']}, AdamW lr {s.get('scratch_lr', sc['lr'])}, cosine with "
+             f"{sc['warmup_steps']} warm-up steps, no layer decay; in every run "
              f"best.pt chosen by accuracy on {s['val_count']} validation images (seed {s['val_seed']}, training "
              f"settings). ViT-Tiny at 128 px, both arms the same size. Encoder of the pre-trained arm: {_encoder_text(s)}. "
              "Independent family: "

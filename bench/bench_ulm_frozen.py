@@ -72,18 +72,22 @@ def old_path_factory(peaks_only: bool = True):
                                      peaks_only=peaks_only,
                                      rs_agreement_px=p.rs_agreement_px if peaks_only else 0,
                                      fwhm_px=p.fwhm_px, window=p.window,
-                                     record_counts=ctx.record_counts, workers=1)
+                                     record_counts=ctx.record_counts, workers=1, precision="fp32")
     return factory
 
 
 def one_worker_factory():
-    """The default 3DML path with one window worker (torch on all its threads): the default before the
-    window workers, for the speed comparison."""
+    """The default 3DML path in fp32 on one window worker (torch on all its threads): the default before
+    the window workers and int8, for the speed comparison."""
     def factory(ctx):
+        from dataclasses import replace
+
         from ultrasound_ai.ulm.pipeline import dml_localizer
 
+        ctx = replace(ctx, params=replace(ctx.params, precision="fp32"))
         runner = dml_localizer(ctx)
         runner.runner.workers = 1
+        runner.runner.batch_windows = 3
         return runner
     return factory
 

@@ -7,8 +7,9 @@ detection + radial-symmetry localization vs `ulmtools.detect_and_localize_peaks`
 
 3DML-ResNet rows: the whole pipeline (`process_acquisition`: SVD, network, tracking, rendering) on
 `--dml-frames` frames at `--dml-bubbles` per frame: the default ("inner" windows: the 8-frame windows
-slid by 6, each frame estimated once away from a window edge, one window worker per torch thread), the
-same on one worker (torch on all threads: the default before the workers), inner windows slid by 3 (two estimates
+slid by 6, each frame estimated once away from a window edge, the ResNet in int8, one window worker per
+torch thread), the same in fp32, the same in fp32 on one worker (torch on all threads: the default before the
+workers and int8), inner windows slid by 3 (two estimates
 averaged), the previous default (windows slid by 2, estimates averaged), tiled windows, and the old path (the paper's 8-frame windows slid by one
 frame, plain layout and arithmetic), the same checkpoint and post-processing, in the same run; raw
 and tracked Jaccard of each say whether the accuracy is equal (`--dml-frames 0` skips them).
@@ -63,15 +64,19 @@ def _dml_rows(args, notes: list) -> list:
     register_localizer("3dml-1worker", one_worker_factory())
     out, speed = [], {}
     labels = {"old": "3DML-ResNet whole pipeline, old path (stride 1, plain arithmetic)",
-              "inner": "3DML-ResNet whole pipeline, default (`inner` windows, one window worker per torch thread)",
-              "inner1": "3DML-ResNet whole pipeline, `inner` windows on one worker (torch on all threads: the default "
-                        "before the workers)",
+              "inner": "3DML-ResNet whole pipeline, default (`inner` windows, int8, one window worker per torch "
+                       "thread)",
+              "fp32": "3DML-ResNet whole pipeline, `--precision fp32` (`inner` windows, one window worker per torch "
+                      "thread)",
+              "inner1": "3DML-ResNet whole pipeline, `inner` windows in fp32 on one worker (torch on all threads: the "
+                        "default before the workers and int8)",
               "inner3": "3DML-ResNet whole pipeline, `--window-stride 3` (inner windows, 2 estimates per frame)",
               "sliding": "3DML-ResNet whole pipeline, `--window-mode sliding` (stride 2, the previous default)",
               "tiled": "3DML-ResNet whole pipeline, `--window-mode tiled`"}
-    for mode in ("old", "inner", "inner1", "inner3", "sliding", "tiled"):
+    for mode in ("old", "inner", "fp32", "inner1", "inner3", "sliding", "tiled"):
         method, params = ("3dml-old", UlmParams(device="cpu")) if mode == "old" else \
             ("3dml-1worker", UlmParams(device="cpu")) if mode == "inner1" else \
+            ("3dml", UlmParams(device="cpu", precision="fp32")) if mode == "fp32" else \
             ("3dml", UlmParams(device="cpu", window_stride=3)) if mode == "inner3" else \
             ("3dml", UlmParams(device="cpu", window_mode=mode))
         t, res = _best(lambda: process_acquisition(acq, method, params), 1 if mode == "old" else args.repeats)
@@ -81,8 +86,9 @@ def _dml_rows(args, notes: list) -> list:
         out.append([label, f"{speed[mode]:,.1f}", "–", "", f"raw Jaccard {ev['raw']['jaccard']:.3f}, tracked "
                     f"{ev['tracked']['jaccard']:.3f}; {args.dml_frames} frames, {args.dml_bubbles:g} bubbles/frame"])
     out.append(_network_alone_row(acq, speed, notes))
-    notes.append(f"3DML-ResNet: the default (`inner`) runs at {speed['inner'] / speed['old']:.1f}× (on one window "
-                 f"worker {speed['inner1'] / speed['old']:.1f}×), inner windows "
+    notes.append(f"3DML-ResNet: the default (`inner`, int8) runs at {speed['inner'] / speed['old']:.1f}× (in fp32 "
+                 f"{speed['fp32'] / speed['old']:.1f}×, in fp32 on one window worker {speed['inner1'] / speed['old']:.1f}×), "
+                 f"inner windows "
                  f"slid by 3 at {speed['inner3'] / speed['old']:.1f}×, sliding windows "
                  f"at stride 2 at {speed['sliding'] / speed['old']:.1f}× and tiled windows at "
                  f"{speed['tiled'] / speed['old']:.1f}× the old path (same checkpoint, same post-processing, same run; "

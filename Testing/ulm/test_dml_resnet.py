@@ -297,6 +297,76 @@ def test_window_workers_predict_at_once_and_give_the_estimates_of_one_worker():
         SlidingWindowRunner(toy_predictor([]), 4, workers=0)
 
 
+def test_int8_localizations_of_the_shipped_model_match_fp32():
+    # The default on CPU runs the shipped ResNet in int8 (dml_int8): on a fast-simulated piece nearly every
+    # detection must be the fp32 one at the same place (a wrong scale or a lost residual branch moves or
+    # drops most of them). On the pymust validation pieces the two gave the same Jaccard within 0.004.
+    from ultrasound_ai.ulm.clutter import svd_filter
+    from ultrasound_ai.ulm.simulator import UlmSimConfig, simulate_acquisition
+
+    acq = simulate_acquisition(UlmSimConfig(n_frames=20, bubbles_per_frame=60, clutter_db=20.0, noise_db=-30.0,
+                                            seed=31, shape_zx=(48, 64)))
+    env = np.abs(svd_filter(acq.iq, 4)).astype(np.float32)
+    rows = {}
+    for precision in ("int8", "fp32"):
+        r = DmlLocalizationRunner(acq.pixel_size_mm, acq.origin_mm, acq.wavelength_mm, device="cpu",
+                                  precision=precision)
+        assert r.int8 == (precision == "int8")
+        rows[precision] = np.concatenate([r.push(env), r.finish()])
+    a, b = rows["int8"], rows["fp32"]
+    assert abs(len(a) - len(b)) <= 0.02 * len(b) and len(b) > 500
+    same = 0
+    for f in np.unique(b[:, 0]):
+        pa, pb = a[a[:, 0] == f, 1:3], b[b[:, 0] == f, 1:3]
+        d = np.hypot(pa[:, None, 0] - pb[None, :, 0], pa[:, None, 1] - pb[None, :, 1]).min(axis=1)
+        same += int((d < 0.1 * acq.wavelength_mm).sum())
+    assert same >= 0.95 * len(b)
+
+
+def test_precision_choice_and_refusals(monkeypatch):
+    from ultrasound_ai.ulm import dml_int8
+    from ultrasound_ai.ulm.dml_inference import resolve_int8
+
+    assert resolve_int8("fp32", "cpu") is False
+    assert resolve_int8("auto", "cuda") is False
+    with pytest.raises(InputError, match="CPU only"):
+        resolve_int8("int8", "cuda")
+    with pytest.raises(InputError, match="--precision"):
+        resolve_int8("half", "cpu")
+    monkeypatch.setattr(dml_int8, "int8_available", lambda: True)
+    assert resolve_int8("auto", "cpu") is True and resolve_int8("int8", "cpu") is True
+    monkeypatch.setattr(dml_int8, "int8_available", lambda: False)  # e.g. an ARM build: auto falls back to fp32
+    assert resolve_int8("auto", "cpu") is False
+    with pytest.raises(InputError, match="--precision fp32"):
+        resolve_int8("int8", "cpu")
+
+
+def test_seam_frames_blend_the_neighbouring_windows_edge_estimate():
+    # Inner windows (4 frames slid by 2, margin 1): frame 2 is kept from window 0 (position 2) and is the
+    # first, edge frame of window 2; with an edge share a its maps are (1 - a) * kept + a * edge. The toy
+    # maps carry the window start / 10 in channel 1, so frame 2 reads (1 - a) * 0.0 + a * 0.2.
+    frames = frames_with_index(12)
+    r = SlidingWindowRunner(toy_predictor([]), 4, stride=2, keep_margin=1, edge_share=0.25)
+    est = r.push(frames) + r.finish()
+    got = [float(e.maps[1, 0, 0]) for e in est]
+    # Kept from windows 0,0,0 | 2,2 | 4,4 | 6,6 | 8, then the tail window 8 keeps 9..11 (no edges there).
+    kept = [0.0, 0.0, 0.0, 0.2, 0.2, 0.4, 0.4, 0.6, 0.6, 0.8, 0.8, 0.8]
+    edge = {2: 0.2, 3: 0.0, 4: 0.4, 5: 0.2, 6: 0.6, 7: 0.4, 8: 0.8, 9: 0.6}
+    want = [0.75 * k + 0.25 * edge[t] if t in edge else k for t, k in enumerate(kept)]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert all(e.n_estimates == 1 for e in est)
+    # Streaming in any blocks gives the same estimates.
+    for cuts in ([3, 7], [1, 2, 9, 10], [5]):
+        r = SlidingWindowRunner(toy_predictor([]), 4, stride=2, keep_margin=1, edge_share=0.25, workers=2)
+        bounds, parts = [0, *cuts, 12], []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            parts += r.push(frames[a:b])
+        parts += r.finish()
+        np.testing.assert_array_equal(np.stack([e.maps for e in parts]), np.stack([e.maps for e in est]))
+    with pytest.raises(InputError, match="edge share"):
+        SlidingWindowRunner(toy_predictor([]), 4, stride=2, keep_margin=1, edge_share=1.0)
+
+
 def test_window_workers_give_the_localizations_of_one_worker(tiny_checkpoint, tiny_acquisition):
     # The 3DML runner's default on CPU: one worker per torch thread, each with torch on one thread (the
     # caller's thread count is restored); the localizations are the same numbers as with one worker.

@@ -260,6 +260,18 @@ def test_window_stride_reaches_the_3dml_runner(tiny_dml_checkpoint, tiny_acq, on
         np.testing.assert_allclose(runs[agreement].localizations[:, :4], ref, rtol=0, atol=1e-6)
         assert runs[agreement].attrs["params"]["rs_agreement_px"] == agreement
     assert not np.allclose(runs[0].localizations[:, 1:3], runs[5].localizations[:, 1:3])
+    # --precision reaches the runner (auto = int8 on CPU here; fp32 = the arithmetic before).
+    assert res.attrs["params"]["precision"] == "auto"
+    runs = {}
+    for precision in ("int8", "fp32"):
+        runs[precision] = process_acquisition(tiny_acq, "3dml", dict(default, precision=precision))
+        ref = localize_3dml(tiny_acq, model=tiny_dml_checkpoint, device="cpu", bubbles_per_frame=4,
+                            precision=precision)
+        np.testing.assert_allclose(runs[precision].localizations[:, :4], ref, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(runs["int8"].localizations, res.localizations)
+    assert not np.array_equal(runs["int8"].localizations, runs["fp32"].localizations)
+    with pytest.raises(InputError, match="--precision"):
+        process_acquisition(tiny_acq, "3dml", dict(base, precision="fp16"))
     with pytest.raises(InputError, match="window mode"):
         process_acquisition(tiny_acq, "3dml", dict(base, window_mode="paper"))
     for bad in (0, 1.5, "two"):

@@ -24,7 +24,17 @@ All run in the channels-last layout with in-place arithmetic (`model_predictor`:
 faster with oneDNN), a single window padded to a batch of two; channels_last=False, fused=False,
 pad_single=False give the plain path of before, for comparisons. On CPU, batches of windows run on one
 worker thread per torch thread, each with torch on one thread (`workers`; the sums are taken in window
-order, so the localizations are the same numbers as with one worker; workers=1 is the path before). The runner below also supports
+order, so the localizations are the same numbers as with one worker; workers=1 is the path before), and
+the finished frames are localized while the workers predict the next batches (`push_iter`). On CPU the
+3D ResNet runs in 8-bit integers by default (`precision` "auto", `dml_int8`; "fp32" is the arithmetic
+before): on the seven pymust validation pieces its raw and tracked Jaccard stayed within 0.002 of fp32's.
+
+Why not faster in fp32: the shipped network costs ~2.2 GFLOP per frame with "inner" windows (8/6 passes
+of ~1.6 GFLOP, 94 % of it 3x3x3 convolutions), and oneDNN runs those at ~100 GFLOP/s per core on the
+AVX2 EPYC (one thread, channels-last), about its FMA peak; 20x the old path (4.9 frames/s on 2 cores)
+needs ~10 ms per frame on 2 cores, which the convolutions alone exceed. Winograd-style 2D transforms
+built from PyTorch ops (their batched products alone took longer than the direct convolution) and
+NNPACK (slower, and it fails on batched input here) did not help; int8 does. The runner below also supports
 windows longer than the training ones that keep only their frames at least `keep_margin` from the
 edges (then divided by the median of their N-frame maxima, the training scale: see
 `normalise_windows`).
@@ -82,6 +92,7 @@ __all__ = [
     "DmlFrameCounter",
     "pipeline_counter",
     "default_workers",
+    "resolve_int8",
 ]
 
 PredictFn = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
@@ -117,6 +128,11 @@ RS_AGREEMENT_PX = 0.3
 # (oneDNN's 3D convolutions on these sizes scale below 2x over two threads, and a preempted OpenMP thread
 # stalls its partner on a shared machine); the outputs are the same numbers (see _predictions).
 MAX_WORKERS = 8
+# Arithmetic of the 3D ResNet: "auto" = int8 on CPU where PyTorch has oneDNN's quantized engine (`dml_int8`:
+# the same Jaccard as fp32 within 0.004 on the pymust validation pieces, the network ~1.7x faster on one
+# thread), else fp32; "int8"; "fp32" (the arithmetic before).
+PRECISIONS = ("auto", "int8", "fp32")
+DEFAULT_PRECISION = "auto"
 
 
 def check_rs_agreement(value) -> None:
@@ -468,18 +484,26 @@ def load_dml_model(model=None, device="auto"):
 
 
 def model_predictor(net, device=None, channels_last: bool = False, fused: bool = True,
-                    norm_group: int | None = None, pad_single: bool = True) -> PredictFn:
+                    norm_group: int | None = None, pad_single: bool = True, int8: bool = False) -> PredictFn:
     """A SlidingWindowRunner predictor running `net` (no gradients) on its device.
 
     channels_last: run the convolutions in the channels-last memory layout; fused: in-place sums and
     PReLU (`DmlResNet.set_inference`). The same arithmetic either way, faster on CPU with oneDNN.
     pad_single: run a lone window beside a copy of itself (PyTorch does not give a batch of one 3D
-    window to oneDNN on CPU: it ran about 14x slower per window than a batch of two)."""
+    window to oneDNN on CPU: it ran about 14x slower per window than a batch of two).
+    int8: the ResNet quantized to 8-bit integers (`dml_int8`, CPU only; run inside its quantized_engine())."""
     import torch
 
     dev = device if device is not None else next(net.parameters()).device
     net.resnet.set_inference(channels_last, fused)
     net.counter.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    resnet = None
+    if int8:
+        if torch.device(dev).type != "cpu":
+            raise InputError(f"3DML-ResNet int8 (--precision int8) runs on CPU only, not on {dev}")
+        from .dml_int8 import quantize_resnet
+
+        resnet = quantize_resnet(net)
 
     def predict(windows: np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
@@ -487,7 +511,7 @@ def model_predictor(net, device=None, channels_last: bool = False, fused: bool =
         if pad_single and b == 1 and torch.device(dev).type == "cpu":
             x = x.expand(2, *x.shape[1:])
         with torch.no_grad():
-            out = net(x.to(dev), norm_group)
+            out = net(x.to(dev), norm_group, resnet)
         return out["maps"][:b].float().cpu().numpy(), out["count"][:b].float().cpu().numpy()
 
     return predict
@@ -519,8 +543,10 @@ class DmlLocalizationRunner:
                  window_frames: int | None = None, keep_margin: int | None = None, batch_windows: int | None = None,
                  channels_last: bool = True, fused: bool = True, pad_single: bool = True, peaks_only: bool = True,
                  rs_agreement_px: float | None = RS_AGREEMENT_PX, fwhm_px=(3.0, 3.0), window: int = 5,
-                 record_counts: Callable | None = None, workers: int | None = None, edge_share: float = 0.0):
+                 record_counts: Callable | None = None, workers: int | None = None, edge_share: float = 0.0,
+                 precision: str = DEFAULT_PRECISION):
         self.net, self.card = load_dml_model(model, device)
+        self.int8 = resolve_int8(precision, next(self.net.parameters()).device)
         _check_pixel_size(self.card, pixel_size_mm, wavelength_mm, "3DML-ResNet input")
         if bubbles_per_frame is not None and np.isscalar(bubbles_per_frame) and int(bubbles_per_frame) < 0:
             raise InputError(f"bubbles per frame must be >= 0 or None (counting network), got {bubbles_per_frame}")
@@ -555,7 +581,7 @@ class DmlLocalizationRunner:
         # Windows longer than the training ones are scaled as those were (normalise_windows' group).
         predict = model_predictor(self.net, channels_last=channels_last, fused=fused,
                                   norm_group=self.net.config.window_frames if side_by_side else None,
-                                  pad_single=pad_single)
+                                  pad_single=pad_single, int8=self.int8)
         if workers is None:
             workers = default_workers(next(self.net.parameters()).device)
         if not batch_windows:
@@ -569,14 +595,43 @@ class DmlLocalizationRunner:
                                           self.window)
 
     def push(self, block, start: int | None = None) -> np.ndarray:
-        with _one_torch_thread_per_worker(self.runner.workers):
+        with self._inference():
             # Each part is localized while the workers predict the next batches of windows.
             parts = [self._rows(est) for est in self.runner.push_iter(block, start)]
         return np.concatenate(parts) if parts else np.zeros((0, 4))
 
     def finish(self) -> np.ndarray:
-        with _one_torch_thread_per_worker(self.runner.workers):
+        with self._inference():
             return self._rows(self.runner.finish())
+
+    @contextmanager
+    def _inference(self):
+        """torch on one thread per window worker, and oneDNN's quantized engine for int8, while windows run."""
+        with _one_torch_thread_per_worker(self.runner.workers):
+            if not self.int8:
+                yield
+                return
+            from .dml_int8 import quantized_engine
+
+            with quantized_engine():
+                yield
+
+
+def resolve_int8(precision: str, device) -> bool:
+    """Whether the ResNet runs in int8 for `precision` ("auto", "int8", "fp32") on `device`."""
+    import torch
+
+    from .dml_int8 import int8_available
+
+    if precision not in PRECISIONS:
+        raise InputError(f"3DML-ResNet precision (--precision): expected one of {list(PRECISIONS)}, got {precision!r}")
+    on_cpu = torch.device(device).type == "cpu"
+    if precision == "int8" and not on_cpu:
+        raise InputError(f"3DML-ResNet precision int8 (--precision int8) runs on CPU only, not on {device}")
+    if precision == "int8" and not int8_available():
+        raise InputError("3DML-ResNet precision int8 (--precision int8): this PyTorch has no oneDNN quantized engine "
+                         f"(it has {torch.backends.quantized.supported_engines}); use --precision fp32")
+    return precision == "int8" or (precision == "auto" and on_cpu and int8_available())
 
 
 def default_workers(device) -> int:
@@ -646,7 +701,7 @@ def pipeline_counter(ctx) -> DmlFrameCounter:
 
 def localize_3dml(acquisition, *, model=None, device="auto", bubbles_per_frame=None,
                   window_mode: str = DEFAULT_WINDOW_MODE, window_stride: int | None = None, block_frames: int = 200,
-                  rs_agreement_px: float | None = RS_AGREEMENT_PX,
+                  rs_agreement_px: float | None = RS_AGREEMENT_PX, precision: str = DEFAULT_PRECISION,
                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Localize every frame of an Acquisition (or an acquisition file path): [K, 4] (frame, z_mm, x_mm,
     intensity). Never reads the ground truth."""
@@ -666,7 +721,7 @@ def localize_3dml(acquisition, *, model=None, device="auto", bubbles_per_frame=N
         raise InputError(f"3DML-ResNet: expected an Acquisition or an acquisition file, got {type(acquisition).__name__}")
     runner = DmlLocalizationRunner(*geo, model=model, device=device, bubbles_per_frame=bubbles_per_frame,
                                    window_mode=window_mode, window_stride=window_stride,
-                                   rs_agreement_px=rs_agreement_px)
+                                   rs_agreement_px=rs_agreement_px, precision=precision)
     parts = []
     for start, block in blocks:
         parts.append(runner.push(block, start))

@@ -232,14 +232,16 @@ class DmlLocalizer(nn.Module):
         self.resnet = DmlResNet(self.config)
         self.counter = BubbleCounter(self.config)
 
-    def forward(self, frames: torch.Tensor, norm_group: int | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, frames: torch.Tensor, norm_group: int | None = None,
+                resnet: nn.Module | None = None) -> dict[str, torch.Tensor]:
+        """resnet: another module computing the ResNet's maps (the int8 version, `dml_int8`)."""
         if frames.dim() != 4:
             raise InputError(f"3DML-ResNet input: expected windows [B, N, Z, X], got shape {tuple(frames.shape)}")
         b, n, z, x = frames.shape
         if min(z, x) < 3:
             raise InputError(f"3DML-ResNet input: frames must be at least 3 x 3 pixels, got {z} x {x}")
         x_n = normalise_windows(frames, norm_group)
-        maps = self.resnet(x_n)
+        maps = (self.resnet if resnet is None else resnet)(x_n)
         count = self.counter(x_n.reshape(b * n, z, x)).view(b, n)
         return {"maps": maps, "count": count}
 

@@ -37,7 +37,14 @@ import numpy as np
 
 from ultrasound_ai.core.errors import Cancelled, InputError
 
-from .dml_inference import DEFAULT_WINDOW_MODE, RS_AGREEMENT_PX, WINDOW_MODES, check_rs_agreement
+from .dml_inference import (
+    DEFAULT_PRECISION,
+    DEFAULT_WINDOW_MODE,
+    PRECISIONS,
+    RS_AGREEMENT_PX,
+    WINDOW_MODES,
+    check_rs_agreement,
+)
 from .localization import localize, to_mm
 from .localizers import (
     Localizer,
@@ -84,6 +91,7 @@ class UlmParams:
     window_mode: str = DEFAULT_WINDOW_MODE  # 3DML-ResNet windows: "inner", "tiled" or "sliding" [--window-mode]
     window_stride: int | None = None       # windows' stride, frames; None: N - 2 ("inner"), 2 ("sliding") [--window-stride]
     rs_agreement_px: float = RS_AGREEMENT_PX  # 3DML offsets averaged with radial symmetry's within this; 0 = off [--rs-agreement]
+    precision: str = DEFAULT_PRECISION     # 3DML-ResNet arithmetic: "auto" (int8 on CPU where available), "int8", "fp32" [--precision]
 
     # True when the counting network was chosen by default (no count given), not asked for.
     counting_network_auto: bool = field(default=False, init=False, repr=False, compare=False)
@@ -122,6 +130,8 @@ class UlmParams:
         check_rs_agreement(self.rs_agreement_px)
         if self.window_mode not in WINDOW_MODES:
             raise InputError(f"window mode (--window-mode): expected one of {list(WINDOW_MODES)}, got {self.window_mode!r}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"precision (--precision): expected one of {list(PRECISIONS)}, got {self.precision!r}")
         if not np.isfinite(self.resolution_factor) or self.resolution_factor <= 0:
             raise InputError(f"resolution factor: expected a positive number, got {self.resolution_factor!r}")
         return self
@@ -233,7 +243,8 @@ def dml_localizer(ctx: LocalizerContext):
                                  bubbles_per_frame=p.bubbles_per_frame, record_counts=ctx.record_counts,
                                  window_mode=p.window_mode,
                                  window_stride=None if p.window_stride is None else int(p.window_stride),
-                                 rs_agreement_px=p.rs_agreement_px, fwhm_px=p.fwhm_px, window=p.window)
+                                 rs_agreement_px=p.rs_agreement_px, fwhm_px=p.fwhm_px, window=p.window,
+                                 precision=p.precision)
 
 
 def _default_counter(ctx: LocalizerContext):

@@ -181,6 +181,11 @@ def test_refinement_beyond_its_reach_is_kept_when_two_starts_reach_it(case, monk
                                    initial=np.asarray(multi["ends"][1]["start"]), refine=True, margin=-1.0,
                                    refine_reach_mm=5.0, multistart=False)
     assert np.allclose(T1, P) and report1["stages"][-1]["beyond_reach"]
+    # Agreement exempts from the reach only up to agree_reach_mm (the largest initial error specified, 16 mm).
+    T2, report2 = guarded_register(case, types.SimpleNamespace(stages=[_FixedStage(P)]),
+                                   initial=np.asarray(multi["ends"][1]["start"]), refine=True, margin=-1.0,
+                                   refine_reach_mm=5.0, agree_reach_mm=8.0)
+    assert np.allclose(T2, P) and report2["stages"][-1]["multistart"]["chosen"] is None
 
 
 def test_refinement_to_peaks_reached_from_one_start_each_stays_within_reach(case, monkeypatch):

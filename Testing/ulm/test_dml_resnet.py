@@ -341,32 +341,6 @@ def test_precision_choice_and_refusals(monkeypatch):
         resolve_int8("int8", "cpu")
 
 
-def test_seam_frames_blend_the_neighbouring_windows_edge_estimate():
-    # Inner windows (4 frames slid by 2, margin 1): frame 2 is kept from window 0 (position 2) and is the
-    # first, edge frame of window 2; with an edge share a its maps are (1 - a) * kept + a * edge. The toy
-    # maps carry the window start / 10 in channel 1, so frame 2 reads (1 - a) * 0.0 + a * 0.2.
-    frames = frames_with_index(12)
-    r = SlidingWindowRunner(toy_predictor([]), 4, stride=2, keep_margin=1, edge_share=0.25)
-    est = r.push(frames) + r.finish()
-    got = [float(e.maps[1, 0, 0]) for e in est]
-    # Kept from windows 0,0,0 | 2,2 | 4,4 | 6,6 | 8, then the tail window 8 keeps 9..11 (no edges there).
-    kept = [0.0, 0.0, 0.0, 0.2, 0.2, 0.4, 0.4, 0.6, 0.6, 0.8, 0.8, 0.8]
-    edge = {2: 0.2, 3: 0.0, 4: 0.4, 5: 0.2, 6: 0.6, 7: 0.4, 8: 0.8, 9: 0.6}
-    want = [0.75 * k + 0.25 * edge[t] if t in edge else k for t, k in enumerate(kept)]
-    np.testing.assert_allclose(got, want, atol=1e-6)
-    assert all(e.n_estimates == 1 for e in est)
-    # Streaming in any blocks gives the same estimates.
-    for cuts in ([3, 7], [1, 2, 9, 10], [5]):
-        r = SlidingWindowRunner(toy_predictor([]), 4, stride=2, keep_margin=1, edge_share=0.25, workers=2)
-        bounds, parts = [0, *cuts, 12], []
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            parts += r.push(frames[a:b])
-        parts += r.finish()
-        np.testing.assert_array_equal(np.stack([e.maps for e in parts]), np.stack([e.maps for e in est]))
-    with pytest.raises(InputError, match="edge share"):
-        SlidingWindowRunner(toy_predictor([]), 4, stride=2, keep_margin=1, edge_share=1.0)
-
-
 def test_window_workers_give_the_localizations_of_one_worker(tiny_checkpoint, tiny_acquisition):
     # The 3DML runner's default on CPU: one worker per torch thread, each with torch on one thread (the
     # caller's thread count is restored); the localizations are the same numbers as with one worker.

@@ -178,7 +178,7 @@ class SlidingWindowRunner:
     """
 
     def __init__(self, predict: PredictFn, window_frames: int, stride: int = 1, batch_windows: int = 4,
-                 keep_margin: int = 0, workers: int = 1, edge_share: float = 0.0):
+                 keep_margin: int = 0, workers: int = 1):
         if int(window_frames) < 1:
             raise InputError(f"window_frames must be a positive number of frames, got {window_frames}")
         if not 1 <= int(stride) <= int(window_frames):
@@ -196,12 +196,6 @@ class SlidingWindowRunner:
         # workers > 1: batches of windows predicted on that many threads at once (see _predictions).
         self.workers = int(workers)
         self._pool = None
-        # edge_share > 0: a frame that a neighbouring window also holds within its margin (at a seam between
-        # kept ranges) takes that edge estimate with this share: (1 - share) * kept mean + share * edge mean.
-        if not 0.0 <= float(edge_share) < 1.0:
-            raise InputError(f"edge share must be in [0, 1), got {edge_share}")
-        self.edge_share = float(edge_share)
-        self._edge: dict[int, list] = {}  # frame -> [sum of edge maps, sum of edge counts, number]
         self._frames: list[np.ndarray] = []  # raw frames from self._raw_start on
         self._raw_start = 0
         self._end = 0  # frames pushed so far
@@ -242,11 +236,10 @@ class SlidingWindowRunner:
         while self._next_start + self.n <= self._end:
             starts.append(self._next_start)
             self._next_start += self.stride
-        # Frames before the next window's start (its kept range, without edge estimates) are final.
-        ahead = 0 if self.edge_share else self.m
+        # Frames before the next window's kept range are final.
         for next_start in self._run(starts, self.n):
-            yield self._collect(min(next_start + ahead, self._end), keep_from=next_start)
-        yield self._collect(min(self._next_start + ahead, self._end) if self._next_start else 0)
+            yield self._collect(min(next_start + self.m, self._end), keep_from=next_start)
+        yield self._collect(min(self._next_start + self.m, self._end) if self._next_start else 0)
 
     def finish(self) -> list[FrameEstimate]:
         """Run the last window if frames are left uncovered; return every frame not yet returned."""
@@ -320,13 +313,7 @@ class SlidingWindowRunner:
                         if t not in only:
                             continue
                     elif (j < self.m and s > 0) or j >= n - self.m:
-                        # Too close to this window's edge; a neighbouring window covers it.
-                        if self.edge_share:
-                            e = self._edge.setdefault(t, [0.0, 0.0, 0])
-                            e[0] = e[0] + maps[k, j]
-                            e[1] += float(counts[k, j])
-                            e[2] += 1
-                        continue
+                        continue  # too close to this window's edge; a neighbouring window covers it
                     if t in self._sum_maps:
                         self._sum_maps[t] += maps[k, j]
                         self._sum_count[t] += counts[k, j]
@@ -343,14 +330,9 @@ class SlidingWindowRunner:
         out = []
         for t in range(self._emit, upto):
             n_est = self._n_est.pop(t)
-            maps, count = self._sum_maps.pop(t) / n_est, self._sum_count.pop(t) / n_est
-            edge = self._edge.pop(t, None)
-            if edge is not None:
-                a = self.edge_share
-                maps = (1.0 - a) * maps + a * (edge[0] / edge[2])
-                count = (1.0 - a) * count + a * edge[1] / edge[2]
             out.append(FrameEstimate(index=t, envelope=self._frames[t - self._raw_start],
-                                     maps=maps.astype(np.float32), count=count, n_estimates=n_est))
+                                     maps=(self._sum_maps.pop(t) / n_est).astype(np.float32),
+                                     count=self._sum_count.pop(t) / n_est, n_estimates=n_est))
         self._emit = max(self._emit, upto)
         # Keep the raw frames later windows need, including the last N for a final tail window.
         keep_from = max(0, min(self._emit, self._next_start if keep_from is None else keep_from, self._end - self.n))
@@ -543,7 +525,7 @@ class DmlLocalizationRunner:
                  window_frames: int | None = None, keep_margin: int | None = None, batch_windows: int | None = None,
                  channels_last: bool = True, fused: bool = True, pad_single: bool = True, peaks_only: bool = True,
                  rs_agreement_px: float | None = RS_AGREEMENT_PX, fwhm_px=(3.0, 3.0), window: int = 5,
-                 record_counts: Callable | None = None, workers: int | None = None, edge_share: float = 0.0,
+                 record_counts: Callable | None = None, workers: int | None = None,
                  precision: str = DEFAULT_PRECISION):
         self.net, self.card = load_dml_model(model, device)
         self.int8 = resolve_int8(precision, next(self.net.parameters()).device)
@@ -587,7 +569,7 @@ class DmlLocalizationRunner:
         if not batch_windows:
             batch_windows = (WORKER_BATCH_WINDOWS if workers > 1 else BATCH_WINDOWS) if side_by_side else 4
         self.runner = SlidingWindowRunner(predict, n, stride=stride, batch_windows=batch_windows, keep_margin=m,
-                                          workers=workers, edge_share=edge_share)
+                                          workers=workers)
 
     def _rows(self, estimates) -> np.ndarray:
         return estimates_to_localizations(estimates, self.pixel_size_mm, self.origin_mm, self.bubbles_per_frame,

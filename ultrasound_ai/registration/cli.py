@@ -190,7 +190,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--method", choices=["attention+refine", "attention", "mi"], default="attention+refine",
                    help="attention+refine (default): the guarded Attention-Reg cascade, then an LC2 intensity "
                         "refinement, also run from the start and the networks' own proposals (kept only when it raises LC2 by the guard's "
-                        "margin and moves the gland 3-12 mm, or farther when two refinements reach the same optimum; "
+                        "margin and moves the gland 3-12 mm, or up to 16 mm when two refinements reach the same optimum; "
                         "the JSON says); "
                         "attention: the guarded cascade alone; mi: Mattes mutual information")
     p.add_argument("--no-guard", action="store_true",

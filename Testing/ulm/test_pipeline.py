@@ -285,3 +285,37 @@ def test_window_stride_reaches_the_3dml_runner(tiny_dml_checkpoint, tiny_acq, on
     assert main(cli + ["--window-stride", "3"]) == 0
     np.testing.assert_array_equal(read_result(out).localizations, got[3])
     assert main(cli + ["--window-stride", "0"]) == 2
+
+
+def test_rows_tracked_part_by_part_give_the_result_of_whole_blocks(tiny_dml_checkpoint, tiny_acq, one_torch_thread):
+    # The 3DML runner hands its rows to the pipeline's tracker batch by batch (push_into), so tracking runs
+    # while the next windows are predicted; the result must be that of the same localizer pushing whole
+    # blocks (a localizer without push_into).
+    from ultrasound_ai.ulm.pipeline import dml_localizer
+
+    parts = []
+
+    class WholeBlocks:
+        def __init__(self, ctx):
+            self.inner = dml_localizer(ctx)
+
+        def push(self, frames, start):
+            return self.inner.push(frames, start)
+
+        def finish(self):
+            return self.inner.finish()
+
+    class Counting(WholeBlocks):
+        def push_into(self, frames, start, sink):
+            self.inner.push_into(frames, start, lambda rows: (parts.append(rows.shape[0]), sink(rows)))
+
+    register_localizer("whole-blocks-test", WholeBlocks)
+    register_localizer("parts-test", Counting)
+    params = dict(model=str(tiny_dml_checkpoint), device="cpu", bubbles_per_frame=4, min_track_length=2,
+                  block_frames=12)
+    whole = process_acquisition(tiny_acq, "whole-blocks-test", params)
+    split = process_acquisition(tiny_acq, "parts-test", params)
+    assert len(parts) > 2 and whole.localizations.shape[0] > 0
+    np.testing.assert_array_equal(split.localizations, whole.localizations)
+    np.testing.assert_array_equal(split.density, whole.density)
+    np.testing.assert_array_equal(process_acquisition(tiny_acq, "3dml", params).localizations, whole.localizations)

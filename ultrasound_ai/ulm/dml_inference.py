@@ -577,10 +577,19 @@ class DmlLocalizationRunner:
                                           self.window)
 
     def push(self, block, start: int | None = None) -> np.ndarray:
-        with self._inference():
-            # Each part is localized while the workers predict the next batches of windows.
-            parts = [self._rows(est) for est in self.runner.push_iter(block, start)]
+        parts: list[np.ndarray] = []
+        self.push_into(block, start, parts.append)
         return np.concatenate(parts) if parts else np.zeros((0, 4))
+
+    def push_into(self, block, start: int | None, sink: Callable[[np.ndarray], None]) -> None:
+        """As push, but each batch's rows go to sink(rows) as soon as they are localized, in frame order: the
+        localization and the caller's work on the rows (the pipeline's tracking) run while the workers
+        predict the next batches of windows."""
+        with self._inference():
+            for est in self.runner.push_iter(block, start):
+                rows = self._rows(est)
+                if rows.shape[0]:
+                    sink(rows)
 
     def finish(self) -> np.ndarray:
         with self._inference():

@@ -25,6 +25,8 @@ class Localizer(Protocol):
 
     push(frames [n, Z, X], start) -> rows [K, 4] = (global frame, z_mm, x_mm, intensity) of the frames it
     has finished (start is the global index of frames[0]); finish() -> [K, 4], the rest, once at the end.
+    Optionally push_into(frames, start, sink): the same rows handed to sink(rows) part by part, in frame
+    order, as they are ready (the pipeline then tracks them while the localizer computes the next part).
     """
 
     def push(self, frames, start: int): ...

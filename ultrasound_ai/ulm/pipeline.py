@@ -571,7 +571,10 @@ def process_acquisition(source, method: str = "rs", params: UlmParams | dict | N
             check_cancel()
             guard.check(block, start)
             filtered = _clutter(block, params, fr, device)
-            tracks.take(localizer.push(filtered[a:b], start + a))
+            if hasattr(localizer, "push_into"):  # tracks each batch of rows while the next one is computed
+                localizer.push_into(filtered[a:b], start + a, tracks.take)
+            else:
+                tracks.take(localizer.push(filtered[a:b], start + a))
             bar.update(b - a)
             if progress is not None:
                 progress((start + b) / t_total, f"frames {start + b}/{t_total}")

@@ -318,3 +318,35 @@ def test_strided_clips_compose_the_consecutive_pair_targets(trained):
     for bad in ([], [0], [1.5], "2", [True]):
         with pytest.raises(InputError, match="frame_strides"):
             data_options({"frame_strides": bad})
+
+
+
+def test_forward_direction_reflects_the_backward_pairs_through_the_image_plane():
+    """direction="forward": a pair whose frame centre moves backwards (out-of-plane displacement < 0) is
+    replaced by its mirror image through the image plane, M T M with M = diag(1, 1, -1, 1) (tz, rx, ry change
+    sign; an image pair cannot tell the two apart); the other pairs are kept. The card's inference.direction
+    is the default."""
+    from ultrasound_ai.core.geometry import to_relative
+    from ultrasound_ai.freehand.moglo.method import estimate_sweep
+    from ultrasound_ai.validation.pose_agreement import centre_out_of_plane_mm
+
+    torch.manual_seed(0)
+    model = MogloNet(make_config("tiny", base_width=4)).eval()
+    frames = np.random.default_rng(0).integers(0, 256, (9, 40, 50)).astype(np.uint8)
+    spacing = (0.4, 0.35)
+    # Shift the untrained network's tz so that its pairs go either way (half of them backwards).
+    model.set_normalisation(np.zeros(6), np.ones(6))
+    z = centre_out_of_plane_mm(estimate_sweep(model, {}, frames, spacing)[0], frames.shape[1:], spacing)
+    model.set_normalisation(np.array([0.0, 0.0, -np.median(z), 0.0, 0.0, 0.0]), np.ones(6))
+    a, _ = estimate_sweep(model, {}, frames, spacing)
+    b, facts = estimate_sweep(model, {}, frames, spacing, direction="forward")
+    za, zb = centre_out_of_plane_mm(a, frames.shape[1:], spacing), centre_out_of_plane_mm(b, frames.shape[1:], spacing)
+    assert (za < 0).any() and (za > 0).any() and facts["direction"] == "forward"
+    np.testing.assert_allclose(zb, np.abs(za), atol=1e-9)
+    m = np.diag([1.0, 1.0, -1.0, 1.0])
+    ra, rb = to_relative(a), to_relative(b)
+    np.testing.assert_allclose(rb, np.where((za < 0)[:, None, None], m @ ra @ m, ra), atol=1e-9)
+    c, _ = estimate_sweep(model, {"inference": {"direction": "forward"}}, frames, spacing)
+    np.testing.assert_allclose(c, b, atol=1e-12)
+    with pytest.raises(InputError, match="direction"):
+        estimate_sweep(model, {}, frames, spacing, direction="backward")

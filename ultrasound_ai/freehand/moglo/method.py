@@ -10,6 +10,14 @@ Clip overlap (parameter ``overlap``): "last" (default) slides the clip one frame
 pair from the clip in which it is the last pair, so its LSTM has seen the most context (the authors
 score the last pair); the first clip supplies its first pairs. "none" cuts consecutive clips sharing
 one frame (about clip_frames - 1 times faster). A sweep shorter than a clip runs as one shorter clip.
+
+Direction (parameter ``direction``; default: the card's ``inference.direction``, else "network"): "network" keeps
+each pair as the network gives it. "forward"
+replaces every pair whose frame centre moves backwards (negative out-of-plane displacement) by its mirror image
+through the image plane, M T M with M = diag(1, 1, -1): tz, rx and ry change sign. Two images cannot tell a
+motion from its mirror image (the speckle decorrelates alike either way), and on the training family's sweeps
+the network's sign was right for about half of the moving pairs (`bench/diagnose_freehand_drift.py`), so one
+consistent direction, +z, as the images-only decorrelation baseline assumes, drifts less.
 """
 
 from __future__ import annotations
@@ -22,9 +30,19 @@ import torch
 from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.freehand.methods import MethodContext, PoseEstimate, PoseMethod
 
-__all__ = ["MogloMethod", "load_moglo", "predict_pairs", "estimate_sweep"]
+__all__ = ["MogloMethod", "load_moglo", "predict_pairs", "estimate_sweep", "forward_pairs", "DIRECTIONS"]
 
 METHOD = "moglo"
+DIRECTIONS = ("network", "forward")
+_MIRROR = np.diag([1.0, 1.0, -1.0, 1.0])  # reflection through the image plane (z -> -z)
+
+
+def forward_pairs(rel: np.ndarray, centre_mm) -> np.ndarray:
+    """Pair transforms [M, 4, 4] with every pair whose point `centre_mm` (in the image plane) moves backwards
+    (out of plane, z < 0) replaced by its mirror image M T M (module docstring)."""
+    c = np.append(np.asarray(centre_mm, dtype=np.float64), 1.0)
+    backwards = (rel @ c)[:, 2] < 0  # the centre has z = 0, so its displacement is its new z
+    return np.where(backwards[:, None, None], _MIRROR @ rel @ _MIRROR, rel)
 
 
 def load_moglo(checkpoint=None, device="cpu"):
@@ -94,13 +112,19 @@ def predict_pairs(model, frames: np.ndarray, *, overlap: str = "last", batch_cli
 
 
 def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, overlap: str = "last",
-                   batch_clips: int = 16, progress=None) -> tuple[np.ndarray, dict]:
+                   batch_clips: int = 16, direction: Optional[str] = None,
+                   progress=None) -> tuple[np.ndarray, dict]:
     """(tforms [N, 4, 4] in the sweep's image mm relative to frame 0, facts) for uint8 frames [N, H, W] at
-    pixel_spacing_xy (x first), resampled to the card's grid first."""
+    pixel_spacing_xy (x first), resampled to the card's grid first; direction: "network" or "forward" (None:
+    the card's inference.direction, else "network")."""
     from ultrasound_ai.core.geometry import chain_relative, params_to_matrix
     from ultrasound_ai.freehand.moglo.model import PARAM_CONVENTION
     from ultrasound_ai.freehand.sweep_windows import from_network_relative, grid_geometry, resample_frames
 
+    if direction is None:
+        direction = (card.get("inference") or {}).get("direction", "network")
+    if direction not in DIRECTIONS:
+        raise InputError(f"moglo parameter direction: expected one of {list(DIRECTIONS)}, got {direction!r}")
     inp = card.get("input") or {}
     shape = inp.get("frame_shape_hw") or list(model.config.frame_shape)
     spacing = inp.get("pixel_spacing_mm") or [model.config.pixel_spacing_mm] * 2
@@ -111,8 +135,12 @@ def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, o
     net_frames = resample_frames(frames, geom)
     params = predict_pairs(model, net_frames, overlap=overlap, batch_clips=batch_clips, progress=progress)
     rel = from_network_relative(params_to_matrix(params, PARAM_CONVENTION, degrees=True), geom)
+    if direction == "forward":
+        from ultrasound_ai.validation.pose_agreement import frame_centre_mm
+
+        rel = forward_pairs(rel, frame_centre_mm(frames.shape[1:], pixel_spacing_xy))
     facts = {"network_frame_shape_hw": list(geom.frame_shape_hw), "network_pixel_spacing_mm": list(geom.spacing_xy),
-             "network_grid_offset_mm": list(geom.offset_mm), "overlap": overlap}
+             "network_grid_offset_mm": list(geom.offset_mm), "overlap": overlap, "direction": direction}
     return chain_relative(rel), facts
 
 
@@ -120,7 +148,7 @@ class MogloMethod(PoseMethod):
     """MoGLo-Net (Kim et al., IEEE TMI 2025): sensorless pose estimation from the images alone."""
 
     name = METHOD
-    accepted_params = ("overlap", "batch_clips")
+    accepted_params = ("overlap", "batch_clips", "direction")
 
     def _estimate(self, sweep, ctx: MethodContext) -> PoseEstimate:
         ctx.report(0.0, "loading MoGLo-Net")
@@ -128,7 +156,8 @@ class MogloMethod(PoseMethod):
         progress = (lambda frac, msg: ctx.report(0.05 + 0.9 * frac, msg))
         tforms, facts = estimate_sweep(model, card, sweep.frames, sweep.pixel_spacing_xy,
                                        overlap=ctx.params.get("overlap", "last"),
-                                       batch_clips=ctx.params.get("batch_clips", 16), progress=progress)
+                                       batch_clips=ctx.params.get("batch_clips", 16),
+                                       direction=ctx.params.get("direction"), progress=progress)
         ctx.report(1.0, "MoGLo-Net done")
         return PoseEstimate(tforms=tforms, attrs={"checkpoint": str(card.get("name", "")),
                                                   "checkpoint_sha256": str(card.get("sha256", "")), **facts})

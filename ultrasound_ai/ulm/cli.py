@@ -202,8 +202,8 @@ def add_parser(subparsers) -> None:
                         f"0 = the network's offsets alone)")
     p.add_argument("--precision", choices=list(PRECISIONS), default=DEFAULT_PRECISION,
                    help="3DML-ResNet arithmetic: auto (default: 8-bit integers on CPU where PyTorch has oneDNN's "
-                        "quantized engine, about 1.7x faster, the same Jaccard as fp32 within 0.004 on validation "
-                        "data; else fp32), int8, or fp32")
+                        "quantized engine: the network about 1.7x faster, Jaccard as fp32's within 0.006 on "
+                        "validation data; else fp32), int8, or fp32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=process)

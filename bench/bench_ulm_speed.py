@@ -100,13 +100,13 @@ def _network_alone_row(acq, speed: dict, notes: list) -> list:
     """The default's windows through the network alone (no localization, tracking or rendering): the most
     the whole pipeline could reach with everything else free, against the old path."""
     from ultrasound_ai.ulm.clutter import svd_filter
-    from ultrasound_ai.ulm.dml_inference import DmlLocalizationRunner, _one_torch_thread_per_worker
+    from ultrasound_ai.ulm.dml_inference import DmlLocalizationRunner, torch_threads_for_workers
 
     env = np.abs(svd_filter(acq.iq, 4)).astype(np.float32)
 
     def network_only():
         r = DmlLocalizationRunner(acq.pixel_size_mm, acq.origin_mm, acq.wavelength_mm, device="cpu").runner
-        with _one_torch_thread_per_worker(r.workers):
+        with torch_threads_for_workers(r.workers):
             return r.push(env) + r.finish()
 
     t, est = _best(network_only, 2)

@@ -362,6 +362,16 @@ def test_window_workers_give_the_localizations_of_one_worker(tiny_checkpoint, ti
             torch.set_num_threads(1)
     assert rows[1].shape[0] > 0
     np.testing.assert_array_equal(rows[2], rows[1])
+    from ultrasound_ai.ulm.dml_inference import torch_threads_for_workers
+
+    for threads, workers, inside in ((4, 2, 2), (2, 2, 1), (3, 4, 1), (2, 1, 2)):
+        torch.set_num_threads(threads)
+        try:
+            with torch_threads_for_workers(workers):
+                assert torch.get_num_threads() == inside
+            assert torch.get_num_threads() == threads
+        finally:
+            torch.set_num_threads(1)
     assert default_workers("cpu") == 1  # this module runs torch on one thread
     torch.set_num_threads(2)
     try:

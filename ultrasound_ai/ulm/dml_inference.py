@@ -23,9 +23,10 @@ frame estimated once at window position 0 or N-1 had raw Jaccard 0.53, at positi
 All run in the channels-last layout with in-place arithmetic (`model_predictor`: the same numbers,
 faster with oneDNN), a single window padded to a batch of two; channels_last=False, fused=False,
 pad_single=False give the plain path of before, for comparisons. On CPU, batches of windows run on one
-worker thread per torch thread, each with torch on one thread (`workers`; the sums are taken in window
-order, so the localizations are the same numbers as with one worker; workers=1 is the path before), and
-the finished frames are localized while the workers predict the next batches (`push_iter`). On CPU the
+worker thread per torch thread (`workers`, up to MAX_WORKERS, torch's threads shared among them; the sums
+are taken in window order, so the localizations are the same numbers as with one worker; workers=1 is the
+path before), and the finished frames are localized, and tracked by the pipeline (`push_into`), while the
+workers predict the next batches. On CPU the
 3D ResNet runs in 8-bit integers by default (`precision` "auto", `dml_int8`; "fp32" is the arithmetic
 before): on the seven pymust validation pieces its pooled raw / tracked Jaccard was fp32's within 0.001
 (0.416 / 0.394), each piece within 0.006; the whole pipeline ran 1.6x faster on one thread.
@@ -94,6 +95,7 @@ __all__ = [
     "pipeline_counter",
     "default_workers",
     "resolve_int8",
+    "torch_threads_for_workers",
 ]
 
 PredictFn = Callable[[np.ndarray], "tuple[np.ndarray, np.ndarray]"]
@@ -124,10 +126,11 @@ WORKER_BATCH_WINDOWS = 2
 # gained) and cost 0.003 on four fast-simulator validation acquisitions (0.602 -> 0.599); 0.3 px was
 # the widest agreement costing at most 0.005 there (0.2-0.4 px tried, 0.5 lost 0.02).
 RS_AGREEMENT_PX = 0.3
-# CPU inference: batches of windows run on this many threads at most (one per torch thread by default),
-# each with torch on one thread. On 2 cores two single-thread workers beat one process of two torch threads
-# (oneDNN's 3D convolutions on these sizes scale below 2x over two threads, and a preempted OpenMP thread
-# stalls its partner on a shared machine); the outputs are the same numbers (see _predictions).
+# CPU inference: batches of windows run on this many threads at most (one per torch thread by default,
+# torch's threads shared among them). On the shared 2-core machine two single-thread workers ran the
+# pipeline 1.4-1.7x faster than one worker on two torch threads (a preempted OpenMP thread stalls its
+# partner); on a quiet machine what they add is localizing and tracking while the network runs (bench
+# ulm_speed's rows). The outputs are the same numbers (see _predictions).
 MAX_WORKERS = 8
 # Arithmetic of the 3D ResNet: "auto" = int8 on CPU where PyTorch has oneDNN's quantized engine (`dml_int8`:
 # pooled Jaccard of the seven pymust validation pieces that of fp32 within 0.001, each piece within 0.006;
@@ -598,8 +601,9 @@ class DmlLocalizationRunner:
 
     @contextmanager
     def _inference(self):
-        """torch on one thread per window worker, and oneDNN's quantized engine for int8, while windows run."""
-        with _one_torch_thread_per_worker(self.runner.workers):
+        """torch's threads shared among the window workers, and oneDNN's quantized engine for int8, while
+        windows run."""
+        with torch_threads_for_workers(self.runner.workers):
             if not self.int8:
                 yield
                 return
@@ -627,8 +631,8 @@ def resolve_int8(precision: str, device) -> bool:
 
 
 def default_workers(device) -> int:
-    """Window workers of the runner on `device`: on CPU one per torch thread (each running torch on one
-    thread), up to MAX_WORKERS; on a GPU one."""
+    """Window workers of the runner on `device`: on CPU one per torch thread up to MAX_WORKERS (torch's
+    threads shared among them while they run); on a GPU one."""
     import torch
 
     if torch.device(device).type != "cpu":
@@ -637,15 +641,16 @@ def default_workers(device) -> int:
 
 
 @contextmanager
-def _one_torch_thread_per_worker(workers: int):
-    """torch's intra-op threads set to 1 while `workers` > 1 threads each run windows, then restored."""
+def torch_threads_for_workers(workers: int):
+    """While `workers` > 1 threads each run windows: torch's intra-op threads shared among them (one each
+    on 2 cores), then restored."""
     if workers <= 1:
         yield
         return
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, before // workers))
     try:
         yield
     finally:

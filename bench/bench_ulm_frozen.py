@@ -7,6 +7,7 @@ Rows per condition (bubbles per frame x noise level), pooled over the condition'
 - `3dml` with no option ("inner" windows: 8-frame windows slid by 6, each frame estimated once away from
   a window edge; one detection per Pos peak, counting network; sub-pixel offsets averaged with radial
   symmetry's where the two agree within 0.3 px);
+- `3dml --precision fp32` (the ResNet in fp32; the default runs it in int8 on CPU);
 - `3dml --rs-agreement 0` (the network's sub-pixel offsets alone: the default before that averaging);
 - `3dml --window-stride 3` (inner windows slid by 3, two estimates per frame averaged);
 - `3dml --window-mode sliding` (windows slid by 2, estimates averaged: the previous default);
@@ -39,9 +40,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-ROWS = ("rs", "wa", "rs-tuned", "3dml", "3dml-net", "3dml-i3", "3dml-s2", "3dml-tiled", "3dml-sliding", "3dml-v0", "3dml-v0-count")
+ROWS = ("rs", "wa", "rs-tuned", "3dml", "3dml-fp32", "3dml-net", "3dml-i3", "3dml-s2", "3dml-tiled", "3dml-sliding", "3dml-v0", "3dml-v0-count")
 LABELS = {"rs": "RS (`--method rs`, counting network)", "wa": "WA (`--method wa`, counting network)",
           "rs-tuned": "RS, fixed N tuned on validation", "3dml": "3DML-ResNet (`--method 3dml`)",
+          "3dml-fp32": "3DML-ResNet `--precision fp32` (the ResNet in fp32, not int8)",
           "3dml-net": "3DML-ResNet `--rs-agreement 0` (network offsets alone)",
           "3dml-i3": "3DML-ResNet `--window-stride 3` (inner windows, 2 estimates per frame)",
           "3dml-s2": "3DML-ResNet `--window-mode sliding` (stride 2, the previous default)",
@@ -96,11 +98,13 @@ def _params(row: str, model, tuned_n: dict, bubbles: float):
     from ultrasound_ai.ulm.pipeline import UlmParams
 
     base = dict(device="cpu", model=model)
-    method = {"rs-tuned": "rs", "3dml-tiled": "3dml", "3dml-net": "3dml", "3dml-s2": "3dml", "3dml-i3": "3dml", "3dml-sliding": "3dml-old", "3dml-v0-count": "3dml-v0"}.get(row, row)
+    method = {"rs-tuned": "rs", "3dml-tiled": "3dml", "3dml-net": "3dml", "3dml-fp32": "3dml", "3dml-s2": "3dml", "3dml-i3": "3dml", "3dml-sliding": "3dml-old", "3dml-v0-count": "3dml-v0"}.get(row, row)
     if row == "rs-tuned":
         base["bubbles_per_frame"] = tuned_n[bubbles]
     elif row == "3dml-net":
         base["rs_agreement_px"] = 0
+    elif row == "3dml-fp32":
+        base["precision"] = "fp32"
     elif row == "3dml-tiled":
         base["window_mode"] = "tiled"
     elif row == "3dml-i3":
@@ -252,7 +256,7 @@ def main(argv=None) -> int:
                          f"{s['3dml']['jaccard']:.3f} vs {s['rs']['jaccard']:.3f} ({'beats' if win_raw else 'DOES NOT beat'}), "
                          f"tracked {s['3dml']['jaccard_tracked']:.3f} vs {s['rs']['jaccard_tracked']:.3f} "
                          f"({'beats' if win_tr else 'DOES NOT beat'}).")
-        for row, what in (("3dml", "default"), ("3dml-i3", "`--window-stride 3`")):
+        for row, what in (("3dml", "default"), ("3dml-fp32", "`--precision fp32`"), ("3dml-i3", "`--window-stride 3`")):
             if row not in s or "3dml-sliding" not in s:
                 continue
             d_raw = s[row]["jaccard"] - s["3dml-sliding"]["jaccard"]

@@ -164,6 +164,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-pieces", type=int, default=None, help="test acquisitions per condition (default: all made)")
     ap.add_argument("--pieces", nargs="+", default=None, help="only these test acquisitions (names, e.g. test_b100_n20_p0)")
     ap.add_argument("--model", default=None, help="3DML-ResNet checkpoint (default: the installed default)")
+    ap.add_argument("--split", choices=["test", "val"], default="test",
+                    help="val: the validation pieces, on which choices are made (printed only, never written)")
     ap.add_argument("--val-frames", type=int, default=200, help="frames per fast-simulator validation acquisition")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
@@ -204,7 +206,9 @@ def main(argv=None) -> int:
 
     results: dict = {}
     cached_rows: set = set()  # rows with at least one acquisition answered by the cache (another run)
-    for p in fs.pieces("test"):
+    if args.split == "val":
+        args.no_write = True
+    for p in fs.pieces(args.split):
         if not p.path.exists() or (args.max_pieces is not None and p.index >= args.max_pieces):
             continue
         if args.pieces is not None and p.name not in args.pieces:

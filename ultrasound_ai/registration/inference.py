@@ -89,14 +89,19 @@ REFINE_MIN_MOVE_MM = 3.0
 # (unguarded) proposals, and an end point beyond the reach is kept when two refinements from starts at least
 # REFINE_INDEPENDENT_MM apart (more than the coarse search's first step of 4 mm: separate searches) end within
 # REFINE_AGREE_MM of each other (LC2's own localisation error, as the dead zone): a peak reached from two sides is
-# the basin the anatomy makes, while LC2's wrong peaks were each reached from one start only. Of the agreeing and
+# most likely the basin the anatomy makes, while most of LC2's wrong peaks were reached from one start only (e.g.
+# 980005 from 16 mm: three ends 32-57 mm apart). Of the agreeing and
 # the within-reach end points, the one of highest LC2 is kept when it passes the margin and the dead zone.
-# Chosen on the training family (registration-randomised-v1, shipped networks, every case from 0 / 8 / 16 mm):
-# see BENCHMARKS.md (registration_randomised_v1_h16). Why: from 16 mm the networks often stop 8-13 mm short on
-# anatomy unlike their training data, and the refinement from there must move further than the reach allows.
-# The exemption ends at REFINE_AGREE_REACH_MM, the largest initial error the method is specified for (16 mm): on the
-# training family the one agreed end point farther away (17.1 mm from the estimate, 980015 from 8 mm) was a wrong LC2
-# peak that every start ran into (the estimate's refinement alone, refused by the reach, kept 3.9 mm).
+# The 3 and 4 mm were set from those two scales before any run; on the training family's 16 mm starts (offline,
+# 22 cases) agreement radii of 2-3 mm and start separations of 3-5 mm gave the same result. See BENCHMARKS.md
+# (registration_randomised_v1_h16). Why: from 16 mm the networks often stop 8-13 mm short on anatomy unlike their
+# training data, and the refinement from there must move further than the reach allows.
+# The exemption ends at REFINE_AGREE_REACH_MM, the largest initial error the method is specified for (16 mm). It was
+# set for 980015 from 8 mm (training family), where every start runs into one wrong LC2 peak (the agreed end 17.1 mm
+# from the estimate; the estimate's refinement alone, refused by the reach, kept 3.9 mm) - but it does not help there:
+# the stage-1 start's end in the same wrong basin lies 15.3 mm away and is kept (16.5 mm). The known failure of the
+# multi-start: a wrong LC2 peak with a wide basin. On the training family (registration-randomised-v1, 24 cases) the
+# default went 1.12 / 3.29 / 5.22 -> 1.12 / 3.72 / 4.18 mm from 0 / 8 / 16 mm (8 mm: that one case; median 2.72 -> 2.48).
 REFINE_MULTISTART = True
 REFINE_AGREE_MM = 3.0
 REFINE_INDEPENDENT_MM = 4.0

@@ -139,6 +139,12 @@ PRECISIONS = ("auto", "int8", "fp32")
 DEFAULT_PRECISION = "auto"
 
 
+def check_precision(value) -> None:
+    """InputError naming --precision unless value is one of PRECISIONS."""
+    if value not in PRECISIONS:
+        raise InputError(f"3DML-ResNet precision (--precision): expected one of {list(PRECISIONS)}, got {value!r}")
+
+
 def check_rs_agreement(value) -> None:
     """InputError naming --rs-agreement unless value is None or a finite number of pixels >= 0."""
     try:
@@ -619,8 +625,7 @@ def resolve_int8(precision: str, device) -> bool:
 
     from .dml_int8 import int8_available
 
-    if precision not in PRECISIONS:
-        raise InputError(f"3DML-ResNet precision (--precision): expected one of {list(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     on_cpu = torch.device(device).type == "cpu"
     if precision == "int8" and not on_cpu:
         raise InputError(f"3DML-ResNet precision int8 (--precision int8) runs on CPU only, not on {device}")

@@ -40,9 +40,9 @@ from ultrasound_ai.core.errors import Cancelled, InputError
 from .dml_inference import (
     DEFAULT_PRECISION,
     DEFAULT_WINDOW_MODE,
-    PRECISIONS,
     RS_AGREEMENT_PX,
     WINDOW_MODES,
+    check_precision,
     check_rs_agreement,
 )
 from .localization import localize, to_mm
@@ -130,8 +130,7 @@ class UlmParams:
         check_rs_agreement(self.rs_agreement_px)
         if self.window_mode not in WINDOW_MODES:
             raise InputError(f"window mode (--window-mode): expected one of {list(WINDOW_MODES)}, got {self.window_mode!r}")
-        if self.precision not in PRECISIONS:
-            raise InputError(f"precision (--precision): expected one of {list(PRECISIONS)}, got {self.precision!r}")
+        check_precision(self.precision)
         if not np.isfinite(self.resolution_factor) or self.resolution_factor <= 0:
             raise InputError(f"resolution factor: expected a positive number, got {self.resolution_factor!r}")
         return self

@@ -124,7 +124,7 @@ def cell_config(s: Mapping, init: str, fraction: float, seed: int, stage: str | 
     if init == "scratch":
         schedule.update(steps=int(schedule["steps"]) + _probe_steps(s), lr=float(s.get("scratch_lr", schedule["lr"])))
     elif stage == PROBE:
-        schedule.update({k: v for k, v in s["probe"].items()})
+        schedule.update(s["probe"])
         model.update(freeze_encoder=True, layer_decay=1.0)
     elif _probe_steps(s):
         model["init_from"] = str(Path(s["output_dir"]) / cell_name(f"{init}-{PROBE}", fraction, seed) / "best.pt")

@@ -7,18 +7,19 @@ ultrasound_ai/foundation/classifier_study.py). No timing claim.
         [--pretrain-encoder] [--cell INIT,FRACTION,SEED] [--seeds 0,1] [--steps N] [--no-write] [--note TEXT]
         [--ship NAME [--ship-cell FRACTION,SEED]] [--probe]
 
-The pre-trained arm fine-tunes from the shipped usfm_vit_tiny_pretrained; both arms pool the tokens
-with the same attention-pooling head. --pretrain-encoder trains (or resumes) the alternative encoder
-(masked image modelling continued from usfm_vit_tiny_pretrained on images drawn across the broad
-training band), installs it as Resources/Models/usfm_vit_tiny_pretrained_wide.pt with its card, and
-exits (the cells use it only with settings {"pretrained": "usfm_vit_tiny_pretrained_wide"}). --probe adds
+The pre-trained arm fine-tunes from usfm_vit_tiny_pretrained_wide: the shipped usfm_vit_tiny_pretrained
+with its masked image modelling continued on unlabelled images drawn across the broad training band. Both
+arms pool the tokens with the same attention-pooling head. --pretrain-encoder trains (or resumes) that
+encoder, installs it beside the study's runs (<output-dir>/encoder/installed, not shipped: the classifier
+carries its weights) and exits; a pre-trained cell builds it first when it is missing. --probe adds
 a linear probe of the encoders' mean-pooled features (random, the study's encoder, and the wide one if
 installed), fitted on the labelled images and scored on the validation images: how much class
 information pre-training put into the features.
 
 --cell trains (or resumes) one cell only and exits, so cells can run as separate background processes
 (the pre-trained arm's probe stage first, then its fine-tuning); without it every missing cell is
-trained, then all are evaluated and the section written. --ship NAME then installs a pre-trained cell
+trained, then all are evaluated and the section written (means over seeds, seed-by-seed rows and the
+paired pre-trained minus scratch differences). --ship NAME then installs a pre-trained cell
 (--ship-cell FRACTION,SEED, default the 100 % cell of seed 0) as Resources/Models/NAME.pt (float16) with
 its card, which records its held-out figures beside the from-scratch cell's of the same labels.
 """

@@ -126,6 +126,24 @@ def test_study_summary_means_per_arm_and_fraction():
         "pretrained_f0.2", "scratch_f0.2", "scratch_f1"}
 
 
+def test_paired_difference_matches_seed_by_seed_and_its_standard_error():
+    # Pairs are matched by seed (same labels), unmatched cells are left out; SE = sample std / sqrt(n).
+    runs = [{"init": i, "fraction": 0.2, "seed": k, "macro_f1": v, "indep_macro_f1": v / 2}
+            for i, k, v in (("pretrained", 0, 0.5), ("pretrained", 1, 0.4), ("pretrained", 2, 0.6), ("pretrained", 5, 0.9),
+                            ("scratch", 0, 0.3), ("scratch", 1, 0.45), ("scratch", 2, 0.4), ("scratch", 3, 0.1))]
+    p = cs.paired_difference({"runs": runs}, 0.2)
+    d = np.array([0.2, -0.05, 0.2])
+    assert p["seeds"] == [0, 1, 2] and p["ahead"] == 2 and p["n"] == 3
+    assert p["mean"] == pytest.approx(d.mean()) and p["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
+    assert cs.paired_difference({"runs": runs}, 0.2, "indep_macro_f1")["mean"] == pytest.approx(d.mean() / 2)
+    assert cs.paired_difference({"runs": runs}, 1.0) is None
+    for r in runs:
+        r.update(accuracy=r["macro_f1"], indep_accuracy=0.3, val_accuracy=0.4)
+    text = cs.format_table({"settings": cs.settings({"fractions": [0.2]}), "runs": runs, "test_counts": [1, 1, 1]})
+    assert "| 20 % | 3 | not run | 0.400 / 0.100 / 0.050 |" in text
+    assert f"20 % held-out {d.mean():+.3f} ± {d.std(ddof=1) / np.sqrt(3):.3f}, pre-trained ahead on 2 of 3 seeds" in text
+
+
 def test_logistic_probe_separates_separable_features_and_not_noise():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 300)

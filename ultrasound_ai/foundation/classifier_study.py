@@ -7,8 +7,8 @@ that picks each run's best.pt (``val_seed``) draw their scanner settings per ima
 the broad band real scanners span (bmode_sim.SCANNER_VARIATION); the test set (``test_seed``) draws them
 from TEST_APPEARANCE, a fixed narrow setting (strong log compression, coarse point-spread function) that
 no training run selects on. Both arms pool the tokens with the same attention-pooling head; the
-pre-trained arm starts from the shipped encoder (``pretrain_encoder`` builds an alternative pre-trained
-across the training band). The 20 % label set is a nested
+pre-trained arm starts from CLASSIFIER_STUDY["pretrained"]: the shipped encoder with its masked image
+modelling continued on unlabelled images across the training band (``pretrain_encoder`` builds it). The 20 % label set is a nested
 seeded subset of the pool (datasets.label_subset). The independent family bmode_indep is never used for
 training or selection.
 
@@ -33,7 +33,7 @@ from ultrasound_ai.foundation.bmode_sim import SCANNER_VARIATION
 
 __all__ = ["TRAIN_APPEARANCE", "TEST_APPEARANCE", "CLASSIFIER_STUDY", "cell_name", "cell_config", "train_cell",
            "macro_f1", "confusion", "evaluate_study", "evaluate_checkpoint", "format_table", "ship", "encoder_config",
-           "pretrain_encoder", "ship_encoder", "study_summary", "fit_logistic", "linear_probe"]
+           "pretrain_encoder", "ship_encoder", "study_summary", "paired_difference", "fit_logistic", "linear_probe"]
 
 # Scanner settings drawn per image (bmode_sim.APPEARANCE_KEYS). Training: the broad band real scanners span
 # (bmode_sim.SCANNER_VARIATION). The held-out test keeps the fixed narrow setting it has had since the study
@@ -300,6 +300,20 @@ def study_summary(results: Mapping) -> dict:
             for key, rs in out.items()}
 
 
+def paired_difference(results: Mapping, fraction: float, metric: str = "macro_f1") -> dict | None:
+    """Pre-trained minus scratch `metric` seed by seed (the same label subset), over the seeds where both arms
+    are finished: {"seeds", "n", "ahead" (seeds where pre-trained is higher), "differences", "mean", "se"
+    (sample standard deviation / sqrt(n); 0 for one pair)}; None when no seed has both."""
+    arms = {init: {r["seed"]: r[metric] for r in results["runs"] if r["init"] == init and r["fraction"] == fraction}
+            for init in INITS}
+    seeds = sorted(set(arms["pretrained"]) & set(arms["scratch"]))
+    if not seeds:
+        return None
+    d = np.array([arms["pretrained"][k] - arms["scratch"][k] for k in seeds])
+    return {"seeds": seeds, "n": len(seeds), "ahead": int((d > 0).sum()), "differences": d.tolist(),
+            "mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0}
+
+
 def ship(run_folder, s: Mapping, name: str, models_dir, comparison=None, study: Mapping | None = None) -> dict:
     """Write a trained cell's best.pt as the installed model NAME.pt (float16) + NAME.card.json, its card
     holding the held-out accuracy and macro F1 (and, given `comparison` = {"init": folder}, those of the
@@ -449,6 +463,28 @@ def _pooled(s: Mapping) -> str:
     return "attention-pooled" if s.get("pooling") == "attention" else "mean-pooled"
 
 
+def _paired_text(results: Mapping) -> str:
+    """Seed-by-seed rows (validation accuracy that chose best.pt, held-out and independent macro F1 of both arms)
+    and the paired pre-trained minus scratch differences of macro F1 (mean ± standard error, seeds ahead)."""
+    rows = ["| labels | seed | pre-trained: val acc / held-out F1 / indep F1 | scratch: val acc / held-out F1 / indep F1 |",
+            "|---|---|---|---|"]
+    sums = []
+    for f in results["settings"]["fractions"]:
+        cells = {(r["init"], r["seed"]): r for r in results["runs"] if r["fraction"] == f}
+        for k in sorted({seed for _, seed in cells}):
+            arm = [cells.get((init, k)) for init in INITS]
+            rows.append(f"| {f * 100:g} % | {k} | " + " | ".join(
+                f"{r['val_accuracy']:.3f} / {r['macro_f1']:.3f} / {r['indep_macro_f1']:.3f}" if r else "not run"
+                for r in arm) + " |")
+        for metric, label in (("macro_f1", "held-out"), ("indep_macro_f1", "independent family")):
+            p = paired_difference(results, f, metric)
+            if p:
+                sums.append(f"{f * 100:g} % {label} {p['mean']:+.3f} ± {p['se']:.3f}, pre-trained ahead on {p['ahead']} "
+                            f"of {p['n']} seeds")
+    return ("\n".join(rows) + "\n\nPaired by seed (the same labelled images), pre-trained minus scratch macro F1, "
+            "mean ± standard error over the seeds where both arms ran: " + "; ".join(sums) + ".\n")
+
+
 def format_table(results: Mapping) -> str:
     """Markdown table (mean ± std over seeds) with the data and schedule facts."""
     s = results["settings"]
@@ -467,7 +503,7 @@ def format_table(results: Mapping) -> str:
             lines.append(f"| {set_label} | {label} | " + " | ".join(cells) + " |")
     n_lab = {f: max(1, int(np.ceil(f * s["train_count"] - 1e-9))) for f in fr}
     sc = s["schedule"]
-    text = "\n".join(lines) + "\n\n"
+    text = "\n".join(lines) + "\n\n" + _paired_text(results) + "\n"
     text += (f"Held-out test: {s['test_count']} simulated images (seed {s['test_seed']}, classes benign / malignant / "
              f"normal = {results['test_counts']}) drawn with the fixed scanner setting {json.dumps(TEST_APPEARANCE)} "
              "(the simulator's nominal gain, TGC and speckle; breast images with BI-RADS masses, as in training), never "

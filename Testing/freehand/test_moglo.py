@@ -350,3 +350,39 @@ def test_forward_direction_reflects_the_backward_pairs_through_the_image_plane()
     np.testing.assert_allclose(c, b, atol=1e-12)
     with pytest.raises(InputError, match="direction"):
         estimate_sweep(model, {}, frames, spacing, direction="backward")
+
+
+def test_cli_direction_option_reaches_the_moglo_method(tmp_path):
+    """`freehand reconstruct --method moglo --direction forward|network` overrides the card's setting: a tiny
+    network whose pairs all move backwards (its normalisation shifts tz to -0.4 mm) keeps them with
+    "network" and mirrors every one of them with "forward"; the option is refused for other methods."""
+    from ultrasound_ai.cli import main
+    from ultrasound_ai.freehand.simulation.simulator import simulate_sweep
+    from ultrasound_ai.io.sweep import read_sweep, write_sweep
+    from ultrasound_ai.models.checkpoint import save_checkpoint
+    from ultrasound_ai.validation.pose_agreement import centre_out_of_plane_mm
+
+    torch.manual_seed(0)
+    cfg = make_config("tiny", base_width=4)
+    model = MogloNet(cfg)
+    model.set_normalisation([0, 0, -0.4, 0, 0, 0], [0.01, 0.01, 0.01, 0.01, 0.01, 0.01])
+    card = {"name": "moglo_backwards", "method": "moglo", "configuration": {"preset": "tiny", **cfg.to_dict()},
+            "input": {"frame_shape_hw": list(cfg.frame_shape), "pixel_spacing_mm": [cfg.pixel_spacing_mm] * 2},
+            "inference": {"direction": "forward"}, "training": {"data": "none (untrained, for a CLI test)"},
+            "metrics": {}}
+    save_checkpoint(model.state_dict(), tmp_path / "moglo_backwards.pt", card)
+    pt = tmp_path / "moglo_backwards.pt"
+    sweep = simulate_sweep(0, n_frames=7, frame_shape=(40, 48), n_imus=0)
+    src = write_sweep(sweep, tmp_path / "sweep.h5")
+    z = {}
+    for direction in ("network", "forward"):
+        est = tmp_path / f"{direction}.h5"
+        assert main(["freehand", "reconstruct", str(src), "--method", "moglo", "--checkpoint", str(pt),
+                     "--direction", direction, "--out-sweep", str(est), "--no-metrics", "--no-progress",
+                     "--device", "cpu"]) == 0
+        out = read_sweep(est)
+        assert out.attrs["pose_direction"] == direction
+        z[direction] = centre_out_of_plane_mm(out.tforms, sweep.frames.shape[1:], sweep.pixel_spacing_xy)
+    assert np.all(z["network"] < 0)
+    np.testing.assert_allclose(z["forward"], -z["network"], atol=1e-9)
+    assert main(["freehand", "reconstruct", str(src), "--method", "imu", "--direction", "forward", "--no-progress"]) == 2

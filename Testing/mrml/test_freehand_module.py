@@ -240,6 +240,13 @@ def test_network_options_reach_the_job(scene, sweep_path, tmp_path):
     for bad in ("a,b", "1,1", "-1", ","):
         with pytest.raises(InputError, match="imuSelection"):
             ReconstructionParameters.from_any({"inputSweepFile": str(sweep_path), "imuSelection": bad})
+    # MoGLo-Net's sweep direction: "model" leaves the card's setting, the others reach the method.
+    for direction, expected in (("model", {}), ("forward", {"direction": "forward"}), ("network", {"direction": "network"})):
+        params = ReconstructionParameters.from_any({"inputSweepFile": str(sweep_path), "method": "moglo",
+                                                    "sweepDirection": direction})
+        assert logic._job(params, Path(sweep_path), "s")["parameters"]["method_params"] == expected
+    with pytest.raises(InputError, match="sweepDirection"):
+        ReconstructionParameters.from_any({"inputSweepFile": str(sweep_path), "sweepDirection": "backward"})
     w = np.random.default_rng(0).dirichlet(np.ones(3), size=7).astype(np.float32)
     assert np.array_equal(table_to_imu_weights(imu_weights_to_table(w, scene=scene)), w)
     with pytest.raises(InputError, match=r"\[N-1, M\]"):

@@ -16,7 +16,9 @@ method ("auto" | "tracked" | "imu" | "fima" | "moglo" | any registered pose meth
 for sweeps with IMU data and MoGLo-Net for sweeps without, when their models are installed, see
 ``resolve_method``), device ("auto", "cpu", "cuda[:N]", "mps"), checkpoint (a .pt path or model name
 for the networks; empty = the installed default), onlineAlignment (bool: FiMA's test-time alignment),
-imuSelection (FiMA: comma-separated 0-based IMU indices to use; empty = all), outputSpacing (mm),
+imuSelection (FiMA: comma-separated 0-based IMU indices to use; empty = all), sweepDirection (MoGLo-Net:
+"model" = the model card's setting, "forward" = the sweep moves towards +z, "network" = the network's signs),
+outputSpacing (mm),
 compounding ("mean" | "max" | "latest"), fillHoles ("none" | "gaussian" | "nearest"), outputVolume /
 outputTrajectory (nodes to fill; found or created by name when None), createNewNodes (bool: new nodes
 instead of replacing the previous run's).
@@ -78,6 +80,7 @@ log = logging.getLogger(__name__)
 TASK_NAME = "freehand.reconstruct"
 METHODS = (*PANEL_CHOICES, *available_methods())  # offered in the panel: the registry's names
 IMU_METHODS = ("fima",)  # methods that take onlineAlignment / imuSelection
+SWEEP_DIRECTIONS = ("model", "forward", "network")  # MoGLo-Net's direction; "model": the card's setting
 DEVICES = ("auto", "cpu", "cuda", "mps")
 COMPOUNDING = ("mean", "max", "latest")
 FILL_HOLES = ("none", "gaussian", "nearest")
@@ -107,6 +110,7 @@ class ReconstructionParameters(PanelParameters):
     checkpoint: str | None = None
     onlineAlignment: bool = False
     imuSelection: str = ""
+    sweepDirection: str = "model"
     outputSpacing: float = 0.5
     compounding: str = "mean"
     fillHoles: str = "none"
@@ -127,6 +131,9 @@ class ReconstructionParameters(PanelParameters):
         self.onlineAlignment = bool(self.onlineAlignment)
         self.imuSelection = str(self.imuSelection or "").strip()
         parse_imu_selection(self.imuSelection)  # a bad list fails here, naming the field
+        self.sweepDirection = str(self.sweepDirection or "model").strip().lower()
+        if self.sweepDirection not in SWEEP_DIRECTIONS:
+            raise InputError(f"sweepDirection: expected one of {', '.join(SWEEP_DIRECTIONS)}, got {self.sweepDirection!r}")
         try:
             self.outputSpacing = float(self.outputSpacing)
         except (TypeError, ValueError):
@@ -383,6 +390,8 @@ class UltrasoundAILogic(ModuleLogic):
 
     @staticmethod
     def _method_params(params: ReconstructionParameters) -> dict:
+        if params.method == "moglo":
+            return {} if params.sweepDirection == "model" else {"direction": params.sweepDirection}
         if params.method not in IMU_METHODS:
             return {}
         out = {"online_align": params.onlineAlignment}

@@ -386,3 +386,57 @@ def test_cli_direction_option_reaches_the_moglo_method(tmp_path):
     assert np.all(z["network"] < 0)
     np.testing.assert_allclose(z["forward"], -z["network"], atol=1e-9)
     assert main(["freehand", "reconstruct", str(src), "--method", "imu", "--direction", "forward", "--no-progress"]) == 2
+
+
+def test_clip_mirrored_targets_and_linked_clip_signs_recover_a_reversal():
+    """data.clip_mirror: a training clip whose grid centre moves backwards over it gets mirrored targets
+    (M T M), so every clip's summed centre out-of-plane motion is >= 0 and only that global sign is lost.
+    predict_pairs_linked: given such canonical clip outputs (here the truth itself, canonicalised per clip),
+    linking the clips' signs through their overlapping pairs recovers sweeps that reverse, pair for pair;
+    forward=True mirrors a chain whose net motion is backwards."""
+    from types import SimpleNamespace
+
+    from ultrasound_ai.freehand.moglo.method import centre_dz, mirror_params, predict_pairs_linked
+    from ultrasound_ai.freehand.moglo.training import SweepPool, draw_clips
+    from ultrasound_ai.validation.pose_agreement import frame_centre_mm
+
+    shape, spacing, n = (16, 16), 0.3, 24
+    centre = frame_centre_mm(shape, (spacing, spacing))
+    k = np.arange(n - 1)
+    truth = np.zeros((n - 1, 6))
+    truth[:, 2] = 0.4 * np.cos(np.pi * k / 14.0)  # forwards, a smooth reversal, backwards
+    truth[:, 0], truth[:, 3], truth[:, 5] = 0.02, 0.3 * np.sin(k), 0.2
+    frames = np.repeat(np.arange(n, dtype=np.float32)[:, None, None], 16, 1).repeat(16, 2)  # frame i holds i
+    chain = [np.eye(4)]
+    for r in params_to_matrix(truth, "YZX", degrees=True):
+        chain.append(chain[-1] @ r)
+    pool = SweepPool([frames], [truth.astype(np.float32)], [np.stack(chain)], ["s"], (spacing, spacing), shape)
+    ys = draw_clips(pool, np.random.default_rng(0), 64, 5, mirror=False)[1].double().numpy()
+    ym = draw_clips(pool, np.random.default_rng(0), 64, 5, mirror=True)[1].double().numpy()
+    back = centre_dz(ys, centre).sum(1) < 0
+    assert back.any() and (~back).any() and np.all(centre_dz(ym, centre).sum(1) >= -1e-9)
+    np.testing.assert_allclose(ym[back], mirror_params(ys[back]), atol=1e-5)
+    np.testing.assert_allclose(ym[~back], ys[~back], atol=1e-6)
+
+    class CanonicalOracle(torch.nn.Module):  # each clip's true pairs, mirrored when the clip moves backwards
+        config = SimpleNamespace(clip_frames=5, frame_shape=shape, pixel_spacing_mm=spacing)
+
+        def __init__(self, pairs):
+            super().__init__()
+            self.pairs = pairs
+            self.register_buffer("param_mean", torch.zeros(6))
+
+        def forward(self, clips):
+            out = []
+            for first in clips[:, 0, 0, 0].long().tolist():
+                y = self.pairs[first:first + 4]
+                out.append(mirror_params(y) if centre_dz(y, centre).sum() < 0 else y)
+            return SimpleNamespace(params=torch.from_numpy(np.stack(out)))
+
+    np.testing.assert_allclose(predict_pairs_linked(CanonicalOracle(truth), frames, batch_clips=3), truth, atol=1e-9)
+    late = truth.copy()
+    late[:, 2] = 0.3 - 0.03 * k  # starts forwards, ends further backwards: net motion backwards
+    assert centre_dz(late, centre).sum() < 0
+    np.testing.assert_allclose(predict_pairs_linked(CanonicalOracle(late), frames), late, atol=1e-9)
+    np.testing.assert_allclose(predict_pairs_linked(CanonicalOracle(late), frames, forward=True),
+                               mirror_params(late), atol=1e-9)

@@ -18,6 +18,11 @@ through the image plane, M T M with M = diag(1, 1, -1): tz, rx and ry change sig
 motion from its mirror image (the speckle decorrelates alike either way), and on the training family's sweeps
 the network's sign was right for about half of the moving pairs (`bench/diagnose_freehand_drift.py`), so one
 consistent direction, +z, as the images-only decorrelation baseline assumes, drifts less.
+
+Sign linking (card ``inference.sign_linking``, models trained with ``data.clip_mirror``): such a network gives
+each clip's motion up to one sign (its clip moving forwards); `predict_pairs_linked` links the clips' signs
+through their overlapping pairs, so reversals that the frames show are kept, and "forward" then mirrors the
+whole sweep when its net motion is backwards (per pair nothing is mirrored); ``overlap`` does not apply.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import torch
 from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.freehand.methods import MethodContext, PoseEstimate, PoseMethod
 
-__all__ = ["MogloMethod", "load_moglo", "predict_pairs", "estimate_sweep", "forward_pairs", "DIRECTIONS"]
+__all__ = ["MogloMethod", "load_moglo", "predict_pairs", "predict_pairs_linked", "estimate_sweep", "forward_pairs",
+           "mirror_params", "centre_dz", "DIRECTIONS"]
 
 METHOD = "moglo"
 DIRECTIONS = ("network", "forward")
@@ -43,6 +49,24 @@ def forward_pairs(rel: np.ndarray, centre_mm) -> np.ndarray:
     c = np.append(np.asarray(centre_mm, dtype=np.float64), 1.0)
     backwards = (rel @ c)[:, 2] < 0  # the centre has z = 0, so its displacement is its new z
     return np.where(backwards[:, None, None], _MIRROR @ rel @ _MIRROR, rel)
+
+
+def mirror_params(params: np.ndarray) -> np.ndarray:
+    """Network parameters [..., 6] (mm, degrees PARAM_CONVENTION) of the mirror images M T M of their transforms."""
+    from ultrasound_ai.core.geometry import matrix_to_params, params_to_matrix
+    from ultrasound_ai.freehand.moglo.model import PARAM_CONVENTION
+
+    rel = params_to_matrix(np.asarray(params, dtype=np.float64), PARAM_CONVENTION, degrees=True)
+    return matrix_to_params(_MIRROR @ rel @ _MIRROR, PARAM_CONVENTION, degrees=True)
+
+
+def centre_dz(params: np.ndarray, centre_mm) -> np.ndarray:
+    """Out-of-plane displacement [...] of the in-plane point `centre_mm` under each pair's transform."""
+    from ultrasound_ai.core.geometry import params_to_matrix
+    from ultrasound_ai.freehand.moglo.model import PARAM_CONVENTION
+
+    rel = params_to_matrix(np.asarray(params, dtype=np.float64), PARAM_CONVENTION, degrees=True)
+    return (rel @ np.append(np.asarray(centre_mm, dtype=np.float64), 1.0))[..., 2]
 
 
 def load_moglo(checkpoint=None, device="cpu"):
@@ -111,6 +135,56 @@ def predict_pairs(model, frames: np.ndarray, *, overlap: str = "last", batch_cli
     return out
 
 
+@torch.no_grad()
+def predict_pairs_linked(model, frames: np.ndarray, *, forward: bool = False, batch_clips: int = 16, device=None,
+                         progress: Optional[Callable[[float, str], None]] = None) -> np.ndarray:
+    """Per-pair parameters [N-1, 6] on the grid from a model trained on clip-mirrored targets (each clip's
+    sign canonical: its grid centre moves forwards over the clip), with the clips' signs linked.
+
+    Clips start at every frame; each pair is taken from the clip in which it is last (as overlap "last").
+    A clip's sign is relative to its own net motion, so before its last pair is taken the whole clip is
+    mirrored (M T M) when its other pairs disagree with the pairs already decided (sum of the products of
+    their centre out-of-plane displacements < 0). The first clip keeps its sign: the chain moves forwards
+    at its start; only reversals within and between clips are resolved from the images. forward: the whole
+    chain is mirrored when its centre's summed out-of-plane displacement is negative (net motion forwards).
+    """
+    f = np.asarray(frames)
+    n, t = f.shape[0], model.config.clip_frames
+    if n <= t:
+        return predict_pairs(model, f, overlap="last", batch_clips=batch_clips, device=device, progress=progress)
+    dev = device if device is not None else model.param_mean.device
+    centre = _grid_centre(model)
+    starts = list(range(0, n - t + 1))
+    clips = np.zeros((len(starts), t - 1, 6))
+    was_training = model.training
+    model.eval()
+    try:
+        for b0 in range(0, len(starts), int(batch_clips)):
+            chunk = starts[b0:b0 + int(batch_clips)]
+            x = torch.from_numpy(np.stack([f[s:s + t] for s in chunk]).astype(np.float32)).to(dev)
+            clips[b0:b0 + len(chunk)] = model(x).params.double().cpu().numpy()
+            if progress is not None:
+                progress(min(1.0, (b0 + len(chunk)) / len(starts)), "MoGLo-Net: estimating motion")
+    finally:
+        model.train(was_training)
+    dz = centre_dz(clips, centre)
+    out = np.zeros((n - 1, 6))
+    out[:t - 1], decided = clips[0], np.zeros(n - 1)
+    decided[:t - 1] = dz[0]
+    for s in starts[1:]:
+        clip, d = clips[s], dz[s]
+        if float((d[:-1] * decided[s:s + t - 2]).sum()) < 0:
+            clip, d = mirror_params(clip), -d
+        out[s + t - 2], decided[s + t - 2] = clip[-1], d[-1]
+    return mirror_params(out) if forward and decided.sum() < 0 else out
+
+
+def _grid_centre(model) -> np.ndarray:
+    from ultrasound_ai.validation.pose_agreement import frame_centre_mm
+
+    return frame_centre_mm(model.config.frame_shape, (model.config.pixel_spacing_mm,) * 2)
+
+
 def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, overlap: str = "last",
                    batch_clips: int = 16, direction: Optional[str] = None,
                    progress=None) -> tuple[np.ndarray, dict]:
@@ -133,14 +207,20 @@ def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, o
                          f"configuration {list(model.config.frame_shape)}")
     geom = grid_geometry(frames.shape[1:], pixel_spacing_xy, shape, spacing)
     net_frames = resample_frames(frames, geom)
-    params = predict_pairs(model, net_frames, overlap=overlap, batch_clips=batch_clips, progress=progress)
+    linked = bool((card.get("inference") or {}).get("sign_linking", False))
+    if linked:
+        params = predict_pairs_linked(model, net_frames, forward=direction == "forward", batch_clips=batch_clips,
+                                      progress=progress)
+    else:
+        params = predict_pairs(model, net_frames, overlap=overlap, batch_clips=batch_clips, progress=progress)
     rel = from_network_relative(params_to_matrix(params, PARAM_CONVENTION, degrees=True), geom)
-    if direction == "forward":
+    if direction == "forward" and not linked:
         from ultrasound_ai.validation.pose_agreement import frame_centre_mm
 
         rel = forward_pairs(rel, frame_centre_mm(frames.shape[1:], pixel_spacing_xy))
     facts = {"network_frame_shape_hw": list(geom.frame_shape_hw), "network_pixel_spacing_mm": list(geom.spacing_xy),
-             "network_grid_offset_mm": list(geom.offset_mm), "overlap": overlap, "direction": direction}
+             "network_grid_offset_mm": list(geom.offset_mm), "overlap": overlap, "direction": direction,
+             "sign_linking": linked}
     return chain_relative(rel), facts
 
 

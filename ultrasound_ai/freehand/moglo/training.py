@@ -71,6 +71,11 @@ DATA_DEFAULTS: dict[str, Any] = {
     # anatomy is seen at several speeds and the speed can only be read from the speckle decorrelation
     # (with one speed per sweep a small pool is memorised sweep by sweep). [1] = the paper's sampling.
     "frame_strides": [1],
+    # Clip mirroring: a clip whose grid centre moves backwards over the clip (summed out-of-plane displacement
+    # < 0) has its targets mirrored through the image plane (M T M). Two images cannot tell a motion from its
+    # mirror image, so the unresolvable sign is taken out of the loss while the reversals within a clip (which
+    # the frames can show) stay; at inference the clips' signs are linked (card inference.sign_linking).
+    "clip_mirror": False,
 }
 
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -136,6 +141,7 @@ def model_config(config):
     from ultrasound_ai.freehand.moglo.model import make_config
 
     raw = dict(config.model if isinstance(config, TrainConfig) else config)
+    raw.pop("init_from", None)  # a checkpoint to start from (MogloTask.build_model), not an architecture key
     preset = raw.pop("preset", "shipped")
     return make_config(preset, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
 
@@ -236,9 +242,14 @@ def build_pool(kind: str, d: Mapping, mcfg, progress: Callable[[str], None] | No
 
 
 def draw_clips(pool: SweepPool, rng: np.random.Generator, n_clips: int, clip_frames: int,
-               strides: Sequence[int] = (1,)):
+               strides: Sequence[int] = (1,), mirror: bool = False):
     """(frames [B, T, h, w] float32, targets [B, T-1, 6] float32) of random clips from the pool: for each
-    clip a stride k from `strides`, a sweep long enough for it, a start; frames s, s+k, ..., s+(T-1)k."""
+    clip a stride k from `strides`, a sweep long enough for it, a start; frames s, s+k, ..., s+(T-1)k.
+    mirror: a clip whose grid centre moves backwards over it gets its targets mirrored (data.clip_mirror)."""
+    from ultrasound_ai.freehand.moglo.method import centre_dz, mirror_params
+    from ultrasound_ai.validation.pose_agreement import frame_centre_mm
+
+    centre = frame_centre_mm(pool.frame_shape_hw, pool.spacing_xy)
     xs, ys = [], []
     span = {int(k): (clip_frames - 1) * int(k) + 1 for k in strides}
     if not any(len(f) >= span[min(span)] for f in pool.frames):
@@ -252,7 +263,8 @@ def draw_clips(pool: SweepPool, rng: np.random.Generator, n_clips: int, clip_fra
         i = usable[int(rng.integers(len(usable)))]
         s = int(rng.integers(len(pool.frames[i]) - span[k] + 1))
         xs.append(np.asarray(pool.frames[i][s:s + span[k]:k], dtype=np.float32))
-        ys.append(pool.strided_targets(k)[i][s:s + span[k] - 1:k])
+        y = pool.strided_targets(k)[i][s:s + span[k] - 1:k]
+        ys.append(mirror_params(y) if mirror and centre_dz(y, centre).sum() < 0 else y)
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.float32))
 
 
@@ -281,9 +293,25 @@ class MogloTask:
                            "margin": float(d["triplet_margin"])}
         mcfg = model_config(config)
         model = MogloNet(mcfg)
-        self._strides = list(d["frame_strides"])
-        y = self._pools(config, "train").training_targets(self._strides).astype(np.float64)
+        self._strides, self._mirror = list(d["frame_strides"]), bool(d["clip_mirror"])
+        pool = self._pools(config, "train")
+        y = pool.training_targets(self._strides).astype(np.float64)
+        if self._mirror:  # the statistics of forward pairs (clip-mirrored targets are mostly forward)
+            from ultrasound_ai.freehand.moglo.method import centre_dz, mirror_params
+            from ultrasound_ai.validation.pose_agreement import frame_centre_mm
+
+            back = centre_dz(y, frame_centre_mm(pool.frame_shape_hw, pool.spacing_xy)) < 0
+            y[back] = mirror_params(y[back])
         model.set_normalisation(y.mean(0), np.maximum(y.std(0), 1e-3))
+        init = (config.model or {}).get("init_from")
+        if init:  # fine-tuning: every weight and the normalisation buffers from a moglo checkpoint
+            from ultrasound_ai.models.checkpoint import load_checkpoint
+
+            state, card = load_checkpoint(Path(init))
+            if card.get("method") != METHOD or card.get("configuration", {}).get("frame_shape") not in (
+                    None, list(mcfg.frame_shape)):
+                raise InputError(f"model.init_from {init}: not a moglo checkpoint of this configuration")
+            model.load_state_dict(state)
         return model
 
     def batches(self, config: TrainConfig, rank: int, world_size: int, start_step: int) -> Iterator:
@@ -293,7 +321,8 @@ class MogloTask:
         step = start_step
         while True:
             rng = step_numpy_rng(config.seed, rank, step)
-            frames, targets = draw_clips(pool, rng, config.schedule["batch_size"], t, strides)
+            frames, targets = draw_clips(pool, rng, config.schedule["batch_size"], t, strides,
+                                         mirror=bool(data_options(config)["clip_mirror"]))
             yield frames, targets, int(rng.integers(2 ** 31))
             step += 1
 
@@ -312,13 +341,16 @@ class MogloTask:
         return terms
 
     def validate(self, model, config: TrainConfig, device) -> dict:
-        from ultrasound_ai.freehand.moglo.method import predict_pairs
+        from ultrasound_ai.freehand.moglo.method import predict_pairs, predict_pairs_linked
 
         d = data_options(config)
         pool = self._pools(config, "val")
         inner = model.module if hasattr(model, "module") else model
         const = inner.param_mean.double().cpu().numpy()
-        preds = [predict_pairs(inner, f, overlap=d["val_overlap"], device=device) for f in pool.frames]
+        if d["clip_mirror"]:
+            preds = [predict_pairs_linked(inner, f, forward=True, device=device) for f in pool.frames]
+        else:
+            preds = [predict_pairs(inner, f, overlap=d["val_overlap"], device=device) for f in pool.frames]
         return validation_metrics(preds, pool, const)
 
     def card(self, config: TrainConfig, metrics: Mapping[str, float]) -> dict:
@@ -330,7 +362,9 @@ class MogloTask:
         training: dict = {"loss": (f"weighted L1 ((|y|+2)^1) + (1 - cosine) + {d['triplet_weight']} x triplet "
                                    f"(margin {d['triplet_margin']}) on normalised parameters; heads averaged"),
                           "clip_sampling": "uniform stride, uniform sweep, uniform start, per step from (seed, rank, step)",
-                          "frame_strides": list(d["frame_strides"])}
+                          "frame_strides": list(d["frame_strides"]), "clip_mirror": bool(d["clip_mirror"])}
+        if config.model.get("init_from"):
+            training["init_from"] = str(config.model["init_from"])
         if self._train_override is not None:
             training["data"] = "sweep pools supplied by the caller"
             training["train_sweeps"] = list(self._train_override.names)
@@ -362,6 +396,7 @@ class MogloTask:
                            "R = Ry Rz Rx) of T_i<-i+1 on the grid; local and global heads averaged"),
             },
             "training": training,
+            **({"inference": {"sign_linking": True, "direction": "forward"}} if d["clip_mirror"] else {}),
         }
 
 
@@ -370,18 +405,21 @@ def validation_metrics(preds: Sequence[np.ndarray], pool: SweepPool, const: np.n
     from ultrasound_ai.core.geometry import chain_relative, params_to_matrix
     from ultrasound_ai.freehand.metrics import fdr
     from ultrasound_ai.freehand.moglo.model import PARAM_CONVENTION
-    from ultrasound_ai.validation.pose_agreement import out_of_plane_correlation
+    from ultrasound_ai.validation.pose_agreement import out_of_plane_correlation, rescale_translations
 
-    tz, tz_c, t_err, a_err, fdrs, fdrs_c, rs = [], [], [], [], [], [], []
+    tz, tz_c, t_err, a_err, fdrs, fdrs_c, rs, scaled, scaled_c = [], [], [], [], [], [], [], [], []
     for p, y, truth in zip(preds, pool.targets, pool.tforms):
         y = y.astype(np.float64)
         tz.append(np.abs(p[:, 2] - y[:, 2]))
         tz_c.append(np.abs(const[2] - y[:, 2]))
         t_err.append(np.abs(p[:, :3] - y[:, :3]).ravel())
         a_err.append(np.abs(p[:, 3:] - y[:, 3:]).ravel())
-        for params, out in ((p, fdrs), (np.broadcast_to(const, p.shape), fdrs_c)):
+        for params, out, out_s in ((p, fdrs, scaled), (np.broadcast_to(const, p.shape), fdrs_c, scaled_c)):
             est = chain_relative(params_to_matrix(params, PARAM_CONVENTION, degrees=True))
             out.append(fdr(est, truth, pool.frame_shape_hw, pool.spacing_xy))
+            # FDR after one least-squares scale of the centre translations per sweep (issue 15's criterion)
+            est_s = rescale_translations(est, truth, pool.frame_shape_hw, pool.spacing_xy)[1]
+            out_s.append(fdr(est_s, truth, pool.frame_shape_hw, pool.spacing_xy))
             if out is fdrs:  # does the speed follow the images (issue 15's correlation; None: constant truth)
                 rs.append(out_of_plane_correlation(est, truth, pool.frame_shape_hw, pool.spacing_xy))
     rs = [r for r in rs if r is not None]
@@ -389,7 +427,8 @@ def validation_metrics(preds: Sequence[np.ndarray], pool: SweepPool, const: np.n
     return {"tz_mae_mm": float(cat(tz).mean()), "tz_mae_const_mm": float(cat(tz_c).mean()),
             "t_mae_mm": float(cat(t_err).mean()), "angle_mae_deg": float(cat(a_err).mean()),
             "fdr_pct": float(np.mean(fdrs)), "fdr_const_pct": float(np.mean(fdrs_c)),
-            "oop_r": float(np.mean(rs)) if rs else 0.0}
+            "oop_r": float(np.mean(rs)) if rs else 0.0, "fdr_scaled_pct": float(np.mean(scaled)),
+            "fdr_scaled_const_pct": float(np.mean(scaled_c))}
 
 
 def train_moglo(config, progress: Callable[[float, str], None] | None = None,

@@ -414,6 +414,43 @@ def test_default_windows_estimate_each_frame_once_off_the_window_edges(tiny_chec
                               device="cpu", window_stride=3)
 
 
+def test_default_windows_predict_only_the_frames_they_keep(tiny_checkpoint, tiny_acquisition):
+    # The default ("inner") windows drop their edge frames, so the network computes the counting network and
+    # the last convolution for the kept frames only (every earlier layer is needed on all N frames): the
+    # estimates must be those of whole windows (within float rounding), and the predictor must be asked
+    # for the kept frames: (0, N - 1) in the first window, (1, N - 1) after, the uncovered ones in the tail.
+    acq = tiny_acquisition
+    env = np.abs(acq.iq[:11]).astype(np.float32)
+
+    def runner(log, ranges: bool):
+        r = DmlLocalizationRunner(acq.pixel_size_mm, acq.origin_mm, acq.wavelength_mm, model=tiny_checkpoint,
+                                  device="cpu", workers=1, batch_windows=2)
+        full = r.runner.predict
+
+        def predict(windows, keep=None):
+            log.append((windows.shape[0], keep))
+            return full(windows, keep=keep)
+
+        predict.predicts_frame_range = ranges
+        r.runner.predict = predict
+        return r
+
+    seen = []
+    log, ref_log = [], []
+    r, ref = runner(log, True), runner(ref_log, False)
+    r.net.counter.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
+    est = r.runner.push(env) + r.runner.finish()
+    want = ref.runner.push(env) + ref.runner.finish()
+    # Windows at 0, 2 | 4, 6 (batches of 2), then a tail window at 7 for frames 9 and 10.
+    assert log == [(2, (0, 3)), (2, (1, 3)), (1, (2, 4))] and all(k is None for _, k in ref_log)
+    assert seen == [2 * 3, 2 * 2, 2 * 2]  # kept frames only (a lone window runs beside a copy of itself)
+    assert [e.index for e in est] == [e.index for e in want] == list(range(11))
+    np.testing.assert_allclose(np.stack([e.maps for e in est]), np.stack([e.maps for e in want]), rtol=0, atol=2e-6)
+    np.testing.assert_allclose([e.count for e in est], [e.count for e in want], rtol=1e-5)
+    with pytest.raises(InputError, match="frames to predict"):
+        r.net(torch.zeros(1, 4, 8, 8), keep=(3, 3))
+
+
 def test_a_single_window_runs_in_a_batch_of_two_with_the_same_numbers():
     # A batch of one 3D window does not take oneDNN's convolution on CPU (about 14x slower per window
     # than a batch of two): the fast predictor pads it with a copy; its outputs equal the network's.

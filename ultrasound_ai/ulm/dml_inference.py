@@ -274,15 +274,22 @@ class SlidingWindowRunner:
         i = s - self._raw_start
         return np.stack(self._frames[i:i + n])
 
-    def _predictions(self, groups: list[list[int]], n: int):
+    def _call(self, windows: np.ndarray, keep: tuple[int, int]):
+        """The predictor on windows, for their frames keep = (lo, hi) when it can predict only those
+        (`predicts_frame_range`), else for all of them."""
+        if getattr(self.predict, "predicts_frame_range", False) and keep != (0, windows.shape[1]):
+            return self.predict(windows, keep=keep)
+        return self.predict(windows)
+
+    def _predictions(self, groups: list[list[int]], n: int, keeps: list[tuple[int, int]]):
         """(windows, maps, counts) of each group of window starts, in order. With workers > 1 the groups
         are predicted on a thread pool, at most 2 * workers in flight (the predictor must release the GIL
         while it computes, as torch does); the results are used in the same order, so the sums are the
         same as with one worker."""
         if self.workers == 1 or len(groups) < 2:
-            for group in groups:
+            for group, keep in zip(groups, keeps):
                 windows = np.stack([self._window(s, n) for s in group])
-                yield (windows, *self.predict(windows))
+                yield (windows, *self._call(windows, keep))
             return
         from collections import deque
         from concurrent.futures import ThreadPoolExecutor
@@ -290,12 +297,12 @@ class SlidingWindowRunner:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="3dml-window")
         pending: deque = deque()
-        todo = iter(groups)
+        todo = iter(zip(groups, keeps))
         try:
             while True:
-                for group in todo:
+                for group, keep in todo:
                     windows = np.stack([self._window(s, n) for s in group])
-                    pending.append((windows, self._pool.submit(self.predict, windows)))
+                    pending.append((windows, self._pool.submit(self._call, windows, keep)))
                     if len(pending) >= 2 * self.workers:
                         break
                 if not pending:
@@ -310,12 +317,16 @@ class SlidingWindowRunner:
         """Predicts the windows at `starts` batch by batch and adds their estimates; yields after each batch
         the start of the next window not yet added (the frames before it are final)."""
         groups = [starts[b:b + self.batch_windows] for b in range(0, len(starts), self.batch_windows)]
-        for gi, (group, (windows, maps, counts)) in enumerate(zip(groups, self._predictions(groups, n))):
+        keeps = [self._kept_frames(group, n, only) for group in groups]
+        for gi, (group, keep, (windows, maps, counts)) in enumerate(zip(groups, keeps,
+                                                                       self._predictions(groups, n, keeps))):
             maps = np.asarray(maps, dtype=np.float64)
             counts = np.asarray(counts, dtype=np.float64)
-            if maps.shape != (len(group), n, 3) + windows.shape[2:] or counts.shape != (len(group), n):
+            # The predictor gave either every frame of the windows or the kept ones, keep = (lo, hi), only.
+            lo, hi = (0, n) if maps.shape[1:2] == (n,) else keep
+            if maps.shape != (len(group), hi - lo, 3) + windows.shape[2:] or counts.shape != (len(group), hi - lo):
                 raise RuntimeError(f"window predictor returned maps {maps.shape} and counts {counts.shape} for "
-                                   f"windows {windows.shape}")
+                                   f"windows {windows.shape} (frames {keep} kept)")
             for k, s in enumerate(group):
                 for j in range(n):
                     t = s + j
@@ -324,6 +335,7 @@ class SlidingWindowRunner:
                             continue
                     elif (j < self.m and s > 0) or j >= n - self.m:
                         continue  # too close to this window's edge; a neighbouring window covers it
+                    j -= lo
                     if t in self._sum_maps:
                         self._sum_maps[t] += maps[k, j]
                         self._sum_count[t] += counts[k, j]
@@ -333,6 +345,13 @@ class SlidingWindowRunner:
                         self._sum_count[t] = float(counts[k, j])
                         self._n_est[t] = 1
             yield groups[gi + 1][0] if gi + 1 < len(groups) else self._next_start
+
+    def _kept_frames(self, group: list[int], n: int, only: set | None) -> tuple[int, int]:
+        """(lo, hi): the window positions whose estimates some window of the group keeps (see _run)."""
+        if only is not None:
+            pos = [t - s for s in group for t in only if 0 <= t - s < n]
+            return (min(pos), max(pos) + 1) if pos else (0, n)
+        return (0 if min(group) == 0 else self.m), n - self.m
 
     def _collect(self, upto: int, keep_from: int | None = None) -> list[FrameEstimate]:
         """The frames before `upto` not yet returned; raw frames are kept from `keep_from` (default: the
@@ -497,15 +516,17 @@ def model_predictor(net, device=None, channels_last: bool = False, fused: bool =
 
         resnet = quantize_resnet(net)
 
-    def predict(windows: np.ndarray):
+    def predict(windows: np.ndarray, keep: tuple[int, int] | None = None):
         x = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.float32))
         b = x.shape[0]
         if pad_single and b == 1 and torch.device(dev).type == "cpu":
             x = x.expand(2, *x.shape[1:])
         with torch.no_grad():
-            out = net(x.to(dev), norm_group, resnet)
+            out = net(x.to(dev), norm_group, resnet, keep)
         return out["maps"][:b].float().cpu().numpy(), out["count"][:b].float().cpu().numpy()
 
+    # keep=(lo, hi): maps and counts of those frames of the windows only (the runner keeps no others).
+    predict.predicts_frame_range = True
     return predict
 
 

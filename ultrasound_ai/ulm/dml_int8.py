@@ -91,11 +91,14 @@ class _QuantResNet(nn.Module):
         self.conv_mid, self.conv_last = copy.deepcopy(resnet.conv_mid), copy.deepcopy(resnet.conv_last)
         self.skip = FloatFunctional()
 
-    def forward(self, x):
+    def forward(self, x, keep=None):
+        """keep=(lo, hi): the maps of frames lo..hi-1 only (`dml_resnet.conv_frames`)."""
+        from ultrasound_ai.ulm.dml_resnet import conv_frames
+
         v = x.unsqueeze(1).contiguous(memory_format=torch.channels_last_3d)
         layered = self.quant(self.conv_first(v))
         y = self.skip.add(self.conv_mid(self.blocks(layered)), layered)
-        return torch.sigmoid(self.conv_last(self.dequant(y))).transpose(1, 2)
+        return torch.sigmoid(conv_frames(self.conv_last, y, keep, self.dequant)).transpose(1, 2)
 
 
 def _calibration_windows(n: int) -> list[torch.Tensor]:

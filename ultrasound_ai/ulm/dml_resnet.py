@@ -54,6 +54,8 @@ __all__ = [
     "DmlLocalizer",
     "dml_config",
     "build_model",
+    "check_keep",
+    "conv_frames",
     "count_parameters",
     "normalise_windows",
 ]
@@ -187,15 +189,74 @@ class DmlResNet(nn.Module):
         for blk in self.blocks:
             blk.fused = self.fused
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, keep: tuple[int, int] | None = None) -> torch.Tensor:
+        """keep=(lo, hi): the maps of frames lo..hi-1 only ([B, hi - lo, 3, Z, X]; see conv_frames)."""
         v = x.unsqueeze(1)
         if self.channels_last:
             v = v.contiguous(memory_format=torch.channels_last_3d)
         layered = self.conv_first(v)
         y = self.conv_mid(self.blocks(layered))
         y = y + layered if torch.is_grad_enabled() or not self.fused else y.add_(layered)
-        out = torch.sigmoid(self.conv_last(y))  # [B, 3, N, Z, X]
+        out = torch.sigmoid(conv_frames(self.conv_last, y, keep))  # [B, 3, hi - lo, Z, X]
         return out.transpose(1, 2)
+
+
+def check_keep(keep, n: int) -> tuple[int, int]:
+    """(lo, hi) of a window's frames to predict: all n when keep is None."""
+    lo, hi = (0, n) if keep is None else (int(keep[0]), int(keep[1]))
+    if not 0 <= lo < hi <= n:
+        raise InputError(f"3DML-ResNet: frames to predict {keep} must be a range within the window's {n} frames")
+    return lo, hi
+
+
+def conv_frames(conv: nn.Module, y: torch.Tensor, keep: tuple[int, int] | None,
+                prepare=None) -> torch.Tensor:
+    """The last 3x3x3 convolution (zero padding 1) of y [B, C, N, Z, X] at output frames keep = (lo, hi) only.
+
+    Why: the pipeline keeps only a window's inner frames, and every layer before the last is needed on all N
+    frames (each output frame sees its neighbours), but the last one is not: its other output frames would be
+    computed and dropped. conv(y)[:, :, lo:hi] within float rounding: the frames lo - 1 .. hi (zeros outside
+    the window) with no padding in time, on CPU as 2D convolutions (_conv3d_as_2d). prepare(tensor) is applied
+    to the frames taken first (the int8 network's dequantization). conv: 3x3x3 with padding 1 (_conv3)."""
+    prepare = prepare or (lambda t: t)
+    n = y.shape[2]
+    lo, hi = check_keep(keep, n)
+    if (lo, hi) == (0, n):
+        return conv(prepare(y))
+    v = prepare(y[:, :, max(lo - 1, 0):min(hi + 1, n)])
+    if lo == 0 or hi == n:  # the window's own edge: the zero frame the padding gave
+        v = F.pad(v, (0, 0, 0, 0, int(lo == 0), int(hi == n)))
+    if torch.is_grad_enabled() or v.device.type != "cpu":
+        return F.conv3d(v, conv.weight, conv.bias, padding=(0, 1, 1))
+    return _conv3d_as_2d(v, conv.weight, conv.bias)
+
+
+# Output channels of the 2D convolution in _conv3d_as_2d are padded to a multiple of this: oneDNN's CPU
+# kernels for few output channels are slow (a 16 -> 3 3x3x3 convolution ran at ~30 GFLOP/s per core; as a
+# 2D one with 16 outputs, 9 of them used, it took a third less time).
+_CONV2D_CHANNEL_BLOCK = 16
+
+
+def _conv3d_as_2d(v: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv3d(v, weight, bias, padding=(0, 1, 1)) for a 3-frame temporal kernel, on CPU: one 2D convolution
+    of every frame with the three temporal taps as output channels, then the taps of neighbouring frames
+    summed (the same sums in another order: equal within float rounding)."""
+    b, c, t, z, x = v.shape
+    cout = weight.shape[0]
+    if weight.shape[2] != 3 or t < 3:
+        return F.conv3d(v, weight, bias, padding=(0, 1, 1))
+    taps = 3 * cout
+    w2 = weight.permute(2, 0, 1, 3, 4).reshape(taps, c, *weight.shape[3:])
+    pad = -taps % _CONV2D_CHANNEL_BLOCK
+    if pad:
+        w2 = torch.cat([w2, w2.new_zeros(pad, *w2.shape[1:])])
+    frames = v.transpose(1, 2).reshape(b * t, c, z, x).contiguous(memory_format=torch.channels_last)
+    o = F.conv2d(frames, w2.contiguous(memory_format=torch.channels_last), None, padding=1).view(b, t, -1, z, x)
+    out = o[:, 0:t - 2, 0:cout] + o[:, 1:t - 1, cout:2 * cout]
+    out += o[:, 2:t, 2 * cout:taps]
+    if bias is not None:
+        out += bias.view(1, 1, cout, 1, 1)
+    return out.transpose(1, 2)
 
 
 class BubbleCounter(nn.Module):
@@ -214,7 +275,13 @@ class BubbleCounter(nn.Module):
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         m, z, x = frames.shape
-        f = self.features(frames.unsqueeze(1)).mean(dim=(2, 3))
+        h = frames.unsqueeze(1)
+        for layer in self.features:
+            if isinstance(layer, nn.PReLU) and layer.weight.numel() == 1 and not torch.is_grad_enabled():
+                h = F.leaky_relu_(h, float(layer.weight))  # its one slope, in place: the same numbers, no copy
+            else:
+                h = layer(h)
+        f = h.mean(dim=(2, 3))
         density = F.softplus(self.head(f)).squeeze(1)
         return density * (z * x / _COUNT_AREA_UNIT)
 
@@ -233,16 +300,19 @@ class DmlLocalizer(nn.Module):
         self.counter = BubbleCounter(self.config)
 
     def forward(self, frames: torch.Tensor, norm_group: int | None = None,
-                resnet: nn.Module | None = None) -> dict[str, torch.Tensor]:
-        """resnet: another module computing the ResNet's maps (the int8 version, `dml_int8`)."""
+                resnet: nn.Module | None = None, keep: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+        """resnet: another module computing the ResNet's maps (the int8 version, `dml_int8`); keep=(lo, hi):
+        maps and counts of the frames lo..hi-1 only ([B, hi - lo, ...]: the ones the caller keeps)."""
         if frames.dim() != 4:
             raise InputError(f"3DML-ResNet input: expected windows [B, N, Z, X], got shape {tuple(frames.shape)}")
         b, n, z, x = frames.shape
         if min(z, x) < 3:
             raise InputError(f"3DML-ResNet input: frames must be at least 3 x 3 pixels, got {z} x {x}")
+        lo, hi = check_keep(keep, n)
         x_n = normalise_windows(frames, norm_group)
-        maps = (self.resnet if resnet is None else resnet)(x_n)
-        count = self.counter(x_n.reshape(b * n, z, x)).view(b, n)
+        maps = (self.resnet if resnet is None else resnet)(x_n, None if (lo, hi) == (0, n) else (lo, hi))
+        # The counting network sees each frame alone (scaled by its window): the kept frames only.
+        count = self.counter(x_n[:, lo:hi].reshape(b * (hi - lo), z, x)).view(b, hi - lo)
         return {"maps": maps, "count": count}
 
 

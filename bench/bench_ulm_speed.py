@@ -113,11 +113,14 @@ def _network_alone_row(acq, speed: dict, notes: list) -> list:
     c = DmlLocalizationRunner(acq.pixel_size_mm, acq.origin_mm, acq.wavelength_mm, device="cpu").net.config
     z, x = env.shape[1:]
     w, n = c.width, c.window_frames
-    # Multiply-adds per pixel of one window pass: the 3D ResNet's 3x3x3 convolutions (1 -> w, 2 * blocks + 1
-    # of w -> w, w -> 3) and the counting network's 2D ones (full, 1/4 and 1/16 of the pixels).
+    # Multiply-adds per pixel: the 3D ResNet's 3x3x3 convolutions up to the last (1 -> w, 2 * blocks + 1 of
+    # w -> w) run on every frame of a window, and "inner" windows pass each frame n / (n - 2) times; the last
+    # one (w -> 3) and the counting network's 2D ones (full, 1/4 and 1/16 of the pixels) only on the frames
+    # a window keeps: once per frame.
     k = c.counter_width
-    macs = z * x * (27 * (w + (2 * c.blocks + 1) * w * w + 3 * w) + 9 * (k + 2 * k * k / 4 + 8 * k * k / 16 + 16 * k * k / 16))
-    gflop = 2 * macs * n / (n - 2) / 1e9  # per frame: "inner" windows pass each frame n / (n - 2) times
+    every = 27 * (w + (2 * c.blocks + 1) * w * w)
+    kept = 27 * 3 * w + 9 * (k + 2 * k * k / 4 + 8 * k * k / 16 + 16 * k * k / 16)
+    gflop = 2 * z * x * (every * n / (n - 2) + kept) / 1e9
     fps = env.shape[0] / t
     speed["network"] = fps
     notes.append(f"3DML-ResNet network alone on the default's windows: {fps:.1f} frames/s = "

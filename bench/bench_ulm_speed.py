@@ -72,12 +72,19 @@ def _dml_rows(args, notes: list) -> list:
                         "default before the workers and int8)",
               "inner3": "3DML-ResNet whole pipeline, `--window-stride 3` (inner windows, 2 estimates per frame)",
               "sliding": "3DML-ResNet whole pipeline, `--window-mode sliding` (stride 2, the previous default)",
-              "tiled": "3DML-ResNet whole pipeline, `--window-mode tiled`"}
-    for mode in ("old", "inner", "fp32", "inner1", "inner3", "sliding", "tiled"):
+              "tiled": "3DML-ResNet whole pipeline, `--window-mode tiled`",
+              "gil5ms": "3DML-ResNet whole pipeline, default with Python's GIL switch interval left at 5 ms (the "
+                        "default shortens it to 0.5 ms while window workers run)"}
+    import ultrasound_ai.ulm.dml_inference as dml_inference
+
+    gil = dml_inference.GIL_SWITCH_INTERVAL_S
+    for mode in ("old", "inner", "gil5ms", "fp32", "inner1", "inner3", "sliding", "tiled"):
+        dml_inference.GIL_SWITCH_INTERVAL_S = None if mode == "gil5ms" else gil
         method, params = ("3dml-old", UlmParams(device="cpu")) if mode == "old" else \
             ("3dml-1worker", UlmParams(device="cpu")) if mode == "inner1" else \
             ("3dml", UlmParams(device="cpu", precision="fp32")) if mode == "fp32" else \
             ("3dml", UlmParams(device="cpu", window_stride=3)) if mode == "inner3" else \
+            ("3dml", UlmParams(device="cpu")) if mode == "gil5ms" else \
             ("3dml", UlmParams(device="cpu", window_mode=mode))
         t, res = _best(lambda: process_acquisition(acq, method, params), 1 if mode == "old" else args.repeats)
         ev = evaluate_result(res, acq.gt_positions, acq.wavelength_mm, acq.frame_rate_hz)
@@ -85,8 +92,10 @@ def _dml_rows(args, notes: list) -> list:
         label = labels[mode]
         out.append([label, f"{speed[mode]:,.1f}", "–", "", f"raw Jaccard {ev['raw']['jaccard']:.3f}, tracked "
                     f"{ev['tracked']['jaccard']:.3f}; {args.dml_frames} frames, {args.dml_bubbles:g} bubbles/frame"])
+    dml_inference.GIL_SWITCH_INTERVAL_S = gil
     out.append(_network_alone_row(acq, speed, notes))
-    notes.append(f"3DML-ResNet: the default (`inner`, int8) runs at {speed['inner'] / speed['old']:.1f}× (in fp32 "
+    notes.append(f"3DML-ResNet: the default (`inner`, int8) runs at {speed['inner'] / speed['old']:.1f}× (with the GIL "
+                 f"switch interval left at 5 ms {speed['gil5ms'] / speed['old']:.1f}×; in fp32 "
                  f"{speed['fp32'] / speed['old']:.1f}×, in fp32 on one window worker {speed['inner1'] / speed['old']:.1f}×), "
                  f"inner windows "
                  f"slid by 3 at {speed['inner3'] / speed['old']:.1f}×, sliding windows "

@@ -349,11 +349,23 @@ def test_window_workers_give_the_localizations_of_one_worker(tiny_checkpoint, ti
 
     acq = tiny_acquisition
     env = np.abs(svd_filter(acq.iq, 4)).astype(np.float32)
-    rows = {}
+    import sys
+
+    from ultrasound_ai.ulm.dml_inference import GIL_SWITCH_INTERVAL_S, gil_switch_interval
+
+    rows, intervals = {}, {}
+    before = sys.getswitchinterval()
     for workers in (1, 2):
         r = DmlLocalizationRunner(acq.pixel_size_mm, acq.origin_mm, acq.wavelength_mm, model=tiny_checkpoint,
                                   device="cpu", window_mode="sliding", window_stride=2, batch_windows=1,
                                   workers=workers)
+        predict = r.runner.predict
+
+        def seen(windows, predict=predict, log=intervals.setdefault(workers, set())):
+            log.add(sys.getswitchinterval())
+            return predict(windows)
+
+        r.runner.predict = seen
         torch.set_num_threads(workers)
         try:
             rows[workers] = np.concatenate([r.push(env[:11], 0), r.push(env[11:], 11), r.finish()])
@@ -362,6 +374,14 @@ def test_window_workers_give_the_localizations_of_one_worker(tiny_checkpoint, ti
             torch.set_num_threads(1)
     assert rows[1].shape[0] > 0
     np.testing.assert_array_equal(rows[2], rows[1])
+    # With workers, Python's GIL switch interval is shortened while they run (the tracking thread would keep
+    # the GIL up to 5 ms between two of a worker's torch operations), then restored; one worker leaves it.
+    assert intervals == {1: {before}, 2: {min(before, GIL_SWITCH_INTERVAL_S)}} and sys.getswitchinterval() == before
+    with gil_switch_interval(0.001):
+        with gil_switch_interval(0.0002):
+            assert sys.getswitchinterval() == pytest.approx(0.0002)
+        assert sys.getswitchinterval() == pytest.approx(0.0002)  # restored by the last one out only
+    assert sys.getswitchinterval() == before
     from ultrasound_ai.ulm.dml_inference import torch_threads_for_workers
 
     for threads, workers, inside in ((4, 2, 2), (2, 2, 1), (3, 4, 1), (2, 1, 2)):

@@ -78,6 +78,8 @@ another pixel size is refused with a clear message (resample the acquisition fir
 from __future__ import annotations
 
 import os
+import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -98,6 +100,7 @@ __all__ = [
     "DmlFrameCounter",
     "pipeline_counter",
     "default_workers",
+    "gil_switch_interval",
     "resolve_int8",
     "torch_threads_for_workers",
 ]
@@ -138,6 +141,11 @@ RS_AGREEMENT_PX = 0.3
 # partner); on a quiet machine what they add is localizing and tracking while the network runs (bench
 # ulm_speed's rows). The outputs are the same numbers (see _predictions).
 MAX_WORKERS = 8
+# Python's GIL switch interval while window workers run (seconds; None: left as it is, 5 ms by default). Between
+# two torch operations (~80 per batch of windows) a worker must take the GIL back, and the thread localizing
+# and tracking the finished frames (Python-heavy) keeps it up to the whole interval: at 5 ms the workers can
+# wait a tenth of their time (bench ulm_speed's row with the interval left at 5 ms measures what this gives).
+GIL_SWITCH_INTERVAL_S = 0.0005
 # Arithmetic of the 3D ResNet: "auto" = int8 on CPU where PyTorch has oneDNN's quantized engine (`dml_int8`:
 # pooled Jaccard of the seven pymust validation pieces that of fp32 within 0.001, each piece within 0.006;
 # the network ~1.7x faster on one thread), else fp32; "int8"; "fp32" (the arithmetic before).
@@ -636,7 +644,8 @@ class DmlLocalizationRunner:
     def _inference(self):
         """torch's threads shared among the window workers, and oneDNN's quantized engine for int8, while
         windows run."""
-        with torch_threads_for_workers(self.runner.workers):
+        with torch_threads_for_workers(self.runner.workers), gil_switch_interval(
+                GIL_SWITCH_INTERVAL_S if self.runner.workers > 1 else None):
             if not self.int8:
                 yield
                 return
@@ -644,6 +653,33 @@ class DmlLocalizationRunner:
 
             with quantized_engine():
                 yield
+
+
+_gil_lock = threading.Lock()
+_gil_users = 0
+_gil_before = 0.005
+
+
+@contextmanager
+def gil_switch_interval(seconds: float | None):
+    """Python's GIL switch interval at most `seconds` while inside (None: unchanged); the interval before is
+    restored when the last of several concurrent users leaves (runners in other threads may overlap)."""
+    global _gil_users, _gil_before
+    if seconds is None:
+        yield
+        return
+    with _gil_lock:
+        if _gil_users == 0:
+            _gil_before = sys.getswitchinterval()
+        _gil_users += 1
+        sys.setswitchinterval(min(_gil_before, float(seconds)))
+    try:
+        yield
+    finally:
+        with _gil_lock:
+            _gil_users -= 1
+            if _gil_users == 0:
+                sys.setswitchinterval(_gil_before)
 
 
 def resolve_int8(precision: str, device) -> bool:

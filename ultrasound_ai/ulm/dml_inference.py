@@ -386,18 +386,25 @@ class SlidingWindowRunner:
         return out
 
 
-def select_detections(maps: np.ndarray, n: int, peaks_only: bool = False) -> tuple[np.ndarray, ...]:
+def pos_peaks(pos: np.ndarray) -> np.ndarray:
+    """Local maxima (3 x 3 neighbourhood) with Pos > 0 of Pos maps [..., Z, X] (frames separately)."""
+    from scipy.ndimage import maximum_filter
+
+    size = (1,) * (pos.ndim - 2) + (3, 3)
+    return (pos >= maximum_filter(pos, size=size, mode="constant", cval=-np.inf)) & (pos > 0)
+
+
+def select_detections(maps: np.ndarray, n: int, peaks_only: bool = False,
+                      peaks: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """The n pixels with the highest Pos: (iz, ix, z_offset_px, x_offset_px, pos), by decreasing Pos.
 
     peaks_only: choose among the local maxima of Pos (3 x 3 neighbourhood) only, so one bubble whose
     probability spreads over two neighbouring pixels is not kept twice (fewer than n when there are
-    fewer peaks with Pos > 0)."""
+    fewer peaks with Pos > 0); peaks: those maxima, when computed already (`pos_peaks`)."""
     pos = maps[0]
     flat = pos.reshape(-1)
     if peaks_only:
-        from scipy.ndimage import maximum_filter
-
-        is_peak = ((pos >= maximum_filter(pos, size=3, mode="constant", cval=-np.inf)) & (pos > 0)).reshape(-1)
+        is_peak = (pos_peaks(pos) if peaks is None else peaks).reshape(-1)
         flat = np.where(is_peak, flat, -np.inf)
         n = min(int(n), int(is_peak.sum()))
     n = int(max(0, min(int(n), pos.size)))
@@ -430,7 +437,10 @@ def estimates_to_localizations(estimates: Iterable[FrameEstimate], pixel_size_mm
     dz, dx = (float(v) for v in pixel_size_mm)
     z0, x0 = (float(v) for v in origin_mm)
     parts, envs = [], []
-    for est in estimates:
+    estimates = list(estimates)
+    # The peaks of every frame in one filter call (per-call overhead was most of the per-frame cost).
+    peaks = pos_peaks(np.stack([e.maps[0] for e in estimates])) if peaks_only and estimates else None
+    for k, est in enumerate(estimates):
         if bubbles_per_frame is None:
             n = int(np.floor(est.count + 0.5))
         elif np.isscalar(bubbles_per_frame):
@@ -441,7 +451,7 @@ def estimates_to_localizations(estimates: Iterable[FrameEstimate], pixel_size_mm
             raise InputError(f"bubbles per frame must be >= 0, got {n} for frame {est.index}")
         if record_counts is not None:
             record_counts(est.index, np.array([n]))
-        iz, ix, zoff, xoff, _ = select_detections(est.maps, n, peaks_only)
+        iz, ix, zoff, xoff, _ = select_detections(est.maps, n, peaks_only, None if peaks is None else peaks[k])
         if iz.size == 0:
             continue
         parts.append((np.full(iz.size, len(envs)), est.index, iz, ix, zoff, xoff))

@@ -15,7 +15,10 @@ frame estimated once at window position 0 or N-1 had raw Jaccard 0.53, at positi
   of N, within 0.005 raw and tracked Jaccard of the paper's stride 1 there; on the frozen pymust-formed
   set (frames formed unlike the training ones, where averaging helps more) 0.006-0.012 raw and
   0.007-0.016 tracked below it. A smaller stride averages several inner estimates: 3 (two each, 8/3
-  passes) stayed within 0.008 of stride 1 on both sets. Longer windows do not help: their middle frames see more temporal context
+  passes) stayed within 0.008 of stride 1 on both sets. What the old path has more is the average itself
+  (`bench/diagnose_ulm_window_ensemble.py`, seven pymust validation pieces): inner estimates alone averaged at
+  stride 1 matched it, the counts of either layout changed little, and both the Pos maps and the
+  offsets of a second estimate helped. Longer windows do not help: their middle frames see more temporal context
   than any training window had (16- to 40-frame windows lost 0.02);
 - "sliding": the paper's windows slid by a stride (1 = the paper's), the estimates of a frame averaged;
 - "tiled": windows side by side (stride N), every frame predicted once, a quarter of them at an edge:

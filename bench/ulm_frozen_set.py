@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -101,41 +99,13 @@ def probe():
     return PymustProbe(**FROZEN_PROBE)
 
 
-def _claim(piece: Piece) -> bool:
-    """Exclusive claim of a piece by this process (a claim left by a dead process is taken over)."""
-    claim = piece.path.with_suffix(".claim")
-    for _ in range(2):
-        try:
-            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(claim.read_text().strip() or 0)
-                os.kill(pid, 0)
-                return False  # alive: someone else works on it
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                claim.unlink(missing_ok=True)
-                continue
-            except PermissionError:
-                return False
-        with os.fdopen(fd, "w") as fh:
-            fh.write(str(os.getpid()))
-        return True
-    return False
-
-
 def generate(split: str = "all") -> None:
+    from ultrasound_ai.ulm.pieces import generate_pieces
     from ultrasound_ai.ulm.pymust_sim import simulate_pymust_to_file
 
     DATA_DIR.mkdir(parents=True, exist_ok=True)
-    for p in pieces(split):
-        if p.path.exists() or not _claim(p):
-            continue
-        try:
-            t = time.time()
-            simulate_pymust_to_file(p.path, p.config(), probe=probe())
-            print(f"{time.strftime('%H:%M:%S')} {p.name} seed {p.seed}: {time.time() - t:.0f} s", flush=True)
-        finally:
-            p.path.with_suffix(".claim").unlink(missing_ok=True)
+    generate_pieces(pieces(split), lambda p: simulate_pymust_to_file(p.path, p.config(), probe=probe()),
+                    log=lambda line: print(line, flush=True))
 
 
 def status() -> dict:

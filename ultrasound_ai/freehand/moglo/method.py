@@ -186,11 +186,11 @@ def _grid_centre(model) -> np.ndarray:
 
 
 def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, overlap: str = "last",
-                   batch_clips: int = 16, direction: Optional[str] = None,
+                   batch_clips: int = 16, direction: Optional[str] = None, sign_linking: Optional[bool] = None,
                    progress=None) -> tuple[np.ndarray, dict]:
     """(tforms [N, 4, 4] in the sweep's image mm relative to frame 0, facts) for uint8 frames [N, H, W] at
     pixel_spacing_xy (x first), resampled to the card's grid first; direction: "network" or "forward" (None:
-    the card's inference.direction, else "network")."""
+    the card's inference.direction, else "network"); sign_linking: None = the card's inference.sign_linking."""
     from ultrasound_ai.core.geometry import chain_relative, params_to_matrix
     from ultrasound_ai.freehand.moglo.model import PARAM_CONVENTION
     from ultrasound_ai.freehand.sweep_windows import from_network_relative, grid_geometry, resample_frames
@@ -207,7 +207,11 @@ def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, o
                          f"configuration {list(model.config.frame_shape)}")
     geom = grid_geometry(frames.shape[1:], pixel_spacing_xy, shape, spacing)
     net_frames = resample_frames(frames, geom)
-    linked = bool((card.get("inference") or {}).get("sign_linking", False))
+    if sign_linking is None:
+        sign_linking = (card.get("inference") or {}).get("sign_linking", False)
+    if not isinstance(sign_linking, bool):
+        raise InputError(f"moglo parameter sign_linking: expected true or false, got {sign_linking!r}")
+    linked = sign_linking
     if linked:
         params = predict_pairs_linked(model, net_frames, forward=direction == "forward", batch_clips=batch_clips,
                                       progress=progress)
@@ -228,7 +232,7 @@ class MogloMethod(PoseMethod):
     """MoGLo-Net (Kim et al., IEEE TMI 2025): sensorless pose estimation from the images alone."""
 
     name = METHOD
-    accepted_params = ("overlap", "batch_clips", "direction")
+    accepted_params = ("overlap", "batch_clips", "direction", "sign_linking")
 
     def _estimate(self, sweep, ctx: MethodContext) -> PoseEstimate:
         ctx.report(0.0, "loading MoGLo-Net")
@@ -237,7 +241,8 @@ class MogloMethod(PoseMethod):
         tforms, facts = estimate_sweep(model, card, sweep.frames, sweep.pixel_spacing_xy,
                                        overlap=ctx.params.get("overlap", "last"),
                                        batch_clips=ctx.params.get("batch_clips", 16),
-                                       direction=ctx.params.get("direction"), progress=progress)
+                                       direction=ctx.params.get("direction"),
+                                       sign_linking=ctx.params.get("sign_linking"), progress=progress)
         ctx.report(1.0, "MoGLo-Net done")
         return PoseEstimate(tforms=tforms, attrs={"checkpoint": str(card.get("name", "")),
                                                   "checkpoint_sha256": str(card.get("sha256", "")), **facts})

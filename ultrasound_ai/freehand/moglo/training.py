@@ -75,6 +75,9 @@ DATA_DEFAULTS: dict[str, Any] = {
     # < 0) has its targets mirrored through the image plane (M T M). Two images cannot tell a motion from its
     # mirror image, so the unresolvable sign is taken out of the loss while the reversals within a clip (which
     # the frames can show) stay; at inference the clips' signs are linked (card inference.sign_linking).
+    # false: off; "backwards" (or true): the rule above; "nearest": each clip is scored against whichever of
+    # its targets and their mirror images is nearer the prediction (a loss invariant to the reflection, which
+    # leaves the network free to keep one consistent branch, rotations included).
     "clip_mirror": False,
 }
 
@@ -131,6 +134,11 @@ def data_options(config) -> dict:
     from ultrasound_ai.freehand.simulation.simulator import check_acquisition_options
 
     check_acquisition_options(d)
+    if d["clip_mirror"] is True:
+        d["clip_mirror"] = "backwards"
+    if d["clip_mirror"] not in (False, None, "backwards", "nearest"):
+        raise InputError(f"data.clip_mirror: expected false, 'backwards' or 'nearest', got {d['clip_mirror']!r}")
+    d["clip_mirror"] = d["clip_mirror"] or False
     if d["val_overlap"] not in ("last", "none"):
         raise InputError(f"data.val_overlap: expected 'last' or 'none', got {d['val_overlap']!r}")
     return d
@@ -321,18 +329,32 @@ class MogloTask:
         step = start_step
         while True:
             rng = step_numpy_rng(config.seed, rank, step)
+            mode = data_options(config)["clip_mirror"]
             frames, targets = draw_clips(pool, rng, config.schedule["batch_size"], t, strides,
-                                         mirror=bool(data_options(config)["clip_mirror"]))
-            yield frames, targets, int(rng.integers(2 ** 31))
+                                         mirror=mode == "backwards")
+            if mode == "nearest":
+                from ultrasound_ai.freehand.moglo.method import mirror_params
+
+                mirrored = torch.from_numpy(mirror_params(targets.double().numpy()).astype(np.float32))
+                yield frames, targets, int(rng.integers(2 ** 31)), mirrored
+            else:
+                yield frames, targets, int(rng.integers(2 ** 31))
             step += 1
 
     def training_step(self, model, batch, device) -> dict:
         from ultrasound_ai.freehand.moglo.losses import moglo_loss
 
-        frames, targets, triplet_seed = batch
+        frames, targets, triplet_seed = batch[:3]
         frames, targets = frames.to(device), targets.to(device)
         inner = model.module if hasattr(model, "module") else model
         out = model(frames)
+        if len(batch) > 3:  # clip_mirror "nearest": per clip the branch (targets or mirror) nearer the prediction
+            with torch.no_grad():
+                raw = 0.5 * (out.local_raw + out.global_raw)
+                mirrored = batch[3].to(device)
+                far = ((raw - inner.normalise(targets)).abs().sum((1, 2))
+                       > (raw - inner.normalise(mirrored)).abs().sum((1, 2)))
+            targets = torch.where(far[:, None, None], mirrored, targets)
         g = torch.Generator().manual_seed(int(triplet_seed))
         terms = dict(moglo_loss(out.local_raw, out.global_raw, inner.normalise(targets), out.embedding,
                                 weighted=self._loss_opts["weighted"], triplet_weight=self._loss_opts["triplet_weight"],
@@ -362,7 +384,7 @@ class MogloTask:
         training: dict = {"loss": (f"weighted L1 ((|y|+2)^1) + (1 - cosine) + {d['triplet_weight']} x triplet "
                                    f"(margin {d['triplet_margin']}) on normalised parameters; heads averaged"),
                           "clip_sampling": "uniform stride, uniform sweep, uniform start, per step from (seed, rank, step)",
-                          "frame_strides": list(d["frame_strides"]), "clip_mirror": bool(d["clip_mirror"])}
+                          "frame_strides": list(d["frame_strides"]), "clip_mirror": d["clip_mirror"]}
         if config.model.get("init_from"):
             training["init_from"] = str(config.model["init_from"])
         if self._train_override is not None:

@@ -440,3 +440,25 @@ def test_clip_mirrored_targets_and_linked_clip_signs_recover_a_reversal():
     np.testing.assert_allclose(predict_pairs_linked(CanonicalOracle(late), frames), late, atol=1e-9)
     np.testing.assert_allclose(predict_pairs_linked(CanonicalOracle(late), frames, forward=True),
                                mirror_params(late), atol=1e-9)
+
+
+def test_reflection_invariant_loss_scores_each_clip_against_the_nearer_branch():
+    """data.clip_mirror "nearest": each clip's loss uses whichever of its targets and their mirror images is
+    nearer the prediction, so a prediction equal to the mirror image of the truth has no tz error."""
+    from ultrasound_ai.freehand.moglo.method import mirror_params
+    from ultrasound_ai.freehand.moglo.training import MogloTask
+
+    torch.manual_seed(0)
+    model = MogloNet(make_config("tiny", base_width=4)).eval()
+    model.set_normalisation([0.0, 0.0, 0.3, 0.1, 0.0, 0.2], [0.05, 0.05, 0.2, 0.2, 0.2, 0.2])
+    frames = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 5) + model.config.frame_shape)
+                              .astype(np.float32))
+    with torch.no_grad():
+        pred = model(frames).params.double().numpy()
+    mirrored = torch.from_numpy(pred.astype(np.float32))
+    truth = torch.from_numpy(mirror_params(pred).astype(np.float32))  # the truth is the prediction's mirror image
+    task = MogloTask()
+    plain = task.training_step(model, (frames, truth, 0), "cpu")
+    nearest = task.training_step(model, (frames, truth, 0, mirrored), "cpu")
+    assert float(plain["tz_mae_mm"]) > 0.1 and float(nearest["tz_mae_mm"]) < 1e-4
+    assert float(nearest["l1"]) < float(plain["l1"])  # each head is scored on its own: not zero

@@ -27,6 +27,9 @@ simulator's default) is simulated and removed with the SVD filter of `ultrasound
 `clutter_db: null` trains on ideal, clutter-free frames instead. A batch for step s
 (drawn from `step_numpy_rng(seed, rank, s)` only) is `batch_size` windows: a random entry, N
 consecutive frames, a `crop_zx` crop, a random lateral flip and time reversal (both keep the physics).
+With `pymust_dir` (pieces of `ultrasound_ai.ulm.pymust_training_set`, formed physically with
+pymust and randomised per piece) and `pymust_fraction` > 0, each window comes from a random piece with
+that probability (clutter-filtered the same way, cropped inside the piece), else from the pool.
 
 Validation: fixed held-out acquisitions (seeds val_seed + j, whole frames, `val_sets` = (bubbles per
 frame, noise dB) pairs), run through the sliding-window inference with the counting network's N_i,
@@ -63,10 +66,12 @@ __all__ = [
     "count_loss",
     "data_options",
     "dml_loss",
+    "draw_window",
     "gaussian_kernel",
     "localization_scores",
     "pixel_targets",
     "positions_to_pixels",
+    "pymust_entry",
     "simulated_entry",
     "train_dml",
 ]
@@ -94,6 +99,10 @@ DATA_DEFAULTS: dict[str, Any] = {
     "count_weight": 1.0,
     "blur_sigma_px": 1.0,
     "blur_radius_px": 2,
+    # pymust-formed training pieces (`ultrasound_ai.ulm.pymust_training_set`) mixed with the fast
+    # simulator's pool: each window comes from a piece with probability pymust_fraction.
+    "pymust_dir": None,
+    "pymust_fraction": 0.0,
 }
 
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -242,6 +251,18 @@ def data_options(config: TrainConfig | Mapping) -> dict:
             raise InputError(f"training config data.{key}: expected a positive number, got {d[key]!r}")
     if d["clutter_db"] is not None and not isinstance(d["clutter_db"], (int, float)):
         raise InputError(f"training config data.clutter_db: expected a level in dB or null, got {d['clutter_db']!r}")
+    f = d["pymust_fraction"]
+    if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f <= 1.0:
+        raise InputError(f"training config data.pymust_fraction: expected a fraction in [0, 1], got {f!r}")
+    if f > 0 and d["pymust_dir"] is None:
+        raise InputError("training config data.pymust_dir: pymust_fraction > 0 needs a directory of pymust pieces")
+    if d["pymust_dir"] is not None:
+        from ultrasound_ai.ulm.pymust_training_set import piece_files
+
+        try:
+            piece_files(d["pymust_dir"])
+        except InputError as exc:
+            raise InputError(f"training config data.pymust_dir: {exc}") from None
     return d
 
 
@@ -269,20 +290,49 @@ def simulated_entry(seed: int, bubbles_per_frame: float, noise_db: float, n_fram
     cfg = UlmSimConfig(n_frames=int(n_frames), bubbles_per_frame=density, clutter_db=clutter_db,
                        noise_db=float(noise_db), seed=int(seed), shape_zx=shape)
     acq = simulate_acquisition(cfg)
+    entry = _acquisition_entry(acq, None if clutter_db is None else int(svd_cutoff),
+                               {"ulm_sim_version": acq.attrs.get("ulm_sim_version"), "seed": int(seed),
+                                "bubbles_per_frame": float(bubbles_per_frame), "noise_db": float(noise_db),
+                                "clutter_db": clutter_db})
+    with _CACHE_LOCK:
+        _CACHE[key] = entry
+    return entry
+
+
+def _acquisition_entry(acq, svd_cutoff: int | None, sim_attrs: dict) -> dict:
+    """Entry of an acquisition with ground truth: SVD-filtered (svd_cutoff None: not filtered) envelope."""
     iq = acq.iq
-    if clutter_db is not None:
+    if svd_cutoff is not None:
         from ultrasound_ai.ulm.clutter import svd_filter
 
         iq = np.asarray(svd_filter(iq, cutoff=int(svd_cutoff)))
     env = np.abs(iq).astype(np.float16)
     gt = acq.gt_positions[np.argsort(acq.gt_positions[:, 0], kind="stable")]
     pix = positions_to_pixels(gt, acq.origin_mm, acq.pixel_size_mm)
-    starts = np.searchsorted(pix[:, 0], np.arange(int(n_frames) + 1), side="left")
-    entry = {"envelope": env, "pixels": pix, "frame_starts": starts, "pixel_size_mm": acq.pixel_size_mm,
-             "origin_mm": acq.origin_mm, "wavelength_mm": acq.wavelength_mm, "gt": gt,
-             "sim_attrs": {"ulm_sim_version": acq.attrs.get("ulm_sim_version"), "seed": int(seed),
-                           "bubbles_per_frame": float(bubbles_per_frame), "noise_db": float(noise_db),
-                           "clutter_db": clutter_db}}
+    starts = np.searchsorted(pix[:, 0], np.arange(int(env.shape[0]) + 1), side="left")
+    return {"envelope": env, "pixels": pix, "frame_starts": starts, "pixel_size_mm": acq.pixel_size_mm,
+            "origin_mm": acq.origin_mm, "wavelength_mm": acq.wavelength_mm, "gt": gt, "sim_attrs": sim_attrs}
+
+
+def pymust_entry(path, svd_cutoff: int = 4) -> dict:
+    """A pymust training piece as a pool entry (cached per process), clutter-filtered as the pipeline does
+    (a piece simulated without tissue is not filtered)."""
+    from ultrasound_ai.io.ulm_files import read_acquisition
+
+    key = ("pymust", str(path), int(svd_cutoff))
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    acq = read_acquisition(path)
+    if acq.gt_positions is None:
+        raise InputError(f"pymust training piece {path}: no ground-truth positions")
+    a = acq.attrs
+    tissue = a.get("sim_clutter_db", "off") != "off"
+    entry = _acquisition_entry(acq, int(svd_cutoff) if tissue else None,
+                               {"source": "pymust", "seed": a.get("sim_seed"),
+                                "bubbles_per_frame": a.get("sim_bubbles_per_frame"),
+                                "noise_db": a.get("sim_noise_db"), "clutter_db": a.get("sim_clutter_db")})
     with _CACHE_LOCK:
         _CACHE[key] = entry
     return entry
@@ -316,6 +366,37 @@ def crop_sample(entry: dict, t0: int, n: int, z0: int, x0: int, crop_zx, flip: b
         rows[:, 0] = (n - 1) - rows[:, 0]
     pos, zoff, xoff, counts = pixel_targets(rows, n, (cz, cx))
     return np.ascontiguousarray(frames), pos, zoff, xoff, counts
+
+
+def draw_window(rng: np.random.Generator, d: dict, n: int, pieces: list) -> dict:
+    """One training window: {"source" ("sim" | "pymust"), "index", "entry", "t0", "z0", "x0", "flip", "reverse"}.
+
+    Without pymust pieces the draws are exactly the simulated pool's (entry, start, crop, flip,
+    reversal); with them one more uniform number first picks the source at `pymust_fraction`, and the
+    crop is drawn inside the piece's own frame count and size.
+    """
+    cz, cx = d["crop_zx"]
+    if pieces and rng.random() < d["pymust_fraction"]:
+        i = int(rng.integers(len(pieces)))
+        entry = pymust_entry(pieces[i], d["svd_cutoff"])
+        t, sz, sx = entry["envelope"].shape
+        if t < n or sz < cz or sx < cx:
+            raise InputError(f"training config data.pymust_dir: piece {pieces[i]} ({t} frames of {sz} x {sx}) is "
+                             f"smaller than a window of {n} frames of {cz} x {cx} (data.crop_zx)")
+        source = "pymust"
+    else:
+        i = int(rng.integers(d["pool_size"]))
+        entry = None
+        t, (sz, sx) = d["pool_frames"], d["sim_shape_zx"]
+        source = "sim"
+    t0 = int(rng.integers(t - n + 1))
+    z0 = int(rng.integers(sz - cz + 1))
+    x0 = int(rng.integers(sx - cx + 1))
+    flip = bool(d["flip"]) and bool(rng.random() < 0.5)
+    rev = bool(d["time_reverse"]) and bool(rng.random() < 0.5)
+    if entry is None:
+        entry = simulated_entry(**_pool_spec(d, i))
+    return {"source": source, "index": i, "entry": entry, "t0": t0, "z0": z0, "x0": x0, "flip": flip, "reverse": rev}
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -354,22 +435,24 @@ class DmlTask:
         if n > d["pool_frames"]:
             raise InputError(f"training config data.pool_frames {d['pool_frames']} must be at least the window "
                              f"of {n} frames")
-        cz, cx = d["crop_zx"]
-        sz, sx = d["sim_shape_zx"]
+        pieces = self.pymust_pieces(d)
         bsz = int(config.schedule["batch_size"])
         for step in itertools.count(start_step):
             rng = step_numpy_rng(config.seed, rank, step)
             samples = []
             for _ in range(bsz):
-                i = int(rng.integers(d["pool_size"]))
-                t0 = int(rng.integers(d["pool_frames"] - n + 1))
-                z0 = int(rng.integers(sz - cz + 1))
-                x0 = int(rng.integers(sx - cx + 1))
-                flip = bool(d["flip"]) and bool(rng.random() < 0.5)
-                rev = bool(d["time_reverse"]) and bool(rng.random() < 0.5)
-                entry = simulated_entry(**_pool_spec(d, i))
-                samples.append(crop_sample(entry, t0, n, z0, x0, (cz, cx), flip, rev))
+                w = draw_window(rng, d, n, pieces)
+                samples.append(crop_sample(w["entry"], w["t0"], n, w["z0"], w["x0"], d["crop_zx"], w["flip"], w["reverse"]))
             yield tuple(torch.from_numpy(np.stack(parts)) for parts in zip(*samples))
+
+    @staticmethod
+    def pymust_pieces(d: dict) -> list:
+        """The pieces' files when the mix is on (checked: each fits the window and the crop), else []."""
+        if not d["pymust_fraction"] > 0:
+            return []
+        from ultrasound_ai.ulm.pymust_training_set import piece_files
+
+        return piece_files(d["pymust_dir"])
 
     def _losses(self, model, batch, device, d) -> dict[str, torch.Tensor]:
         frames, pos, zoff, xoff, counts = (t.to(device) for t in batch)
@@ -450,9 +533,30 @@ class DmlTask:
                 "loss": "L_pos (Gaussian blur sigma "
                         f"{d['blur_sigma_px']} px) + L_loc + {d['count_weight']} * Huber(count)",
                 "batch_size_windows": int(config.schedule["batch_size"]),
+                **_pymust_card(d),
             },
             "metrics": {},
         }
+
+
+def _pymust_card(d: dict) -> dict:
+    """The training card's record of the pymust pieces mixed in (none: a fraction of 0)."""
+    if not d["pymust_fraction"] > 0:
+        return {"pymust_fraction": 0.0}
+    from ultrasound_ai.io.ulm_files import read_acquisition
+    from ultrasound_ai.ulm.pymust_training_set import BANDS, piece_files
+
+    files = piece_files(d["pymust_dir"])
+    seeds, frames = [], 0
+    for f in files:
+        acq = read_acquisition(f)
+        seeds.append(int(acq.attrs.get("sim_seed", -1)))
+        frames += int(acq.iq.shape[0])
+    return {"pymust_fraction": float(d["pymust_fraction"]), "pymust_dir": str(d["pymust_dir"]),
+            "pymust_data": "ultrasound_ai.ulm.pymust_training_set (pymust SIMUS + delay-and-sum, three compounded "
+                           "plane waves; randomised per piece), clutter-filtered as the pipeline does",
+            "pymust_pieces": len(files), "pymust_frames": frames, "pymust_seeds": seeds,
+            "pymust_bands": {k: list(v) for k, v in BANDS.items()}}
 
 
 def train_dml(config, progress: Callable[[float, str], None] | None = None,

@@ -104,3 +104,34 @@ def test_mix_refuses_a_missing_or_empty_directory_naming_the_option(tmp_path, on
                                 "data": {**DATA, "pymust_dir": str(empty), "pymust_fraction": 0.5}}))
     assert main(["ulm", "train", "--config", str(path), "--quiet"]) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_fine_tuning_starts_from_a_checkpoint_and_validates_on_files(piece_dir, one_thread):
+    import torch
+
+    from ultrasound_ai.ulm.dml_inference import load_dml_model
+
+    net, card = load_dml_model("ulm_3dml_small", device="cpu")
+    shipped = net.state_dict()
+    cfg = load_config({"model": {**card["configuration"], "init_from": "ulm_3dml_small"}, "data": DATA},
+                      defaults=DEFAULT_CONFIG)
+    tuned = DmlTask().build_model(cfg).state_dict()
+    assert tuned.keys() == shipped.keys() and all(torch.equal(tuned[k], shipped[k]) for k in shipped)
+    assert DmlTask().card(cfg, {})["training"]["init_from"] == "ulm_3dml_small"
+    with pytest.raises(InputError, match=r"model\.init_from"):
+        DmlTask().build_model(load_config({"model": {"preset": "tiny", "init_from": "ulm_3dml_small"}, "data": DATA},
+                                          defaults=DEFAULT_CONFIG))
+
+    # Validation files (as the frozen set's validation pieces) add their own metrics; "jaccard" stays the pool's.
+    torch.manual_seed(0)
+    tiny = {"method": "ulm_3dml_resnet", "device": "cpu", "model": {"preset": "tiny"}}
+    net = DmlTask().build_model(load_config({**tiny, "data": DATA}, defaults=DEFAULT_CONFIG)).eval()
+    piece = str(piece_dir / "piece_00000.h5")
+    plain = DmlTask().validate(net, load_config({**tiny, "data": DATA}, defaults=DEFAULT_CONFIG), "cpu")
+    with_files = DmlTask().validate(net, load_config({**tiny, "data": {**DATA, "val_files": [piece]}},
+                                                     defaults=DEFAULT_CONFIG), "cpu")
+    assert with_files["jaccard"] == plain["jaccard"] and "jaccard_files" not in plain
+    assert with_files["jaccard_files"] == with_files["jaccard_file_piece_00000"]
+    assert 0.0 <= with_files["jaccard_files"] <= 1.0
+    with pytest.raises(InputError, match=r"data\.val_files"):
+        data_options({**DATA, "val_files": [str(piece_dir / "nothing.h5")]})

@@ -48,6 +48,7 @@ import copy
 import itertools
 import math
 import threading
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
@@ -103,6 +104,9 @@ DATA_DEFAULTS: dict[str, Any] = {
     # simulator's pool: each window comes from a piece with probability pymust_fraction.
     "pymust_dir": None,
     "pymust_fraction": 0.0,
+    # Acquisition files with ground truth validated on beside val_sets (e.g. the frozen pymust set's
+    # validation pieces): metrics jaccard_files (their mean) and jaccard_file_<stem>.
+    "val_files": [],
 }
 
 DEFAULT_CONFIG: dict[str, Any] = {
@@ -256,6 +260,13 @@ def data_options(config: TrainConfig | Mapping) -> dict:
         raise InputError(f"training config data.pymust_fraction: expected a fraction in [0, 1], got {f!r}")
     if f > 0 and d["pymust_dir"] is None:
         raise InputError("training config data.pymust_dir: pymust_fraction > 0 needs a directory of pymust pieces")
+    files = d["val_files"]
+    if not isinstance(files, (list, tuple)) or not all(isinstance(f, str) for f in files):
+        raise InputError(f"training config data.val_files: expected a list of acquisition file paths, got {files!r}")
+    missing = [f for f in files if not Path(f).is_file()]
+    if missing:
+        raise InputError(f"training config data.val_files: not found: {missing}")
+    d["val_files"] = list(files)
     if d["pymust_dir"] is not None:
         from ultrasound_ai.ulm.pymust_training_set import piece_files
 
@@ -424,14 +435,24 @@ class DmlTask:
         # The harness builds the model first: keep the run's data options for training_step (loss
         # weights, blur), which receives no config.
         self._d = data_options(config)
-        return DmlLocalizer(dml_config(dict(config.model)))
+        model = DmlLocalizer(model_spec(config))
+        init = init_from(config)
+        if init is not None:  # fine-tuning: every weight from a checkpoint of this configuration
+            from ultrasound_ai.ulm.dml_inference import load_dml_model
+
+            net, card = load_dml_model(init, device="cpu")
+            if net.config != model.config:
+                raise InputError(f"training config model.init_from {init}: its configuration "
+                                 f"{card.get('configuration')} differs from this model's {model.config.to_dict()}")
+            model.load_state_dict(net.state_dict())
+        return model
 
     def parameter_groups(self, model, config):
         return None
 
     def batches(self, config: TrainConfig, rank: int, world_size: int, start_step: int) -> Iterator[Any]:
         d = data_options(config)
-        n = dml_config(dict(config.model)).window_frames
+        n = model_spec(config).window_frames
         if n > d["pool_frames"]:
             raise InputError(f"training config data.pool_frames {d['pool_frames']} must be at least the window "
                              f"of {n} frames")
@@ -474,6 +495,8 @@ class DmlTask:
                                 n_frames=d["val_frames"], shape_zx=d["val_shape_zx"], clutter_db=d["clutter_db"],
                                 svd_cutoff=d["svd_cutoff"])
             out.append((f"b{b:g}_n{nd:g}".replace("-", "m"), e))
+        for f in d["val_files"]:
+            out.append((f"file_{Path(f).stem}", pymust_entry(f, d["svd_cutoff"])))
         return out
 
     def validate(self, model, config: TrainConfig, device) -> Mapping[str, float]:
@@ -482,7 +505,7 @@ class DmlTask:
         d = data_options(config)
         n = model.config.window_frames
         metrics: dict[str, float] = {}
-        jac, errs, rel = [], [], []
+        jac, jac_files, errs, rel = [], [], [], []
         for name, e in self.validation_entries(config):
             runner = SlidingWindowRunner(model_predictor(model, device), n, stride=d["val_window_stride"])
             est = runner.push(e["envelope"].astype(np.float32)) + runner.finish()
@@ -491,9 +514,11 @@ class DmlTask:
             truth_counts = np.diff(e["frame_starts"]).astype(np.float64)
             rel.extend(abs(x.count - truth_counts[x.index]) / max(truth_counts[x.index], 1.0) for x in est)
             metrics[f"jaccard_{name}"] = s["jaccard"]
-            jac.append(s["jaccard"])
+            (jac_files if name.startswith("file_") else jac).append(s["jaccard"])
             if math.isfinite(s.get("loc_error_lambda", math.nan)):
                 errs.append(s["loc_error_lambda"])
+        if jac_files:
+            metrics["jaccard_files"] = float(np.mean(jac_files))
         metrics = {"jaccard": float(np.mean(jac)), **metrics,
                    "loc_error_lambda": float(np.mean(errs)) if errs else math.nan,
                    "count_rel_error": float(np.mean(rel))}
@@ -503,7 +528,7 @@ class DmlTask:
         from ultrasound_ai.ulm.simulator import ULM_SIM_VERSION, UlmSimConfig
 
         d = data_options(config)
-        cfg = dml_config(dict(config.model))
+        cfg = model_spec(config)
         sim = UlmSimConfig()
         return {
             "method": METHOD,
@@ -530,6 +555,8 @@ class DmlTask:
                 "validation_sets": d["val_sets"],
                 "validation_seeds": [d["val_seed"] + j for j in range(len(d["val_sets"]))],
                 "validation_frames": d["val_frames"],
+                "validation_files": [Path(f).name for f in d["val_files"]],
+                "init_from": None if init_from(config) is None else str(init_from(config)),
                 "loss": "L_pos (Gaussian blur sigma "
                         f"{d['blur_sigma_px']} px) + L_loc + {d['count_weight']} * Huber(count)",
                 "batch_size_windows": int(config.schedule["batch_size"]),
@@ -537,6 +564,21 @@ class DmlTask:
             },
             "metrics": {},
         }
+
+
+def model_spec(config: TrainConfig):
+    """The DmlConfig of config.model (its init_from is a starting checkpoint, not an architecture key)."""
+    spec = dict(config.model)
+    spec.pop("init_from", None)
+    return dml_config(spec)
+
+
+def init_from(config: TrainConfig):
+    """config.model.init_from: the checkpoint (a model name or .pt path) fine-tuning starts from, or None."""
+    init = dict(config.model).get("init_from")
+    if init is not None and not isinstance(init, str):
+        raise InputError(f"training config model.init_from: expected a model name or .pt path, got {init!r}")
+    return init
 
 
 def _pymust_card(d: dict) -> dict:
@@ -568,6 +610,7 @@ def train_dml(config, progress: Callable[[float, str], None] | None = None,
     if cfg.method != METHOD:
         raise InputError(f"training config method: expected {METHOD!r}, got {cfg.method!r}")
     data_options(cfg)
-    dml_config(dict(cfg.model))
+    model_spec(cfg)
+    init_from(cfg)
     return train(cfg, DmlTask(), resume=resume, progress=progress, cancel_check=cancel_check,
                  progress_bar=progress_bar)

@@ -117,7 +117,8 @@ def test_fine_tuning_starts_from_a_checkpoint_and_validates_on_files(piece_dir, 
                       defaults=DEFAULT_CONFIG)
     tuned = DmlTask().build_model(cfg).state_dict()
     assert tuned.keys() == shipped.keys() and all(torch.equal(tuned[k], shipped[k]) for k in shipped)
-    assert DmlTask().card(cfg, {})["training"]["init_from"] == "ulm_3dml_small"
+    train = DmlTask().card(cfg, {})["training"]
+    assert train["init_from"] == "ulm_3dml_small" and train["init_from_sha256"] == card["sha256"]
     with pytest.raises(InputError, match=r"model\.init_from"):
         DmlTask().build_model(load_config({"model": {"preset": "tiny", "init_from": "ulm_3dml_small"}, "data": DATA},
                                           defaults=DEFAULT_CONFIG))

@@ -556,7 +556,7 @@ class DmlTask:
                 "validation_seeds": [d["val_seed"] + j for j in range(len(d["val_sets"]))],
                 "validation_frames": d["val_frames"],
                 "validation_files": [Path(f).name for f in d["val_files"]],
-                "init_from": None if init_from(config) is None else str(init_from(config)),
+                **_init_card(init_from(config)),
                 "loss": "L_pos (Gaussian blur sigma "
                         f"{d['blur_sigma_px']} px) + L_loc + {d['count_weight']} * Huber(count)",
                 "batch_size_windows": int(config.schedule["batch_size"]),
@@ -579,6 +579,18 @@ def init_from(config: TrainConfig):
     if init is not None and not isinstance(init, str):
         raise InputError(f"training config model.init_from: expected a model name or .pt path, got {init!r}")
     return init
+
+
+def _init_card(init) -> dict:
+    """The card's record of the checkpoint fine-tuning started from (its sha256: a name can be re-shipped)."""
+    if init is None:
+        return {"init_from": None}
+    from ultrasound_ai.models.checkpoint import read_card
+    from ultrasound_ai.models.registry import find_model
+
+    card = read_card(find_model(str(init)))
+    return {"init_from": str(init), "init_from_sha256": card.get("sha256"),
+            "init_from_metrics": card.get("metrics", {})}
 
 
 def _pymust_card(d: dict) -> dict:

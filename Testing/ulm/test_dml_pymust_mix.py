@@ -84,6 +84,7 @@ def test_batches_and_card_record_the_mix(piece_dir):
     train = DmlTask().card(cfg, {})["training"]
     assert train["pymust_fraction"] == 1.0 and train["pymust_pieces"] == 1 and train["pymust_frames"] == PIECE_FRAMES
     assert train["pymust_seeds"] == [PIECE_SEED0] and "bubbles_per_frame" in train["pymust_bands"]
+    assert "pymust-formed" in DmlTask().card(cfg, {})["training_data"]
     assert DmlTask().card(load_config({"data": DATA}, defaults=DEFAULT_CONFIG), {})["training"]["pymust_fraction"] == 0.0
 
 

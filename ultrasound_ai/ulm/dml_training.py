@@ -562,6 +562,7 @@ class DmlTask:
                 "batch_size_windows": int(config.schedule["batch_size"]),
                 **_pymust_card(d),
             },
+            "training_data": _training_data_line(d),
             "metrics": {},
         }
 
@@ -579,6 +580,15 @@ def init_from(config: TrainConfig):
     if init is not None and not isinstance(init, str):
         raise InputError(f"training config model.init_from: expected a model name or .pt path, got {init!r}")
     return init
+
+
+def _training_data_line(d: dict) -> str:
+    """The card's one-line "training_data" (shown by the panels): what the model saw; simulated only."""
+    sources = "the fast simulator (ultrasound_ai.ulm.simulator, analytic PSF)"
+    if d["pymust_fraction"] > 0:
+        sources = (f"{sources} and, for {100 * d['pymust_fraction']:g} % of the windows, pymust-formed acquisitions "
+                   "(SIMUS + delay-and-sum; ultrasound_ai.ulm.pymust_training_set)")
+    return f"simulated acquisitions only: {sources}; no real or patient data; not validated on patient data"
 
 
 def _init_card(init) -> dict:

@@ -13,7 +13,8 @@ vessel trees), and VAL_PIECES validation acquisition(s) used only to tune the cl
 What is held out from every training set of the project:
 - seeds: 72,000,000 (test) and 73,000,000 (validation) + 1000 * bubbles + 10 * |noise dB| + piece,
   disjoint from the training pools (train_seed * 1,000,000 + i), the training validation seeds
-  (900,000 + j) and the fast-simulator benchmark seeds (70/71,000,000 + ...);
+  (900,000 + j), the fast-simulator benchmark seeds (70/71,000,000 + ...) and the pymust training
+  pieces (`ultrasound_ai.ulm.pymust_training_set`: 75,500,000 + index);
 - vessel trees: those seeds, and N_TREES trees per field of view (the training simulator uses 4);
 - probe: FROZEN_PROBE (bandwidth, plane-wave tilts, kerf and f-number differ from pymust_sim's
   default probe, which is the centre of any pymust-based training).

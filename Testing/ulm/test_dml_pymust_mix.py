@@ -77,7 +77,7 @@ def test_mix_draws_pymust_windows_at_the_set_fraction(piece_dir):
 def test_batches_and_card_record_the_mix(piece_dir):
     cfg = load_config({"method": "ulm_3dml_resnet", "output_dir": str(piece_dir / "run"), "device": "cpu",
                        "model": {"preset": "tiny"}, "schedule": {"batch_size": 3},
-                       "data": {**DATA, "pymust_dir": str(piece_dir), "pymust_fraction": 1.0}},
+                       "data": {**DATA, "pymust_dir": str(piece_dir), "pymust_fraction": 1.0, "pymust_count": 1}},
                       defaults=DEFAULT_CONFIG)
     frames = next(DmlTask().batches(cfg, 0, 1, 0))[0]
     assert tuple(frames.shape) == (3, N, 16, 16)
@@ -88,7 +88,7 @@ def test_batches_and_card_record_the_mix(piece_dir):
     assert DmlTask().card(load_config({"data": DATA}, defaults=DEFAULT_CONFIG), {})["training"]["pymust_fraction"] == 0.0
 
 
-def test_mix_refuses_a_missing_or_empty_directory_naming_the_option(tmp_path, one_thread):
+def test_mix_refuses_a_missing_or_empty_directory_naming_the_option(piece_dir, tmp_path, one_thread):
     from ultrasound_ai.cli import main
 
     empty = tmp_path / "empty"
@@ -96,7 +96,8 @@ def test_mix_refuses_a_missing_or_empty_directory_naming_the_option(tmp_path, on
     for bad, key in ((dict(pymust_dir=str(tmp_path / "missing"), pymust_fraction=0.2), "data.pymust_dir"),
                      (dict(pymust_dir=str(empty), pymust_fraction=0.2), "data.pymust_dir"),
                      (dict(pymust_fraction=0.2), "data.pymust_dir"),
-                     (dict(pymust_dir=str(empty), pymust_fraction=1.5), "data.pymust_fraction")):
+                     (dict(pymust_dir=str(empty), pymust_fraction=1.5), "data.pymust_fraction"),
+                     (dict(pymust_dir=str(piece_dir), pymust_fraction=0.5, pymust_count=2), "data.pymust_count")):
         with pytest.raises(InputError, match=key.replace(".", r"\.")):
             data_options({**DATA, **bad})
     path = tmp_path / "c.json"

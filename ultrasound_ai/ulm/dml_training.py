@@ -104,6 +104,9 @@ DATA_DEFAULTS: dict[str, Any] = {
     # simulator's pool: each window comes from a piece with probability pymust_fraction.
     "pymust_dir": None,
     "pymust_fraction": 0.0,
+    # Use the first pymust_count pieces (sorted by name) so that a resumed run draws from the same
+    # pieces while generation goes on; null = every piece found (fixed for one run only).
+    "pymust_count": None,
     # Acquisition files with ground truth validated on beside val_sets (e.g. the frozen pymust set's
     # validation pieces): metrics jaccard_files (their mean) and jaccard_file_<stem>.
     "val_files": [],
@@ -267,14 +270,26 @@ def data_options(config: TrainConfig | Mapping) -> dict:
     if missing:
         raise InputError(f"training config data.val_files: not found: {missing}")
     d["val_files"] = list(files)
+    k = d["pymust_count"]
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise InputError(f"training config data.pymust_count: expected a positive integer or null, got {k!r}")
     if d["pymust_dir"] is not None:
-        from ultrasound_ai.ulm.pymust_training_set import piece_files
-
-        try:
-            piece_files(d["pymust_dir"])
-        except InputError as exc:
-            raise InputError(f"training config data.pymust_dir: {exc}") from None
+        selected_pieces(d)
     return d
+
+
+def selected_pieces(d: dict) -> list[Path]:
+    """The pymust pieces a run draws from: the first data.pymust_count files of data.pymust_dir (all: null)."""
+    from ultrasound_ai.ulm.pymust_training_set import piece_files
+
+    try:
+        files = piece_files(d["pymust_dir"])
+    except InputError as exc:
+        raise InputError(f"training config data.pymust_dir: {exc}") from None
+    k = d["pymust_count"]
+    if k is not None and len(files) < k:
+        raise InputError(f"training config data.pymust_count: {k} pieces wanted, {d['pymust_dir']} holds {len(files)}")
+    return files if k is None else files[:k]
 
 
 # ---------------------------------------------------------------------------------- data pool
@@ -468,12 +483,8 @@ class DmlTask:
 
     @staticmethod
     def pymust_pieces(d: dict) -> list:
-        """The pieces' files when the mix is on (checked: each fits the window and the crop), else []."""
-        if not d["pymust_fraction"] > 0:
-            return []
-        from ultrasound_ai.ulm.pymust_training_set import piece_files
-
-        return piece_files(d["pymust_dir"])
+        """The pieces' files when the mix is on, else []."""
+        return selected_pieces(d) if d["pymust_fraction"] > 0 else []
 
     def _losses(self, model, batch, device, d) -> dict[str, torch.Tensor]:
         frames, pos, zoff, xoff, counts = (t.to(device) for t in batch)
@@ -608,9 +619,9 @@ def _pymust_card(d: dict) -> dict:
     if not d["pymust_fraction"] > 0:
         return {"pymust_fraction": 0.0}
     from ultrasound_ai.io.ulm_files import read_acquisition
-    from ultrasound_ai.ulm.pymust_training_set import BANDS, piece_files
+    from ultrasound_ai.ulm.pymust_training_set import BANDS
 
-    files = piece_files(d["pymust_dir"])
+    files = selected_pieces(d)
     seeds, frames = [], 0
     for f in files:
         acq = read_acquisition(f)

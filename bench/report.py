@@ -36,13 +36,32 @@ HEADER = (
 )
 
 
+def vector_isa(flags: str) -> str | None:
+    """The widest x86 vector units in a /proc/cpuinfo flags line ("AVX-512 with VNNI and BF16", "AVX2", ...).
+
+    Why: "AMD EPYC, 2 cores" has meant both AVX2 and AVX-512 machines here, and CPU network speeds (int8
+    with VNNI above all) differ ~2x between them, so a speed figure names the units it ran on."""
+    f = set(flags.split())
+    extras = [name for name, keys in (("VNNI", ("avx512_vnni", "avx_vnni")), ("BF16", ("avx512_bf16",)))
+              if f.intersection(keys)]
+    base = "AVX-512" if "avx512f" in f else "AVX2" if "avx2" in f else None
+    if base is None:
+        return None
+    return f"{base} with {' and '.join(extras)}" if extras else base
+
+
 def machine_description(device: str = "cpu") -> str:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
-            names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
+            lines = fh.readlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        flags = [line.split(":", 1)[1] for line in lines if line.startswith("flags")]
         if names:
             cpu = names[0]
+        isa = vector_isa(flags[0]) if flags else None
+        if isa:
+            cpu = f"{cpu} ({isa})"
     except OSError:
         pass
     threads = None

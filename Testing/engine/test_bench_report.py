@@ -21,6 +21,15 @@ def test_sections_replace_only_themselves(tmp_path):
     assert text.index("comp:cpu") < text.index("comp:gpu") < text.index("metrics:cpu")
 
 
+def test_vector_isa_names_the_widest_vector_units_from_cpu_flags():
+    # CPU speeds of the int8 and fp32 networks differ ~2x between these, so a section names them.
+    assert report.vector_isa("fpu sse2 avx avx2 fma") == "AVX2"
+    assert report.vector_isa("avx2 avx512f avx512bw avx512vl") == "AVX-512"
+    assert report.vector_isa("avx2 avx512f avx512_vnni avx512_bf16") == "AVX-512 with VNNI and BF16"
+    assert report.vector_isa("avx2 avx_vnni") == "AVX2 with VNNI"
+    assert report.vector_isa("asimd fp") is None
+
+
 def test_markdown_table():
     assert report.markdown_table(["a", "b"], [[1, 2]]).splitlines() == ["| a | b |", "|---|---|", "| 1 | 2 |"]
 

@@ -138,3 +138,30 @@ def test_fine_tuning_starts_from_a_checkpoint_and_validates_on_files(piece_dir, 
     assert 0.0 <= with_files["jaccard_files"] <= 1.0
     with pytest.raises(InputError, match=r"data\.val_files"):
         data_options({**DATA, "val_files": [str(piece_dir / "nothing.h5")]})
+
+
+def test_validation_can_run_the_pipelines_inner_windows(one_thread):
+    """data.val_keep_margin with val_window_stride N - 2: each frame estimated once, away from window edges (the
+    pipeline's default "inner" windows), so best.pt is chosen on what users run."""
+    import torch
+
+    from ultrasound_ai.ulm.dml_inference import SlidingWindowRunner, model_predictor
+
+    torch.manual_seed(0)
+    tiny = {"method": "ulm_3dml_resnet", "device": "cpu", "model": {"preset": "tiny"}}
+    inner = {**DATA, "val_window_stride": N - 2, "val_keep_margin": 1}
+    cfg = load_config({**tiny, "data": inner}, defaults=DEFAULT_CONFIG)
+    net = DmlTask().build_model(cfg).eval()
+    got = DmlTask().validate(net, cfg, "cpu")["count_rel_error"]
+    sliding = DmlTask().validate(net, load_config({**tiny, "data": DATA}, defaults=DEFAULT_CONFIG), "cpu")
+
+    (_, e), = DmlTask().validation_entries(cfg)
+    runner = SlidingWindowRunner(model_predictor(net, "cpu"), N, stride=N - 2, keep_margin=1)
+    est = runner.push(e["envelope"].astype(np.float32)) + runner.finish()
+    truth = np.diff(e["frame_starts"]).astype(np.float64)
+    expected = np.mean([abs(x.count - truth[x.index]) / max(truth[x.index], 1.0) for x in est])
+    assert got == pytest.approx(expected, rel=1e-12)
+    # An untrained network's counts hardly depend on the layout, but they do (each window has its own maximum).
+    assert abs(got - sliding["count_rel_error"]) > 1e-9 * got
+    with pytest.raises(InputError, match=r"data\.val_keep_margin"):
+        data_options({**DATA, "val_keep_margin": -1})

@@ -97,6 +97,9 @@ DATA_DEFAULTS: dict[str, Any] = {
     "val_shape_zx": [84, 143],
     "val_seed": 900_000,
     "val_window_stride": 1,
+    # Frames dropped at each end of a validation window (its estimates count for the others only): 1 with
+    # val_window_stride N - 2 validates the pipeline's default "inner" windows, each frame estimated once.
+    "val_keep_margin": 0,
     "count_weight": 1.0,
     "blur_sigma_px": 1.0,
     "blur_radius_px": 2,
@@ -237,9 +240,9 @@ def data_options(config: TrainConfig | Mapping) -> dict:
         raise InputError(f"training config data: unknown key(s) {unknown}; expected some of {sorted(DATA_DEFAULTS)}")
     d = {**copy.deepcopy(DATA_DEFAULTS), **copy.deepcopy(dict(raw))}
     for key in ("pool_size", "pool_frames", "val_frames", "train_seed", "val_seed", "svd_cutoff",
-                "val_window_stride", "blur_radius_px"):
+                "val_window_stride", "val_keep_margin", "blur_radius_px"):
         v = d[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key in ("train_seed", "val_seed", "svd_cutoff", "blur_radius_px") else 1):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if key in ("train_seed", "val_seed", "svd_cutoff", "blur_radius_px", "val_keep_margin") else 1):
             raise InputError(f"training config data.{key}: expected a non-negative integer (positive for sizes), got {v!r}")
     for key in ("sim_shape_zx", "crop_zx", "val_shape_zx"):
         d[key] = _pair_of(d[key], key, int, positive=True)
@@ -518,7 +521,8 @@ class DmlTask:
         metrics: dict[str, float] = {}
         jac, jac_files, errs, rel = [], [], [], []
         for name, e in self.validation_entries(config):
-            runner = SlidingWindowRunner(model_predictor(model, device), n, stride=d["val_window_stride"])
+            runner = SlidingWindowRunner(model_predictor(model, device), n, stride=d["val_window_stride"],
+                                         keep_margin=d["val_keep_margin"])
             est = runner.push(e["envelope"].astype(np.float32)) + runner.finish()
             loc = estimates_to_localizations(est, e["pixel_size_mm"], e["origin_mm"])
             s = localization_scores(loc, e["gt"], e["wavelength_mm"])

@@ -63,7 +63,6 @@ __all__ = [
     "DATA_DEFAULTS",
     "DEFAULT_CONFIG",
     "DmlTask",
-    "PALA_FRAME_PIXELS",
     "count_loss",
     "data_options",
     "dml_loss",
@@ -77,8 +76,6 @@ __all__ = [
     "train_dml",
 ]
 
-# Concentrations are given per 84 x 143-lambda frame (the PALA grid, as the issue states them).
-PALA_FRAME_PIXELS = 84 * 143
 
 DATA_DEFAULTS: dict[str, Any] = {
     "pool_size": 48,  # simulated acquisitions in the per-process pool
@@ -306,7 +303,7 @@ def simulated_entry(seed: int, bubbles_per_frame: float, noise_db: float, n_fram
     """One simulated acquisition, cached per process: {"envelope" [T, Z, X] float16, "pixels" (frame, u, v)
     rows sorted by frame, "frame_starts" [T + 1], "pixel_size_mm", "origin_mm", "wavelength_mm",
     "gt" (the simulator's rows), "sim_attrs"}. `bubbles_per_frame` is per 84 x 143 frame."""
-    from ultrasound_ai.ulm.simulator import UlmSimConfig, simulate_acquisition
+    from ultrasound_ai.ulm.simulator import PALA_FRAME_PIXELS, UlmSimConfig, simulate_acquisition
 
     shape = (int(shape_zx[0]), int(shape_zx[1]))
     key = (int(seed), float(bubbles_per_frame), float(noise_db), int(n_frames), shape,

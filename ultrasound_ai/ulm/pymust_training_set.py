@@ -95,8 +95,7 @@ class TrainingPiece:
         return out
 
     def config(self):
-        from ultrasound_ai.ulm.dml_training import PALA_FRAME_PIXELS
-        from ultrasound_ai.ulm.simulator import UlmSimConfig
+        from ultrasound_ai.ulm.simulator import PALA_FRAME_PIXELS, UlmSimConfig
 
         s = self.draw()
         z, x = (int(v) for v in self.shape_zx)

@@ -52,6 +52,8 @@ from ultrasound_ai.ulm.vessels import VesselNetwork, build_vessel_tree
 
 # 1.1: temporally smooth, low-rank tissue clutter (1.0 had a white-in-time decorrelation term).
 ULM_SIM_VERSION = "1.1"
+# Concentrations are given per 84 x 143-lambda frame (the PALA grid, this simulator's default frame).
+PALA_FRAME_PIXELS = 84 * 143
 # Frames generated per internal step: fixed so that results do not depend on how callers stream.
 _BLOCK = 100
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))

@@ -13,8 +13,8 @@ frame estimated once at window position 0 or N-1 had raw Jaccard 0.53, at positi
   once, by the window in which it is neither first nor last (only the acquisition's first and last
   frames are estimated at an edge): N / (N - 2) passes per frame (8/6 for the shipped model) instead
   of N, within 0.005 raw and tracked Jaccard of the paper's stride 1 there; on the frozen pymust-formed
-  set (frames formed unlike the training ones, where averaging helps more) 0.006-0.012 raw and
-  0.007-0.016 tracked below it. A smaller stride averages several inner estimates: 3 (two each, 8/3
+  set the fast-simulator-only checkpoint stayed up to 0.014 below it (frames unlike its training ones,
+  where averaging helps more), the shipped pymust-fine-tuned one within 0.004 on every condition. A smaller stride averages several inner estimates: 3 (two each, 8/3
   passes) stayed within 0.008 of stride 1 on both sets. What the old path has more is the average itself
   (`bench/diagnose_ulm_window_ensemble.py`, seven pymust validation pieces): inner estimates alone averaged at
   stride 1 matched it, the counts of either layout changed little, and both the Pos maps and the
@@ -39,9 +39,11 @@ before): on the seven pymust validation pieces its pooled raw / tracked Jaccard 
 (0.416 / 0.394), each piece within 0.006; the whole pipeline ran 1.6x faster on one thread.
 
 Why not faster in fp32: the shipped network costs ~2.2 GFLOP per frame with "inner" windows (8/6 passes
-of ~1.6 GFLOP, 94 % of it 3x3x3 convolutions), and oneDNN runs those at ~100 GFLOP/s per core on the
-AVX2 EPYC (one thread, channels-last), about its FMA peak; 20x the old path (4.9 frames/s on 2 cores)
-needs ~10 ms per frame on 2 cores, which the convolutions alone exceed. Winograd-style 2D transforms
+of ~1.6 GFLOP, 94 % of it 3x3x3 convolutions), and oneDNN runs those at ~100 GFLOP/s per core on an
+AVX2 EPYC (one thread, channels-last), about its FMA peak; 20x the old path (~6 frames/s on 2 cores)
+needs ~8 ms per frame on 2 cores, which the convolutions alone exceed. How much int8 gains depends on the
+cores: the whole default pipeline ran 19.0x the old path on the AVX2 EPYC and 29.7x on an AVX-512 EPYC
+with VNNI (bench ulm_speed), whose old path was about as fast. Winograd-style 2D transforms
 built from PyTorch ops (their batched products alone took longer than the direct convolution) and
 NNPACK (slower, and it fails on batched input here) did not help; int8 does. The runner below also supports
 windows longer than the training ones that keep only their frames at least `keep_margin` from the

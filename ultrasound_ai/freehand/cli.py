@@ -269,9 +269,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--align-steps", type=int, metavar="N", help="fima: online alignment Adam steps (default 60)")
     p.add_argument("--align-lr", type=float, metavar="LR", help="fima: online alignment learning rate (default 2e-6)")
     p.add_argument("--imus", metavar="I,J,...", help="fima: indices of the sweep's IMUs to use (default: all)")
-    p.add_argument("--direction", choices=["network", "forward"], default=None,
+    p.add_argument("--direction", choices=["network", "forward", "turns"], default=None,
                    help="moglo: 'forward' takes the sweep as moving towards +z (the images cannot tell a motion from "
-                   "its mirror image), 'network' keeps the network's signs (default: the checkpoint's setting)")
+                   "its mirror image), 'turns' does so and reverses at each turning point found in the frames, 'network' keeps "
+                   "the network's signs (default: the checkpoint's setting)")
     p.set_defaults(func=reconstruct)
 
     from ultrasound_ai.core.training_config import add_training_arguments

@@ -17,7 +17,10 @@ replaces every pair whose frame centre moves backwards (negative out-of-plane di
 through the image plane, M T M with M = diag(1, 1, -1): tz, rx and ry change sign. Two images cannot tell a
 motion from its mirror image (the speckle decorrelates alike either way), and on the training family's sweeps
 the network's sign was right for about half of the moving pairs (`bench/diagnose_freehand_drift.py`), so one
-consistent direction, +z, as the images-only decorrelation baseline assumes, drifts less.
+consistent direction, +z, as the images-only decorrelation baseline assumes, drifts less. "turns" does that
+and then reverses the direction of travel at each turning point found in the frames
+(`ultrasound_ai.freehand.turning_points`: where frames r - j and r + j are far more alike than frames 2j apart
+on one side, the probe came back); sign linking does not apply to it.
 
 Sign linking (card ``inference.sign_linking``, models trained with ``data.clip_mirror``): such a network gives
 each clip's motion up to one sign (its clip moving forwards); `predict_pairs_linked` links the clips' signs
@@ -39,7 +42,7 @@ __all__ = ["MogloMethod", "load_moglo", "predict_pairs", "predict_pairs_linked",
            "mirror_params", "centre_dz", "DIRECTIONS"]
 
 METHOD = "moglo"
-DIRECTIONS = ("network", "forward")
+DIRECTIONS = ("network", "forward", "turns")
 _MIRROR = np.diag([1.0, 1.0, -1.0, 1.0])  # reflection through the image plane (z -> -z)
 
 
@@ -211,20 +214,27 @@ def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, o
         sign_linking = (card.get("inference") or {}).get("sign_linking", False)
     if not isinstance(sign_linking, bool):
         raise InputError(f"moglo parameter sign_linking: expected true or false, got {sign_linking!r}")
-    linked = sign_linking
+    linked = sign_linking and direction != "turns"
     if linked:
         params = predict_pairs_linked(model, net_frames, forward=direction == "forward", batch_clips=batch_clips,
                                       progress=progress)
     else:
         params = predict_pairs(model, net_frames, overlap=overlap, batch_clips=batch_clips, progress=progress)
     rel = from_network_relative(params_to_matrix(params, PARAM_CONVENTION, degrees=True), geom)
-    if direction == "forward" and not linked:
+    turns = None
+    if direction in ("forward", "turns") and not linked:
         from ultrasound_ai.validation.pose_agreement import frame_centre_mm
 
         rel = forward_pairs(rel, frame_centre_mm(frames.shape[1:], pixel_spacing_xy))
+    if direction == "turns":
+        from ultrasound_ai.freehand.turning_points import travel_signs, turning_points
+
+        turns = turning_points(frames)
+        back = travel_signs(len(rel), turns) < 0
+        rel = np.where(back[:, None, None], _MIRROR @ rel @ _MIRROR, rel)
     facts = {"network_frame_shape_hw": list(geom.frame_shape_hw), "network_pixel_spacing_mm": list(geom.spacing_xy),
              "network_grid_offset_mm": list(geom.offset_mm), "overlap": overlap, "direction": direction,
-             "sign_linking": linked}
+             "sign_linking": linked, **({"turning_points": turns} if turns is not None else {})}
     return chain_relative(rel), facts
 
 

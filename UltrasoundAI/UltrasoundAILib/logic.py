@@ -17,8 +17,7 @@ for sweeps with IMU data and MoGLo-Net for sweeps without, when their models are
 ``resolve_method``), device ("auto", "cpu", "cuda[:N]", "mps"), checkpoint (a .pt path or model name
 for the networks; empty = the installed default), onlineAlignment (bool: FiMA's test-time alignment),
 imuSelection (FiMA: comma-separated 0-based IMU indices to use; empty = all), sweepDirection (MoGLo-Net:
-"model" = the model card's setting, "forward" = the sweep moves towards +z, "network" = the network's signs,
-"turns" = forward, reversed at each turning point found in the frames),
+"model" = the model card's setting, "forward" = the sweep moves towards +z, "network" = the network's signs),
 outputSpacing (mm),
 compounding ("mean" | "max" | "latest"), fillHoles ("none" | "gaussian" | "nearest"), outputVolume /
 outputTrajectory (nodes to fill; found or created by name when None), createNewNodes (bool: new nodes
@@ -81,7 +80,7 @@ log = logging.getLogger(__name__)
 TASK_NAME = "freehand.reconstruct"
 METHODS = (*PANEL_CHOICES, *available_methods())  # offered in the panel: the registry's names
 IMU_METHODS = ("fima",)  # methods that take onlineAlignment / imuSelection
-SWEEP_DIRECTIONS = ("model", "forward", "network", "turns")  # MoGLo-Net's direction; "model": the card's setting
+SWEEP_DIRECTIONS = ("model", "forward", "network")  # MoGLo-Net's direction; "model": the card's setting
 DEVICES = ("auto", "cpu", "cuda", "mps")
 COMPOUNDING = ("mean", "max", "latest")
 FILL_HOLES = ("none", "gaussian", "nearest")

@@ -271,7 +271,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--imus", metavar="I,J,...", help="fima: indices of the sweep's IMUs to use (default: all)")
     p.add_argument("--direction", choices=["network", "forward", "turns"], default=None,
                    help="moglo: 'forward' takes the sweep as moving towards +z (the images cannot tell a motion from "
-                   "its mirror image), 'turns' does so and reverses at each turning point found in the frames, 'network' keeps "
+                   "its mirror image), 'turns' (research) does so and reverses at each turning point found in the frames, 'network' keeps "
                    "the network's signs (default: the checkpoint's setting)")
     p.set_defaults(func=reconstruct)
 

@@ -619,15 +619,13 @@ def _pymust_card(d: dict) -> dict:
     """The training card's record of the pymust pieces mixed in (none: a fraction of 0)."""
     if not d["pymust_fraction"] > 0:
         return {"pymust_fraction": 0.0}
-    from ultrasound_ai.io.ulm_files import read_acquisition
+    from ultrasound_ai.io.ulm_files import acquisition_info
     from ultrasound_ai.ulm.pymust_training_set import BANDS
 
     files = selected_pieces(d)
-    seeds, frames = [], 0
-    for f in files:
-        acq = read_acquisition(f)
-        seeds.append(int(acq.attrs.get("sim_seed", -1)))
-        frames += int(acq.iq.shape[0])
+    infos = [acquisition_info(f) for f in files]  # attributes and shapes only: no frames read
+    seeds = [int(i.attrs.get("sim_seed", -1)) for i in infos]
+    frames = sum(i.shape[0] for i in infos)
     return {"pymust_fraction": float(d["pymust_fraction"]), "pymust_dir": str(d["pymust_dir"]),
             "pymust_data": "ultrasound_ai.ulm.pymust_training_set (pymust SIMUS + delay-and-sum, three compounded "
                            "plane waves; randomised per piece), clutter-filtered as the pipeline does",

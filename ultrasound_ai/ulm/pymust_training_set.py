@@ -149,6 +149,8 @@ def piece_files(directory) -> list[Path]:
 
 
 def main(argv=None) -> int:
+    from ultrasound_ai.io.ulm_files import acquisition_info
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("action", choices=["generate", "status"])
     ap.add_argument("--out", required=True, help="directory of the pieces (under runs/: git-ignored)")
@@ -169,18 +171,11 @@ def main(argv=None) -> int:
                      log=lambda line: print(line, flush=True))
         files = piece_files(args.out) if Path(args.out).is_dir() and any(Path(args.out).glob(PIECE_GLOB)) else []
         print(json.dumps({"dir": str(args.out), "pieces": len(files),
-                          "frames": sum(_frames(f) for f in files)}, indent=1))
+                          "frames": sum(acquisition_info(f).shape[0] for f in files)}, indent=1))
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
-
-
-def _frames(path: Path) -> int:
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        return int(f["iq"].shape[0]) if "iq" in f else 0
 
 
 if __name__ == "__main__":

@@ -51,7 +51,12 @@ def forward_pairs(rel: np.ndarray, centre_mm) -> np.ndarray:
     (out of plane, z < 0) replaced by its mirror image M T M (module docstring)."""
     c = np.append(np.asarray(centre_mm, dtype=np.float64), 1.0)
     backwards = (rel @ c)[:, 2] < 0  # the centre has z = 0, so its displacement is its new z
-    return np.where(backwards[:, None, None], _MIRROR @ rel @ _MIRROR, rel)
+    return _mirrored(rel, backwards)
+
+
+def _mirrored(rel: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """Pair transforms [M, 4, 4] with those where `which` [M] is true replaced by their mirror images M T M."""
+    return np.where(which[:, None, None], _MIRROR @ rel @ _MIRROR, rel)
 
 
 def mirror_params(params: np.ndarray) -> np.ndarray:
@@ -116,21 +121,28 @@ def predict_pairs(model, frames: np.ndarray, *, overlap: str = "last", batch_cli
         raise InputError(f"moglo parameter batch_clips: expected >= 1, got {batch_clips}")
     f = np.asarray(frames)
     n = f.shape[0]
-    t = model.config.clip_frames
-    dev = device if device is not None else model.param_mean.device
-    starts, taken = _clip_batches(n, t, overlap)
-    length = min(n, t)
+    starts, taken = _clip_batches(n, model.config.clip_frames, overlap)
+    params = _clip_params(model, f, starts, min(n, model.config.clip_frames), batch_clips, device, progress)
     out = np.zeros((n - 1, 6))
+    for k, take in enumerate(taken):
+        for i, p in take:
+            out[p] = params[k, i]
+    return out
+
+
+def _clip_params(model, f: np.ndarray, starts: list, length: int, batch_clips: int, device,
+                 progress: Optional[Callable[[float, str], None]]) -> np.ndarray:
+    """The network's pair parameters [len(starts), length - 1, 6] of the clips f[s:s + length], batch_clips
+    clips per call, in eval mode (the model's mode is restored)."""
+    dev = device if device is not None else model.param_mean.device
+    out = np.zeros((len(starts), length - 1, 6))
     was_training = model.training
     model.eval()
     try:
         for b0 in range(0, len(starts), int(batch_clips)):
             chunk = starts[b0:b0 + int(batch_clips)]
             clips = torch.from_numpy(np.stack([f[s:s + length] for s in chunk]).astype(np.float32)).to(dev)
-            params = model(clips).params.double().cpu().numpy()
-            for k, s in enumerate(chunk):
-                for i, p in taken[b0 + k]:
-                    out[p] = params[k, i]
+            out[b0:b0 + len(chunk)] = model(clips).params.double().cpu().numpy()
             if progress is not None:
                 progress(min(1.0, (b0 + len(chunk)) / len(starts)), "MoGLo-Net: estimating motion")
     finally:
@@ -155,22 +167,9 @@ def predict_pairs_linked(model, frames: np.ndarray, *, forward: bool = False, ba
     n, t = f.shape[0], model.config.clip_frames
     if n <= t:
         return predict_pairs(model, f, overlap="last", batch_clips=batch_clips, device=device, progress=progress)
-    dev = device if device is not None else model.param_mean.device
-    centre = _grid_centre(model)
     starts = list(range(0, n - t + 1))
-    clips = np.zeros((len(starts), t - 1, 6))
-    was_training = model.training
-    model.eval()
-    try:
-        for b0 in range(0, len(starts), int(batch_clips)):
-            chunk = starts[b0:b0 + int(batch_clips)]
-            x = torch.from_numpy(np.stack([f[s:s + t] for s in chunk]).astype(np.float32)).to(dev)
-            clips[b0:b0 + len(chunk)] = model(x).params.double().cpu().numpy()
-            if progress is not None:
-                progress(min(1.0, (b0 + len(chunk)) / len(starts)), "MoGLo-Net: estimating motion")
-    finally:
-        model.train(was_training)
-    dz = centre_dz(clips, centre)
+    clips = _clip_params(model, f, starts, t, batch_clips, device, progress)
+    dz = centre_dz(clips, _grid_centre(model))
     out = np.zeros((n - 1, 6))
     out[:t - 1], decided = clips[0], np.zeros(n - 1)
     decided[:t - 1] = dz[0]
@@ -230,8 +229,7 @@ def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, o
         from ultrasound_ai.freehand.turning_points import travel_signs, turning_points
 
         turns = turning_points(frames)
-        back = travel_signs(len(rel), turns) < 0
-        rel = np.where(back[:, None, None], _MIRROR @ rel @ _MIRROR, rel)
+        rel = _mirrored(rel, travel_signs(len(rel), turns) < 0)
     facts = {"network_frame_shape_hw": list(geom.frame_shape_hw), "network_pixel_spacing_mm": list(geom.spacing_xy),
              "network_grid_offset_mm": list(geom.offset_mm), "overlap": overlap, "direction": direction,
              "sign_linking": linked, **({"turning_points": turns} if turns is not None else {})}

@@ -189,10 +189,13 @@ def _grid_centre(model) -> np.ndarray:
 
 def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, overlap: str = "last",
                    batch_clips: int = 16, direction: Optional[str] = None, sign_linking: Optional[bool] = None,
+                   smoothing_s=None, frame_interval_s: Optional[float] = None,
                    progress=None) -> tuple[np.ndarray, dict]:
     """(tforms [N, 4, 4] in the sweep's image mm relative to frame 0, facts) for uint8 frames [N, H, W] at
     pixel_spacing_xy (x first), resampled to the card's grid first; direction: "network" or "forward" (None:
-    the card's inference.direction, else "network"); sign_linking: None = the card's inference.sign_linking."""
+    the card's inference.direction, else "network"); sign_linking: None = the card's inference.sign_linking;
+    smoothing_s: None = the card's inference.smoothing_s, else 0 (off); it needs frame_interval_s (seconds),
+    without which it is skipped and the facts say so."""
     from ultrasound_ai.core.geometry import chain_relative, params_to_matrix
     from ultrasound_ai.freehand.moglo.model import PARAM_CONVENTION
     from ultrasound_ai.freehand.sweep_windows import from_network_relative, grid_geometry, resample_frames
@@ -230,17 +233,43 @@ def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, o
 
         turns = turning_points(frames)
         rel = _mirrored(rel, travel_signs(len(rel), turns) < 0)
+    rel, smoothing = _smoothed(rel, card, smoothing_s, frame_interval_s, frames.shape[1:], pixel_spacing_xy)
     facts = {"network_frame_shape_hw": list(geom.frame_shape_hw), "network_pixel_spacing_mm": list(geom.spacing_xy),
              "network_grid_offset_mm": list(geom.offset_mm), "overlap": overlap, "direction": direction,
-             "sign_linking": linked, **({"turning_points": turns} if turns is not None else {})}
+             "sign_linking": linked, **smoothing, **({"turning_points": turns} if turns is not None else {})}
     return chain_relative(rel), facts
+
+
+def _smoothed(rel, card: dict, smoothing_s, frame_interval_s, shape_hw, spacing_xy):
+    """(pair transforms low-passed in time, facts) (`ultrasound_ai.freehand.pair_smoothing`)."""
+    from ultrasound_ai.freehand.pair_smoothing import smooth_pair_motions, smoothing_sigma_pairs
+    from ultrasound_ai.validation.pose_agreement import frame_centre_mm
+
+    if smoothing_s is None:
+        smoothing_s = (card.get("inference") or {}).get("smoothing_s", 0.0)
+    times = None if frame_interval_s is None else np.array([0.0, float(frame_interval_s)])
+    try:
+        sigma = smoothing_sigma_pairs(smoothing_s, times)
+    except InputError as exc:
+        raise InputError(f"moglo parameter {exc}") from None
+    if sigma is None:
+        return rel, {"smoothing_s": 0.0, "smoothing_skipped": "the sweep has no frame times (timestamps_s or "
+                                                              "frame_rate_hz)"}
+    return smooth_pair_motions(rel, frame_centre_mm(shape_hw, spacing_xy), sigma), {"smoothing_s": float(smoothing_s)}
+
+
+def _frame_interval(sweep) -> Optional[float]:
+    """Median frame interval (s) of a sweep, None when it has neither timestamps nor a frame rate."""
+    if sweep.timestamps_s is None and sweep.frame_rate_hz is None:
+        return None
+    return float(np.median(np.diff(sweep.times_s()))) if sweep.n_frames > 1 else None
 
 
 class MogloMethod(PoseMethod):
     """MoGLo-Net (Kim et al., IEEE TMI 2025): sensorless pose estimation from the images alone."""
 
     name = METHOD
-    accepted_params = ("overlap", "batch_clips", "direction", "sign_linking")
+    accepted_params = ("overlap", "batch_clips", "direction", "sign_linking", "smoothing_s")
 
     def _estimate(self, sweep, ctx: MethodContext) -> PoseEstimate:
         ctx.report(0.0, "loading MoGLo-Net")
@@ -250,7 +279,9 @@ class MogloMethod(PoseMethod):
                                        overlap=ctx.params.get("overlap", "last"),
                                        batch_clips=ctx.params.get("batch_clips", 16),
                                        direction=ctx.params.get("direction"),
-                                       sign_linking=ctx.params.get("sign_linking"), progress=progress)
+                                       sign_linking=ctx.params.get("sign_linking"),
+                                       smoothing_s=ctx.params.get("smoothing_s"),
+                                       frame_interval_s=_frame_interval(sweep), progress=progress)
         ctx.report(1.0, "MoGLo-Net done")
         return PoseEstimate(tforms=tforms, attrs={"checkpoint": str(card.get("name", "")),
                                                   "checkpoint_sha256": str(card.get("sha256", "")), **facts})

@@ -40,7 +40,8 @@ TRANSLATION, ROTATION, OUT_OF_PLANE, IN_PLANE = (0, 1, 2), (3, 4, 5), (2,), (0, 
 # label -> (parameters from the model, parameters from the truth, direction of tz); the rest from constant
 # velocity. Direction "truth": the model's |tz| with the true sign per pair (is the magnitude or the direction
 # wrong?); "forward": |tz| with the sign of the training family's mean motion (+z), as a reader of the speed
-# that cannot tell the direction (speckle decorrelation) has to assume.
+# that cannot tell the direction (speckle decorrelation) has to assume; "true mean": tz is the true tz's mean over
+# the sweep (a constant speed that ends where the truth does).
 COMBINATIONS = (
     ("model (all six)", (0, 1, 2, 3, 4, 5), (), None),
     ("constant velocity (all six)", (), (), None),
@@ -61,6 +62,9 @@ COMBINATIONS = (
     ("model rotations, true abs(tz) forward, tx ty constant velocity", ROTATION, OUT_OF_PLANE, "forward"),
     ("model rotations and abs(tz) with the true direction, tx ty constant velocity", OUT_OF_PLANE + ROTATION, (),
      "truth"),
+    # How good must tz be: the model's other five parameters with the true tz (signed, or its sweep mean).
+    ("model tx ty and rotations, true tz", IN_PLANE + ROTATION, OUT_OF_PLANE, None),
+    ("model tx ty and rotations, true tz's sweep mean", IN_PLANE + ROTATION, (), "true mean"),
 )
 
 
@@ -150,6 +154,8 @@ def main(argv=None) -> int:
                 p[:, list(from_truth)] = p_true[:, list(from_truth)]
                 if direction == "truth":
                     p[:, 2] = np.abs(p[:, 2]) * np.where(p_true[:, 2] < 0, -1.0, 1.0)
+                elif direction == "true mean":
+                    p[:, 2] = p_true[:, 2].mean()
                 elif direction == "forward":
                     p[:, 2] = np.abs(p[:, 2]) * np.sign(const[2])
                 results[name].append((tactic, score(chain_params(p, bench, shape, spacing), sweep)))

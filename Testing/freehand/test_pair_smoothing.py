@@ -7,7 +7,7 @@ import torch
 
 from ultrasound_ai.core.errors import InputError
 from ultrasound_ai.core.geometry import chain_relative, matrix_to_params, params_to_matrix, to_relative
-from ultrasound_ai.freehand.pair_smoothing import smooth_pair_motions, smoothing_sigma_pairs
+from ultrasound_ai.freehand.pair_smoothing import ALL, smooth_pair_motions, smoothing_sigma_pairs
 
 CENTRE = np.array([5.0, 7.0, 0.0])
 
@@ -28,7 +28,7 @@ def _params(rel, centre=CENTRE):
 def test_constant_motion_is_kept_and_sigma_zero_is_the_identity():
     p = np.tile([0.02, -0.01, 0.3, 0.2, -0.1, 0.05], (40, 1))
     rel = _about(p)
-    np.testing.assert_allclose(smooth_pair_motions(rel, CENTRE, 3.0), rel, atol=1e-12)
+    np.testing.assert_allclose(smooth_pair_motions(rel, CENTRE, 3.0, ALL), rel, atol=1e-12)
     q = np.random.default_rng(0).normal(0, 0.1, (30, 6))
     np.testing.assert_allclose(smooth_pair_motions(_about(q), CENTRE, 0.0), _about(q), atol=0)
 
@@ -44,13 +44,22 @@ def test_an_impulse_spreads_as_a_normalised_gaussian_about_the_frame_centre():
     assert out[:, 2].sum() == pytest.approx(1.0, abs=1e-9)  # the path length along z is kept
 
 
+def test_only_the_out_of_plane_motion_is_smoothed_by_default():
+    """tz, rx, ry (read from decorrelation) are low-passed; tx, ty, rz (seen in the image, tremor
+    included) are kept as given."""
+    q = np.random.default_rng(2).normal(0, 0.05, (60, 6))
+    out = _params(smooth_pair_motions(_about(q), CENTRE, 2.0))
+    np.testing.assert_allclose(out[:, [0, 1, 5]], q[:, [0, 1, 5]], atol=1e-9)
+    assert np.std(out[:, [2, 3, 4]], axis=0).max() < 0.5 * np.std(q[:, [2, 3, 4]], axis=0).min()
+
+
 def test_smoothing_brings_noisy_pair_estimates_closer_to_a_smooth_motion():
     m = 200
     t = np.arange(m) / 20.0
     truth = np.column_stack([0.01 * np.sin(t), np.zeros(m), 0.3 + 0.2 * np.sin(2 * np.pi * 0.3 * t),
                              0.1 * np.cos(t), np.zeros(m), np.zeros(m)])
     noisy = truth + np.random.default_rng(1).normal(0, [0.02, 0.02, 0.15, 0.1, 0.1, 0.05], (m, 6))
-    sm = _params(smooth_pair_motions(_about(noisy), CENTRE, smoothing_sigma_pairs(0.15, t)))
+    sm = _params(smooth_pair_motions(_about(noisy), CENTRE, smoothing_sigma_pairs(0.15, t), ALL))
     err_noisy, err_sm = np.abs(noisy - truth).mean(0), np.abs(sm - truth).mean(0)
     assert np.all(err_sm < 0.6 * err_noisy), (err_sm, err_noisy)
 

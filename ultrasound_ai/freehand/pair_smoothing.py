@@ -1,11 +1,13 @@
 """Temporal smoothing of per-pair motion estimates: a Gaussian low-pass along the sweep.
 
-A hand moves a probe smoothly at video rates: its voluntary motion carries little above 1-2 Hz, while an
-image-based estimator's per-pair errors are nearly independent from pair to pair. Each pair's motion is
-taken about the frame centre as (tx, ty, tz mm, static-xyz degrees), every parameter is convolved along the
-pairs with a normalised Gaussian (sigma in pairs; edges: the end pair repeated) and turned back into a
-transform. Small per-pair motions make this the average of the motions, so constant motion and the summed
-path are kept; only the pair-to-pair noise is removed.
+Images alone read the out-of-plane motion (tz and the tilts rx, ry) from speckle decorrelation, which gives
+noisy per-pair estimates whose errors are nearly independent from pair to pair, while the hand's voluntary
+out-of-plane motion changes over fractions of a second. The in-plane motion (tx, ty, rz) is seen directly
+as image shifts, hand tremor (6-11 Hz) included, and is better left as measured: by default only the
+out-of-plane parameters are smoothed. Each pair's motion is taken about the frame centre as (tx, ty, tz mm,
+static-xyz degrees), the chosen parameters are convolved along the pairs with a normalised Gaussian (sigma in
+pairs, truncated at 4 sigma; edges: the end pair repeated) and the motion is turned back into a transform.
+Constant motion and the summed motion are kept; only the pair-to-pair noise is removed.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from scipy.ndimage import gaussian_filter1d
 
 from ultrasound_ai.core.errors import InputError
 
-__all__ = ["smooth_pair_motions", "smoothing_sigma_pairs"]
+__all__ = ["smooth_pair_motions", "smoothing_sigma_pairs", "OUT_OF_PLANE", "ALL"]
+
+OUT_OF_PLANE = (2, 3, 4)  # tz, rx, ry of (tx, ty, tz, rx, ry, rz)
+ALL = (0, 1, 2, 3, 4, 5)
 
 
 def smoothing_sigma_pairs(smoothing_s, times_s):
@@ -39,9 +44,9 @@ def smoothing_sigma_pairs(smoothing_s, times_s):
     return s / dt
 
 
-def smooth_pair_motions(rel, centre_mm, sigma_pairs: float) -> np.ndarray:
-    """Pair transforms [M, 4, 4] (image mm, T_{i<-i+1}) with their motion about `centre_mm` smoothed along
-    the pairs (module docstring); sigma_pairs 0 returns them unchanged."""
+def smooth_pair_motions(rel, centre_mm, sigma_pairs: float, which=OUT_OF_PLANE) -> np.ndarray:
+    """Pair transforms [M, 4, 4] (image mm, T_{i<-i+1}) with the parameters `which` of their motion about
+    `centre_mm` smoothed along the pairs (module docstring); sigma_pairs 0 returns them unchanged."""
     from ultrasound_ai.core.geometry import matrix_to_params, params_to_matrix
 
     rel = np.asarray(rel, dtype=np.float64)
@@ -50,5 +55,6 @@ def smooth_pair_motions(rel, centre_mm, sigma_pairs: float) -> np.ndarray:
     shift = np.eye(4)
     shift[:3, 3] = np.asarray(centre_mm, dtype=np.float64)
     p = matrix_to_params(np.linalg.inv(shift) @ rel @ shift, "xyz", degrees=True)
-    p = gaussian_filter1d(p, float(sigma_pairs), axis=0, mode="nearest", truncate=4.0)
+    cols = list(which)
+    p[:, cols] = gaussian_filter1d(p[:, cols], float(sigma_pairs), axis=0, mode="nearest", truncate=4.0)
     return shift @ params_to_matrix(p, "xyz", degrees=True) @ np.linalg.inv(shift)

@@ -422,3 +422,25 @@ def test_bad_inputs_fail_clearly(cli_fima, trained_rem, imu_sweep, tmp_path):
     (tmp_path / "moglo_like.pt").write_bytes((tmp_path / "remfp.pt").read_bytes())
     with pytest.raises(InputError, match="expected a 'fima' one"):
         method.estimate(imu_sweep, checkpoint=str(tmp_path / "moglo_like.pt"), device="cpu")
+
+
+def test_init_from_starts_fine_tuning_from_a_checkpoints_weights(trained_rem, tmp_path):
+    """model.init_from: every weight from a fima checkpoint of the same configuration (not the head's
+    constant-motion start); another method's checkpoint or another configuration is refused by name."""
+    from ultrasound_ai.core.training import TrainConfig
+    from ultrasound_ai.freehand.fima.training import FimaTask, model_config, resolve_config
+
+    _, train_pool, val_pool, _ = trained_rem
+    model = {"preset": "tiny", "variant": "rem", "pixel_spacing_mm": SP, "frame_shape": [48, 48],
+             "window_frames": [4, 6]}
+    pt = _save_net(tmp_path, "start", model_config(model))
+    cfg = resolve_config({"output_dir": str(tmp_path / "run"), "model": {**model, "init_from": pt}}, None)
+    assert isinstance(cfg, TrainConfig)
+    net = FimaTask(train_pool=train_pool, val_pool=val_pool).build_model(cfg)
+    saved = torch.load(pt, map_location="cpu", weights_only=True)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, saved[k].to(v.dtype), rtol=0, atol=0, msg=k)
+    other = _save_net(tmp_path, "wider", model_config({**model, "base_width": 8}))
+    bad = resolve_config({"output_dir": str(tmp_path / "run2"), "model": {**model, "init_from": other}}, None)
+    with pytest.raises(InputError, match="init_from"):
+        FimaTask(train_pool=train_pool, val_pool=val_pool).build_model(bad)

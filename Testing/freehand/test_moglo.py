@@ -462,3 +462,28 @@ def test_reflection_invariant_loss_scores_each_clip_against_the_nearer_branch():
     nearest = task.training_step(model, (frames, truth, 0, mirrored), "cpu")
     assert float(plain["tz_mae_mm"]) > 0.1 and float(nearest["tz_mae_mm"]) < 1e-4
     assert float(nearest["l1"]) < float(plain["l1"])  # each head is scored on its own: not zero
+
+
+def test_init_from_loads_every_weight_and_refuses_another_grid(tmp_path):
+    """model.init_from (fine-tuning) for MoGLo-Net: the weights and normalisation buffers of a moglo
+    checkpoint; one made for another frame grid (same weight shapes) is refused by name."""
+    from ultrasound_ai.models.checkpoint import save_checkpoint
+    from ultrasound_ai.models.loading import load_initial_weights
+
+    torch.manual_seed(1)
+    cfg = make_config("tiny", base_width=4)
+    src = MogloNet(cfg)
+    src.set_normalisation(np.arange(6.0), np.ones(6) * 2)
+    pt = tmp_path / "start.pt"
+    save_checkpoint(src.state_dict(), pt, {"name": "start", "method": "moglo", "configuration": cfg.to_dict(),
+                                           "input": {}, "training": {}, "metrics": {}})
+    torch.manual_seed(2)
+    dst = MogloNet(cfg)
+    load_initial_weights(dst, str(pt), "moglo", same_keys=("frame_shape",))
+    for k, v in dst.state_dict().items():
+        torch.testing.assert_close(v, src.state_dict()[k], rtol=0, atol=0, msg=k)
+    other = MogloNet(make_config("tiny", base_width=4, frame_shape=(64, 128)))
+    with pytest.raises(InputError, match="init_from .*frame_shape"):
+        load_initial_weights(other, str(pt), "moglo", same_keys=("frame_shape",))
+    with pytest.raises(InputError, match="expected a 'fima' one"):
+        load_initial_weights(dst, str(pt), "fima")

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 from ultrasound_ai.core.errors import InputError
 
-__all__ = ["load_method_model"]
+__all__ = ["load_method_model", "load_initial_weights"]
 
 
 def load_method_model(method: str, checkpoint, device, build: Callable[[dict, Path], Any]):
@@ -36,3 +36,33 @@ def load_method_model(method: str, checkpoint, device, build: Callable[[dict, Pa
     load_into(model, pt)
     model.eval()
     return model, card
+
+
+def load_initial_weights(model, checkpoint, method: str, same_keys=()) -> dict:
+    """Fine-tuning start (training configs' ``model.init_from``): every weight and buffer of `model` from a
+    `method` checkpoint (.pt path or model name) of the same architecture; `same_keys`: configuration keys
+    that must also agree (those that change no weight's shape, e.g. the frame grid). Returns its card;
+    InputError naming init_from otherwise."""
+    from ultrasound_ai.models.checkpoint import load_checkpoint
+    from ultrasound_ai.models.registry import find_model
+
+    try:
+        pt = Path(checkpoint) if Path(checkpoint).is_file() else find_model(checkpoint)
+        state, card = load_checkpoint(pt)
+    except InputError as exc:
+        raise InputError(f"model.init_from {checkpoint}: {exc}") from None
+    if str(card.get("method", "")).lower() != method:
+        raise InputError(f"model.init_from {checkpoint}: a {card.get('method')!r} checkpoint, expected a {method!r} one")
+    arch = getattr(model, "cfg", None) or getattr(model, "config", None)
+    conf, mine = card.get("configuration") or {}, (arch.to_dict() if hasattr(arch, "to_dict") else {})
+    plain = (lambda v: list(v) if isinstance(v, (list, tuple)) else v)  # noqa: E731
+    for key in same_keys:
+        if key in conf and key in mine and plain(conf[key]) != plain(mine[key]):
+            raise InputError(f"model.init_from {checkpoint}: its {key} {conf[key]} differs from this "
+                             f"configuration's {mine[key]}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"model.init_from {checkpoint}: not a checkpoint of this configuration ({first})") from None
+    return card

@@ -188,6 +188,7 @@ def model_config(config):
     from ultrasound_ai.freehand.fima.model import make_config
 
     raw = dict(config.model if isinstance(config, TrainConfig) else config)
+    raw.pop("init_from", None)  # a checkpoint to start from (FimaTask.build_model), not an architecture key
     preset = raw.pop("preset", "shipped")
     variant = raw.pop("variant", "fima")
     return make_config(preset, variant, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
@@ -490,6 +491,11 @@ class FimaTask:
         with torch.no_grad():  # start from the constant-motion predictor (module docstring)
             model.head.weight.mul_(0.1)
             model.head.bias.copy_(torch.as_tensor(const, dtype=model.head.bias.dtype))
+        init = (config.model or {}).get("init_from")
+        if init:  # fine-tuning: every weight from a fima checkpoint of this configuration
+            from ultrasound_ai.models.loading import load_initial_weights
+
+            load_initial_weights(model, init, METHOD, same_keys=("frame_shape", "pixel_spacing_mm"))
         return model
 
     def batches(self, config: TrainConfig, rank: int, world_size: int, start_step: int) -> Iterator:
@@ -565,6 +571,8 @@ class FimaTask:
             "head_init": "bias = training mean motion, weights x 0.1",
             "constant_motion_params": [float(v) for v in self.constant_motion(config)],
         }
+        if config.model.get("init_from"):
+            training["init_from"] = str(config.model["init_from"])
         if self._train_override is not None:
             training["data"] = "sweep pools supplied by the caller"
             training["train_sweeps"] = list(self._train_override.names)

@@ -313,13 +313,9 @@ class MogloTask:
         model.set_normalisation(y.mean(0), np.maximum(y.std(0), 1e-3))
         init = (config.model or {}).get("init_from")
         if init:  # fine-tuning: every weight and the normalisation buffers from a moglo checkpoint
-            from ultrasound_ai.models.checkpoint import load_checkpoint
+            from ultrasound_ai.models.loading import load_initial_weights
 
-            state, card = load_checkpoint(Path(init))
-            if card.get("method") != METHOD or card.get("configuration", {}).get("frame_shape") not in (
-                    None, list(mcfg.frame_shape)):
-                raise InputError(f"model.init_from {init}: not a moglo checkpoint of this configuration")
-            model.load_state_dict(state)
+            load_initial_weights(model, init, METHOD, same_keys=("frame_shape",))
         return model
 
     def batches(self, config: TrainConfig, rank: int, world_size: int, start_step: int) -> Iterator:

@@ -47,8 +47,7 @@ def load_initial_weights(model, checkpoint, method: str, same_keys=()) -> dict:
     from ultrasound_ai.models.registry import find_model
 
     try:
-        pt = Path(checkpoint) if Path(checkpoint).is_file() else find_model(checkpoint)
-        state, card = load_checkpoint(pt)
+        state, card = load_checkpoint(find_model(checkpoint))  # a .pt path as given, or a model name
     except InputError as exc:
         raise InputError(f"model.init_from {checkpoint}: {exc}") from None
     if str(card.get("method", "")).lower() != method:

@@ -57,8 +57,8 @@ def _method_params(args: argparse.Namespace) -> dict:
                          f"fima method, "
                          f"not of {args.method!r}")
     if getattr(args, "direction", None) is not None:
-        if args.method != "moglo":
-            raise InputError(f"--direction is an option of the moglo method, not of {args.method!r}")
+        if args.method not in ("moglo", "fima"):
+            raise InputError(f"--direction is an option of the moglo and fima methods, not of {args.method!r}")
         params["direction"] = args.direction
     return params
 
@@ -269,10 +269,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--align-steps", type=int, metavar="N", help="fima: online alignment Adam steps (default 60)")
     p.add_argument("--align-lr", type=float, metavar="LR", help="fima: online alignment learning rate (default 2e-6)")
     p.add_argument("--imus", metavar="I,J,...", help="fima: indices of the sweep's IMUs to use (default: all)")
-    p.add_argument("--direction", choices=["network", "forward", "turns"], default=None,
-                   help="moglo: 'forward' takes the sweep as moving towards +z (the images cannot tell a motion from "
-                   "its mirror image), 'turns' (research) does so and reverses at each turning point found in the frames, 'network' keeps "
-                   "the network's signs (default: the checkpoint's setting)")
+    p.add_argument("--direction", choices=["network", "forward", "turns", "imus"], default=None,
+                   help="which way each frame pair moved out of plane (default: the checkpoint's setting). moglo: "
+                   "'forward' takes the sweep as moving towards +z (the images cannot tell a motion from its mirror "
+                   "image), 'turns' (research) does so and reverses at each turning point found in the frames; "
+                   "fima: 'imus' takes the sign from the accelerometers fitted to the images' distances; both: "
+                   "'network' keeps the network's signs")
     p.set_defaults(func=reconstruct)
 
     from ultrasound_ai.core.training_config import add_training_arguments

@@ -17,6 +17,9 @@ the sweep's image-mm coordinates (the grid offset carried through) and chained: 
 Parameters: ``online_align`` (bool; default: the card's ``online_alignment``, true for "fima"),
 ``rotation_from_imus`` (bool; default: the card's configuration): each pair's rotation is the IMUs' mean
 relative rotation instead of the network's angles (IMU variants only; `FimaConfig.rotation_from_imus`),
+``direction`` ("network" or "imus"; default: the card's ``inference.direction``, else "network"): "imus"
+keeps each pair's out-of-plane distance |tz| (frame centre) but takes its sign from the accelerometers,
+fitted to the image measurements (`ultrasound_ai.freehand.imu_travel`; IMU variants only),
 ``align_steps`` (60), ``align_lr`` (2e-6), ``align_whole_network`` (false: adapt only the fusion, SSM-C and
 head on cached features), ``imus`` (indices of the sweep's IMUs to use; default all; the estimate's
 ``imu_weights`` keep one column per IMU of the sweep, 0 for those left out), ``pair_chunk`` (default
@@ -52,6 +55,7 @@ __all__ = ["FimaMethod", "Prediction", "AlignOptions", "align_sweep", "load_fima
 METHOD = "fima"
 PARAM_CONVENTION = "xyz"
 DEFAULT_PAIR_CHUNK = 16
+DIRECTIONS = ("network", "imus")
 # Pairs x grid pixels run through the convolutions at once: the shipped grid's 16 pairs, fewer pairs on
 # larger grids (the stage activations grow with the pixels).
 PAIR_PIXEL_BUDGET = DEFAULT_PAIR_CHUNK * 124 * 130
@@ -229,10 +233,11 @@ def _flag(params: dict, key: str, default: bool) -> bool:
     return bool(value)
 
 
-def method_options(params: dict, cfg, n_imus_sweep: int) -> dict:
+def method_options(params: dict, cfg, n_imus_sweep: int, card_direction: str = "network") -> dict:
     """Check the method parameters against the model configuration and the sweep (InputError naming them).
 
-    Returns {"imus": list or None, "align": AlignOptions or None, "pair_chunk": int, "rotation_from_imus": bool}.
+    Returns {"imus": list or None, "align": AlignOptions or None, "pair_chunk": int, "rotation_from_imus": bool,
+    "direction": "network" or "imus"}; card_direction: the card's inference.direction (the default).
     """
     steps = params.get("align_steps", AlignOptions.steps)
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
@@ -246,6 +251,9 @@ def method_options(params: dict, cfg, n_imus_sweep: int) -> dict:
         chunk = auto_pair_chunk(cfg.frame_shape)
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise InputError(f"fima parameter pair_chunk: expected an integer >= 1, got {chunk!r}")
+    direction = params.get("direction", card_direction)
+    if direction not in DIRECTIONS:
+        raise InputError(f"fima parameter direction: expected one of {', '.join(DIRECTIONS)}, got {direction!r}")
     online = _flag(params, "online_align", bool(cfg.online_alignment) and cfg.uses_imus)
     imu_rotation = _flag(params, "rotation_from_imus", bool(cfg.rotation_from_imus) and cfg.uses_imus)
 
@@ -260,7 +268,11 @@ def method_options(params: dict, cfg, n_imus_sweep: int) -> dict:
         if imu_rotation:
             raise InputError(f"fima parameter rotation_from_imus: model variant {cfg.variant!r} uses the images "
                              "only (the IMU rotation needs an IMU variant: rem-f-prime, rem-f, fima)")
-        return {"imus": None, "align": None, "pair_chunk": int(chunk), "rotation_from_imus": False}
+        if direction == "imus":
+            raise InputError(f"fima parameter direction: model variant {cfg.variant!r} uses the images only "
+                             "(direction 'imus' needs an IMU variant: rem-f-prime, rem-f, fima)")
+        return {"imus": None, "align": None, "pair_chunk": int(chunk), "rotation_from_imus": False,
+                "direction": direction}
     if n_imus_sweep == 0:
         raise InputError(f"method 'fima': model variant {cfg.variant!r} fuses IMUs, but the sweep has no IMU data; "
                          "expected 'imu_acc' and 'imu_euler_deg' [M, N, 3]")
@@ -281,7 +293,8 @@ def method_options(params: dict, cfg, n_imus_sweep: int) -> dict:
                          f"{cfg.n_imus} IMUs, got {m} (from the sweep's imu_acc/imu_euler_deg"
                          f"{' and the imus parameter' if imus is not None else ''})")
     align = AlignOptions(steps=int(steps), lr=float(lr), whole_network=whole) if online else None
-    return {"imus": imus, "align": align, "pair_chunk": int(chunk), "rotation_from_imus": imu_rotation}
+    return {"imus": imus, "align": align, "pair_chunk": int(chunk), "rotation_from_imus": imu_rotation,
+            "direction": direction}
 
 
 def estimate_sweep(model, card: dict, sweep, options: dict, progress=None) -> tuple[np.ndarray, Optional[np.ndarray], dict]:
@@ -311,6 +324,11 @@ def estimate_sweep(model, card: dict, sweep, options: dict, progress=None) -> tu
     pred = predict_pairs(model, net_frames, acc, ang, pair_chunk=options["pair_chunk"], align=options["align"],
                          progress=progress, rotation_from_imus=options.get("rotation_from_imus"))
     rel = from_network_relative(params_to_matrix(pred.params, PARAM_CONVENTION, degrees=True), geom)
+    direction_facts = {"direction": "network"}
+    if options.get("direction") == "imus":
+        from ultrasound_ai.freehand.imu_travel import apply_imu_direction
+
+        rel, direction_facts = apply_imu_direction(rel, sweep)
     weights = None
     if pred.imu_weights is not None:
         m = sweep.n_imus
@@ -321,7 +339,7 @@ def estimate_sweep(model, card: dict, sweep, options: dict, progress=None) -> tu
     facts = {"variant": cfg.variant, "network_frame_shape_hw": list(geom.frame_shape_hw),
              "network_pixel_spacing_mm": list(geom.spacing_xy), "network_grid_offset_mm": list(geom.offset_mm),
              "window_frames": int(cfg.window_frames[1]), "online_align": align is not None,
-             "rotation_from_imus": bool(options.get("rotation_from_imus", False))}
+             "rotation_from_imus": bool(options.get("rotation_from_imus", False)), **direction_facts}
     if cfg.uses_imus:
         facts["imus_used"] = list(options["imus"]) if options["imus"] is not None else list(range(sweep.n_imus))
     if align is not None:
@@ -336,12 +354,13 @@ class FimaMethod(PoseMethod):
 
     name = METHOD
     accepted_params = ("online_align", "align_steps", "align_lr", "align_whole_network", "imus", "pair_chunk",
-                       "rotation_from_imus")
+                       "rotation_from_imus", "direction")
 
     def _estimate(self, sweep, ctx: MethodContext) -> PoseEstimate:
         ctx.report(0.0, "loading FiMA")
         model, card = load_fima(ctx.checkpoint, ctx.device)
-        options = method_options(ctx.params, model.cfg, sweep.n_imus)
+        options = method_options(ctx.params, model.cfg, sweep.n_imus,
+                                 card_direction=(card.get("inference") or {}).get("direction", "network"))
         progress = (lambda frac, msg: ctx.report(0.05 + 0.9 * frac, msg))
         tforms, weights, facts = estimate_sweep(model, card, sweep, options, progress=progress)
         ctx.report(1.0, "FiMA done")

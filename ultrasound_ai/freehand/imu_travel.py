@@ -1,0 +1,171 @@
+"""Direction of out-of-plane travel from the IMUs' accelerations, anchored by what the images measure.
+
+Images tell how far a frame pair moved out of plane but not which way (a motion and its mirror through
+the image plane give the same pair of frames); the accelerometers tell which way, but double integration
+needs the initial velocity and the accelerometer bias, which the sensors cannot give and which swamp a
+few mm/s of probe speed within a second. Each fills the other's gap: the unknowns are few and smooth, the
+image measurements many, so they are fitted together.
+
+Model. The IMUs' mean specific force, turned into the Earth frame with their fused orientation (smoothed
+over ~0.5 s, since per-sample angle noise times gravity is the largest acceleration error) and with
+gravity added back, is integrated twice to the IMUs' centroid; the frame centre follows through the
+lever arm. Unknown: the centroid's initial velocity v0 (Earth, 3) and the bias b(t) (IMU axes), piecewise
+linear in time with a knot every `knot_s` seconds (constant bias plus its slow random walk). Each frame
+pair's translation of the frame centre in the first frame's axes is then affine in theta = (v0, b):
+t_i = t0_i + B_i theta. The image side gives per pair the in-plane translation (tx, ty, signed) and the
+out-of-plane distance s_i = |tz_i|. theta minimises
+
+    sum_i ((t_ix - tx_i)^2 + (t_iy - ty_i)^2) / sxy^2 + (|t_iz| - s_i)^2 / sz^2 + |b|^2 / sb^2
+
+(a smooth |.|; several starts, each with the signs fixed for a linear solve first). The direction of
+each pair is the sign of the fitted t_iz. A pair whose fitted |t_iz| is far below its image distance (a
+pause or a turn) keeps its sign only as weakly as the fit holds it; the caller gets the margin too.
+
+A constant acceleration over the whole sweep is the one motion the bias can mimic (a linear velocity
+ramp through zero fits either way); real hand motion, with its pauses and turns, does not look like it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ultrasound_ai.core.errors import InputError
+
+__all__ = ["TravelFit", "imu_translation_model", "fit_travel", "apply_imu_direction"]
+
+_MM_PER_M = 1000.0
+DEFAULT_KNOT_S = 5.0
+DEFAULT_SMOOTH_S = 0.5
+
+
+class TravelFit:
+    """signs [N-1] (+1 / -1), tz [N-1] the IMU-anchored out-of-plane translation of each pair (mm),
+    theta the fitted unknowns, cost the final cost, attrs for the estimate file."""
+
+    def __init__(self, signs, tz, theta, cost, attrs):
+        self.signs, self.tz, self.theta, self.cost, self.attrs = signs, tz, theta, cost, attrs
+
+
+def _smoothed_rotations(R: np.ndarray, size: int) -> np.ndarray:
+    from scipy.signal import savgol_filter
+
+    size = size + 1 - size % 2  # odd
+    if size <= 3 or R.shape[0] <= size:
+        return R
+    # quadratic local fit: removes per-sample angle noise but keeps the hand's turning (a box filter bends it)
+    s = savgol_filter(R, size, 2, axis=0, mode="interp")
+    u, _, vt = np.linalg.svd(s)
+    return u @ vt
+
+
+def _hat_basis(t: np.ndarray, knot_s: float) -> np.ndarray:
+    """[N, K] piecewise-linear interpolation weights of knots every knot_s seconds spanning t."""
+    span = max(float(t[-1] - t[0]), 1e-9)
+    k = max(2, int(np.ceil(span / knot_s)) + 1)
+    knots = np.linspace(t[0], t[-1], k)
+    eye = np.eye(k)
+    return np.stack([np.interp(t, knots, eye[j]) for j in range(k)], axis=1)
+
+
+def imu_translation_model(sweep, frame_centre_mm, knot_s: float = DEFAULT_KNOT_S,
+                          smooth_s: float = DEFAULT_SMOOTH_S):
+    """(t0 [N-1, 3], B [N-1, 3, P], n_bias_knots): the frame-centre translation of each pair in the first
+    frame's axes, t_i = t0_i + B_i theta, theta = (v0 [3] mm/s Earth, bias knots [K, 3] mm/s^2 IMU axes)."""
+    from ultrasound_ai.freehand.imu_dead_reckoning import GRAVITY_M_S2, fuse_rotations, imu_rotations, integrate_twice
+
+    if sweep.imu_acc is None or sweep.imu_euler_deg is None:
+        raise InputError("IMU direction of travel: the sweep has no IMU data ('imu_acc' and 'imu_euler_deg')")
+    f = np.asarray(sweep.imu_acc, dtype=np.float64)
+    m, n = f.shape[:2]
+    t = np.asarray(sweep.times_s(), dtype=np.float64)
+    if n < 4:
+        raise InputError(f"IMU direction of travel: needs at least 4 frames, got {n}")
+    R = fuse_rotations(imu_rotations(sweep.imu_euler_deg))
+    fps = 1.0 / float(np.median(np.diff(t)))
+    Rs = _smoothed_rotations(R, int(round(smooth_s * fps)))
+    acc = (np.einsum("nij,nj->ni", Rs, f.mean(axis=0)) + GRAVITY_M_S2) * _MM_PER_M
+    lever = (np.zeros(3) if getattr(sweep, "imu_position_mm", None) is None
+             else np.asarray(sweep.imu_position_mm, dtype=np.float64).mean(axis=0))
+    arm = np.einsum("nij,j->ni", R, np.asarray(frame_centre_mm, dtype=np.float64) - lever)
+    centre0 = integrate_twice(t, acc) + arm  # Earth positions of the frame centre, theta = 0
+    hats = _hat_basis(t, knot_s)
+    k = hats.shape[1]
+    cols = [np.outer(t - t[0], e) for e in np.eye(3)]  # v0 along each Earth axis
+    for j in range(k):
+        for a in range(3):
+            cols.append(integrate_twice(t, -Rs[:, :, a] * hats[:, j:j + 1]))  # bias knot j, IMU axis a
+    basis = np.stack(cols, axis=-1)  # [N, 3, P] Earth positions per unit parameter
+    Rt = np.transpose(R[:-1], (0, 2, 1))
+    t0 = np.einsum("nij,nj->ni", Rt, np.diff(centre0, axis=0))
+    B = np.einsum("nij,njp->nip", Rt, np.diff(basis, axis=0))
+    return t0, B, k
+
+
+def fit_travel(sweep, frame_centre_mm, inplane_mm, distance_mm, prior_signs=None,
+               sigma_xy_mm: float = 0.05, sigma_z_rel: float = 0.3, bias_sd_mm_s2: float = 50.0,
+               knot_s: float = DEFAULT_KNOT_S) -> TravelFit:
+    """Fit the IMU unknowns to the image measurements (module docstring) and return the signs of travel.
+
+    inplane_mm [N-1, 2]: the pairs' in-plane translation of the frame centre (first frame's axes);
+    distance_mm [N-1]: their unsigned out-of-plane distance; prior_signs: an extra start (e.g. a network's).
+    """
+    from scipy.optimize import least_squares
+
+    t0, B, k = imu_translation_model(sweep, frame_centre_mm, knot_s=knot_s)
+    npairs = t0.shape[0]
+    xy = np.asarray(inplane_mm, dtype=np.float64)
+    s = np.abs(np.asarray(distance_mm, dtype=np.float64))
+    if xy.shape != (npairs, 2) or s.shape != (npairs,):
+        raise InputError(f"IMU direction of travel: expected in-plane [{npairs}, 2] and distances [{npairs}], "
+                         f"got {xy.shape} and {s.shape}")
+    sz = sigma_z_rel * max(float(np.median(s)), 1e-3) + 0.02
+    eps = 0.05 * sz
+    p = B.shape[2]
+    prior = np.zeros(p)
+    prior[3:] = 1.0 / bias_sd_mm_s2
+    prior[:3] = 1.0 / 1000.0  # v0: a weak pull towards rest (mm/s)
+
+    def residuals(theta):
+        tt = t0 + B @ theta
+        rz = (np.sqrt(tt[:, 2] ** 2 + eps ** 2) - s) / sz
+        return np.concatenate([((tt[:, :2] - xy) / sigma_xy_mm).ravel(), rz, prior * theta])
+
+    def linear_start(signs):
+        # z fixed to signs * s: every residual is linear in theta
+        a = np.concatenate([(B[:, :2, :] / sigma_xy_mm).reshape(-1, p), B[:, 2, :] / sz, np.diag(prior)])
+        y = np.concatenate([((xy - t0[:, :2]) / sigma_xy_mm).ravel(), (signs * s - t0[:, 2]) / sz, np.zeros(p)])
+        return np.linalg.lstsq(a, y, rcond=None)[0]
+
+    starts = [np.ones(npairs), -np.ones(npairs)]
+    if prior_signs is not None:
+        starts.append(np.where(np.asarray(prior_signs) < 0, -1.0, 1.0))
+    best = None
+    for signs in starts:
+        sol = least_squares(residuals, linear_start(signs), method="lm", max_nfev=200 * p)
+        if best is None or sol.cost < best.cost:
+            best = sol
+    tz = (t0 + B @ best.x)[:, 2]
+    attrs = {"imu_travel_knot_s": float(knot_s), "imu_travel_bias_knots": int(k),
+             "imu_travel_cost_per_pair": float(2.0 * best.cost / npairs)}
+    return TravelFit(np.where(tz < 0, -1.0, 1.0), tz, best.x, float(best.cost), attrs)
+
+
+def apply_imu_direction(rel, sweep, prior: str = "estimate", **fit_kw):
+    """(rel with each pair's out-of-plane translation of the frame centre signed by the IMU fit, facts).
+
+    rel [N-1, 4, 4]: the pairs' transforms T_i<-i+1 in the sweep's image mm. Their in-plane translation and
+    |tz| (about the frame centre) are the image measurements; rotation and |tz| are kept, only the sign of
+    tz changes. prior "estimate": rel's own signs are one of the fit's starts.
+    """
+    from ultrasound_ai.validation.pose_agreement import frame_centre_mm
+
+    rel = np.array(rel, dtype=np.float64, copy=True)
+    centre = frame_centre_mm(sweep.frames.shape[1:], sweep.pixel_spacing_xy)
+    rot = rel[:, :3, :3]
+    t_c = np.einsum("nij,j->ni", rot, centre) + rel[:, :3, 3] - centre  # the frame centre's translation
+    fit = fit_travel(sweep, centre, t_c[:, :2], np.abs(t_c[:, 2]),
+                     prior_signs=t_c[:, 2] if prior == "estimate" else None, **fit_kw)
+    flipped = int(np.sum(np.sign(t_c[:, 2]) * fit.signs < 0))
+    t_c[:, 2] = np.abs(t_c[:, 2]) * fit.signs
+    rel[:, :3, 3] = t_c - np.einsum("nij,j->ni", rot, centre) + centre
+    return rel, {"direction": "imus", "direction_pairs_flipped": flipped, **fit.attrs}

@@ -38,10 +38,13 @@ def test_out_of_plane_distance_on_a_linear_sweep(linear_sweep):
     assert attrs["imus_used"]
 
 
-def test_imus_give_rotation_and_direction(linear_sweep):
+@pytest.mark.parametrize("travel", ["fit", "dips"])
+def test_imus_give_rotation_and_direction(linear_sweep, travel):
     from ultrasound_ai.freehand.metrics import mea
 
-    with_imu = chain_relative(dc.estimate_poses(linear_sweep, use_imus=True)[0])
+    rel, attrs = dc.estimate_poses(linear_sweep, use_imus=True, travel=travel)
+    assert attrs["travel"] == travel
+    with_imu = chain_relative(rel)
     without = chain_relative(dc.estimate_poses(linear_sweep, use_imus=False)[0])
     assert mea(with_imu, linear_sweep.tforms) < 0.6 < mea(without, linear_sweep.tforms)
     est, true = _pairs(with_imu, linear_sweep)[:, 2, 3], _pairs(linear_sweep.tforms, linear_sweep)[:, 2, 3]
@@ -78,3 +81,5 @@ def test_registered_method_and_bad_calibration(linear_sweep):
     assert out.tforms.shape == (6, 4, 4) and not out.attrs["imus_used"]
     with pytest.raises(InputError, match="rho0"):
         get_method("decorrelation").estimate(short, rho0=1.5)
+    with pytest.raises(InputError, match="travel must be one of fit, dips"):
+        get_method("decorrelation").estimate(short, travel="imu")

@@ -85,3 +85,16 @@ def test_fima_direction_parameter_is_checked():
         method_options({"direction": "forward"}, make_config("tiny", "fima"), 4)
     with pytest.raises(InputError, match="direction 'imus' needs an IMU variant"):
         method_options({"direction": "imus"}, make_config("tiny", "rem"), 0)
+
+
+def test_shipped_fima_takes_its_direction_from_the_imus():
+    """The shipped card sets inference.direction 'imus': through the method the out-of-plane signs follow
+    the IMU fit on a sweep with reversals, and the parameter restores the network's signs."""
+    from ultrasound_ai.freehand.methods import get_method
+
+    sweep = _sweep(17)
+    est = get_method("fima").estimate(sweep, device="cpu")
+    net = get_method("fima").estimate(sweep, device="cpu", direction="network")
+    assert est.attrs["direction"] == "imus" and net.attrs["direction"] == "network"
+    shape, sp = sweep.frames.shape[1:], sweep.pixel_spacing_xy
+    assert fdr(est.tforms, sweep.tforms, shape, sp) < fdr(net.tforms, sweep.tforms, shape, sp)

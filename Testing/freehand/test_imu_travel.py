@@ -92,7 +92,7 @@ def test_shipped_fima_takes_its_direction_from_the_imus():
     the IMU fit on a sweep with reversals, and the parameter restores the network's signs."""
     from ultrasound_ai.freehand.methods import get_method
 
-    sweep = _sweep(17)
+    sweep = _sweep(13)  # FDR about 3 % with the IMU direction, 90 % with the network's
     est = get_method("fima").estimate(sweep, device="cpu")
     net = get_method("fima").estimate(sweep, device="cpu", direction="network")
     assert est.attrs["direction"] == "imus" and net.attrs["direction"] == "network"

@@ -245,6 +245,12 @@ def test_network_options_reach_the_job(scene, sweep_path, tmp_path):
         params = ReconstructionParameters.from_any({"inputSweepFile": str(sweep_path), "method": "moglo",
                                                     "sweepDirection": direction})
         assert logic._job(params, Path(sweep_path), "s")["parameters"]["method_params"] == expected
+    # FiMA: the same choice; "model" leaves the card's setting (IMU direction for the shipped model)
+    for direction, expected in (("model", {"online_align": False}),
+                                ("network", {"online_align": False, "direction": "network"})):
+        params = ReconstructionParameters.from_any({"inputSweepFile": str(sweep_path), "method": "fima",
+                                                    "sweepDirection": direction})
+        assert logic._job(params, Path(sweep_path), "s")["parameters"]["method_params"] == expected
     with pytest.raises(InputError, match="sweepDirection"):
         ReconstructionParameters.from_any({"inputSweepFile": str(sweep_path), "sweepDirection": "backward"})
     w = np.random.default_rng(0).dirichlet(np.ones(3), size=7).astype(np.float32)

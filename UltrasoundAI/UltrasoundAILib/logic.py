@@ -16,8 +16,9 @@ method ("auto" | "tracked" | "imu" | "fima" | "moglo" | any registered pose meth
 for sweeps with IMU data and MoGLo-Net for sweeps without, when their models are installed, see
 ``resolve_method``), device ("auto", "cpu", "cuda[:N]", "mps"), checkpoint (a .pt path or model name
 for the networks; empty = the installed default), onlineAlignment (bool: FiMA's test-time alignment),
-imuSelection (FiMA: comma-separated 0-based IMU indices to use; empty = all), sweepDirection (MoGLo-Net:
-"model" = the model card's setting, "forward" = the sweep moves towards +z, "network" = the network's signs),
+imuSelection (FiMA: comma-separated 0-based IMU indices to use; empty = all), sweepDirection (which way
+each pair moved out of plane: "model" = the model card's setting, "network" = the network's signs; MoGLo-Net
+also "forward" = the sweep moves towards +z; FiMA also "imus" = the sign from the accelerometers),
 outputSpacing (mm),
 compounding ("mean" | "max" | "latest"), fillHoles ("none" | "gaussian" | "nearest"), outputVolume /
 outputTrajectory (nodes to fill; found or created by name when None), createNewNodes (bool: new nodes
@@ -80,7 +81,7 @@ log = logging.getLogger(__name__)
 TASK_NAME = "freehand.reconstruct"
 METHODS = (*PANEL_CHOICES, *available_methods())  # offered in the panel: the registry's names
 IMU_METHODS = ("fima",)  # methods that take onlineAlignment / imuSelection
-SWEEP_DIRECTIONS = ("model", "forward", "network")  # MoGLo-Net's direction; "model": the card's setting
+SWEEP_DIRECTIONS = ("model", "forward", "network", "imus")  # MoGLo-Net's and FiMA's; "model": the card's setting
 DEVICES = ("auto", "cpu", "cuda", "mps")
 COMPOUNDING = ("mean", "max", "latest")
 FILL_HOLES = ("none", "gaussian", "nearest")
@@ -395,6 +396,8 @@ class UltrasoundAILogic(ModuleLogic):
         if params.method not in IMU_METHODS:
             return {}
         out = {"online_align": params.onlineAlignment}
+        if params.method == "fima" and params.sweepDirection != "model":
+            out["direction"] = params.sweepDirection
         imus = parse_imu_selection(params.imuSelection)
         if imus is not None:
             out["imus"] = imus

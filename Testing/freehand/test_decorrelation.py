@@ -81,5 +81,10 @@ def test_registered_method_and_bad_calibration(linear_sweep):
     assert out.tforms.shape == (6, 4, 4) and not out.attrs["imus_used"]
     with pytest.raises(InputError, match="rho0"):
         get_method("decorrelation").estimate(short, rho0=1.5)
+    tiny = linear_sweep.without_truth()  # with IMUs, too short for the IMU fit: the speed-dip rule instead
+    tiny.frames, tiny.imu_acc, tiny.imu_euler_deg = tiny.frames[:3], tiny.imu_acc[:, :3], tiny.imu_euler_deg[:, :3]
+    tiny.timestamps_s = tiny.timestamps_s[:3]
+    out = get_method("decorrelation").estimate(tiny)
+    assert out.tforms.shape == (3, 4, 4) and out.attrs["travel"] == "dips"
     with pytest.raises(InputError, match="travel must be one of fit, dips"):
         get_method("decorrelation").estimate(short, travel="imu")

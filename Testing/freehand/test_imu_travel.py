@@ -98,3 +98,19 @@ def test_shipped_fima_takes_its_direction_from_the_imus():
     assert est.attrs["direction"] == "imus" and net.attrs["direction"] == "network"
     shape, sp = sweep.frames.shape[1:], sweep.pixel_spacing_xy
     assert fdr(est.tforms, sweep.tforms, shape, sp) < fdr(net.tforms, sweep.tforms, shape, sp)
+
+
+def test_fima_card_direction_is_skipped_on_a_sweep_too_short_for_the_fit():
+    """A 3-frame sweep still reconstructs with the shipped card (the IMU direction skipped, and the result says
+    why); asked for explicitly, the direction fails naming the cause. (IMU data without frame times break the
+    sweep contract before any method runs.)"""
+    from ultrasound_ai.freehand.methods import get_method
+
+    short = _sweep(13).without_truth()
+    short.frames, short.imu_acc, short.imu_euler_deg = short.frames[:3], short.imu_acc[:, :3], short.imu_euler_deg[:, :3]
+    short.timestamps_s = short.timestamps_s[:3]
+    est = get_method("fima").estimate(short, device="cpu")
+    assert est.tforms.shape == (3, 4, 4) and est.attrs["direction"] == "network"
+    assert "3 frames" in est.attrs["direction_skipped"]
+    with pytest.raises(InputError, match="direction 'imus': the sweep has 3 frames"):
+        get_method("fima").estimate(short, device="cpu", direction="imus")

@@ -309,9 +309,12 @@ def estimate_poses(sweep, cal: Calibration = DEFAULT_CALIBRATION, use_imus: bool
         if report is not None and i % 10 == 0:
             report((i + 1) / (n - 1), "speckle decorrelation")
     if imu:
+        from ultrasound_ai.freehand.imu_travel import fit_travel, unfit_reason
+
         distance = np.minimum(np.abs(tz_pos), np.abs(tz_neg))
+        if travel == "fit" and unfit_reason(sweep) is not None:
+            travel = "dips"  # too short for the fit
         if travel == "fit":
-            from ultrasound_ai.freehand.imu_travel import fit_travel
 
             # (inplane, tz) is the frame centre's translation (the pose is assembled about the centre below)
             travel_signs = fit_travel(sweep, centre, inplane, distance).signs

@@ -31,10 +31,20 @@ import numpy as np
 
 from ultrasound_ai.core.errors import InputError
 
-__all__ = ["TravelFit", "imu_translation_model", "fit_travel", "apply_imu_direction"]
+__all__ = ["TravelFit", "imu_translation_model", "fit_travel", "apply_imu_direction", "unfit_reason", "MIN_FRAMES"]
 
 _MM_PER_M = 1000.0
 DEFAULT_KNOT_S = 5.0
+MIN_FRAMES = 4  # the cubic spline through the accelerations
+
+
+def unfit_reason(sweep):
+    """Why the fit cannot run on this sweep (a sentence), or None when it can."""
+    if sweep.imu_acc is None or sweep.imu_euler_deg is None:
+        return "the sweep has no IMU data ('imu_acc' and 'imu_euler_deg')"
+    if sweep.n_frames < MIN_FRAMES:
+        return f"the sweep has {sweep.n_frames} frames; the IMU fit needs at least {MIN_FRAMES}"
+    return None
 DEFAULT_SMOOTH_S = 0.5
 
 
@@ -73,13 +83,11 @@ def imu_translation_model(sweep, frame_centre_mm, knot_s: float = DEFAULT_KNOT_S
     frame's axes, t_i = t0_i + B_i theta, theta = (v0 [3] mm/s Earth, bias knots [K, 3] mm/s^2 IMU axes)."""
     from ultrasound_ai.freehand.imu_dead_reckoning import GRAVITY_M_S2, fuse_rotations, imu_rotations, integrate_twice
 
-    if sweep.imu_acc is None or sweep.imu_euler_deg is None:
-        raise InputError("IMU direction of travel: the sweep has no IMU data ('imu_acc' and 'imu_euler_deg')")
+    reason = unfit_reason(sweep)
+    if reason is not None:
+        raise InputError(f"IMU direction of travel: {reason}")
     f = np.asarray(sweep.imu_acc, dtype=np.float64)
-    m, n = f.shape[:2]
     t = np.asarray(sweep.times_s(), dtype=np.float64)
-    if n < 4:
-        raise InputError(f"IMU direction of travel: needs at least 4 frames, got {n}")
     R = fuse_rotations(imu_rotations(sweep.imu_euler_deg))
     fps = 1.0 / float(np.median(np.diff(t)))
     Rs = _smoothed_rotations(R, int(round(smooth_s * fps)))

@@ -251,6 +251,7 @@ def method_options(params: dict, cfg, n_imus_sweep: int, card_direction: str = "
         chunk = auto_pair_chunk(cfg.frame_shape)
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise InputError(f"fima parameter pair_chunk: expected an integer >= 1, got {chunk!r}")
+    direction_given = "direction" in params
     direction = params.get("direction", card_direction)
     if direction not in DIRECTIONS:
         raise InputError(f"fima parameter direction: expected one of {', '.join(DIRECTIONS)}, got {direction!r}")
@@ -268,11 +269,13 @@ def method_options(params: dict, cfg, n_imus_sweep: int, card_direction: str = "
         if imu_rotation:
             raise InputError(f"fima parameter rotation_from_imus: model variant {cfg.variant!r} uses the images "
                              "only (the IMU rotation needs an IMU variant: rem-f-prime, rem-f, fima)")
+        if not direction_given:
+            direction = "network"  # a card's setting cannot make an images-only variant use IMUs
         if direction == "imus":
             raise InputError(f"fima parameter direction: model variant {cfg.variant!r} uses the images only "
                              "(direction 'imus' needs an IMU variant: rem-f-prime, rem-f, fima)")
         return {"imus": None, "align": None, "pair_chunk": int(chunk), "rotation_from_imus": False,
-                "direction": direction}
+                "direction": direction, "direction_given": direction_given}
     if n_imus_sweep == 0:
         raise InputError(f"method 'fima': model variant {cfg.variant!r} fuses IMUs, but the sweep has no IMU data; "
                          "expected 'imu_acc' and 'imu_euler_deg' [M, N, 3]")
@@ -294,7 +297,7 @@ def method_options(params: dict, cfg, n_imus_sweep: int, card_direction: str = "
                          f"{' and the imus parameter' if imus is not None else ''})")
     align = AlignOptions(steps=int(steps), lr=float(lr), whole_network=whole) if online else None
     return {"imus": imus, "align": align, "pair_chunk": int(chunk), "rotation_from_imus": imu_rotation,
-            "direction": direction}
+            "direction": direction, "direction_given": direction_given}
 
 
 def estimate_sweep(model, card: dict, sweep, options: dict, progress=None) -> tuple[np.ndarray, Optional[np.ndarray], dict]:
@@ -326,9 +329,15 @@ def estimate_sweep(model, card: dict, sweep, options: dict, progress=None) -> tu
     rel = from_network_relative(params_to_matrix(pred.params, PARAM_CONVENTION, degrees=True), geom)
     direction_facts = {"direction": "network"}
     if options.get("direction") == "imus":
-        from ultrasound_ai.freehand.imu_travel import apply_imu_direction
+        from ultrasound_ai.freehand.imu_travel import apply_imu_direction, unfit_reason
 
-        rel, direction_facts = apply_imu_direction(rel, sweep)
+        reason = unfit_reason(sweep)
+        if reason is None:
+            rel, direction_facts = apply_imu_direction(rel, sweep)
+        elif options.get("direction_given"):
+            raise InputError(f"fima parameter direction 'imus': {reason}")
+        else:  # the card's default cannot apply: say so in the result rather than fail
+            direction_facts["direction_skipped"] = f"the card's direction 'imus' was not applied: {reason}"
     weights = None
     if pred.imu_weights is not None:
         m = sweep.n_imus

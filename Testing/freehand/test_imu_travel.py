@@ -114,3 +114,25 @@ def test_fima_card_direction_is_skipped_on_a_sweep_too_short_for_the_fit():
     assert "3 frames" in est.attrs["direction_skipped"]
     with pytest.raises(InputError, match="direction 'imus': the sweep has 3 frames"):
         get_method("fima").estimate(short, device="cpu", direction="imus")
+
+
+def test_noisier_imus_weigh_less_in_the_fused_orientation():
+    """Four IMUs on one probe with angle noise 0.1, 0.1, 0.5, 0.5 deg: the jitter-based weights rank them and
+    the weighted quaternion mean lies closer to the true orientation than the plain mean."""
+    from ultrasound_ai.core.geometry import euler_to_matrix
+    from ultrasound_ai.freehand.imu_dead_reckoning import angle_noise_weights, fuse_rotations
+
+    rng = np.random.default_rng(5)
+    t = np.linspace(0.0, 10.0, 200)
+    true = np.column_stack([5 * np.sin(0.7 * t), 3 * np.cos(0.4 * t), 20 + 10 * np.sin(0.2 * t)])
+    sigma = np.array([0.1, 0.1, 0.5, 0.5])
+    rots = euler_to_matrix(true[None] + rng.normal(0.0, 1.0, (4, 200, 3)) * sigma[:, None, None], "xyz", degrees=True)
+    w = angle_noise_weights(rots, 11)
+    assert w[0] > 5 * w[2] and w[1] > 5 * w[3] and np.isclose(w.sum(), 1.0)
+    ref = euler_to_matrix(true, "xyz", degrees=True)
+
+    def err(fused):
+        cos = (np.einsum("nij,nij->n", fused, ref) - 1.0) / 2.0
+        return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))).mean()
+
+    assert err(fuse_rotations(rots, w)) < 0.7 * err(fuse_rotations(rots))

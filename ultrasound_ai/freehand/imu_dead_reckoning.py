@@ -37,7 +37,8 @@ import numpy as np
 
 from ultrasound_ai.core.errors import InputError
 
-__all__ = ["GRAVITY_M_S2", "DeadReckoningResult", "imu_rotations", "fuse_rotations", "integrate_twice", "dead_reckon"]
+__all__ = ["GRAVITY_M_S2", "DeadReckoningResult", "imu_rotations", "fuse_rotations", "angle_noise_weights",
+           "integrate_twice", "dead_reckon"]
 
 GRAVITY_M_S2 = np.array([0.0, 0.0, -9.81])  # Earth frame, z up (the sweep contract)
 _MM_PER_M = 1000.0
@@ -68,8 +69,8 @@ def imu_rotations(imu_euler_deg) -> np.ndarray:
     return euler_to_matrix(e, "xyz", degrees=True)
 
 
-def fuse_rotations(rotations) -> np.ndarray:
-    """Quaternion mean over the first axis of rotations [M, N, 3, 3] -> [N, 3, 3]."""
+def fuse_rotations(rotations, weights=None) -> np.ndarray:
+    """Quaternion mean over the first axis of rotations [M, N, 3, 3] -> [N, 3, 3]; weights [M] (default equal)."""
     from ultrasound_ai.core.geometry import matrix_to_quaternion, quaternion_to_matrix
 
     R = np.asarray(rotations, dtype=np.float64)
@@ -78,7 +79,22 @@ def fuse_rotations(rotations) -> np.ndarray:
     q = matrix_to_quaternion(R)  # [M, N, 4]
     # q and -q are the same rotation: align every IMU's sign with the first before averaging.
     sign = np.where(np.sum(q * q[:1], axis=-1, keepdims=True) < 0, -1.0, 1.0)
-    return quaternion_to_matrix((q * sign).mean(axis=0))
+    w = np.ones(R.shape[0]) if weights is None else np.asarray(weights, dtype=np.float64)
+    return quaternion_to_matrix(np.einsum("m,mnk->nk", w / w.sum(), q * sign))
+
+
+def angle_noise_weights(rotations, window: int) -> np.ndarray:
+    """Inverse-variance weights [M] of the IMUs' orientations: each IMU's jitter is its angle's departure from
+    a local quadratic fit over `window` samples (the hand's motion is smooth at that scale, sensor noise is not)."""
+    from scipy.signal import savgol_filter
+
+    R = np.asarray(rotations, dtype=np.float64)
+    window = window + 1 - window % 2
+    if R.shape[0] == 1 or window <= 3 or R.shape[1] <= window:
+        return np.ones(R.shape[0])
+    jitter = R - savgol_filter(R, window, 2, axis=1, mode="interp")
+    var = np.maximum((jitter ** 2).mean(axis=(1, 2, 3)), 1e-18)
+    return (1.0 / var) / (1.0 / var).sum()
 
 
 def _spline(t: np.ndarray, y: np.ndarray):

@@ -78,18 +78,21 @@ def _hat_basis(t: np.ndarray, knot_s: float) -> np.ndarray:
 
 
 def imu_translation_model(sweep, frame_centre_mm, knot_s: float = DEFAULT_KNOT_S,
-                          smooth_s: float = DEFAULT_SMOOTH_S):
+                          smooth_s: float = DEFAULT_SMOOTH_S, weighted: bool = True):
     """(t0 [N-1, 3], B [N-1, 3, P], n_bias_knots): the frame-centre translation of each pair in the first
     frame's axes, t_i = t0_i + B_i theta, theta = (v0 [3] mm/s Earth, bias knots [K, 3] mm/s^2 IMU axes)."""
-    from ultrasound_ai.freehand.imu_dead_reckoning import GRAVITY_M_S2, fuse_rotations, imu_rotations, integrate_twice
+    from ultrasound_ai.freehand.imu_dead_reckoning import (GRAVITY_M_S2, angle_noise_weights, fuse_rotations,
+                                                           imu_rotations, integrate_twice)
 
     reason = unfit_reason(sweep)
     if reason is not None:
         raise InputError(f"IMU direction of travel: {reason}")
     f = np.asarray(sweep.imu_acc, dtype=np.float64)
     t = np.asarray(sweep.times_s(), dtype=np.float64)
-    R = fuse_rotations(imu_rotations(sweep.imu_euler_deg))
     fps = 1.0 / float(np.median(np.diff(t)))
+    rots = imu_rotations(sweep.imu_euler_deg)
+    weights = angle_noise_weights(rots, int(round(smooth_s * fps))) if weighted else None
+    R = fuse_rotations(rots, weights)
     Rs = _smoothed_rotations(R, int(round(smooth_s * fps)))
     acc = (np.einsum("nij,nj->ni", Rs, f.mean(axis=0)) + GRAVITY_M_S2) * _MM_PER_M
     lever = (np.zeros(3) if getattr(sweep, "imu_position_mm", None) is None
@@ -111,7 +114,7 @@ def imu_translation_model(sweep, frame_centre_mm, knot_s: float = DEFAULT_KNOT_S
 
 def fit_travel(sweep, frame_centre_mm, inplane_mm, distance_mm, prior_signs=None,
                sigma_xy_mm: float = 0.05, sigma_z_rel: float = 0.3, bias_sd_mm_s2: float = 50.0,
-               knot_s: float = DEFAULT_KNOT_S) -> TravelFit:
+               knot_s: float = DEFAULT_KNOT_S, weighted: bool = True) -> TravelFit:
     """Fit the IMU unknowns to the image measurements (module docstring) and return the signs of travel.
 
     inplane_mm [N-1, 2]: the pairs' in-plane translation of the frame centre (first frame's axes);
@@ -119,7 +122,7 @@ def fit_travel(sweep, frame_centre_mm, inplane_mm, distance_mm, prior_signs=None
     """
     from scipy.optimize import least_squares
 
-    t0, B, k = imu_translation_model(sweep, frame_centre_mm, knot_s=knot_s)
+    t0, B, k = imu_translation_model(sweep, frame_centre_mm, knot_s=knot_s, weighted=weighted)
     npairs = t0.shape[0]
     xy = np.asarray(inplane_mm, dtype=np.float64)
     s = np.abs(np.asarray(distance_mm, dtype=np.float64))

@@ -136,3 +136,21 @@ def test_noisier_imus_weigh_less_in_the_fused_orientation():
         return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))).mean()
 
     assert err(fuse_rotations(rots, w)) < 0.7 * err(fuse_rotations(rots))
+
+
+@pytest.mark.parametrize("scale", [0.6, 1.6])
+def test_imu_fit_reads_the_scale_of_mis_scaled_distances(scale):
+    """Image distances off by a factor (another probe's beam width): the fitted scale comes out near its
+    inverse (the accelerometers are in absolute units) and the signs still agree with the truth."""
+    from ultrasound_ai.freehand.imu_travel import fit_travel
+
+    agree, kappa = [], []
+    for seed in (13, 16, 17):
+        sweep = _sweep(seed)
+        _, t_c = _truth(sweep)
+        w = np.abs(t_c[:, 2])
+        fit = fit_travel(sweep, frame_centre_mm(sweep.frames.shape[1:], sweep.pixel_spacing_xy), t_c[:, :2], scale * w)
+        agree.append((w * (fit.signs == np.sign(t_c[:, 2]))).sum() / w.sum())
+        kappa.append(fit.attrs["imu_travel_distance_scale"])
+    assert np.mean(agree) > 0.85, agree
+    assert 0.7 / scale < np.median(kappa) < 1.15 / scale, kappa

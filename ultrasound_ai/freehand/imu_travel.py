@@ -13,11 +13,15 @@ lever arm. Unknown: the centroid's initial velocity v0 (Earth, 3) and the bias b
 linear in time with a knot every `knot_s` seconds (constant bias plus its slow random walk). Each frame
 pair's translation of the frame centre in the first frame's axes is then affine in theta = (v0, b):
 t_i = t0_i + B_i theta. The image side gives per pair the in-plane translation (tx, ty, signed) and the
-out-of-plane distance s_i = |tz_i|. theta minimises
+out-of-plane distance s_i = |tz_i|, the latter only up to a scale kappa (a network or a decorrelation curve
+reads distance through the training or calibration probe's elevational beam width; the accelerometers are
+in absolute units and tell the scale). theta and kappa minimise
 
-    sum_i ((t_ix - tx_i)^2 + (t_iy - ty_i)^2) / sxy^2 + (|t_iz| - s_i)^2 / sz^2 + |b|^2 / sb^2
+    sum_i ((t_ix - tx_i)^2 + (t_iy - ty_i)^2) / sxy^2 + (|t_iz| - kappa s_i)^2 / sz^2 + |b|^2 / sb^2
+        + (log kappa)^2 / 0.5^2
 
-(a smooth |.|; several starts, each with the signs fixed for a linear solve first). The direction of
+(a smooth |.|; several starts, each with the signs fixed for a linear solve first). kappa is reported
+(`imu_travel_distance_scale`), not applied: per sweep it is too noisy to rescale the distances with. The direction of
 each pair is the sign of the fitted t_iz. A pair whose fitted |t_iz| is far below its image distance (a
 pause or a turn) keeps its sign only as weakly as the fit holds it; the caller gets the margin too.
 
@@ -36,6 +40,10 @@ __all__ = ["TravelFit", "imu_translation_model", "fit_travel", "apply_imu_direct
 _MM_PER_M = 1000.0
 DEFAULT_KNOT_S = 5.0
 MIN_FRAMES = 4  # the cubic spline through the accelerations
+# The image distances' scale is fitted too (log-normal prior, sd 0.5): a network reads out-of-plane distance
+# through the training probe's elevational beam width, so on another probe its distances are off by a factor
+# the accelerometers (absolute units) can tell; a fixed scale made the signs follow the wrong distances.
+DEFAULT_SCALE_SD = 0.5
 
 
 def unfit_reason(sweep):
@@ -114,11 +122,13 @@ def imu_translation_model(sweep, frame_centre_mm, knot_s: float = DEFAULT_KNOT_S
 
 def fit_travel(sweep, frame_centre_mm, inplane_mm, distance_mm, prior_signs=None,
                sigma_xy_mm: float = 0.05, sigma_z_rel: float = 0.3, bias_sd_mm_s2: float = 50.0,
-               knot_s: float = DEFAULT_KNOT_S, weighted: bool = True) -> TravelFit:
+               knot_s: float = DEFAULT_KNOT_S, weighted: bool = True,
+               scale_sd: float | None = DEFAULT_SCALE_SD) -> TravelFit:
     """Fit the IMU unknowns to the image measurements (module docstring) and return the signs of travel.
 
     inplane_mm [N-1, 2]: the pairs' in-plane translation of the frame centre (first frame's axes);
-    distance_mm [N-1]: their unsigned out-of-plane distance; prior_signs: an extra start (e.g. a network's).
+    distance_mm [N-1]: their unsigned out-of-plane distance; prior_signs: an extra start (e.g. a network's);
+    scale_sd: the distances are matched up to a scale kappa (log-normal prior of this sd; None: kappa = 1).
     """
     from scipy.optimize import least_squares
 
@@ -136,10 +146,14 @@ def fit_travel(sweep, frame_centre_mm, inplane_mm, distance_mm, prior_signs=None
     prior[3:] = 1.0 / bias_sd_mm_s2
     prior[:3] = 1.0 / 1000.0  # v0: a weak pull towards rest (mm/s)
 
-    def residuals(theta):
+    free = scale_sd is not None
+
+    def residuals(x):
+        theta, log_k = (x[:-1], x[-1]) if free else (x, 0.0)
         tt = t0 + B @ theta
-        rz = (np.sqrt(tt[:, 2] ** 2 + eps ** 2) - s) / sz
-        return np.concatenate([((tt[:, :2] - xy) / sigma_xy_mm).ravel(), rz, prior * theta])
+        rz = (np.sqrt(tt[:, 2] ** 2 + eps ** 2) - np.exp(log_k) * s) / sz
+        extra = [log_k / scale_sd] if free else []
+        return np.concatenate([((tt[:, :2] - xy) / sigma_xy_mm).ravel(), rz, prior * theta, extra])
 
     def linear_start(signs):
         # z fixed to signs * s: every residual is linear in theta
@@ -152,13 +166,15 @@ def fit_travel(sweep, frame_centre_mm, inplane_mm, distance_mm, prior_signs=None
         starts.append(np.where(np.asarray(prior_signs) < 0, -1.0, 1.0))
     best = None
     for signs in starts:
-        sol = least_squares(residuals, linear_start(signs), method="lm", max_nfev=200 * p)
+        x0 = linear_start(signs)
+        sol = least_squares(residuals, np.append(x0, 0.0) if free else x0, method="lm", max_nfev=200 * p)
         if best is None or sol.cost < best.cost:
             best = sol
-    tz = (t0 + B @ best.x)[:, 2]
+    theta, kappa = (best.x[:-1], float(np.exp(best.x[-1]))) if free else (best.x, 1.0)
+    tz = (t0 + B @ theta)[:, 2]
     attrs = {"imu_travel_knot_s": float(knot_s), "imu_travel_bias_knots": int(k),
-             "imu_travel_cost_per_pair": float(2.0 * best.cost / npairs)}
-    return TravelFit(np.where(tz < 0, -1.0, 1.0), tz, best.x, float(best.cost), attrs)
+             "imu_travel_cost_per_pair": float(2.0 * best.cost / npairs), "imu_travel_distance_scale": kappa}
+    return TravelFit(np.where(tz < 0, -1.0, 1.0), tz, theta, float(best.cost), attrs)
 
 
 def apply_imu_direction(rel, sweep, prior: str = "estimate", **fit_kw):

@@ -1,5 +1,8 @@
 """Direction of out-of-plane travel from the IMUs fitted to the images' distances (freehand/imu_travel.py)."""
 
+import copy
+import functools
+
 import numpy as np
 import pytest
 
@@ -13,9 +16,15 @@ from ultrasound_ai.validation.pose_agreement import frame_centre_mm
 pytestmark = pytest.mark.usefixtures("one_thread")  # Testing/conftest.py
 
 
-def _sweep(seed, tactic="loop", **kw):
-    return simulate_sweep(seed, n_frames=120, tactic=tactic, frame_shape=(64, 64), pixel_spacing=0.3, n_imus=4,
-                          motion="varied", **kw)
+@functools.lru_cache(maxsize=None)
+def _simulated(seed, noisy=True):
+    return simulate_sweep(seed, n_frames=120, tactic="loop", frame_shape=(64, 64), pixel_spacing=0.3, n_imus=4,
+                          motion="varied", **({} if noisy else {"imu_noise": None}))
+
+
+def _sweep(seed, noisy=True):
+    """A looping 6 s sweep with reversals (a copy: tests may cut it)."""
+    return copy.deepcopy(_simulated(seed, noisy))
 
 
 def _truth(sweep):
@@ -29,7 +38,7 @@ def _truth(sweep):
 def test_translation_model_holds_the_true_motion_for_noise_free_imus():
     """With exact IMU readings some (initial velocity, bias) reproduces every pair's translation of the frame
     centre: a wrong axis, lever arm or gravity sign would leave errors of the size of the motion itself."""
-    sweep = _sweep(13, imu_noise=None)
+    sweep = _sweep(13, noisy=False)
     _, t_true = _truth(sweep)
     t0, basis, knots = imu_translation_model(sweep, frame_centre_mm(sweep.frames.shape[1:], sweep.pixel_spacing_xy))
     assert basis.shape == (len(t_true), 3, 3 + 3 * knots)

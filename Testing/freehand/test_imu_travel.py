@@ -40,7 +40,9 @@ def test_translation_model_holds_the_true_motion_for_noise_free_imus():
     centre: a wrong axis, lever arm or gravity sign would leave errors of the size of the motion itself."""
     sweep = _sweep(13, noisy=False)
     _, t_true = _truth(sweep)
-    t0, basis, knots = imu_translation_model(sweep, frame_centre_mm(sweep.frames.shape[1:], sweep.pixel_spacing_xy))
+    # no orientation smoothing: the model itself must be exact (smoothing trades a little bias for less noise)
+    t0, basis, knots = imu_translation_model(sweep, frame_centre_mm(sweep.frames.shape[1:], sweep.pixel_spacing_xy),
+                                             smooth_s=0.0)
     assert basis.shape == (len(t_true), 3, 3 + 3 * knots)
     theta = np.linalg.lstsq(basis.reshape(-1, basis.shape[2]), (t_true - t0).ravel(), rcond=None)[0]
     err = np.sqrt(((t0 + basis @ theta - t_true) ** 2).mean(axis=0))
@@ -109,9 +111,9 @@ def test_shipped_fima_takes_its_direction_from_the_imus():
     assert fdr(est.tforms, sweep.tforms, shape, sp) < fdr(net.tforms, sweep.tforms, shape, sp)
 
 
-def test_fima_card_direction_is_skipped_on_a_sweep_too_short_for_the_fit():
-    """A 3-frame sweep still reconstructs with the shipped card (the IMU direction skipped, and the result says
-    why); asked for explicitly, the direction fails naming the cause. (IMU data without frame times break the
+def test_fima_card_direction_is_skipped_where_the_fit_cannot_run():
+    """A 3-frame sweep, or accelerations in the wrong unit, still reconstruct with the shipped card (the IMU
+    direction skipped, and the result says why); asked for explicitly, the direction fails naming the cause. (IMU data without frame times break the
     sweep contract before any method runs.)"""
     from ultrasound_ai.freehand.methods import get_method
 
@@ -123,6 +125,10 @@ def test_fima_card_direction_is_skipped_on_a_sweep_too_short_for_the_fit():
     assert "3 frames" in est.attrs["direction_skipped"]
     with pytest.raises(InputError, match="direction 'imus': the sweep has 3 frames"):
         get_method("fima").estimate(short, device="cpu", direction="imus")
+    in_g = _sweep(13).without_truth()  # accelerations in g instead of m/s^2
+    in_g.imu_acc = in_g.imu_acc / 9.81
+    est = get_method("fima").estimate(in_g, device="cpu")
+    assert "must be in m/s^2" in est.attrs["direction_skipped"]
 
 
 def test_noisier_imus_weigh_less_in_the_fused_orientation():

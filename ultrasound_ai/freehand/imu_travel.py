@@ -40,10 +40,12 @@ __all__ = ["TravelFit", "imu_translation_model", "fit_travel", "apply_imu_direct
 _MM_PER_M = 1000.0
 DEFAULT_KNOT_S = 5.0
 MIN_FRAMES = 4  # the cubic spline through the accelerations
+GRAVITY_NORM = 9.81  # m/s^2
 # The image distances' scale is fitted too (log-normal prior, sd 0.5): a network reads out-of-plane distance
 # through the training probe's elevational beam width, so on another probe its distances are off by a factor
 # the accelerometers (absolute units) can tell; a fixed scale made the signs follow the wrong distances.
 DEFAULT_SCALE_SD = 0.5
+MAX_SCALE = 2.0  # kappa within [1 / MAX_SCALE, MAX_SCALE]
 
 
 def unfit_reason(sweep):
@@ -52,6 +54,12 @@ def unfit_reason(sweep):
         return "the sweep has no IMU data ('imu_acc' and 'imu_euler_deg')"
     if sweep.n_frames < MIN_FRAMES:
         return f"the sweep has {sweep.n_frames} frames; the IMU fit needs at least {MIN_FRAMES}"
+    # A hand-held probe's accelerometers read about 1 g: anything else is another unit (g instead of m/s^2)
+    # or a dead sensor, and integrating it would give confident nonsense.
+    g = float(np.median(np.linalg.norm(np.asarray(sweep.imu_acc, dtype=np.float64).mean(axis=0), axis=-1)))
+    if not 0.5 * GRAVITY_NORM < g < 1.5 * GRAVITY_NORM:
+        return (f"the IMUs' specific force has a median magnitude of {g:.3g} m/s^2; a hand-held probe's reads about "
+                f"{GRAVITY_NORM} (imu_acc must be in m/s^2)")
     return None
 DEFAULT_SMOOTH_S = 0.5
 
@@ -105,7 +113,9 @@ def imu_translation_model(sweep, frame_centre_mm, knot_s: float = DEFAULT_KNOT_S
     acc = (np.einsum("nij,nj->ni", Rs, f.mean(axis=0)) + GRAVITY_M_S2) * _MM_PER_M
     lever = (np.zeros(3) if getattr(sweep, "imu_position_mm", None) is None
              else np.asarray(sweep.imu_position_mm, dtype=np.float64).mean(axis=0))
-    arm = np.einsum("nij,j->ni", R, np.asarray(frame_centre_mm, dtype=np.float64) - lever)
+    # the smoothed orientation for the lever arm too: its per-sample angle noise times the ~10 cm from the
+    # IMUs to the frame centre would otherwise add a fraction of a millimetre of jitter to every pair
+    arm = np.einsum("nij,j->ni", Rs, np.asarray(frame_centre_mm, dtype=np.float64) - lever)
     centre0 = integrate_twice(t, acc) + arm  # Earth positions of the frame centre, theta = 0
     hats = _hat_basis(t, knot_s)
     k = hats.shape[1]
@@ -114,7 +124,7 @@ def imu_translation_model(sweep, frame_centre_mm, knot_s: float = DEFAULT_KNOT_S
         for a in range(3):
             cols.append(integrate_twice(t, -Rs[:, :, a] * hats[:, j:j + 1]))  # bias knot j, IMU axis a
     basis = np.stack(cols, axis=-1)  # [N, 3, P] Earth positions per unit parameter
-    Rt = np.transpose(R[:-1], (0, 2, 1))
+    Rt = np.transpose(Rs[:-1], (0, 2, 1))
     t0 = np.einsum("nij,nj->ni", Rt, np.diff(centre0, axis=0))
     B = np.einsum("nij,njp->nip", Rt, np.diff(basis, axis=0))
     return t0, B, k
@@ -148,8 +158,11 @@ def fit_travel(sweep, frame_centre_mm, inplane_mm, distance_mm, prior_signs=None
 
     free = scale_sd is not None
 
+    def log_scale(u):  # bounded: beyond a factor MAX_SCALE the fit would trade the scale for the signs
+        return np.log(MAX_SCALE) * np.tanh(u)
+
     def residuals(x):
-        theta, log_k = (x[:-1], x[-1]) if free else (x, 0.0)
+        theta, log_k = (x[:-1], log_scale(x[-1])) if free else (x, 0.0)
         tt = t0 + B @ theta
         rz = (np.sqrt(tt[:, 2] ** 2 + eps ** 2) - np.exp(log_k) * s) / sz
         extra = [log_k / scale_sd] if free else []
@@ -170,7 +183,7 @@ def fit_travel(sweep, frame_centre_mm, inplane_mm, distance_mm, prior_signs=None
         sol = least_squares(residuals, np.append(x0, 0.0) if free else x0, method="lm", max_nfev=200 * p)
         if best is None or sol.cost < best.cost:
             best = sol
-    theta, kappa = (best.x[:-1], float(np.exp(best.x[-1]))) if free else (best.x, 1.0)
+    theta, kappa = (best.x[:-1], float(np.exp(log_scale(best.x[-1])))) if free else (best.x, 1.0)
     tz = (t0 + B @ theta)[:, 2]
     attrs = {"imu_travel_knot_s": float(knot_s), "imu_travel_bias_knots": int(k),
              "imu_travel_cost_per_pair": float(2.0 * best.cost / npairs), "imu_travel_distance_scale": kappa}

@@ -24,8 +24,8 @@ Per frame pair (i, i+1):
    last round): at every dip of the speed profile the IMUs' integrated acceleration along z tells a
    reversal (velocity change about -2 v) from a pause (about 0). On 56 training-simulator sweeps
    (freehand-v2 settings, seeds 280000-280023 and 281000-281031) the fit lowered the mean / median FDR
-   from 79.1 / 39.7 % to 32.8 / 19.0 % (its fitted distance scale also absorbs most of the over-read
-   distance on sector sweeps).
+   from 79.1 / 39.7 % to 58.7 / 18.9 % (sector sweeps, where decorrelation over-reads the distance
+   by more than the fit's scale bound of 2, stay high).
 
 The calibration (sigma, rho0) belongs to a probe and its settings: `calibrate` fits it from sweeps with
 known poses (e.g. a phantom scan with a tracker). The default is the nominal probe of the training

@@ -97,8 +97,13 @@ def imu_translation_model(sweep, frame_centre_mm, knot_s: float = DEFAULT_KNOT_S
                           smooth_s: float = DEFAULT_SMOOTH_S, weighted: bool = True):
     """(t0 [N-1, 3], B [N-1, 3, P], n_bias_knots): the frame-centre translation of each pair in the first
     frame's axes, t_i = t0_i + B_i theta, theta = (v0 [3] mm/s Earth, bias knots [K, 3] mm/s^2 IMU axes)."""
-    from ultrasound_ai.freehand.imu_dead_reckoning import (GRAVITY_M_S2, angle_noise_weights, fuse_rotations,
-                                                           imu_rotations, integrate_twice)
+    from ultrasound_ai.freehand.imu_dead_reckoning import (
+        GRAVITY_M_S2,
+        angle_noise_weights,
+        fuse_rotations,
+        imu_rotations,
+        integrate_twice,
+    )
 
     reason = unfit_reason(sweep)
     if reason is not None:

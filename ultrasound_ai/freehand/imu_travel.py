@@ -6,10 +6,10 @@ needs the initial velocity and the accelerometer bias, which the sensors cannot 
 few mm/s of probe speed within a second. Each fills the other's gap: the unknowns are few and smooth, the
 image measurements many, so they are fitted together.
 
-Model. The IMUs' mean specific force, turned into the Earth frame with their fused orientation (smoothed
-over ~0.5 s, since per-sample angle noise times gravity is the largest acceleration error) and with
-gravity added back, is integrated twice to the IMUs' centroid; the frame centre follows through the
-lever arm. Unknown: the centroid's initial velocity v0 (Earth, 3) and the bias b(t) (IMU axes), piecewise
+Model. The IMUs' mean specific force, turned into the Earth frame with their fused orientation (each IMU
+weighted by the inverse variance of its angle jitter, then smoothed over ~0.5 s: per-sample angle noise
+times gravity is the largest acceleration error) and with gravity added back, is integrated twice to the
+IMUs' centroid; the frame centre follows through the lever arm (with the same smoothed orientation). Unknown: the centroid's initial velocity v0 (Earth, 3) and the bias b(t) (IMU axes), piecewise
 linear in time with a knot every `knot_s` seconds (constant bias plus its slow random walk). Each frame
 pair's translation of the frame centre in the first frame's axes is then affine in theta = (v0, b):
 t_i = t0_i + B_i theta. The image side gives per pair the in-plane translation (tx, ty, signed) and the
@@ -18,12 +18,13 @@ reads distance through the training or calibration probe's elevational beam widt
 in absolute units and tell the scale). theta and kappa minimise
 
     sum_i ((t_ix - tx_i)^2 + (t_iy - ty_i)^2) / sxy^2 + (|t_iz| - kappa s_i)^2 / sz^2 + |b|^2 / sb^2
-        + (log kappa)^2 / 0.5^2
+        + (log kappa)^2 / 0.5^2,     kappa within [1/2, 2]
 
-(a smooth |.|; several starts, each with the signs fixed for a linear solve first). kappa is reported
-(`imu_travel_distance_scale`), not applied: per sweep it is too noisy to rescale the distances with. The direction of
-each pair is the sign of the fitted t_iz. A pair whose fitted |t_iz| is far below its image distance (a
-pause or a turn) keeps its sign only as weakly as the fit holds it; the caller gets the margin too.
+(a smooth |.|; several starts, each with the signs fixed for a linear solve first). kappa is bounded because a
+free one can shrink until the fitted velocity hovers at zero and follows the noise; it is reported
+(`imu_travel_distance_scale`), not applied: per sweep it is too noisy to rescale the distances with. The direction
+of each pair is the sign of the fitted t_iz (`TravelFit.tz` keeps the margin: near a pause or a turn it is small).
+Chosen on training-simulator sweeps only (bench/diagnose_freehand_direction.py; BENCHMARKS.md).
 
 A constant acceleration over the whole sweep is the one motion the bias can mimic (a linear velocity
 ramp through zero fits either way); real hand motion, with its pauses and turns, does not look like it.
@@ -34,13 +35,15 @@ from __future__ import annotations
 import numpy as np
 
 from ultrasound_ai.core.errors import InputError
+from ultrasound_ai.freehand.imu_dead_reckoning import GRAVITY_M_S2
 
 __all__ = ["TravelFit", "imu_translation_model", "fit_travel", "apply_imu_direction", "unfit_reason", "MIN_FRAMES"]
 
 _MM_PER_M = 1000.0
 DEFAULT_KNOT_S = 5.0
+DEFAULT_SMOOTH_S = 0.5
 MIN_FRAMES = 4  # the cubic spline through the accelerations
-GRAVITY_NORM = 9.81  # m/s^2
+GRAVITY_NORM = float(np.linalg.norm(GRAVITY_M_S2))  # m/s^2
 # The image distances' scale is fitted too (log-normal prior, sd 0.5): a network reads out-of-plane distance
 # through the training probe's elevational beam width, so on another probe its distances are off by a factor
 # the accelerometers (absolute units) can tell; a fixed scale made the signs follow the wrong distances.
@@ -61,7 +64,6 @@ def unfit_reason(sweep):
         return (f"the IMUs' specific force has a median magnitude of {g:.3g} m/s^2; a hand-held probe's reads about "
                 f"{GRAVITY_NORM} (imu_acc must be in m/s^2)")
     return None
-DEFAULT_SMOOTH_S = 0.5
 
 
 class TravelFit:
@@ -98,7 +100,6 @@ def imu_translation_model(sweep, frame_centre_mm, knot_s: float = DEFAULT_KNOT_S
     """(t0 [N-1, 3], B [N-1, 3, P], n_bias_knots): the frame-centre translation of each pair in the first
     frame's axes, t_i = t0_i + B_i theta, theta = (v0 [3] mm/s Earth, bias knots [K, 3] mm/s^2 IMU axes)."""
     from ultrasound_ai.freehand.imu_dead_reckoning import (
-        GRAVITY_M_S2,
         angle_noise_weights,
         fuse_rotations,
         imu_rotations,

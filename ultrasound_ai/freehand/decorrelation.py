@@ -20,8 +20,8 @@ Per frame pair (i, i+1):
    offset the rotation gives patch k; its sign comes from the rotation's asymmetry when that decides
    clearly, otherwise from the direction of travel. `travel` "fit" (the default): the IMUs' accelerations,
    integrated twice with the initial velocity and a slowly varying bias fitted to the images' in-plane
-   motion and out-of-plane distances (`ultrasound_ai.freehand.imu_travel`); "dips" (before issue 15's
-   last round): at every dip of the speed profile the IMUs' integrated acceleration along z tells a
+   motion and out-of-plane distances (`ultrasound_ai.freehand.imu_travel`); "dips" (the earlier rule,
+   kept as an option): at every dip of the speed profile the IMUs' integrated acceleration along z tells a
    reversal (velocity change about -2 v) from a pause (about 0). On 56 training-simulator sweeps
    (freehand-v2 settings, seeds 280000-280023 and 281000-281031) the fit lowered the mean / median FDR
    from 79.1 / 39.7 % to 58.7 / 18.9 % (sector sweeps, where decorrelation over-reads the distance
@@ -314,9 +314,8 @@ def estimate_poses(sweep, cal: Calibration = DEFAULT_CALIBRATION, use_imus: bool
 
         distance = np.minimum(np.abs(tz_pos), np.abs(tz_neg))
         if travel == "fit" and unfit_reason(sweep) is not None:
-            travel = "dips"  # too short for the fit
+            travel = "dips"  # a sweep the fit cannot take (too short; accelerations not in m/s^2)
         if travel == "fit":
-
             # (inplane, tz) is the frame centre's translation (the pose is assembled about the centre below)
             travel_signs = fit_travel(sweep, centre, inplane, distance).signs
         else:

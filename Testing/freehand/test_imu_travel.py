@@ -169,3 +169,26 @@ def test_imu_fit_reads_the_scale_of_mis_scaled_distances(scale):
         kappa.append(fit.attrs["imu_travel_distance_scale"])
     assert np.mean(agree) > 0.85, agree
     assert 0.7 / scale < np.median(kappa) < 1.15 / scale, kappa
+
+
+def test_weak_imu_evidence_keeps_the_expected_signs():
+    """A steady forward sweep whose four IMUs are all noisy (0.4-0.5 deg): the noise alone can make a reversal
+    fit a little better, but not by more than the fit's own noise, so the expected (forward) signs stand; on a
+    looping sweep with reversals the evidence is strong and the fit's signs are applied."""
+    from ultrasound_ai.freehand.imu_travel import fit_travel
+    from ultrasound_ai.freehand.simulation.imu_model import ImuNoise
+
+    sweep = simulate_sweep(7, n_frames=200, tactic="curved", frame_shape=(64, 64), pixel_spacing=0.3, n_imus=4,
+                           imu_noise=ImuNoise(angle_noise_deg=(0.4, 0.5)))
+    _, t_c = _truth(sweep)
+    assert np.all(t_c[:, 2] > 0)
+    centre = frame_centre_mm(sweep.frames.shape[1:], sweep.pixel_spacing_xy)
+    fit = fit_travel(sweep, centre, t_c[:, :2], np.abs(t_c[:, 2]))
+    assert not fit.attrs["imu_travel_applied"] and np.all(fit.signs == 1.0), fit.attrs
+    forced = fit_travel(sweep, centre, t_c[:, :2], np.abs(t_c[:, 2]), min_evidence=0.0)
+    assert np.any(forced.signs < 0)  # what the gate prevents
+    loop = _sweep(13)
+    _, t_loop = _truth(loop)
+    fit = fit_travel(loop, frame_centre_mm(loop.frames.shape[1:], loop.pixel_spacing_xy), t_loop[:, :2],
+                     np.abs(t_loop[:, 2]))
+    assert fit.attrs["imu_travel_applied"] and fit.attrs["imu_travel_evidence"] > 5.0

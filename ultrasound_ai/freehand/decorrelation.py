@@ -24,7 +24,7 @@ Per frame pair (i, i+1):
    kept as an option): at every dip of the speed profile the IMUs' integrated acceleration along z tells a
    reversal (velocity change about -2 v) from a pause (about 0). On 56 training-simulator sweeps
    (freehand-v2 settings, seeds 280000-280023 and 281000-281031) the fit lowered the mean / median FDR
-   from 79.1 / 39.7 % to 58.7 / 18.9 % (sector sweeps, where decorrelation over-reads the distance
+   from 79.1 / 39.7 % to 66.2 / 20.3 % (sector sweeps, where decorrelation over-reads the distance
    by more than the fit's scale bound of 2, stay high).
 
 The calibration (sigma, rho0) belongs to a probe and its settings: `calibrate` fits it from sweeps with

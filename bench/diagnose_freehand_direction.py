@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from diagnose_freehand_drift import _bench, centre_params, chain_params, score  # noqa: E402
+from diagnose_freehand_drift import centre_params, chain_params, parse_diagnosis_args, score  # noqa: E402
 
 TACTICS = ("linear", "curved", "loop", "sector")
 
@@ -39,14 +39,8 @@ def _signed(params, signs):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed-base", type=int, default=281000)
-    ap.add_argument("--sweeps-per-tactic", type=int, default=8)
-    ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--distance-scale", type=float, default=1.0, metavar="S")
-    ap.add_argument("--section", default="freehand_direction_sources")
-    ap.add_argument("--no-write", action="store_true")
-    bench = _bench()
-    report = bench._report_module()
-    args = report.parse_bench_args(ap, argv, timing=False)
+    bench, report, args = parse_diagnosis_args(ap, argv, per_tactic=8, section="freehand_direction_sources")
     from ultrasound_ai.core.geometry import chain_relative, params_to_matrix
     from ultrasound_ai.freehand.imu_travel import apply_imu_direction
     from ultrasound_ai.freehand.methods import get_method

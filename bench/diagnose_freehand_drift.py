@@ -110,18 +110,23 @@ def score(est, sweep) -> dict:
             "mea": mea(est, sweep.tforms), "r": np.nan if r is None else r}
 
 
+def parse_diagnosis_args(ap, argv, per_tactic: int, section: str):
+    """(bench module, report module, args) with the options every training-family diagnosis takes."""
+    ap.add_argument("--sweeps-per-tactic", type=int, default=per_tactic)
+    ap.add_argument("--frames", type=int, default=200)
+    ap.add_argument("--section", default=section)
+    ap.add_argument("--no-write", action="store_true")
+    bench = _bench()
+    report = bench._report_module()
+    return bench, report, report.parse_bench_args(ap, argv, timing=False)  # accuracy only: the load is recorded
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--row", nargs="+", action="append", required=True, metavar="LABEL CHECKPOINT [K=V]",
                     help="a moglo checkpoint ('-' for the shipped model) and method parameters")
-    ap.add_argument("--sweeps-per-tactic", type=int, default=3)
-    ap.add_argument("--frames", type=int, default=200)
     ap.add_argument("--constant-velocity", type=int, default=12, metavar="N")
-    ap.add_argument("--section", default="freehand_drift_sources")
-    ap.add_argument("--no-write", action="store_true")
-    bench = _bench()
-    report = bench._report_module()
-    args = report.parse_bench_args(ap, argv, timing=False)  # accuracy only: the load is recorded, not awaited
+    bench, report, args = parse_diagnosis_args(ap, argv, per_tactic=3, section="freehand_drift_sources")
     from ultrasound_ai.freehand.methods import get_method
 
     const = bench.matrix_params(bench.constant_velocity_motion(args.constant_velocity, args.frames, "varied"))

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed-base", type=int, default=281000)
     ap.add_argument("--distance-scale", type=float, default=1.0, metavar="S")
     bench, report, args = parse_diagnosis_args(ap, argv, per_tactic=8, section="freehand_direction_sources")
-    from ultrasound_ai.core.geometry import chain_relative, params_to_matrix
+    from ultrasound_ai.core.geometry import params_to_matrix
     from ultrasound_ai.freehand.imu_travel import apply_imu_direction
     from ultrasound_ai.freehand.methods import get_method
     from ultrasound_ai.freehand.simulation.benchmark_set import DEFAULT_FRAME_SHAPE, DEFAULT_PIXEL_SPACING, SETS
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         true_signs = np.where(p_true[:, 2] < 0, -1.0, 1.0)
         rel = bench.about_frame_centre(params_to_matrix(p_net, "xyz", degrees=True), shape, spacing, inverse=True)
         fitted, _ = apply_imu_direction(rel, sweep)  # sweep-mm pair transforms, as FiMA's method passes them
-        p_fit = centre_params(chain_relative(fitted), bench, shape, spacing)
+        p_fit = bench.matrix_params(bench.about_frame_centre(fitted, shape, spacing))
         variants = {names[0]: p_net, names[1]: _signed(p_net, np.where(p_fit[:, 2] < 0, -1.0, 1.0)),
                     names[2]: _signed(p_net, true_signs)}
         w = np.abs(p_true[:, 2])

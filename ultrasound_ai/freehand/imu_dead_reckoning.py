@@ -37,8 +37,8 @@ import numpy as np
 
 from ultrasound_ai.core.errors import InputError
 
-__all__ = ["GRAVITY_M_S2", "DeadReckoningResult", "imu_rotations", "fuse_rotations", "angle_noise_weights",
-           "integrate_twice", "dead_reckon"]
+__all__ = ["GRAVITY_M_S2", "DeadReckoningResult", "imu_rotations", "fuse_rotations", "smooth_rotations",
+           "angle_noise_weights", "integrate_twice", "dead_reckon"]
 
 GRAVITY_M_S2 = np.array([0.0, 0.0, -9.81])  # Earth frame, z up (the sweep contract)
 _MM_PER_M = 1000.0
@@ -83,17 +83,36 @@ def fuse_rotations(rotations, weights=None) -> np.ndarray:
     return quaternion_to_matrix(np.einsum("m,mnk->nk", w / w.sum(), q * sign))
 
 
-def angle_noise_weights(rotations, window: int) -> np.ndarray:
-    """Inverse-variance weights [M] of the IMUs' orientations: each IMU's jitter is its angle's departure from
-    a local quadratic fit over `window` samples (the hand's motion is smooth at that scale, sensor noise is not)."""
+def _quadratic_trend(a: np.ndarray, window: int, axis: int):
+    """Local quadratic fit of `a` along `axis` over `window` samples (made odd), or None when the window is
+    too short to smooth or longer than the series. A quadratic keeps the hand's turning, which a box filter
+    bends; per-sample sensor noise it removes."""
     from scipy.signal import savgol_filter
 
-    R = np.asarray(rotations, dtype=np.float64)
     window = window + 1 - window % 2
-    if R.shape[0] == 1 or window <= 3 or R.shape[1] <= window:
+    if window <= 3 or a.shape[axis] <= window:
+        return None
+    return savgol_filter(a, window, 2, axis=axis, mode="interp")
+
+
+def smooth_rotations(rotations, window: int) -> np.ndarray:
+    """Rotations [N, 3, 3] smoothed over `window` samples (local quadratic fit, back onto rotations by SVD)."""
+    R = np.asarray(rotations, dtype=np.float64)
+    trend = _quadratic_trend(R, window, axis=0)
+    if trend is None:
+        return R
+    u, _, vt = np.linalg.svd(trend)
+    return u @ vt
+
+
+def angle_noise_weights(rotations, window: int) -> np.ndarray:
+    """Inverse-variance weights [M] of the IMUs' orientations [M, N, 3, 3]: each IMU's jitter is its departure
+    from a local quadratic fit over `window` samples (the hand's motion is smooth at that scale, noise is not)."""
+    R = np.asarray(rotations, dtype=np.float64)
+    trend = None if R.shape[0] == 1 else _quadratic_trend(R, window, axis=1)
+    if trend is None:
         return np.ones(R.shape[0])
-    jitter = R - savgol_filter(R, window, 2, axis=1, mode="interp")
-    var = np.maximum((jitter ** 2).mean(axis=(1, 2, 3)), 1e-18)
+    var = np.maximum(((R - trend) ** 2).mean(axis=(1, 2, 3)), 1e-18)
     return (1.0 / var) / (1.0 / var).sum()
 
 

@@ -39,6 +39,8 @@ ramp through zero fits either way); real hand motion, with its pauses and turns,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ultrasound_ai.core.errors import InputError
@@ -74,24 +76,16 @@ def unfit_reason(sweep):
     return None
 
 
+@dataclass
 class TravelFit:
     """signs [N-1] (+1 / -1), tz [N-1] the IMU-anchored out-of-plane translation of each pair (mm),
     theta the fitted unknowns, cost the final cost, attrs for the estimate file."""
 
-    def __init__(self, signs, tz, theta, cost, attrs):
-        self.signs, self.tz, self.theta, self.cost, self.attrs = signs, tz, theta, cost, attrs
-
-
-def _smoothed_rotations(R: np.ndarray, size: int) -> np.ndarray:
-    from scipy.signal import savgol_filter
-
-    size = size + 1 - size % 2  # odd
-    if size <= 3 or R.shape[0] <= size:
-        return R
-    # quadratic local fit: removes per-sample angle noise but keeps the hand's turning (a box filter bends it)
-    s = savgol_filter(R, size, 2, axis=0, mode="interp")
-    u, _, vt = np.linalg.svd(s)
-    return u @ vt
+    signs: np.ndarray
+    tz: np.ndarray
+    theta: np.ndarray
+    cost: float
+    attrs: dict
 
 
 def _hat_basis(t: np.ndarray, knot_s: float) -> np.ndarray:
@@ -112,6 +106,7 @@ def imu_translation_model(sweep, frame_centre_mm, knot_s: float = DEFAULT_KNOT_S
         fuse_rotations,
         imu_rotations,
         integrate_twice,
+        smooth_rotations,
     )
 
     reason = unfit_reason(sweep)
@@ -123,9 +118,9 @@ def imu_translation_model(sweep, frame_centre_mm, knot_s: float = DEFAULT_KNOT_S
     rots = imu_rotations(sweep.imu_euler_deg)
     weights = angle_noise_weights(rots, int(round(smooth_s * fps))) if weighted else None
     R = fuse_rotations(rots, weights)
-    Rs = _smoothed_rotations(R, int(round(smooth_s * fps)))
+    Rs = smooth_rotations(R, int(round(smooth_s * fps)))
     acc = (np.einsum("nij,nj->ni", Rs, f.mean(axis=0)) + GRAVITY_M_S2) * _MM_PER_M
-    lever = (np.zeros(3) if getattr(sweep, "imu_position_mm", None) is None
+    lever = (np.zeros(3) if sweep.imu_position_mm is None
              else np.asarray(sweep.imu_position_mm, dtype=np.float64).mean(axis=0))
     # the smoothed orientation for the lever arm too: its per-sample angle noise times the ~10 cm from the
     # IMUs to the frame centre would otherwise add a fraction of a millimetre of jitter to every pair
@@ -190,18 +185,19 @@ def fit_travel(sweep, frame_centre_mm, inplane_mm, distance_mm, prior_signs=None
         return np.linalg.lstsq(a, y, rcond=None)[0]
 
     expected = np.ones(npairs) if prior_signs is None else np.where(np.asarray(prior_signs) < 0, -1.0, 1.0)
-    sols = []
-    for signs in (expected, np.ones(npairs), -np.ones(npairs)):
+    def start(signs):  # z fixed to the signs for a linear solve; the scale starts at 1
         x0 = linear_start(signs)
-        sols.append(least_squares(residuals, np.append(x0, 0.0) if free else x0, method="lm", max_nfev=200 * p))
-    best = min(sols, key=lambda sol: sol.cost)
+        return np.append(x0, 0.0) if free else x0
+
+    starts = [expected] + [c for c in (np.ones(npairs), -np.ones(npairs)) if not np.array_equal(c, expected)]
+    x_expected = start(expected)
+    best = min((least_squares(residuals, x_expected if i == 0 else start(signs), method="lm", max_nfev=200 * p)
+                for i, signs in enumerate(starts)), key=lambda sol: sol.cost)
     # The expected signs held fixed (the same unknowns, scale included), and the evidence against them in units
     # of the fit's own noise: its reduced chi-square, and the correlation time of the out-of-plane residuals
     # (the integrated IMU noise is a random walk: neighbouring pairs are not independent evidence). Where the
     # IMUs' noise swamps the probe's speed, every sign pattern fits about as badly and the expected signs stand.
-    x0 = linear_start(expected)
-    held = least_squares(residuals, np.append(x0, 0.0) if free else x0, method="lm", max_nfev=200 * p,
-                         kwargs={"signs": expected})
+    held = least_squares(residuals, x_expected, method="lm", max_nfev=200 * p, kwargs={"signs": expected})
     dof = max(1, best.fun.size - best.x.size)
     tau = _correlation_time(best.fun[2 * npairs:3 * npairs])
     evidence = 2.0 * (held.cost - best.cost) / max(2.0 * best.cost / dof, 1.0) / tau
@@ -231,12 +227,12 @@ def _correlation_time(r: np.ndarray) -> float:
     return tau
 
 
-def apply_imu_direction(rel, sweep, prior: str = "estimate", **fit_kw):
+def apply_imu_direction(rel, sweep, **fit_kw):
     """(rel with each pair's out-of-plane translation of the frame centre signed by the IMU fit, facts).
 
     rel [N-1, 4, 4]: the pairs' transforms T_i<-i+1 in the sweep's image mm. Their in-plane translation and
-    |tz| (about the frame centre) are the image measurements; rotation and |tz| are kept, only the sign of
-    tz changes. prior "estimate": rel's own signs are one of the fit's starts.
+    |tz| (about the frame centre) are the image measurements and their own signs the expected ones (kept
+    unless the IMUs clearly say otherwise); rotation and |tz| are kept, only the sign of tz may change.
     """
     from ultrasound_ai.validation.pose_agreement import frame_centre_mm
 
@@ -244,8 +240,7 @@ def apply_imu_direction(rel, sweep, prior: str = "estimate", **fit_kw):
     centre = frame_centre_mm(sweep.frames.shape[1:], sweep.pixel_spacing_xy)
     rot = rel[:, :3, :3]
     t_c = np.einsum("nij,j->ni", rot, centre) + rel[:, :3, 3] - centre  # the frame centre's translation
-    fit = fit_travel(sweep, centre, t_c[:, :2], np.abs(t_c[:, 2]),
-                     prior_signs=t_c[:, 2] if prior == "estimate" else None, **fit_kw)
+    fit = fit_travel(sweep, centre, t_c[:, :2], np.abs(t_c[:, 2]), prior_signs=t_c[:, 2], **fit_kw)
     flipped = int(np.sum(np.sign(t_c[:, 2]) * fit.signs < 0))
     t_c[:, 2] = np.abs(t_c[:, 2]) * fit.signs
     rel[:, :3, 3] = t_c - np.einsum("nij,j->ni", rot, centre) + centre

@@ -60,6 +60,16 @@ def _method_params(args: argparse.Namespace) -> dict:
         if args.method not in ("moglo", "fima"):
             raise InputError(f"--direction is an option of the moglo and fima methods, not of {args.method!r}")
         params["direction"] = args.direction
+    if getattr(args, "frame_stride", None) is not None:
+        if args.method not in ("moglo", "fima"):
+            raise InputError(f"--frame-stride is an option of the moglo and fima methods, not of {args.method!r}")
+        value = args.frame_stride
+        if value != "auto":
+            try:
+                value = int(value)
+            except ValueError:
+                raise InputError(f"--frame-stride {value!r}: expected 'auto' or a whole number of frames >= 1") from None
+        params["frame_stride"] = value
     return params
 
 
@@ -275,6 +285,10 @@ def add_parser(subparsers) -> None:
                    "image), 'turns' (research) does so and reverses at each turning point found in the frames; "
                    "fima: 'imus' takes the sign from the accelerometers fitted to the images' distances; both: "
                    "'network' keeps the network's signs")
+    p.add_argument("--frame-stride", metavar="auto|K", default=None,
+                   help="moglo, fima: read the sweep on every K-th frame and interpolate the frames between; 'auto' "
+                   "(the default) does so when the sweep is faster than the rate the checkpoint was trained at, "
+                   "1 reads every consecutive pair")
     p.set_defaults(func=reconstruct)
 
     from ultrasound_ai.core.training_config import add_training_arguments

@@ -25,7 +25,9 @@ head on cached features), ``imus`` (indices of the sweep's IMUs to use; default 
 ``imu_weights`` keep one column per IMU of the sweep, 0 for those left out), ``pair_chunk`` (default
 `auto_pair_chunk`: 16 pairs up to the shipped grid's 124 x 130 px, fewer on larger grids): each window
 streams through the encoder that many pairs at a time, SSM-F's scan and convolution states carried between
-chunks (the features of one pass, in memory that does not grow with the window; BENCHMARKS.md fima_memory).
+chunks (the features of one pass, in memory that does not grow with the window; BENCHMARKS.md fima_memory),
+``frame_stride`` ("auto": a sweep faster than the card's ``inference.min_pair_interval_s`` is read on every
+k-th frame and the frames between interpolated, `ultrasound_ai.freehand.pair_interval`; or a whole number).
 """
 
 from __future__ import annotations
@@ -363,15 +365,19 @@ class FimaMethod(PoseMethod):
 
     name = METHOD
     accepted_params = ("online_align", "align_steps", "align_lr", "align_whole_network", "imus", "pair_chunk",
-                       "rotation_from_imus", "direction")
+                       "rotation_from_imus", "direction", "frame_stride")
 
     def _estimate(self, sweep, ctx: MethodContext) -> PoseEstimate:
+        from ultrasound_ai.freehand.pair_interval import card_min_interval, estimate_at_stride, resolve_stride
+
         ctx.report(0.0, "loading FiMA")
         model, card = load_fima(ctx.checkpoint, ctx.device)
         options = method_options(ctx.params, model.cfg, sweep.n_imus,
                                  card_direction=(card.get("inference") or {}).get("direction", "network"))
+        stride = resolve_stride(ctx.params.get("frame_stride"), sweep, card_min_interval(card), METHOD)
         progress = (lambda frac, msg: ctx.report(0.05 + 0.9 * frac, msg))
-        tforms, weights, facts = estimate_sweep(model, card, sweep, options, progress=progress)
+        tforms, weights, facts = estimate_at_stride(
+            sweep, stride, lambda s: estimate_sweep(model, card, s, options, progress=progress))
         ctx.report(1.0, "FiMA done")
         return PoseEstimate(tforms=tforms, imu_weights=weights,
                             attrs={"checkpoint": str(card.get("name", "")),

@@ -26,6 +26,10 @@ Sign linking (card ``inference.sign_linking``, models trained with ``data.clip_m
 each clip's motion up to one sign (its clip moving forwards); `predict_pairs_linked` links the clips' signs
 through their overlapping pairs, so reversals that the frames show are kept, and "forward" then mirrors the
 whole sweep when its net motion is backwards (per pair nothing is mirrored); ``overlap`` does not apply.
+
+Frame stride (parameter ``frame_stride``, "auto" by default): a sweep faster than the card's
+``inference.min_pair_interval_s`` is read on every k-th frame, the frames between interpolated
+(`ultrasound_ai.freehand.pair_interval`); a whole number sets k (1: every pair, as the paper).
 """
 
 from __future__ import annotations
@@ -269,19 +273,27 @@ class MogloMethod(PoseMethod):
     """MoGLo-Net (Kim et al., IEEE TMI 2025): sensorless pose estimation from the images alone."""
 
     name = METHOD
-    accepted_params = ("overlap", "batch_clips", "direction", "sign_linking", "smoothing_s")
+    accepted_params = ("overlap", "batch_clips", "direction", "sign_linking", "smoothing_s", "frame_stride")
 
     def _estimate(self, sweep, ctx: MethodContext) -> PoseEstimate:
+        from ultrasound_ai.freehand.pair_interval import card_min_interval, estimate_at_stride, resolve_stride
+
         ctx.report(0.0, "loading MoGLo-Net")
         model, card = load_moglo(ctx.checkpoint, ctx.device)
+        stride = resolve_stride(ctx.params.get("frame_stride"), sweep, card_min_interval(card), METHOD)
         progress = (lambda frac, msg: ctx.report(0.05 + 0.9 * frac, msg))
-        tforms, facts = estimate_sweep(model, card, sweep.frames, sweep.pixel_spacing_xy,
-                                       overlap=ctx.params.get("overlap", "last"),
-                                       batch_clips=ctx.params.get("batch_clips", 16),
-                                       direction=ctx.params.get("direction"),
-                                       sign_linking=ctx.params.get("sign_linking"),
-                                       smoothing_s=ctx.params.get("smoothing_s"),
-                                       frame_interval_s=_frame_interval(sweep), progress=progress)
+
+        def run(s):
+            tforms, facts = estimate_sweep(model, card, s.frames, s.pixel_spacing_xy,
+                                           overlap=ctx.params.get("overlap", "last"),
+                                           batch_clips=ctx.params.get("batch_clips", 16),
+                                           direction=ctx.params.get("direction"),
+                                           sign_linking=ctx.params.get("sign_linking"),
+                                           smoothing_s=ctx.params.get("smoothing_s"),
+                                           frame_interval_s=_frame_interval(s), progress=progress)
+            return tforms, None, facts
+
+        tforms, _, facts = estimate_at_stride(sweep, stride, run)
         ctx.report(1.0, "MoGLo-Net done")
         return PoseEstimate(tforms=tforms, attrs={"checkpoint": str(card.get("name", "")),
                                                   "checkpoint_sha256": str(card.get("sha256", "")), **facts})

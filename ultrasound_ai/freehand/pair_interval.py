@@ -1,0 +1,106 @@
+"""Frame pairs read at the time interval a freehand model was trained on.
+
+A network that reads out-of-plane motion from a frame pair learns it at the pairs' interval in its training
+data: the shipped models saw 20 Hz sweeps with pair strides of 1 and 2 frames (50-100 ms). On a 40 Hz sweep
+the same hand speed gives each consecutive pair half that motion, where speckle has barely decorrelated and
+the reading is mostly noise. So a faster sweep is read on its keyframes, every k-th frame with k the stride
+whose interval is nearest the card's ``inference.min_pair_interval_s`` (and always the last frame),
+and the poses of the frames in between are interpolated (rotation by slerp, the image origin linearly, both
+in time). On training-simulator sweeps at 30 and 40 Hz this raised the per-pair out-of-plane correlation
+from 0.51 / 0.40 to 0.65 / 0.61 (FiMA) and 0.55 / 0.35 to 0.71 / 0.67 (MoGLo-Net); BENCHMARKS.md
+``freehand_frame_rate``. Slower sweeps (up to the trained interval) are read pair by pair as before.
+
+Method parameter ``frame_stride`` (fima, moglo): "auto" (the default) as above, or a whole number of frames
+(1: every consecutive pair, as the papers do). A card without ``min_pair_interval_s`` reads every pair.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import numpy as np
+
+from ultrasound_ai.core.errors import InputError
+
+__all__ = ["resolve_stride", "keyframe_indices", "subsample", "interpolate_poses", "spread_pair_values",
+           "estimate_at_stride", "card_min_interval"]
+
+
+def card_min_interval(card: dict) -> Optional[float]:
+    """The card's ``inference.min_pair_interval_s`` (None when it has none)."""
+    value = (card.get("inference") or {}).get("min_pair_interval_s")
+    return None if value is None else float(value)
+
+
+def resolve_stride(value, sweep, min_interval_s: Optional[float], method: str) -> int:
+    """The frame stride for `sweep`: `value` "auto"/None (from min_interval_s and the sweep's median frame
+    interval) or a whole number >= 1 (InputError naming the parameter otherwise)."""
+    if value is None or (isinstance(value, str) and value == "auto"):
+        if min_interval_s is None or sweep.n_frames < 2 or (sweep.timestamps_s is None and sweep.frame_rate_hz is None):
+            return 1
+        dt = float(np.median(np.diff(sweep.times_s())))
+        # the stride whose interval is nearest the trained one (halves up): at 25 Hz the 40 ms pairs are read as
+        # they are (every second frame, 80 ms, did not lower FDR there), from 30 Hz every second frame
+        return max(1, math.floor(min_interval_s / dt + 0.5 + 1e-9))
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise InputError(f"{method} parameter frame_stride: expected 'auto' or a whole number of frames >= 1, "
+                         f"got {value!r}")
+    return int(value)
+
+
+def keyframe_indices(n_frames: int, stride: int) -> np.ndarray:
+    """0, k, 2k, ... and the last frame."""
+    idx = list(range(0, int(n_frames), int(stride)))
+    if idx[-1] != n_frames - 1:
+        idx.append(int(n_frames) - 1)
+    return np.asarray(idx, dtype=np.int64)
+
+
+def subsample(sweep, idx: np.ndarray):
+    """The sweep on the frames `idx` (frames, times, tforms and the IMUs' per-frame samples; a stored
+    estimate's per-pair imu_weights do not carry over)."""
+    def take(a, axis):
+        return None if a is None else np.take(a, idx, axis=axis)
+
+    return dataclasses.replace(
+        sweep, frames=sweep.frames[idx], tforms=take(sweep.tforms, 0), timestamps_s=sweep.times_s()[idx],
+        frame_rate_hz=None, imu_acc=take(sweep.imu_acc, 1), imu_euler_deg=take(sweep.imu_euler_deg, 1),
+        imu_weights=None)
+
+
+def interpolate_poses(key_tforms: np.ndarray, idx: np.ndarray, times_s: np.ndarray) -> np.ndarray:
+    """Poses [N, 4, 4] at every time from those at the keyframes `idx` (slerp; the origin linearly)."""
+    from scipy.spatial.transform import Rotation, Slerp
+
+    key = np.asarray(key_tforms, dtype=np.float64)
+    t = np.asarray(times_s, dtype=np.float64)
+    out = np.tile(np.eye(4), (len(t), 1, 1))
+    out[:, :3, :3] = Slerp(t[idx], Rotation.from_matrix(key[:, :3, :3]))(t).as_matrix()
+    for a in range(3):
+        out[:, a, 3] = np.interp(t, t[idx], key[:, a, 3])
+    out[idx] = key  # the keyframes exactly as estimated
+    return out
+
+
+def spread_pair_values(values: np.ndarray, idx: np.ndarray, n_frames: int) -> np.ndarray:
+    """Per-pair values of the keyframe pairs [K-1, ...] given to every frame pair they span [N-1, ...]."""
+    values = np.asarray(values)
+    which = np.searchsorted(idx, np.arange(n_frames - 1), side="right") - 1
+    return values[which]
+
+
+def estimate_at_stride(sweep, stride: int, estimate: Callable) -> tuple:
+    """(tforms [N, 4, 4], per-pair values [N-1, ...] or None, facts) of `estimate(sweep) -> (tforms,
+    per-pair values or None, facts)` run on the keyframes of `sweep` when stride > 1, else on the sweep."""
+    if stride <= 1 or sweep.n_frames <= 2:
+        tforms, per_pair, facts = estimate(sweep)
+        return tforms, per_pair, {**facts, "frame_stride": 1}
+    idx = keyframe_indices(sweep.n_frames, stride)
+    key_tforms, per_pair, facts = estimate(subsample(sweep, idx))
+    t = sweep.times_s()
+    tforms = interpolate_poses(key_tforms, idx, t)
+    spread = None if per_pair is None else spread_pair_values(per_pair, idx, sweep.n_frames)
+    interval = float(np.median(np.diff(t[idx])))
+    return tforms, spread, {**facts, "frame_stride": int(stride), "pair_interval_s": interval}

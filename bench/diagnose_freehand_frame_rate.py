@@ -8,6 +8,7 @@ between interpolated: `ultrasound_ai.freehand.pair_interval`). Reported per rate
 scale per sweep, the per-pair out-of-plane correlation r and MEA, and on how many sweeps "auto" had the lower FDR.
 
     python bench/diagnose_freehand_frame_rate.py [--rates 20 25 30 40 60] [--sweeps-per-tactic 4]
+    python bench/diagnose_freehand_frame_rate.py --methods decorrelation --section freehand_frame_rate_decorrelation
 
 Accuracy only (no timing); writes the section unless --no-write.
 """
@@ -35,6 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rates", type=float, nargs="+", default=[20.0, 25.0, 30.0, 40.0, 60.0], metavar="HZ")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--seed-base", type=int, default=284000)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=("fima", "moglo", "decorrelation"))
     _, report, args = parse_diagnosis_args(ap, argv, per_tactic=4, section="freehand_frame_rate")
     from ultrasound_ai.freehand.methods import get_method
     from ultrasound_ai.freehand.simulation.benchmark_set import DEFAULT_FRAME_SHAPE, DEFAULT_PIXEL_SPACING, SETS
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
     n = args.sweeps_per_tactic * len(TACTICS)
     rows = []
     for fps in args.rates:
-        got = {(m, mode): [] for m in METHODS for mode in ("every pair", "auto")}
+        got = {(m, mode): [] for m in args.methods for mode in ("every pair", "auto")}
         strides = set()
         for i in range(n):
             tactic, seed = TACTICS[i // args.sweeps_per_tactic], args.seed_base + i
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
                                    frame_shape=DEFAULT_FRAME_SHAPE, pixel_spacing=DEFAULT_PIXEL_SPACING, n_imus=4,
                                    motion=motion, appearance=appearance, frame_rate_hz=fps)
             line = []
-            for m in METHODS:
+            for m in args.methods:
                 for mode, kw in (("every pair", {"frame_stride": 1}), ("auto", {})):
                     est = get_method(m).estimate(sweep, device="cpu", **kw)
                     if mode == "auto":
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
                     got[(m, mode)].append(score(est.tforms, sweep))
                     line.append(f"{m} {mode} FDR {got[(m, mode)][-1]['fdr']:.1f}%")
             print(f"  {fps:g} Hz {seed} {tactic}: " + ", ".join(line), flush=True)
-        for m in METHODS:
+        for m in args.methods:
             native, auto = got[(m, "every pair")], got[(m, "auto")]
             better = sum(a["fdr"] < b["fdr"] - 1e-9 for a, b in zip(auto, native))
             same = sum(abs(a["fdr"] - b["fdr"]) <= 1e-9 for a, b in zip(auto, native))
@@ -77,9 +79,10 @@ def main(argv=None) -> int:
         f"{n} sweeps of the training family per rate (simulator, motion `{motion}`, appearance `{appearance}`, as "
         f"freehand-v2: 96 × 104 px at 0.15 mm, 4 IMUs), {args.sweeps_per_tactic} per tactic, seeds "
         f"{args.seed_base}–{args.seed_base + n - 1}, each made at every rate with the same {args.seconds:g} s of "
-        "motion. The shipped `fima_small` and `moglo_small` (trained at 20 Hz, pair strides 1-2) with "
+        f"motion. Methods {', '.join(f'`{m}`' for m in args.methods)} (the shipped `fima_small` and `moglo_small` "
+        "were trained at 20 Hz, pair strides 1-2; decorrelation's default curve was calibrated on 20 Hz pairs) with "
         "`frame_stride=1` (every consecutive pair, as the papers) / their default `auto` (the stride whose "
-        "interval is nearest the cards' 50 ms; frames between keyframes interpolated). Cells: every pair / auto; "
+        "interval is nearest 50 ms; frames between keyframes interpolated). Cells: every pair / auto; "
         "scaled FDR: one least-squares scale of the per-pair centre translations per sweep; r: per-pair "
         "out-of-plane correlation (as in the freehand tables).\n\n"
         + report.markdown_table(["rate (Hz)", "auto stride", "method", "FDR mean (%)", "FDR median (%)",

@@ -61,8 +61,9 @@ def _method_params(args: argparse.Namespace) -> dict:
             raise InputError(f"--direction is an option of the moglo and fima methods, not of {args.method!r}")
         params["direction"] = args.direction
     if getattr(args, "frame_stride", None) is not None:
-        if args.method not in ("moglo", "fima"):
-            raise InputError(f"--frame-stride is an option of the moglo and fima methods, not of {args.method!r}")
+        if args.method not in ("moglo", "fima", "decorrelation"):
+            raise InputError(f"--frame-stride is an option of the moglo, fima and decorrelation methods, not of "
+                             f"{args.method!r}")
         value = args.frame_stride
         if value != "auto":
             try:
@@ -286,9 +287,9 @@ def add_parser(subparsers) -> None:
                    "fima: 'imus' takes the sign from the accelerometers fitted to the images' distances; both: "
                    "'network' keeps the network's signs")
     p.add_argument("--frame-stride", metavar="auto|K", default=None,
-                   help="moglo, fima: read the sweep on every K-th frame and interpolate the frames between; 'auto' "
-                   "(the default) does so when the sweep is faster than the rate the checkpoint was trained at, "
-                   "1 reads every consecutive pair")
+                   help="moglo, fima, decorrelation: read the sweep on every K-th frame and interpolate the frames "
+                   "between; 'auto' (the default) does so when the sweep is faster than the rate the checkpoint was "
+                   "trained (or the decorrelation curve calibrated) at, 1 reads every consecutive pair")
     p.set_defaults(func=reconstruct)
 
     from ultrasound_ai.core.training_config import add_training_arguments

@@ -49,6 +49,9 @@ COMBINATIONS = (
     ("model tx ty tz, rotations constant velocity", TRANSLATION, (), None),
     ("model rotations, translations constant velocity", ROTATION, (), None),
     ("model tz and rotations, tx ty constant velocity", OUT_OF_PLANE + ROTATION, (), None),
+    # Does exact in-plane motion help? The one fitted scale is shared by tx, ty and tz, so with tz off it also
+    # rescales a correct in-plane motion.
+    ("model tz and rotations, true tx ty", OUT_OF_PLANE + ROTATION, IN_PLANE, None),
     ("model translations, true rotations", TRANSLATION, ROTATION, None),
     ("model tz, true rotations, tx ty constant velocity", OUT_OF_PLANE, ROTATION, None),
     ("model abs(tz) with the true direction, the rest constant velocity", OUT_OF_PLANE, (), "truth"),

@@ -102,6 +102,9 @@ FR = np.zeros((4, 5, 6), np.uint8)
               imu_euler_deg=np.zeros((3, 4, 3), np.float32)), "IMUs"),
         (dict(frames=FR, timestamps_s=np.array([0.0, 0.1, 0.1, 0.2])), "increase"),
         (dict(frames=FR, timestamps_s=np.arange(3.0)), "timestamps_s"),
+        # a unit slip would silently rescale time for every IMU and smoothing step: milliseconds, a period for a rate
+        (dict(frames=FR, timestamps_s=np.arange(4.0) * 50.0), "timestamps_s.*seconds"),
+        (dict(frames=FR, attrs={"pixel_spacing_mm": [0.1, 0.1], "frame_rate_hz": 0.05}), "frame_rate_hz.*Hz"),
         (dict(frames=FR, imu_weights=np.zeros((4, 2), np.float32)), "imu_weights"),
     ],
 )

@@ -23,6 +23,10 @@ from ultrasound_ai.io.hdf5_output import hdf5_output
 
 # Names with a meaning in the contract; everything else at the root is a free attribute.
 _DATASETS = ("frames", "tforms", "timestamps_s", "imu_acc", "imu_euler_deg", "imu_weights")
+# A freehand sweep's plausible frame rates: outside them the times are almost surely in another unit (ms, us,
+# a period for a rate), which would silently rescale every IMU integration and smoothing step.
+MIN_FRAME_RATE_HZ = 0.2
+MAX_FRAME_RATE_HZ = 5000.0
 _RESERVED_ATTRS = ("pixel_spacing_mm", "frame_rate_hz", "imu_position_mm")
 # Free attributes that are not HDF5-storable scalars/arrays travel as JSON under this prefix.
 _JSON_PREFIX = "json:"
@@ -114,8 +118,15 @@ class Sweep:
             if np.any(np.diff(ts) <= 0):
                 i = int(np.argmax(np.diff(ts) <= 0))
                 raise InputError(f"{name}: 'timestamps_s' must increase strictly (frame {i + 1} is not after frame {i})")
-        if self.frame_rate_hz is not None and not (np.isfinite(self.frame_rate_hz) and self.frame_rate_hz > 0):
-            raise InputError(f"{name}: 'frame_rate_hz' must be a positive number, got {self.frame_rate_hz}")
+            dt = float(np.median(np.diff(ts)))
+            if not 1.0 / MAX_FRAME_RATE_HZ <= dt <= 1.0 / MIN_FRAME_RATE_HZ:
+                raise InputError(f"{name}: 'timestamps_s' must be in seconds: its median frame interval is {dt:g}, "
+                                 f"expected {1.0 / MAX_FRAME_RATE_HZ:g}-{1.0 / MIN_FRAME_RATE_HZ:g} s "
+                                 f"({MIN_FRAME_RATE_HZ:g}-{MAX_FRAME_RATE_HZ:g} frames per second)")
+        if self.frame_rate_hz is not None and not (np.isfinite(self.frame_rate_hz)
+                                                   and MIN_FRAME_RATE_HZ <= self.frame_rate_hz <= MAX_FRAME_RATE_HZ):
+            raise InputError(f"{name}: 'frame_rate_hz' must be frames per second in {MIN_FRAME_RATE_HZ:g}-"
+                             f"{MAX_FRAME_RATE_HZ:g} Hz, got {self.frame_rate_hz}")
         m = None
         for key in ("imu_acc", "imu_euler_deg"):
             a = getattr(self, key)

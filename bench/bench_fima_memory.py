@@ -85,7 +85,7 @@ def child(preset: str, frames: int, align: bool, threads: int, mode: str = "stre
         speckle[i] = np.clip(rng.rayleigh(40.0, FULL_SHAPE), 0, 255)
     sweep = Sweep(frames=speckle,
                   pixel_spacing_xy=(FULL_SPACING_MM, FULL_SPACING_MM), frame_rate_hz=20.0,
-                  imu_acc=rng.normal(0, 0.05, (4, frames, 3)).astype(np.float32),
+                  imu_acc=(rng.normal(0, 0.05, (4, frames, 3)) + [0.0, 0.0, 9.81]).astype(np.float32),  # ~1 g
                   imu_euler_deg=np.cumsum(rng.normal(0, 0.05, (4, frames, 3)), axis=1).astype(np.float32))
     chunk = auto_pair_chunk(cfg.frame_shape) if mode == "streamed" else WHOLE_WINDOW
     cuda = device.startswith("cuda")

@@ -112,9 +112,9 @@ def test_shipped_fima_takes_its_direction_from_the_imus():
 
 
 def test_fima_card_direction_is_skipped_where_the_fit_cannot_run():
-    """A 3-frame sweep, or accelerations in the wrong unit, still reconstruct with the shipped card (the IMU
-    direction skipped, and the result says why); asked for explicitly, the direction fails naming the cause. (IMU data without frame times break the
-    sweep contract before any method runs.)"""
+    """A 3-frame sweep still reconstructs with the shipped card (the IMU direction skipped, and the result says
+    why); asked for explicitly, the direction fails naming the cause. (IMU data without frame times, or
+    accelerations in g, break the sweep contract before any method runs.)"""
     from ultrasound_ai.freehand.methods import get_method
 
     short = _sweep(13).without_truth()
@@ -127,8 +127,9 @@ def test_fima_card_direction_is_skipped_where_the_fit_cannot_run():
         get_method("fima").estimate(short, device="cpu", direction="imus")
     in_g = _sweep(13).without_truth()  # accelerations in g instead of m/s^2
     in_g.imu_acc = in_g.imu_acc / 9.81
-    est = get_method("fima").estimate(in_g, device="cpu")
-    assert "must be in m/s^2" in est.attrs["direction_skipped"]
+    for method in ("fima", "decorrelation", "imu"):
+        with pytest.raises(InputError, match="imu_acc.*expected the specific force in m/s"):
+            get_method(method).estimate(in_g, device="cpu")
 
 
 def test_noisier_imus_weigh_less_in_the_fused_orientation():

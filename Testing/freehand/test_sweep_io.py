@@ -26,7 +26,7 @@ def make_sweep(n=5, m=3, h=7, w=9):
         tforms=tforms,
         timestamps_s=np.arange(n) / 20.0 + 3.0,
         frame_rate_hz=20.0,
-        imu_acc=rng.normal(size=(m, n, 3)).astype(np.float32),
+        imu_acc=(rng.normal(size=(m, n, 3)) + [0.0, -9.81, 0.0]).astype(np.float32),  # about 1 g, as the contract
         imu_euler_deg=rng.normal(size=(m, n, 3)).astype(np.float32),
         imu_position_mm=rng.normal(size=(m, 3)),
         imu_weights=rng.random((n - 1, m)).astype(np.float32),
@@ -105,6 +105,10 @@ FR = np.zeros((4, 5, 6), np.uint8)
         # a unit slip would silently rescale time for every IMU and smoothing step: milliseconds, a period for a rate
         (dict(frames=FR, timestamps_s=np.arange(4.0) * 50.0), "timestamps_s.*seconds"),
         (dict(frames=FR, attrs={"pixel_spacing_mm": [0.1, 0.1], "frame_rate_hz": 0.05}), "frame_rate_hz.*Hz"),
+        # specific force in g, or with gravity removed: every IMU consumer would integrate nonsense
+        (dict(frames=FR, timestamps_s=np.arange(4.0), imu_acc=np.tile(np.float32([0, 0, 1.0]), (2, 4, 1))),
+         "imu_acc.*m/s"),
+        (dict(frames=FR, timestamps_s=np.arange(4.0), imu_acc=np.zeros((2, 4, 3), np.float32)), "imu_acc.*gravity"),
         (dict(frames=FR, imu_weights=np.zeros((4, 2), np.float32)), "imu_weights"),
     ],
 )

@@ -52,7 +52,6 @@ _MM_PER_M = 1000.0
 DEFAULT_KNOT_S = 5.0
 DEFAULT_SMOOTH_S = 0.5
 MIN_FRAMES = 4  # the cubic spline through the accelerations
-GRAVITY_NORM = float(np.linalg.norm(GRAVITY_M_S2))  # m/s^2
 # The image distances' scale is fitted too (log-normal prior, sd 0.5): a network reads out-of-plane distance
 # through the training probe's elevational beam width, so on another probe its distances are off by a factor
 # the accelerometers (absolute units) can tell; a fixed scale made the signs follow the wrong distances.
@@ -67,13 +66,10 @@ def unfit_reason(sweep):
         return "the sweep has no IMU data ('imu_acc' and 'imu_euler_deg')"
     if sweep.n_frames < MIN_FRAMES:
         return f"the sweep has {sweep.n_frames} frames; the IMU fit needs at least {MIN_FRAMES}"
-    # A hand-held probe's accelerometers read about 1 g: anything else is another unit (g instead of m/s^2)
-    # or a dead sensor, and integrating it would give confident nonsense.
-    g = float(np.median(np.linalg.norm(np.asarray(sweep.imu_acc, dtype=np.float64).mean(axis=0), axis=-1)))
-    if not 0.5 * GRAVITY_NORM < g < 1.5 * GRAVITY_NORM:
-        return (f"the IMUs' specific force has a median magnitude of {g:.3g} m/s^2; a hand-held probe's reads about "
-                f"{GRAVITY_NORM} (imu_acc must be in m/s^2)")
-    return None
+    from ultrasound_ai.io.sweep import specific_force_problem
+
+    problem = specific_force_problem(sweep.imu_acc)  # a validated sweep has passed this already
+    return None if problem is None else f"imu_acc {problem}"
 
 
 @dataclass

@@ -27,6 +27,18 @@ _DATASETS = ("frames", "tforms", "timestamps_s", "imu_acc", "imu_euler_deg", "im
 # a period for a rate), which would silently rescale every IMU integration and smoothing step.
 MIN_FRAME_RATE_HZ = 0.2
 MAX_FRAME_RATE_HZ = 5000.0
+GRAVITY_NORM_M_S2 = 9.81
+
+
+def specific_force_problem(imu_acc):
+    """What is wrong with `imu_acc` [M, N, 3] as specific force in m/s^2 (a sentence), or None. A hand-held
+    probe's accelerometers read about 1 g (gravity included): a median magnitude far from it is another unit (g),
+    gravity removed, or a dead sensor, and every consumer would integrate confident nonsense."""
+    g = float(np.median(np.linalg.norm(np.asarray(imu_acc, dtype=np.float64).mean(axis=0), axis=-1)))
+    if 0.5 * GRAVITY_NORM_M_S2 < g < 1.5 * GRAVITY_NORM_M_S2:
+        return None
+    return (f"has a median magnitude of {g:.3g} m/s^2 (the IMUs' mean); a hand-held probe's accelerometers read "
+            f"about {GRAVITY_NORM_M_S2} m/s^2: expected the specific force in m/s^2 with gravity included")
 _RESERVED_ATTRS = ("pixel_spacing_mm", "frame_rate_hz", "imu_position_mm")
 # Free attributes that are not HDF5-storable scalars/arrays travel as JSON under this prefix.
 _JSON_PREFIX = "json:"
@@ -141,6 +153,10 @@ class Sweep:
                 raise InputError(f"{name}: '{key}' contains NaN or infinite values")
         if m is not None and self.timestamps_s is None and self.frame_rate_hz is None:
             raise InputError(f"{name}: IMU data need 'timestamps_s' or the attribute 'frame_rate_hz'")
+        if self.imu_acc is not None:
+            problem = specific_force_problem(self.imu_acc)
+            if problem:
+                raise InputError(f"{name}: 'imu_acc' {problem}")
         if self.imu_position_mm is not None:
             p = self.imu_position_mm
             if p.ndim != 2 or p.shape[1] != 3 or (m is not None and p.shape[0] != m):

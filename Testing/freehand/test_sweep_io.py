@@ -91,6 +91,8 @@ FR = np.zeros((4, 5, 6), np.uint8)
         (dict(frames=FR, attrs={}), "pixel_spacing_mm"),
         (dict(frames=FR, attrs={"pixel_spacing_mm": [0.1, -0.2]}), "pixel_spacing_mm"),
         (dict(frames=FR, attrs={"pixel_spacing_mm": [0.1]}), "pixel_spacing_mm"),
+        (dict(frames=FR, attrs={"pixel_spacing_mm": [0.0003, 0.0003]}), "pixel_spacing_mm.*millimetres"),  # metres
+        (dict(frames=FR, attrs={"pixel_spacing_mm": [150.0, 150.0]}), "pixel_spacing_mm.*millimetres"),  # micrometres
         (dict(frames=FR, tforms=np.repeat(np.eye(4)[None], 3, 0)), "3 matrices for 4 frames"),
         (dict(frames=FR, tforms=np.full((4, 4, 4), np.nan)), "NaN"),
         (dict(frames=FR, tforms=np.repeat(np.diag([2.0, 1, 1, 1])[None], 4, 0)), "rigid"),

@@ -28,6 +28,10 @@ _DATASETS = ("frames", "tforms", "timestamps_s", "imu_acc", "imu_euler_deg", "im
 MIN_FRAME_RATE_HZ = 0.2
 MAX_FRAME_RATE_HZ = 5000.0
 GRAVITY_NORM_M_S2 = 9.81
+# B-mode pixels are tens of micrometres to a few millimetres: outside, the spacing is in another unit (m, um) and
+# every method would resample a frame a thousand times too small or too large onto its grid without complaint.
+MIN_PIXEL_SPACING_MM = 0.005
+MAX_PIXEL_SPACING_MM = 5.0
 
 
 def specific_force_problem(imu_acc):
@@ -112,6 +116,9 @@ class Sweep:
             raise InputError(
                 f"{name}: 'pixel_spacing_mm' must be two positive finite numbers [sx, sy], got {self.pixel_spacing_xy!r}"
             )
+        if np.any(sp < MIN_PIXEL_SPACING_MM) or np.any(sp > MAX_PIXEL_SPACING_MM):
+            raise InputError(f"{name}: 'pixel_spacing_mm' must be millimetres per pixel, {MIN_PIXEL_SPACING_MM:g}-"
+                             f"{MAX_PIXEL_SPACING_MM:g} for an ultrasound image, got {sp.tolist()} (metres or micrometres?)")
         if self.tforms is not None:
             t = self.tforms
             if t.ndim != 3 or t.shape[1:] != (4, 4):

@@ -151,3 +151,15 @@ def test_cli_frame_stride_option(tmp_path):
         bad = tmp_path / "bad.h5"
         assert main(["freehand", "reconstruct", str(src), *args, "--out-sweep", str(bad), *common]) == 2
         assert not bad.exists()
+
+
+def test_a_sweep_slower_than_the_training_pairs_is_flagged():
+    """5 Hz: every pair is 200 ms, twice the longest the models were trained on (card max_pair_interval_s): the
+    result says so (nothing can be done: there are no frames in between); a 20 Hz sweep carries no warning."""
+    slow = _sweep(41, 20.0, 12)
+    slow = dataclasses.replace(slow, frame_rate_hz=5.0, timestamps_s=None)
+    est = get_method("moglo").estimate(slow, device="cpu")
+    assert est.attrs["frame_stride"] == 1 and est.attrs["pair_interval_s"] == pytest.approx(0.2)
+    assert "200 ms" in est.attrs["pair_interval_warning"] and "100 ms" in est.attrs["pair_interval_warning"]
+    ok = get_method("moglo").estimate(_sweep(41, 20.0, 12), device="cpu")
+    assert "pair_interval_warning" not in ok.attrs and ok.attrs["pair_interval_s"] == pytest.approx(0.05)

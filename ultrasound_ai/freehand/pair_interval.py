@@ -17,6 +17,7 @@ Method parameter ``frame_stride`` (fima, moglo): "auto" (the default) as above, 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Callable, Optional
 
@@ -24,13 +25,21 @@ import numpy as np
 
 from ultrasound_ai.core.errors import InputError
 
+log = logging.getLogger(__name__)
+
 __all__ = ["resolve_stride", "keyframe_indices", "subsample", "interpolate_poses", "spread_pair_values",
-           "estimate_at_stride", "card_min_interval"]
+           "estimate_at_stride", "card_min_interval", "card_max_interval"]
 
 
 def card_min_interval(card: dict) -> Optional[float]:
     """The card's ``inference.min_pair_interval_s`` (None when it has none)."""
     value = (card.get("inference") or {}).get("min_pair_interval_s")
+    return None if value is None else float(value)
+
+
+def card_max_interval(card: dict) -> Optional[float]:
+    """The card's ``inference.max_pair_interval_s``: the longest pairs the model was trained on (None: unknown)."""
+    value = (card.get("inference") or {}).get("max_pair_interval_s")
     return None if value is None else float(value)
 
 
@@ -91,16 +100,30 @@ def spread_pair_values(values: np.ndarray, idx: np.ndarray, n_frames: int) -> np
     return values[which]
 
 
-def estimate_at_stride(sweep, stride: int, estimate: Callable) -> tuple:
+def _interval_facts(sweep, idx: np.ndarray, max_interval_s: Optional[float]) -> dict:
+    """pair_interval_s of the pairs read, and a warning when they are longer than any the model was trained on."""
+    if sweep.timestamps_s is None and sweep.frame_rate_hz is None:
+        return {}
+    interval = float(np.median(np.diff(sweep.times_s()[idx])))
+    facts = {"pair_interval_s": interval}
+    if max_interval_s is not None and interval > 1.05 * max_interval_s:
+        facts["pair_interval_warning"] = (
+            f"the frame pairs read are {1000 * interval:.0f} ms apart; the model was trained on pairs up to "
+            f"{1000 * max_interval_s:.0f} ms apart: expect larger errors on a sweep this slow")
+        log.warning("freehand: %s", facts["pair_interval_warning"])
+    return facts
+
+
+def estimate_at_stride(sweep, stride: int, estimate: Callable, max_interval_s: Optional[float] = None) -> tuple:
     """(tforms [N, 4, 4], per-pair values [N-1, ...] or None, facts) of `estimate(sweep) -> (tforms,
-    per-pair values or None, facts)` run on the keyframes of `sweep` when stride > 1, else on the sweep."""
+    per-pair values or None, facts)` run on the keyframes of `sweep` when stride > 1, else on the sweep;
+    facts gain frame_stride, pair_interval_s and, beyond max_interval_s, pair_interval_warning."""
     if stride <= 1 or sweep.n_frames <= 2:
         tforms, per_pair, facts = estimate(sweep)
-        return tforms, per_pair, {**facts, "frame_stride": 1}
+        return tforms, per_pair, {**facts, "frame_stride": 1,
+                                  **_interval_facts(sweep, np.arange(sweep.n_frames), max_interval_s)}
     idx = keyframe_indices(sweep.n_frames, stride)
     key_tforms, per_pair, facts = estimate(subsample(sweep, idx))
-    t = sweep.times_s()
-    tforms = interpolate_poses(key_tforms, idx, t)
+    tforms = interpolate_poses(key_tforms, idx, sweep.times_s())
     spread = None if per_pair is None else spread_pair_values(per_pair, idx, sweep.n_frames)
-    interval = float(np.median(np.diff(t[idx])))
-    return tforms, spread, {**facts, "frame_stride": int(stride), "pair_interval_s": interval}
+    return tforms, spread, {**facts, "frame_stride": int(stride), **_interval_facts(sweep, idx, max_interval_s)}

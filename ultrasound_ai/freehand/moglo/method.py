@@ -276,7 +276,12 @@ class MogloMethod(PoseMethod):
     accepted_params = ("overlap", "batch_clips", "direction", "sign_linking", "smoothing_s", "frame_stride")
 
     def _estimate(self, sweep, ctx: MethodContext) -> PoseEstimate:
-        from ultrasound_ai.freehand.pair_interval import card_min_interval, estimate_at_stride, resolve_stride
+        from ultrasound_ai.freehand.pair_interval import (
+            card_max_interval,
+            card_min_interval,
+            estimate_at_stride,
+            resolve_stride,
+        )
 
         ctx.report(0.0, "loading MoGLo-Net")
         model, card = load_moglo(ctx.checkpoint, ctx.device)
@@ -293,7 +298,7 @@ class MogloMethod(PoseMethod):
                                            frame_interval_s=_frame_interval(s), progress=progress)
             return tforms, None, facts
 
-        tforms, _, facts = estimate_at_stride(sweep, stride, run)
+        tforms, _, facts = estimate_at_stride(sweep, stride, run, max_interval_s=card_max_interval(card))
         ctx.report(1.0, "MoGLo-Net done")
         return PoseEstimate(tforms=tforms, attrs={"checkpoint": str(card.get("name", "")),
                                                   "checkpoint_sha256": str(card.get("sha256", "")), **facts})

@@ -28,7 +28,7 @@ from ultrasound_ai.core.errors import InputError
 log = logging.getLogger(__name__)
 
 __all__ = ["resolve_stride", "keyframe_indices", "subsample", "interpolate_poses", "spread_pair_values",
-           "estimate_at_stride", "card_min_interval", "card_max_interval"]
+           "estimate_at_stride", "estimate_at_card_interval", "card_min_interval", "card_max_interval"]
 
 
 def card_min_interval(card: dict) -> Optional[float]:
@@ -127,3 +127,9 @@ def estimate_at_stride(sweep, stride: int, estimate: Callable, max_interval_s: O
     tforms = interpolate_poses(key_tforms, idx, sweep.times_s())
     spread = None if per_pair is None else spread_pair_values(per_pair, idx, sweep.n_frames)
     return tforms, spread, {**facts, "frame_stride": int(stride), **_interval_facts(sweep, idx, max_interval_s)}
+
+
+def estimate_at_card_interval(sweep, card: dict, frame_stride, method: str, estimate: Callable) -> tuple:
+    """`estimate_at_stride` with the stride from the method parameter `frame_stride` and the card's intervals."""
+    stride = resolve_stride(frame_stride, sweep, card_min_interval(card), method)
+    return estimate_at_stride(sweep, stride, estimate, max_interval_s=card_max_interval(card))

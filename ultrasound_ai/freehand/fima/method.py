@@ -368,22 +368,16 @@ class FimaMethod(PoseMethod):
                        "rotation_from_imus", "direction", "frame_stride")
 
     def _estimate(self, sweep, ctx: MethodContext) -> PoseEstimate:
-        from ultrasound_ai.freehand.pair_interval import (
-            card_max_interval,
-            card_min_interval,
-            estimate_at_stride,
-            resolve_stride,
-        )
+        from ultrasound_ai.freehand.pair_interval import estimate_at_card_interval
 
         ctx.report(0.0, "loading FiMA")
         model, card = load_fima(ctx.checkpoint, ctx.device)
         options = method_options(ctx.params, model.cfg, sweep.n_imus,
                                  card_direction=(card.get("inference") or {}).get("direction", "network"))
-        stride = resolve_stride(ctx.params.get("frame_stride"), sweep, card_min_interval(card), METHOD)
         progress = (lambda frac, msg: ctx.report(0.05 + 0.9 * frac, msg))
-        tforms, weights, facts = estimate_at_stride(
-            sweep, stride, lambda s: estimate_sweep(model, card, s, options, progress=progress),
-            max_interval_s=card_max_interval(card))
+        tforms, weights, facts = estimate_at_card_interval(
+            sweep, card, ctx.params.get("frame_stride"), METHOD,
+            lambda s: estimate_sweep(model, card, s, options, progress=progress))
         ctx.report(1.0, "FiMA done")
         return PoseEstimate(tforms=tforms, imu_weights=weights,
                             attrs={"checkpoint": str(card.get("name", "")),

@@ -276,16 +276,10 @@ class MogloMethod(PoseMethod):
     accepted_params = ("overlap", "batch_clips", "direction", "sign_linking", "smoothing_s", "frame_stride")
 
     def _estimate(self, sweep, ctx: MethodContext) -> PoseEstimate:
-        from ultrasound_ai.freehand.pair_interval import (
-            card_max_interval,
-            card_min_interval,
-            estimate_at_stride,
-            resolve_stride,
-        )
+        from ultrasound_ai.freehand.pair_interval import estimate_at_card_interval
 
         ctx.report(0.0, "loading MoGLo-Net")
         model, card = load_moglo(ctx.checkpoint, ctx.device)
-        stride = resolve_stride(ctx.params.get("frame_stride"), sweep, card_min_interval(card), METHOD)
         progress = (lambda frac, msg: ctx.report(0.05 + 0.9 * frac, msg))
 
         def run(s):
@@ -298,7 +292,7 @@ class MogloMethod(PoseMethod):
                                            frame_interval_s=_frame_interval(s), progress=progress)
             return tforms, None, facts
 
-        tforms, _, facts = estimate_at_stride(sweep, stride, run, max_interval_s=card_max_interval(card))
+        tforms, _, facts = estimate_at_card_interval(sweep, card, ctx.params.get("frame_stride"), METHOD, run)
         ctx.report(1.0, "MoGLo-Net done")
         return PoseEstimate(tforms=tforms, attrs={"checkpoint": str(card.get("name", "")),
                                                   "checkpoint_sha256": str(card.get("sha256", "")), **facts})

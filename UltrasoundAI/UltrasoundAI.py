@@ -168,6 +168,8 @@ class UltrasoundAIWidget(ParameterNodePanel, ScriptedLoadableModuleWidget, VTKOb
             text += "  No tracked poses in the sweep: no accuracy metrics."
         if nodes.get("imu_weights") is not None:
             self.ui.imuWeightsTableView.setMRMLTableNode(nodes["imu_weights"])
+        for note in payload.get("notes") or []:  # how the method read the sweep: skips, warnings, frame stride
+            text += f"\nNote: {note}."
         self.ui.statusLabel.text = text
         # The parameter node's output selectors are left alone: a run with another method must not
         # write into this method's nodes.

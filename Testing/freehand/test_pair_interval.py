@@ -163,3 +163,17 @@ def test_a_sweep_slower_than_the_training_pairs_is_flagged():
     assert "200 ms" in est.attrs["pair_interval_warning"] and "100 ms" in est.attrs["pair_interval_warning"]
     ok = get_method("moglo").estimate(_sweep(41, 20.0, 12), device="cpu")
     assert "pair_interval_warning" not in ok.attrs and ok.attrs["pair_interval_s"] == pytest.approx(0.05)
+
+
+def test_reconstruction_notes_say_how_the_sweep_was_read(tmp_path):
+    """The run's notes (printed by the CLI, shown by the Slicer panel) carry the frame stride and the slow-sweep
+    warning; a 20 Hz sweep read pair by pair gets neither."""
+    from ultrasound_ai.freehand.reconstruct import run_reconstruction
+
+    fast = run_reconstruction(_sweep(41, 40.0, 13), "moglo", device="cpu", evaluate=False)
+    assert any("one frame in 2" in n and "50 ms" in n for n in fast.notes), fast.notes
+    slow = run_reconstruction(dataclasses.replace(_sweep(41, 20.0, 12), frame_rate_hz=5.0, timestamps_s=None),
+                              "moglo", device="cpu", evaluate=False)
+    assert any("200 ms apart" in n for n in slow.notes), slow.notes
+    plain = run_reconstruction(_sweep(41, 20.0, 12), "moglo", device="cpu", evaluate=False)
+    assert not any("frame in" in n or "ms apart" in n for n in plain.notes), plain.notes

@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_MAX_VOXELS",
     "ReconstructionRun",
     "estimate_to_sweep",
+    "method_notes",
     "choose_grid",
     "run_reconstruction",
     "evaluate_files",
@@ -124,6 +125,19 @@ def estimate_to_sweep(sweep, tforms: np.ndarray, method: str, imu_weights=None, 
         attrs[f"pose_{k}"] = v
     return dataclasses.replace(sweep, tforms=np.asarray(tforms, dtype=np.float64), imu_weights=imu_weights,
                                attrs=attrs)
+
+
+def method_notes(attrs: dict) -> list[str]:
+    """What a user should know about how a pose method read this sweep (CLI notes, the Slicer panel's status):
+    its skips and warnings as the method wrote them, and a frame stride other than 1."""
+    notes = [str(attrs[k]) for k in ("direction_skipped", "smoothing_skipped", "pair_interval_warning") if attrs.get(k)]
+    stride = int(attrs.get("frame_stride", 1) or 1)
+    if stride > 1:
+        interval = attrs.get("pair_interval_s")
+        apart = f", pairs {1000 * float(interval):.0f} ms apart" if interval else ""
+        notes.append(f"read one frame in {stride}{apart} (the interval the model was trained on); the frames "
+                     "between interpolated")
+    return notes
 
 
 def choose_grid(tforms, frame_shape_hw, pixel_spacing_xy, spacing_mm=DEFAULT_SPACING_MM,
@@ -220,6 +234,7 @@ def run_reconstruction(sweep, method: str = "tracked", *, out_sweep=None, out_vo
     seconds["poses"] = time.perf_counter() - t0
     run = ReconstructionRun(method=pose_method.name, source=source, n_frames=n, tforms=est.tforms,
                             imu_weights=est.imu_weights, method_attrs=dict(est.attrs), seconds=seconds)
+    run.notes.extend(method_notes(est.attrs))
 
     if evaluate is None:
         evaluate = pose_method.name != "tracked"

@@ -57,10 +57,15 @@ def test_bad_frame_stride_is_refused_naming_the_parameter(bad):
 
 
 def test_keyframes_start_at_the_first_and_end_at_the_last_frame():
+    """Every k-th frame and the last; a shorter last step joins the one before (k+1 to 2k-1 frames: still
+    within the trained pairs, where a 1-frame pair is what the stride avoids)."""
     assert keyframe_indices(9, 2).tolist() == [0, 2, 4, 6, 8]
     assert keyframe_indices(10, 3).tolist() == [0, 3, 6, 9]
-    assert keyframe_indices(11, 3).tolist() == [0, 3, 6, 9, 10]
+    assert keyframe_indices(11, 3).tolist() == [0, 3, 6, 10]
+    assert keyframe_indices(12, 3).tolist() == [0, 3, 6, 11]
+    assert keyframe_indices(6, 2).tolist() == [0, 2, 5]
     assert keyframe_indices(5, 1).tolist() == [0, 1, 2, 3, 4]
+    assert keyframe_indices(3, 4).tolist() == [0, 2]
     assert keyframe_indices(2, 4).tolist() == [0, 1]
 
 
@@ -85,7 +90,7 @@ def test_interpolation_reproduces_a_steady_screw_motion_exactly():
 
 
 def test_pair_values_spread_over_the_pairs_of_each_key_interval():
-    idx = keyframe_indices(8, 3)  # 0, 3, 6, 7
+    idx = np.array([0, 3, 6, 7])
     got = spread_pair_values(np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]), idx, 8)
     assert got.tolist() == [[1, 0]] * 3 + [[0.5, 0.5]] * 3 + [[0, 1]]
 

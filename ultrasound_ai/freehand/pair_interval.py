@@ -60,9 +60,12 @@ def resolve_stride(value, sweep, min_interval_s: Optional[float], method: str) -
 
 
 def keyframe_indices(n_frames: int, stride: int) -> np.ndarray:
-    """0, k, 2k, ... and the last frame."""
+    """0, k, 2k, ... and the last frame; a last step shorter than k joins the one before (k+1 to 2k-1 frames,
+    within the trained pairs, rather than a short pair, which is what the stride avoids)."""
     idx = list(range(0, int(n_frames), int(stride)))
     if idx[-1] != n_frames - 1:
+        if len(idx) > 1:
+            idx.pop()
         idx.append(int(n_frames) - 1)
     return np.asarray(idx, dtype=np.int64)
 

@@ -10,8 +10,10 @@ in time). On training-simulator sweeps at 30 and 40 Hz this raised the per-pair 
 from 0.51 / 0.40 to 0.65 / 0.61 (FiMA) and 0.55 / 0.35 to 0.71 / 0.67 (MoGLo-Net); BENCHMARKS.md
 ``freehand_frame_rate``. Slower sweeps (up to the trained interval) are read pair by pair as before.
 
-Method parameter ``frame_stride`` (fima, moglo): "auto" (the default) as above, or a whole number of frames
-(1: every consecutive pair, as the papers do). A card without ``min_pair_interval_s`` reads every pair.
+Method parameter ``frame_stride`` (fima, moglo, decorrelation): "auto" (the default) as above, or a whole number
+of frames (1: every consecutive pair, as the papers do). A card without ``min_pair_interval_s`` reads every pair.
+A sweep slower than the card's ``max_pair_interval_s`` (the longest trained pairs) is read as it is, with
+``pair_interval_warning`` in the result: there are no frames in between to read instead.
 """
 
 from __future__ import annotations

@@ -36,11 +36,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ultrasound_ai.core.errors import InputError
+from ultrasound_ai.io.sweep import GRAVITY_NORM_M_S2
 
 __all__ = ["GRAVITY_M_S2", "DeadReckoningResult", "imu_rotations", "fuse_rotations", "smooth_rotations",
            "angle_noise_weights", "integrate_twice", "dead_reckon"]
 
-GRAVITY_M_S2 = np.array([0.0, 0.0, -9.81])  # Earth frame, z up (the sweep contract)
+GRAVITY_M_S2 = np.array([0.0, 0.0, -GRAVITY_NORM_M_S2])  # Earth frame, z up (the sweep contract)
 _MM_PER_M = 1000.0
 
 

@@ -29,7 +29,7 @@ from ultrasound_ai.core.errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["resolve_stride", "keyframe_indices", "subsample", "interpolate_poses", "spread_pair_values",
+__all__ = ["median_frame_interval", "resolve_stride", "keyframe_indices", "subsample", "interpolate_poses", "spread_pair_values",
            "estimate_at_stride", "estimate_at_card_interval", "card_min_interval", "card_max_interval"]
 
 
@@ -45,13 +45,21 @@ def card_max_interval(card: dict) -> Optional[float]:
     return None if value is None else float(value)
 
 
+def median_frame_interval(sweep, idx: Optional[np.ndarray] = None) -> Optional[float]:
+    """Median interval (s) between the frames `idx` (default all) of a sweep; None without frame times."""
+    if sweep.n_frames < 2 or (sweep.timestamps_s is None and sweep.frame_rate_hz is None):
+        return None
+    t = sweep.times_s()
+    return float(np.median(np.diff(t if idx is None else t[idx])))
+
+
 def resolve_stride(value, sweep, min_interval_s: Optional[float], method: str) -> int:
     """The frame stride for `sweep`: `value` "auto"/None (from min_interval_s and the sweep's median frame
     interval) or a whole number >= 1 (InputError naming the parameter otherwise)."""
     if value is None or (isinstance(value, str) and value == "auto"):
-        if min_interval_s is None or sweep.n_frames < 2 or (sweep.timestamps_s is None and sweep.frame_rate_hz is None):
+        dt = median_frame_interval(sweep)
+        if min_interval_s is None or dt is None:
             return 1
-        dt = float(np.median(np.diff(sweep.times_s())))
         # the stride whose interval is nearest the trained one (halves up): at 25 Hz the 40 ms pairs are read as
         # they are (every second frame, 80 ms, did not lower FDR there), from 30 Hz every second frame
         return max(1, math.floor(min_interval_s / dt + 0.5 + 1e-9))
@@ -107,9 +115,9 @@ def spread_pair_values(values: np.ndarray, idx: np.ndarray, n_frames: int) -> np
 
 def _interval_facts(sweep, idx: np.ndarray, max_interval_s: Optional[float]) -> dict:
     """pair_interval_s of the pairs read, and a warning when they are longer than any the model was trained on."""
-    if sweep.timestamps_s is None and sweep.frame_rate_hz is None:
+    interval = median_frame_interval(sweep, idx)
+    if interval is None:
         return {}
-    interval = float(np.median(np.diff(sweep.times_s()[idx])))
     facts = {"pair_interval_s": interval}
     if max_interval_s is not None and interval > 1.05 * max_interval_s:
         facts["pair_interval_warning"] = (

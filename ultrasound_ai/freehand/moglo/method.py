@@ -262,13 +262,6 @@ def _smoothed(rel, card: dict, smoothing_s, frame_interval_s, shape_hw, spacing_
     return smooth_pair_motions(rel, frame_centre_mm(shape_hw, spacing_xy), sigma), {"smoothing_s": float(smoothing_s)}
 
 
-def _frame_interval(sweep) -> Optional[float]:
-    """Median frame interval (s) of a sweep, None when it has neither timestamps nor a frame rate."""
-    if sweep.timestamps_s is None and sweep.frame_rate_hz is None:
-        return None
-    return float(np.median(np.diff(sweep.times_s()))) if sweep.n_frames > 1 else None
-
-
 class MogloMethod(PoseMethod):
     """MoGLo-Net (Kim et al., IEEE TMI 2025): sensorless pose estimation from the images alone."""
 
@@ -276,7 +269,7 @@ class MogloMethod(PoseMethod):
     accepted_params = ("overlap", "batch_clips", "direction", "sign_linking", "smoothing_s", "frame_stride")
 
     def _estimate(self, sweep, ctx: MethodContext) -> PoseEstimate:
-        from ultrasound_ai.freehand.pair_interval import estimate_at_card_interval
+        from ultrasound_ai.freehand.pair_interval import estimate_at_card_interval, median_frame_interval
 
         ctx.report(0.0, "loading MoGLo-Net")
         model, card = load_moglo(ctx.checkpoint, ctx.device)
@@ -289,7 +282,7 @@ class MogloMethod(PoseMethod):
                                            direction=ctx.params.get("direction"),
                                            sign_linking=ctx.params.get("sign_linking"),
                                            smoothing_s=ctx.params.get("smoothing_s"),
-                                           frame_interval_s=_frame_interval(s), progress=progress)
+                                           frame_interval_s=median_frame_interval(s), progress=progress)
             return tforms, None, facts
 
         tforms, _, facts = estimate_at_card_interval(sweep, card, ctx.params.get("frame_stride"), METHOD, run)

@@ -55,7 +55,7 @@ class UltrasoundAIParameterNode:
     checkpoint: pathlib.Path
     onlineAlignment: bool = False
     imuSelection: str = ""
-    sweepDirection: Annotated[str, Choice(["model", "forward", "network", "imus"])] = "model"
+    sweepDirection: Annotated[str, Choice(["model", "ordering", "forward", "network", "imus"])] = "model"
     outputSpacing: Annotated[float, WithinRange(0.05, 5.0)] = 0.5
     compounding: Annotated[str, Choice(["mean", "max", "latest"])] = "mean"
     fillHoles: Annotated[str, Choice(["none", "gaussian", "nearest"])] = "none"

@@ -241,7 +241,8 @@ def test_network_options_reach_the_job(scene, sweep_path, tmp_path):
         with pytest.raises(InputError, match="imuSelection"):
             ReconstructionParameters.from_any({"inputSweepFile": str(sweep_path), "imuSelection": bad})
     # MoGLo-Net's sweep direction: "model" leaves the card's setting, the others reach the method.
-    for direction, expected in (("model", {}), ("forward", {"direction": "forward"}), ("network", {"direction": "network"})):
+    for direction, expected in (("model", {}), ("ordering", {"direction": "ordering"}), ("forward", {"direction": "forward"}),
+                                ("network", {"direction": "network"})):
         params = ReconstructionParameters.from_any({"inputSweepFile": str(sweep_path), "method": "moglo",
                                                     "sweepDirection": direction})
         assert logic._job(params, Path(sweep_path), "s")["parameters"]["method_params"] == expected

@@ -18,7 +18,8 @@ for sweeps with IMU data and MoGLo-Net for sweeps without, when their models are
 for the networks; empty = the installed default), onlineAlignment (bool: FiMA's test-time alignment),
 imuSelection (FiMA: comma-separated 0-based IMU indices to use; empty = all), sweepDirection (which way
 each pair moved out of plane: "model" = the model card's setting, "network" = the network's signs; MoGLo-Net
-also "forward" = the sweep moves towards +z; FiMA also "imus" = the sign from the accelerometers),
+also "ordering" = forward, then each pair's direction from the frames' spectral order, and "forward" = the
+sweep moves towards +z; FiMA also "imus" = the sign from the accelerometers),
 outputSpacing (mm),
 compounding ("mean" | "max" | "latest"), fillHoles ("none" | "gaussian" | "nearest"), outputVolume /
 outputTrajectory (nodes to fill; found or created by name when None), createNewNodes (bool: new nodes
@@ -81,7 +82,7 @@ log = logging.getLogger(__name__)
 TASK_NAME = "freehand.reconstruct"
 METHODS = (*PANEL_CHOICES, *available_methods())  # offered in the panel: the registry's names
 IMU_METHODS = ("fima",)  # methods that take onlineAlignment / imuSelection
-SWEEP_DIRECTIONS = ("model", "forward", "network", "imus")  # MoGLo-Net's and FiMA's; "model": the card's setting
+SWEEP_DIRECTIONS = ("model", "ordering", "forward", "network", "imus")  # MoGLo-Net's and FiMA's; "model": the card's setting
 DEVICES = ("auto", "cpu", "cuda", "mps")
 COMPOUNDING = ("mean", "max", "latest")
 FILL_HOLES = ("none", "gaussian", "nearest")

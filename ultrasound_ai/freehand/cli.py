@@ -280,10 +280,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--align-steps", type=int, metavar="N", help="fima: online alignment Adam steps (default 60)")
     p.add_argument("--align-lr", type=float, metavar="LR", help="fima: online alignment learning rate (default 2e-6)")
     p.add_argument("--imus", metavar="I,J,...", help="fima: indices of the sweep's IMUs to use (default: all)")
-    p.add_argument("--direction", choices=["network", "forward", "turns", "imus"], default=None,
+    p.add_argument("--direction", choices=["network", "forward", "turns", "ordering", "imus"], default=None,
                    help="which way each frame pair moved out of plane (default: the checkpoint's setting). moglo: "
                    "'forward' takes the sweep as moving towards +z (the images cannot tell a motion from its mirror "
-                   "image), 'turns' (research) does so and reverses at each turning point found in the frames; "
+                   "image), 'ordering' does so and then takes each pair's direction from the frames put in order by how "
+                   "alike they are (where the probe comes back, its frames resemble earlier ones), 'turns' (research) "
+                   "reverses at each turning point found in the frames; "
                    "fima: 'imus' takes the sign from the accelerometers fitted to the images' distances; both: "
                    "'network' keeps the network's signs")
     p.add_argument("--frame-stride", metavar="auto|K", default=None,

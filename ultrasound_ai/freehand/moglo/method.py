@@ -20,7 +20,10 @@ the network's sign was right for about half of the moving pairs (`bench/diagnose
 consistent direction, +z, as the images-only decorrelation baseline assumes, drifts less. "turns" does that
 and then reverses the direction of travel at each turning point found in the frames
 (`ultrasound_ai.freehand.turning_points`: where frames r - j and r + j are far more alike than frames 2j apart
-on one side, the probe came back); sign linking does not apply to it.
+on one side, the probe came back); sign linking does not apply to it. "ordering" does "forward" and then gives
+each pair the direction of its step when all frames are put in order along the out-of-plane axis by how alike
+their speckle is (`ultrasound_ai.freehand.frame_ordering`: where the probe comes back, its frames resemble those
+it took on the way out); sign linking does not apply to it either.
 
 Sign linking (card ``inference.sign_linking``, models trained with ``data.clip_mirror``): such a network gives
 each clip's motion up to one sign (its clip moving forwards); `predict_pairs_linked` links the clips' signs
@@ -46,7 +49,7 @@ __all__ = ["MogloMethod", "load_moglo", "predict_pairs", "predict_pairs_linked",
            "mirror_params", "centre_dz", "DIRECTIONS"]
 
 METHOD = "moglo"
-DIRECTIONS = ("network", "forward", "turns")
+DIRECTIONS = ("network", "forward", "turns", "ordering")
 _MIRROR = np.diag([1.0, 1.0, -1.0, 1.0])  # reflection through the image plane (z -> -z)
 
 
@@ -220,7 +223,7 @@ def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, o
         sign_linking = (card.get("inference") or {}).get("sign_linking", False)
     if not isinstance(sign_linking, bool):
         raise InputError(f"moglo parameter sign_linking: expected true or false, got {sign_linking!r}")
-    linked = sign_linking and direction != "turns"
+    linked = sign_linking and direction not in ("turns", "ordering")
     if linked:
         params = predict_pairs_linked(model, net_frames, forward=direction == "forward", batch_clips=batch_clips,
                                       progress=progress)
@@ -228,7 +231,7 @@ def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, o
         params = predict_pairs(model, net_frames, overlap=overlap, batch_clips=batch_clips, progress=progress)
     rel = from_network_relative(params_to_matrix(params, PARAM_CONVENTION, degrees=True), geom)
     turns = None
-    if direction in ("forward", "turns") and not linked:
+    if direction in ("forward", "turns", "ordering") and not linked:
         from ultrasound_ai.validation.pose_agreement import frame_centre_mm
 
         rel = forward_pairs(rel, frame_centre_mm(frames.shape[1:], pixel_spacing_xy))
@@ -237,11 +240,23 @@ def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, o
 
         turns = turning_points(frames)
         rel = _mirrored(rel, travel_signs(len(rel), turns) < 0)
+    if direction == "ordering":
+        rel = _mirrored(rel, _ordering_signs(rel, frames, pixel_spacing_xy, frame_interval_s) < 0)
     rel, smoothing = _smoothed(rel, card, smoothing_s, frame_interval_s, frames.shape[1:], pixel_spacing_xy)
     facts = {"network_frame_shape_hw": list(geom.frame_shape_hw), "network_pixel_spacing_mm": list(geom.spacing_xy),
              "network_grid_offset_mm": list(geom.offset_mm), "overlap": overlap, "direction": direction,
              "sign_linking": linked, **smoothing, **({"turning_points": turns} if turns is not None else {})}
     return chain_relative(rel), facts
+
+
+def _ordering_signs(rel, frames, pixel_spacing_xy, frame_interval_s) -> np.ndarray:
+    """Per pair +1 / -1 from the frames' spectral order (`frame_ordering`), the sweep's sign set by the pairs'
+    out-of-plane distances (rel: all moving forwards)."""
+    from ultrasound_ai.freehand.frame_ordering import travel_signs
+    from ultrasound_ai.validation.pose_agreement import frame_centre_mm
+
+    dz = (rel @ np.append(frame_centre_mm(frames.shape[1:], pixel_spacing_xy), 1.0))[:, 2]
+    return travel_signs(frames, pixel_spacing_xy, dz, frame_interval_s)
 
 
 def _smoothed(rel, card: dict, smoothing_s, frame_interval_s, shape_hw, spacing_xy):

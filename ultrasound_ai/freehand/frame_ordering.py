@@ -21,10 +21,12 @@ each pair's direction is the sign of its step in that order.
 5. Direction of pair i: the sign of f[i + 1] - f[i]; the sweep's overall sign (which the images cannot
    tell) is chosen so that most of the distance is travelled towards +z, as the forward convention.
 
-tau and p: chosen on 24 training-simulator sweeps (freehand-v2 settings, seeds 291000-291023; none in a
-frozen set): the share of moving pairs (|true tz| > 0.05 mm) whose direction was right, up to one sign per
-sweep, was 0.71 with one direction throughout and 0.82-0.84 for tau 0.1-0.3 and p 2-6 (a flat optimum;
-0.2 and 4 kept), 0.97 / 0.81 / 0.84 / 0.77 on linear / curved / loop / sector sweeps at (0.2, 2).
+tau and p: chosen on 24 training-simulator sweeps (freehand-v2 settings, 96 x 104 px, seeds 291000-291023;
+none in a frozen set): the share of moving pairs (|true tz| > 0.05 mm) whose direction was right, up to one sign
+per sweep, was 0.71 with one direction throughout and 0.80-0.84 for tau 0.1-0.3 and p 2-6 (a flat optimum; 0.2
+and 4 kept: 0.95 / 0.81 / 0.84 / 0.77 on linear / curved / loop / sector sweeps); on 12 sweeps of 248 x 260 px
+frames (seeds 292000-292011, the crop path) 0.88 against 0.71. Sector sweeps (rotation about the probe face)
+move the frame centre least, and loops cross their own path, which the order cannot tell from a revisit.
 """
 
 from __future__ import annotations

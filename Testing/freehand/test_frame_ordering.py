@@ -105,3 +105,24 @@ def test_moglo_direction_ordering_mirrors_the_pairs_the_order_says_went_back():
     assert (zf >= 0).all() and np.abs(zf).max() > 0
     np.testing.assert_allclose(np.abs(zo), np.abs(zf), atol=1e-9)
     assert _agreement(np.where(zo < 0, -1.0, 1.0), z) >= 0.9
+
+
+def test_decorrelation_travel_ordering_turns_back_where_the_probe_did():
+    """Images-only decorrelation takes the probe as moving forward unless travel="ordering": then the pairs the
+    frames' order says went back are mirrored through the image plane."""
+    from ultrasound_ai.freehand.methods import get_method
+    from ultrasound_ai.io.sweep import Sweep
+    from ultrasound_ai.validation.pose_agreement import centre_out_of_plane_mm
+
+    z = np.concatenate([np.arange(20) * 0.3, 5.7 - np.arange(1, 16) * 0.3])
+    frames = _sweep_through(z)
+    sweep = Sweep(frames=frames, pixel_spacing_xy=SPACING, frame_rate_hz=20.0)
+    forward = get_method("decorrelation").estimate(sweep)
+    ordered = get_method("decorrelation").estimate(sweep, travel="ordering")
+    assert ordered.attrs["travel"] == "ordering" and "travel" not in forward.attrs
+    zf = centre_out_of_plane_mm(forward.tforms, frames.shape[1:], SPACING)
+    zo = centre_out_of_plane_mm(ordered.tforms, frames.shape[1:], SPACING)
+    assert (zf >= 0).all()
+    np.testing.assert_allclose(np.abs(zo), np.abs(zf), atol=1e-9)
+    assert _agreement(np.where(zo < 0, -1.0, 1.0), z) >= 0.9
+    assert abs(np.sum(zo) - (z[-1] - z[0])) < 0.5 * abs(np.sum(zf) - (z[-1] - z[0]))  # ends nearer where it did

@@ -353,9 +353,10 @@ def test_forward_direction_reflects_the_backward_pairs_through_the_image_plane()
 
 
 def test_cli_direction_option_reaches_the_moglo_method(tmp_path):
-    """`freehand reconstruct --method moglo --direction forward|network` overrides the card's setting: a tiny
-    network whose pairs all move backwards (its normalisation shifts tz to -0.4 mm) keeps them with
-    "network" and mirrors every one of them with "forward"; the option is refused for other methods."""
+    """`freehand reconstruct --method moglo --direction forward|network|ordering` overrides the card's setting: a
+    tiny network whose pairs all move backwards (its normalisation shifts tz to -0.4 mm) keeps them with
+    "network" and mirrors every one of them with "forward"; "ordering" keeps their distances and signs each from
+    the frames; the option is refused for other methods."""
     from ultrasound_ai.cli import main
     from ultrasound_ai.freehand.simulation.simulator import simulate_sweep
     from ultrasound_ai.io.sweep import read_sweep, write_sweep
@@ -375,7 +376,7 @@ def test_cli_direction_option_reaches_the_moglo_method(tmp_path):
     sweep = simulate_sweep(0, n_frames=7, frame_shape=(40, 48), n_imus=0)
     src = write_sweep(sweep, tmp_path / "sweep.h5")
     z = {}
-    for direction in ("network", "forward"):
+    for direction in ("network", "forward", "ordering"):
         est = tmp_path / f"{direction}.h5"
         assert main(["freehand", "reconstruct", str(src), "--method", "moglo", "--checkpoint", str(pt),
                      "--direction", direction, "--out-sweep", str(est), "--no-metrics", "--no-progress",
@@ -385,6 +386,7 @@ def test_cli_direction_option_reaches_the_moglo_method(tmp_path):
         z[direction] = centre_out_of_plane_mm(out.tforms, sweep.frames.shape[1:], sweep.pixel_spacing_xy)
     assert np.all(z["network"] < 0)
     np.testing.assert_allclose(z["forward"], -z["network"], atol=1e-9)
+    np.testing.assert_allclose(np.abs(z["ordering"]), z["forward"], atol=1e-9)
     assert main(["freehand", "reconstruct", str(src), "--method", "imu", "--direction", "forward", "--no-progress"]) == 2
 
 

@@ -241,6 +241,8 @@ def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, o
         turns = turning_points(frames)
         rel = _mirrored(rel, travel_signs(len(rel), turns) < 0)
     if direction == "ordering":
+        if progress is not None:
+            progress(1.0, "ordering the frames by their speckle")
         rel = _mirrored(rel, _ordering_signs(rel, frames, pixel_spacing_xy, frame_interval_s) < 0)
     rel, smoothing = _smoothed(rel, card, smoothing_s, frame_interval_s, frames.shape[1:], pixel_spacing_xy)
     facts = {"network_frame_shape_hw": list(geom.frame_shape_hw), "network_pixel_spacing_mm": list(geom.spacing_xy),

@@ -263,3 +263,18 @@ def test_demo_adds_learned_methods_only_when_a_model_is_installed(tmp_path, monk
                      "input": {}, "training": {}, "metrics": {}})
     monkeypatch.setenv(registry.ENV_VAR, str(models))
     assert default_demo_methods() == ["tracked", "imu", "fima"]
+
+
+def test_frames_without_an_image_are_named_in_the_run_notes():
+    """Stretches of uniform frames (probe lifted off, frozen screen) carry no motion a method can read: the run's
+    notes name them (0-based frame indices); a sweep without them gets no such note."""
+    import dataclasses
+
+    sweep = simulate_sweep(2, n_frames=14, frame_shape=(40, 48), n_imus=0)
+    assert not any("no image" in n for n in run_reconstruction(sweep, "tracked", evaluate=False).notes)
+    frames = sweep.frames.copy()
+    frames[4:7] = 0
+    frames[11] = 128
+    run = run_reconstruction(dataclasses.replace(sweep, frames=frames), "tracked", evaluate=False)
+    notes = [n for n in run.notes if "no image" in n]
+    assert len(notes) == 1 and "frames 4-6, 11 (4 of 14)" in notes[0]

@@ -34,6 +34,7 @@ __all__ = [
     "ReconstructionRun",
     "estimate_to_sweep",
     "method_notes",
+    "blank_frames_note",
     "choose_grid",
     "run_reconstruction",
     "evaluate_files",
@@ -140,6 +141,24 @@ def method_notes(attrs: dict) -> list[str]:
     return notes
 
 
+BLANK_FRAME_STD = 1.0  # grey levels: a lifted-off probe or a frozen screen leaves (almost) no texture
+
+
+def blank_frames_note(frames) -> Optional[str]:
+    """A note naming the frames without an image (uniform: the probe lifted off, a frozen or blanked screen), whose
+    motion no method reads from the images; None when there are none."""
+    f = np.asarray(frames)
+    n = len(f)
+    std = np.concatenate([f[i:i + 64].reshape(len(f[i:i + 64]), -1).std(axis=1) for i in range(0, n, 64)])
+    blank = np.flatnonzero(std < BLANK_FRAME_STD)
+    if blank.size == 0:
+        return None
+    runs = np.split(blank, np.flatnonzero(np.diff(blank) > 1) + 1)
+    named = ", ".join(f"{r[0]}" if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+    return (f"frames {named} ({blank.size} of {n}) show no image (uniform: probe lifted off or screen frozen?); "
+            "their motion is not read from the images")
+
+
 def choose_grid(tforms, frame_shape_hw, pixel_spacing_xy, spacing_mm=DEFAULT_SPACING_MM,
                 max_voxels: int = DEFAULT_MAX_VOXELS):
     """Output grid aligned with the first frame; coarsened if it would exceed `max_voxels`.
@@ -235,6 +254,9 @@ def run_reconstruction(sweep, method: str = "tracked", *, out_sweep=None, out_vo
     run = ReconstructionRun(method=pose_method.name, source=source, n_frames=n, tforms=est.tforms,
                             imu_weights=est.imu_weights, method_attrs=dict(est.attrs), seconds=seconds)
     run.notes.extend(method_notes(est.attrs))
+    blank = blank_frames_note(sw.frames)
+    if blank:
+        run.notes.append(blank)
 
     if evaluate is None:
         evaluate = pose_method.name != "tracked"

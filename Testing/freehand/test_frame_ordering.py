@@ -74,6 +74,17 @@ def test_the_sweep_sign_follows_the_larger_share_of_distance():
     assert np.mean(signs[:29] > 0) >= 0.9 and np.mean(signs[30:] < 0) >= 0.8
 
 
+def test_a_long_sweep_is_ordered_in_overlapping_windows_with_the_same_answer():
+    """More frames than max_frames: windows overlapping by a quarter, each window's sign set on the overlap; on a
+    there-and-back-and-there sweep the windowed signs agree with the one-shot ones and with the truth."""
+    z = np.concatenate([np.arange(25) * 0.3, 7.2 - np.arange(1, 25) * 0.25, 1.2 + np.arange(1, 20) * 0.3])
+    frames = _sweep_through(z)
+    whole = travel_signs(frames, SPACING, np.abs(np.diff(z)), 0.05)
+    windowed = travel_signs(frames, SPACING, np.abs(np.diff(z)), 0.05, max_frames=24)
+    assert windowed.shape == whole.shape == (len(z) - 1,)
+    assert _agreement(windowed, z) >= 0.9 and np.mean(windowed == whole) >= 0.9
+
+
 def test_bad_input_names_what_was_expected():
     with pytest.raises(InputError, match=r"frames \[N >= 2, H, W\]"):
         frame_similarity(np.zeros((1, 8, 8)), SPACING)
@@ -81,6 +92,8 @@ def test_bad_input_names_what_was_expected():
         spectral_order(np.zeros((3, 4)))
     with pytest.raises(InputError, match="pair distances"):
         travel_signs(np.zeros((5, 16, 16)), SPACING, np.ones(7))
+    with pytest.raises(InputError, match="max_frames"):
+        travel_signs(np.zeros((5, 16, 16)), SPACING, max_frames=3)
 
 
 def test_moglo_direction_ordering_mirrors_the_pairs_the_order_says_went_back():

@@ -43,6 +43,7 @@ DEFAULT_MAX_LAG_S = 20.0  # revisits further apart than this are not looked for 
 MIN_SPACING_MM = 0.12
 CROP_PX = 128
 FLOOR_LAG = 25
+MAX_FRAMES_AT_ONCE = 2000  # a longer sweep is ordered in overlapping windows (`travel_signs`)
 _CHAIN = 1e-6
 
 
@@ -123,12 +124,40 @@ def spectral_order(similarity, tau: float = DEFAULT_TAU, power: int = DEFAULT_PO
 
 
 def travel_signs(frames, pixel_spacing_xy, distances=None, frame_interval_s: float | None = None, *,
-                 tau: float = DEFAULT_TAU, power: int = DEFAULT_POWER) -> np.ndarray:
+                 tau: float = DEFAULT_TAU, power: int = DEFAULT_POWER,
+                 max_frames: int = MAX_FRAMES_AT_ONCE) -> np.ndarray:
     """+1 / -1 per frame pair: the direction of out-of-plane travel up to one sign per sweep, that sign chosen so
-    that most of `distances` [N-1] (each pair's unsigned out-of-plane distance; None: equal) goes towards +z."""
-    order = spectral_order(frame_similarity(frames, pixel_spacing_xy, frame_interval_s), tau, power)
-    signs = np.where(np.diff(order) < 0, -1.0, 1.0)
-    weight = np.ones(len(signs)) if distances is None else np.abs(np.asarray(distances, dtype=np.float64))
-    if weight.shape != signs.shape:
-        raise InputError(f"frame ordering: expected {len(signs)} pair distances, got shape {list(weight.shape)}")
+    that most of `distances` [N-1] (each pair's unsigned out-of-plane distance; None: equal) goes towards +z.
+
+    A sweep of more than `max_frames` frames is ordered in windows of that many frames overlapping by a quarter
+    (the similarity matrix and its eigenproblem grow with the square and cube of the frame count); each window's
+    sign is set by its agreement with the one before on the overlap."""
+    frames = np.asarray(frames)
+    n = len(frames)
+    weight = np.ones(max(n - 1, 0)) if distances is None else np.abs(np.asarray(distances, dtype=np.float64))
+    if weight.shape != (max(n - 1, 0),):
+        raise InputError(f"frame ordering: expected {max(n - 1, 0)} pair distances, got shape {list(weight.shape)}")
+    max_frames = int(max_frames)
+    if max_frames < 8:
+        raise InputError(f"frame ordering: max_frames must be at least 8, got {max_frames}")
+
+    def window(a: int, b: int) -> np.ndarray:
+        order = spectral_order(frame_similarity(frames[a:b], pixel_spacing_xy, frame_interval_s), tau, power)
+        return np.where(np.diff(order) < 0, -1.0, 1.0)
+
+    if n <= max_frames:
+        signs = window(0, n)
+    else:
+        overlap = max_frames // 4
+        signs = window(0, max_frames)
+        start = max_frames - overlap
+        while len(signs) < n - 1:
+            stop = min(n, start + max_frames)
+            new = window(start, stop)
+            shared = len(signs) - start  # pairs start .. len(signs) - 1 are in both windows
+            if float((new[:shared] * signs[start:] * weight[start:start + shared]).sum()) < 0:
+                new = -new
+            keep = shared // 2  # the pairs nearer each window's middle are the better placed
+            signs = np.concatenate([signs[:start + keep], new[keep:]])
+            start = stop - overlap
     return -signs if float((signs * weight).sum()) < 0 else signs

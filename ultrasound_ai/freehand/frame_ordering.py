@@ -51,15 +51,15 @@ def _speckle_stack(frames, spacing_xy, structure_mm: float) -> tuple[np.ndarray,
     """Unit-norm, zero-mean speckle images [N, h, w] (float32) on a central crop, and their pixel spacing."""
     from scipy import ndimage
 
-    f = np.asarray(frames, dtype=np.float32)
     sx, sy = (float(v) for v in spacing_xy)
     zoom = (min(1.0, sy / MIN_SPACING_MM), min(1.0, sx / MIN_SPACING_MM))
+    h, w = np.asarray(frames).shape[1:]
+    ch, cw = min(h, int(np.ceil(CROP_PX / zoom[0]))), min(w, int(np.ceil(CROP_PX / zoom[1])))
+    r0, c0 = (h - ch) // 2, (w - cw) // 2
+    f = np.asarray(frames)[:, r0:r0 + ch, c0:c0 + cw].astype(np.float32)  # crop first: big sweeps stay small
     if zoom != (1.0, 1.0):
         f = ndimage.zoom(f, (1.0,) + zoom, order=1, prefilter=False, grid_mode=True, mode="grid-constant")
         sy, sx = sy / zoom[0], sx / zoom[1]
-    h, w = f.shape[1:]
-    r0, c0 = max(0, (h - CROP_PX) // 2), max(0, (w - CROP_PX) // 2)
-    f = f[:, r0:r0 + CROP_PX, c0:c0 + CROP_PX]
     s = f - ndimage.gaussian_filter(f, (0.0, structure_mm / sy, structure_mm / sx), mode="nearest")
     s -= s.mean(axis=(1, 2), keepdims=True)
     norm = np.linalg.norm(s.reshape(len(s), -1), axis=1)

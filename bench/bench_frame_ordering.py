@@ -14,21 +14,14 @@ Writes the "frame_ordering_speed" section of BENCHMARKS.md unless --no-write.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 SEED = 296_000  # a range no training, selection or frozen set uses
-
-
-def _report_module():
-    spec = importlib.util.spec_from_file_location("bench_report", HERE / "report.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def main(argv=None) -> int:
@@ -37,7 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-write", action="store_true")
-    report = _report_module()
+    import report  # bench/report.py: BENCHMARKS.md sections, load records, repeats
     args = report.parse_bench_args(ap, argv)
     import torch
 

@@ -25,8 +25,8 @@ Per frame pair (i, i+1):
    reversal (velocity change about -2 v) from a pause (about 0). `travel` "ordering" (with or without IMUs):
    each pair's direction from the frames put in order by their speckle similarity
    (`ultrasound_ai.freehand.frame_ordering`; without IMUs the pair is then mirrored through the image plane, its
-   rotation with it); without IMUs and without it the probe is taken as moving forward. On 56 training-simulator sweeps
-   (freehand-v2 settings, seeds 280000-280023 and 281000-281031) the fit lowered the mean / median FDR
+   rotation with it); otherwise, without IMUs, the probe is taken as moving forward. On 56 training-simulator
+   sweeps (freehand-v2 settings, seeds 280000-280023 and 281000-281031) the fit lowered the mean / median FDR
    from 79.1 / 39.7 % to 66.2 / 20.3 % (sector sweeps, where decorrelation over-reads the distance
    by more than the fit's scale bound of 2, stay high).
 

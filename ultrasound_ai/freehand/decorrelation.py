@@ -329,7 +329,10 @@ def estimate_poses(sweep, cal: Calibration = DEFAULT_CALIBRATION, use_imus: bool
             # (inplane, tz) is the frame centre's translation (the pose is assembled about the centre below)
             travel_signs = fit_travel(sweep, centre, inplane, distance).signs
         elif travel == "ordering":
-            travel_signs = _ordering_signs(sweep, sp, distance)
+            from ultrasound_ai.freehand.frame_ordering import travel_signs as order_signs
+            from ultrasound_ai.freehand.pair_interval import median_frame_interval
+
+            travel_signs = order_signs(frames, sp, distance, median_frame_interval(sweep))
         else:
             dt = np.diff(sweep.times_s())
             travel_signs = _travel_signs(distance / dt, _linear_accel_z(sweep, rots), dt)
@@ -352,20 +355,13 @@ def estimate_poses(sweep, cal: Calibration = DEFAULT_CALIBRATION, use_imus: bool
     rel[:, :3, 3] = np.column_stack([inplane, tz])
     rel = shift_c @ rel @ np.linalg.inv(shift_c)  # the translation was measured at the frame centre
     if not imu and travel == "ordering":
-        back = _ordering_signs(sweep, sp, tz) < 0
-        mirror = np.diag([1.0, 1.0, -1.0, 1.0])  # through the image plane: tz, rx and ry change sign
-        rel = np.where(back[:, None, None], mirror @ rel @ mirror, rel)
+        from ultrasound_ai.freehand.frame_ordering import orient_pairs
+        from ultrasound_ai.freehand.pair_interval import median_frame_interval
+
+        rel = orient_pairs(rel, frames, sp, median_frame_interval(sweep))
     attrs = {"sigma_mm": cal.sigma_mm, "rho0": cal.rho0, "rho_inf": cal.rho_inf, "imus_used": bool(imu),
              **({"travel": travel} if imu or travel == "ordering" else {})}
     return rel, attrs
-
-
-def _ordering_signs(sweep, spacing_xy, distance) -> np.ndarray:
-    """+1 / -1 per pair from the frames' spectral order (`frame_ordering`), most of `distance` towards +z."""
-    from ultrasound_ai.freehand.frame_ordering import travel_signs
-    from ultrasound_ai.freehand.pair_interval import median_frame_interval
-
-    return travel_signs(sweep.frames, spacing_xy, distance, median_frame_interval(sweep))
 
 
 class DecorrelationMethod(PoseMethod):

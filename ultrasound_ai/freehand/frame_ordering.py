@@ -37,7 +37,8 @@ import numpy as np
 
 from ultrasound_ai.core.errors import InputError
 
-__all__ = ["frame_similarity", "spectral_order", "travel_signs", "DEFAULT_TAU", "DEFAULT_POWER"]
+__all__ = ["frame_similarity", "spectral_order", "travel_signs", "orient_pairs", "mirror_pairs", "MIRROR",
+           "DEFAULT_TAU", "DEFAULT_POWER"]
 
 DEFAULT_TAU = 0.2
 DEFAULT_POWER = 4
@@ -50,6 +51,7 @@ DENSE_LAG_FRAMES = 40
 LONG_LAG_STEP = 2
 MAX_FRAMES_AT_ONCE = 2000  # a longer sweep is ordered in overlapping windows (`travel_signs`)
 _CHAIN = 1e-6
+MIRROR = np.diag([1.0, 1.0, -1.0, 1.0])  # reflection through the image plane: tz, rx and ry change sign
 
 
 def _speckle_stack(frames, spacing_xy, structure_mm: float) -> tuple[np.ndarray, tuple[float, float]]:
@@ -169,3 +171,18 @@ def travel_signs(frames, pixel_spacing_xy, distances=None, frame_interval_s: flo
             signs = np.concatenate([signs[:start + keep], new[keep:]])
             start = stop - overlap
     return -signs if float((signs * weight).sum()) < 0 else signs
+
+
+def mirror_pairs(rel: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """Pair transforms [M, 4, 4] with those where `which` [M] is true replaced by their mirror images M T M."""
+    return np.where(np.asarray(which)[:, None, None], MIRROR @ rel @ MIRROR, rel)
+
+
+def orient_pairs(rel: np.ndarray, frames, pixel_spacing_xy, frame_interval_s: float | None = None) -> np.ndarray:
+    """Pair transforms [N-1, 4, 4] (T_i<-i+1 in the sweep's image mm) with those the frames' order says went back
+    mirrored through the image plane; the sweep's sign from the frame centre's out-of-plane distances."""
+    from ultrasound_ai.validation.pose_agreement import frame_centre_mm
+
+    frames = np.asarray(frames)
+    dz = (rel @ np.append(frame_centre_mm(frames.shape[1:], pixel_spacing_xy), 1.0))[:, 2]
+    return mirror_pairs(rel, travel_signs(frames, pixel_spacing_xy, dz, frame_interval_s) < 0)

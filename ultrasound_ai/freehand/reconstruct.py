@@ -149,7 +149,7 @@ def blank_frames_note(frames) -> Optional[str]:
     motion no method reads from the images; None when there are none."""
     f = np.asarray(frames)
     n = len(f)
-    std = np.concatenate([f[i:i + 64].reshape(len(f[i:i + 64]), -1).std(axis=1) for i in range(0, n, 64)])
+    std = np.concatenate([c.reshape(len(c), -1).std(axis=1) for c in np.array_split(f, -(-n // 64))])  # bounded memory
     blank = np.flatnonzero(std < BLANK_FRAME_STD)
     if blank.size == 0:
         return None

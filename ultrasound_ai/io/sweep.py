@@ -33,6 +33,11 @@ GRAVITY_NORM_M_S2 = 9.81
 MIN_PIXEL_SPACING_MM = 0.005
 MAX_PIXEL_SPACING_MM = 5.0
 
+_RESERVED_ATTRS = ("pixel_spacing_mm", "frame_rate_hz", "imu_position_mm")
+# Free attributes that are not HDF5-storable scalars/arrays travel as JSON under this prefix.
+_JSON_PREFIX = "json:"
+_RIGID_TOL = 1e-4
+
 
 def specific_force_problem(imu_acc):
     """What is wrong with `imu_acc` [M, N, 3] as specific force in m/s^2 (a sentence), or None. A hand-held
@@ -43,10 +48,6 @@ def specific_force_problem(imu_acc):
         return None
     return (f"has a median magnitude of {g:.3g} m/s^2 (the IMUs' mean); a hand-held probe's accelerometers read "
             f"about {GRAVITY_NORM_M_S2} m/s^2: expected the specific force in m/s^2 with gravity included")
-_RESERVED_ATTRS = ("pixel_spacing_mm", "frame_rate_hz", "imu_position_mm")
-# Free attributes that are not HDF5-storable scalars/arrays travel as JSON under this prefix.
-_JSON_PREFIX = "json:"
-_RIGID_TOL = 1e-4
 
 
 @dataclass

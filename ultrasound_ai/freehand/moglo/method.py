@@ -43,6 +43,8 @@ import numpy as np
 import torch
 
 from ultrasound_ai.core.errors import InputError
+from ultrasound_ai.freehand.frame_ordering import MIRROR as _MIRROR
+from ultrasound_ai.freehand.frame_ordering import mirror_pairs as _mirrored
 from ultrasound_ai.freehand.methods import MethodContext, PoseEstimate, PoseMethod
 
 __all__ = ["MogloMethod", "load_moglo", "predict_pairs", "predict_pairs_linked", "estimate_sweep", "forward_pairs",
@@ -50,7 +52,6 @@ __all__ = ["MogloMethod", "load_moglo", "predict_pairs", "predict_pairs_linked",
 
 METHOD = "moglo"
 DIRECTIONS = ("network", "forward", "turns", "ordering")
-_MIRROR = np.diag([1.0, 1.0, -1.0, 1.0])  # reflection through the image plane (z -> -z)
 
 
 def forward_pairs(rel: np.ndarray, centre_mm) -> np.ndarray:
@@ -59,11 +60,6 @@ def forward_pairs(rel: np.ndarray, centre_mm) -> np.ndarray:
     c = np.append(np.asarray(centre_mm, dtype=np.float64), 1.0)
     backwards = (rel @ c)[:, 2] < 0  # the centre has z = 0, so its displacement is its new z
     return _mirrored(rel, backwards)
-
-
-def _mirrored(rel: np.ndarray, which: np.ndarray) -> np.ndarray:
-    """Pair transforms [M, 4, 4] with those where `which` [M] is true replaced by their mirror images M T M."""
-    return np.where(which[:, None, None], _MIRROR @ rel @ _MIRROR, rel)
 
 
 def mirror_params(params: np.ndarray) -> np.ndarray:
@@ -243,22 +239,14 @@ def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, o
     if direction == "ordering":
         if progress is not None:
             progress(1.0, "ordering the frames by their speckle")
-        rel = _mirrored(rel, _ordering_signs(rel, frames, pixel_spacing_xy, frame_interval_s) < 0)
+        from ultrasound_ai.freehand.frame_ordering import orient_pairs
+
+        rel = orient_pairs(rel, frames, pixel_spacing_xy, frame_interval_s)
     rel, smoothing = _smoothed(rel, card, smoothing_s, frame_interval_s, frames.shape[1:], pixel_spacing_xy)
     facts = {"network_frame_shape_hw": list(geom.frame_shape_hw), "network_pixel_spacing_mm": list(geom.spacing_xy),
              "network_grid_offset_mm": list(geom.offset_mm), "overlap": overlap, "direction": direction,
              "sign_linking": linked, **smoothing, **({"turning_points": turns} if turns is not None else {})}
     return chain_relative(rel), facts
-
-
-def _ordering_signs(rel, frames, pixel_spacing_xy, frame_interval_s) -> np.ndarray:
-    """Per pair +1 / -1 from the frames' spectral order (`frame_ordering`), the sweep's sign set by the pairs'
-    out-of-plane distances (rel: all moving forwards)."""
-    from ultrasound_ai.freehand.frame_ordering import travel_signs
-    from ultrasound_ai.validation.pose_agreement import frame_centre_mm
-
-    dz = (rel @ np.append(frame_centre_mm(frames.shape[1:], pixel_spacing_xy), 1.0))[:, 2]
-    return travel_signs(frames, pixel_spacing_xy, dz, frame_interval_s)
 
 
 def _smoothed(rel, card: dict, smoothing_s, frame_interval_s, shape_hw, spacing_xy):

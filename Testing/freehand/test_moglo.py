@@ -444,6 +444,44 @@ def test_clip_mirrored_targets_and_linked_clip_signs_recover_a_reversal():
                                mirror_params(late), atol=1e-9)
 
 
+def test_pair_mirrored_targets_are_each_pairs_forward_branch_as_inference_orients_them():
+    """data.clip_mirror "pairs": every training pair whose frame centre moves backwards gets its mirror image
+    (M T M) as target, the convention inference uses before the direction from the frames' order, so the
+    network learns how far and how tilted, not which way (under a plain L1 an unknowable sign shrinks tz towards
+    0). The card of such a model takes its direction from the frames' order, without sign linking."""
+    from ultrasound_ai.freehand.moglo.method import centre_dz, mirror_params
+    from ultrasound_ai.freehand.moglo.training import SweepPool, data_options, draw_clips
+    from ultrasound_ai.validation.pose_agreement import frame_centre_mm
+
+    shape, spacing, n = (16, 16), 0.3, 24
+    centre = frame_centre_mm(shape, (spacing, spacing))
+    k = np.arange(n - 1)
+    truth = np.zeros((n - 1, 6))
+    truth[:, 2] = 0.4 * np.cos(np.pi * k / 5.0)  # reverses within clips
+    truth[:, 0], truth[:, 3], truth[:, 5] = 0.02, 0.3 * np.sin(k), 0.2
+    chain = [np.eye(4)]
+    for r in params_to_matrix(truth, "YZX", degrees=True):
+        chain.append(chain[-1] @ r)
+    frames = np.zeros((n, 16, 16), np.float32)
+    pool = SweepPool([frames], [truth.astype(np.float32)], [np.stack(chain)], ["s"], (spacing, spacing), shape)
+    ys = draw_clips(pool, np.random.default_rng(0), 64, 5, mirror=False)[1].double().numpy()
+    yp = draw_clips(pool, np.random.default_rng(0), 64, 5, mirror="pairs")[1].double().numpy()
+    back = centre_dz(ys, centre) < 0
+    mixed = back.any(1) & (~back).any(1)  # clips with pairs both ways: per clip mirroring keeps one of them back
+    assert mixed.any() and np.all(centre_dz(yp, centre) >= -1e-6)
+    np.testing.assert_allclose(yp[back], mirror_params(ys[back]), atol=1e-5)
+    np.testing.assert_allclose(yp[~back], ys[~back], atol=1e-6)
+    assert data_options({"clip_mirror": "pairs"})["clip_mirror"] == "pairs"
+    with pytest.raises(InputError, match="clip_mirror"):
+        data_options({"clip_mirror": "pair"})
+    from ultrasound_ai.core.training import load_config
+    from ultrasound_ai.freehand.moglo.training import DEFAULT_CONFIG, MogloTask
+
+    cfg = load_config({**DEFAULT_CONFIG, "model": {"preset": "tiny", "base_width": 4},
+                       "data": {"clip_mirror": "pairs"}}, defaults=DEFAULT_CONFIG)
+    assert MogloTask(train_pool=pool).card(cfg, {})["inference"] == {"direction": "ordering"}
+
+
 def test_reflection_invariant_loss_scores_each_clip_against_the_nearer_branch():
     """data.clip_mirror "nearest": each clip's loss uses whichever of its targets and their mirror images is
     nearer the prediction, so a prediction equal to the mirror image of the truth has no tz error."""

@@ -77,7 +77,9 @@ DATA_DEFAULTS: dict[str, Any] = {
     # the frames can show) stay; at inference the clips' signs are linked (card inference.sign_linking).
     # false: off; "backwards" (or true): the rule above; "nearest": each clip is scored against whichever of
     # its targets and their mirror images is nearer the prediction (a loss invariant to the reflection, which
-    # leaves the network free to keep one consistent branch, rotations included).
+    # leaves the network free to keep one consistent branch, rotations included); "pairs": every pair whose frame
+    # centre moves backwards is mirrored on its own, the convention inference orients pairs from (direction
+    # "ordering": each pair forward, then mirrored where the frames' order says the probe went back).
     "clip_mirror": False,
 }
 
@@ -136,8 +138,9 @@ def data_options(config) -> dict:
     check_acquisition_options(d)
     if d["clip_mirror"] is True:
         d["clip_mirror"] = "backwards"
-    if d["clip_mirror"] not in (False, None, "backwards", "nearest"):
-        raise InputError(f"data.clip_mirror: expected false, 'backwards' or 'nearest', got {d['clip_mirror']!r}")
+    if d["clip_mirror"] not in (False, None, "backwards", "nearest", "pairs"):
+        raise InputError(f"data.clip_mirror: expected false, 'backwards', 'nearest' or 'pairs', got "
+                         f"{d['clip_mirror']!r}")
     d["clip_mirror"] = d["clip_mirror"] or False
     if d["val_overlap"] not in ("last", "none"):
         raise InputError(f"data.val_overlap: expected 'last' or 'none', got {d['val_overlap']!r}")
@@ -250,10 +253,11 @@ def build_pool(kind: str, d: Mapping, mcfg, progress: Callable[[str], None] | No
 
 
 def draw_clips(pool: SweepPool, rng: np.random.Generator, n_clips: int, clip_frames: int,
-               strides: Sequence[int] = (1,), mirror: bool = False):
+               strides: Sequence[int] = (1,), mirror: bool | str = False):
     """(frames [B, T, h, w] float32, targets [B, T-1, 6] float32) of random clips from the pool: for each
     clip a stride k from `strides`, a sweep long enough for it, a start; frames s, s+k, ..., s+(T-1)k.
-    mirror: a clip whose grid centre moves backwards over it gets its targets mirrored (data.clip_mirror)."""
+    mirror: a clip whose grid centre moves backwards over it gets its targets mirrored (data.clip_mirror);
+    "pairs": each pair whose grid centre moves backwards, on its own."""
     from ultrasound_ai.freehand.moglo.method import centre_dz, mirror_params
     from ultrasound_ai.validation.pose_agreement import frame_centre_mm
 
@@ -272,7 +276,12 @@ def draw_clips(pool: SweepPool, rng: np.random.Generator, n_clips: int, clip_fra
         s = int(rng.integers(len(pool.frames[i]) - span[k] + 1))
         xs.append(np.asarray(pool.frames[i][s:s + span[k]:k], dtype=np.float32))
         y = pool.strided_targets(k)[i][s:s + span[k] - 1:k]
-        ys.append(mirror_params(y) if mirror and centre_dz(y, centre).sum() < 0 else y)
+        if mirror == "pairs":
+            back = centre_dz(y, centre) < 0
+            y = np.where(back[:, None], mirror_params(y), y)
+        elif mirror and centre_dz(y, centre).sum() < 0:
+            y = mirror_params(y)
+        ys.append(y)
     return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys).astype(np.float32))
 
 
@@ -327,7 +336,7 @@ class MogloTask:
             rng = step_numpy_rng(config.seed, rank, step)
             mode = data_options(config)["clip_mirror"]
             frames, targets = draw_clips(pool, rng, config.schedule["batch_size"], t, strides,
-                                         mirror=mode == "backwards")
+                                         mirror=mode if mode in ("backwards", "pairs") else False)
             if mode == "nearest":
                 from ultrasound_ai.freehand.moglo.method import mirror_params
 
@@ -365,7 +374,14 @@ class MogloTask:
         pool = self._pools(config, "val")
         inner = model.module if hasattr(model, "module") else model
         const = inner.param_mean.double().cpu().numpy()
-        if d["clip_mirror"]:
+        if d["clip_mirror"] == "pairs":  # each pair forward (the frames' order is for whole sweeps, at inference)
+            from ultrasound_ai.freehand.moglo.method import centre_dz, mirror_params
+            from ultrasound_ai.validation.pose_agreement import frame_centre_mm
+
+            centre = frame_centre_mm(pool.frame_shape_hw, pool.spacing_xy)
+            preds = [predict_pairs(inner, f, overlap=d["val_overlap"], device=device) for f in pool.frames]
+            preds = [np.where((centre_dz(p, centre) < 0)[:, None], mirror_params(p), p) for p in preds]
+        elif d["clip_mirror"]:
             preds = [predict_pairs_linked(inner, f, forward=True, device=device) for f in pool.frames]
         else:
             preds = [predict_pairs(inner, f, overlap=d["val_overlap"], device=device) for f in pool.frames]
@@ -414,7 +430,8 @@ class MogloTask:
                            "R = Ry Rz Rx) of T_i<-i+1 on the grid; local and global heads averaged"),
             },
             "training": training,
-            **({"inference": {"sign_linking": True, "direction": "forward"}} if d["clip_mirror"] else {}),
+            **({"inference": {"direction": "ordering"}} if d["clip_mirror"] == "pairs"
+               else {"inference": {"sign_linking": True, "direction": "forward"}} if d["clip_mirror"] else {}),
         }
 
 

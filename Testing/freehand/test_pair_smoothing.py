@@ -99,3 +99,44 @@ def test_moglo_applies_the_cards_smoothing_and_records_it():
     assert facts_none["smoothing_s"] == 0.0 and "frame times" in facts_none["smoothing_skipped"]
     with pytest.raises(InputError, match="smoothing_s"):
         estimate_sweep(model, card, frames, spacing, frame_interval_s=0.05, smoothing_s=-1)
+
+
+def test_zeroing_the_tilts_keeps_the_rest_of_each_pairs_motion_about_the_frame_centre():
+    """zero_pair_motions: the chosen parameters of each pair's motion about the frame centre set to 0 (by default
+    the tilts rx, ry: the out-of-plane rotation), the others kept exactly."""
+    from ultrasound_ai.freehand.pair_smoothing import TILTS, zero_pair_motions
+
+    p = np.random.default_rng(3).normal(0, [0.05, 0.05, 0.4, 0.3, 0.3, 0.2], (30, 6))
+    got = _params(zero_pair_motions(_about(p), CENTRE))
+    want = p.copy()
+    want[:, list(TILTS)] = 0.0
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    np.testing.assert_allclose(_params(zero_pair_motions(_about(p), CENTRE, which=())), p, atol=1e-9)
+
+
+def test_moglo_rotation_in_plane_drops_the_networks_tilts_from_the_card_or_the_parameter():
+    """MoGLo-Net's `rotation`: "in-plane" keeps only the rotation about the beam-normal axis (z) of every pair,
+    its translation about the frame centre unchanged; "network" (the default without a card entry) keeps all
+    three; the card's inference.rotation sets the default; a bad value names the parameter."""
+    from ultrasound_ai.freehand.moglo.method import estimate_sweep
+    from ultrasound_ai.freehand.moglo.model import MogloNet, make_config
+    from ultrasound_ai.freehand.pair_smoothing import zero_pair_motions
+    from ultrasound_ai.validation.pose_agreement import frame_centre_mm
+
+    torch.manual_seed(0)
+    model = MogloNet(make_config("tiny", base_width=4)).eval()
+    model.set_normalisation(np.zeros(6), np.full(6, 2.0))  # tilts of a few degrees: far from zero
+    frames = np.random.default_rng(0).integers(0, 256, (12, 40, 50)).astype(np.uint8)
+    spacing = (0.4, 0.35)
+    centre = frame_centre_mm(frames.shape[1:], spacing)
+    raw, facts = estimate_sweep(model, {}, frames, spacing)
+    assert facts["rotation"] == "network" and np.abs(_params(to_relative(raw), centre)[:, 3:5]).max() > 0.05
+    want = chain_relative(zero_pair_motions(to_relative(raw), centre))
+    got, facts = estimate_sweep(model, {}, frames, spacing, rotation="in-plane")
+    assert facts["rotation"] == "in-plane"
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    card = {"inference": {"rotation": "in-plane"}}
+    np.testing.assert_allclose(estimate_sweep(model, card, frames, spacing)[0], want, atol=1e-9)
+    np.testing.assert_allclose(estimate_sweep(model, card, frames, spacing, rotation="network")[0], raw, atol=1e-12)
+    with pytest.raises(InputError, match="rotation"):
+        estimate_sweep(model, {}, frames, spacing, rotation="none")

@@ -1,4 +1,5 @@
-"""Temporal smoothing of per-pair motion estimates: a Gaussian low-pass along the sweep.
+"""Per-pair motion estimates about the frame centre: temporal smoothing (a Gaussian low-pass along the sweep),
+and the parameters the images did not tell set to zero (`zero_pair_motions`).
 
 Images alone read the out-of-plane motion (tz and the tilts rx, ry) from speckle decorrelation, which gives
 noisy per-pair estimates whose errors are nearly independent from pair to pair, while the hand's voluntary
@@ -19,9 +20,10 @@ from scipy.ndimage import gaussian_filter1d
 
 from ultrasound_ai.core.errors import InputError
 
-__all__ = ["smooth_pair_motions", "smoothing_sigma_pairs", "OUT_OF_PLANE", "ALL"]
+__all__ = ["smooth_pair_motions", "smoothing_sigma_pairs", "zero_pair_motions", "OUT_OF_PLANE", "TILTS", "ALL"]
 
 OUT_OF_PLANE = (2, 3, 4)  # tz, rx, ry of (tx, ty, tz, rx, ry, rz)
+TILTS = (3, 4)  # rx, ry: the out-of-plane rotation
 ALL = (0, 1, 2, 3, 4, 5)
 
 
@@ -57,4 +59,19 @@ def smooth_pair_motions(rel, centre_mm, sigma_pairs: float, which=OUT_OF_PLANE) 
     p = matrix_to_params(np.linalg.inv(shift) @ rel @ shift, "xyz", degrees=True)
     cols = list(which)
     p[:, cols] = gaussian_filter1d(p[:, cols], float(sigma_pairs), axis=0, mode="nearest", truncate=4.0)
+    return shift @ params_to_matrix(p, "xyz", degrees=True) @ np.linalg.inv(shift)
+
+
+def zero_pair_motions(rel, centre_mm, which=TILTS) -> np.ndarray:
+    """Pair transforms [M, 4, 4] (image mm, T_{i<-i+1}) with the parameters `which` of their motion about
+    `centre_mm` (tx, ty, tz mm, static-xyz degrees) set to zero, the others kept."""
+    from ultrasound_ai.core.geometry import matrix_to_params, params_to_matrix
+
+    rel = np.asarray(rel, dtype=np.float64)
+    if not len(which) or not len(rel):
+        return rel
+    shift = np.eye(4)
+    shift[:3, 3] = np.asarray(centre_mm, dtype=np.float64)
+    p = matrix_to_params(np.linalg.inv(shift) @ rel @ shift, "xyz", degrees=True)
+    p[:, list(which)] = 0.0
     return shift @ params_to_matrix(p, "xyz", degrees=True) @ np.linalg.inv(shift)

@@ -30,6 +30,11 @@ each clip's motion up to one sign (its clip moving forwards); `predict_pairs_lin
 through their overlapping pairs, so reversals that the frames show are kept, and "forward" then mirrors the
 whole sweep when its net motion is backwards (per pair nothing is mirrored); ``overlap`` does not apply.
 
+Rotation (parameter ``rotation``; default the card's ``inference.rotation``, else "network"): "in-plane" sets the
+tilts (rotation about the image's x and y axes, out of plane) of every pair's motion about the frame centre to zero
+and keeps the rotation within the plane, for a network whose tilts do not follow the images (measured per
+checkpoint on training-family sweeps; see its card).
+
 Frame stride (parameter ``frame_stride``, "auto" by default): a sweep faster than the card's
 ``inference.min_pair_interval_s`` is read on every k-th frame, the frames between interpolated
 (`ultrasound_ai.freehand.pair_interval`); a whole number sets k (1: every pair, as the paper).
@@ -48,10 +53,11 @@ from ultrasound_ai.freehand.frame_ordering import mirror_pairs as _mirrored
 from ultrasound_ai.freehand.methods import MethodContext, PoseEstimate, PoseMethod
 
 __all__ = ["MogloMethod", "load_moglo", "predict_pairs", "predict_pairs_linked", "estimate_sweep", "forward_pairs",
-           "mirror_params", "centre_dz", "DIRECTIONS"]
+           "mirror_params", "centre_dz", "DIRECTIONS", "ROTATIONS"]
 
 METHOD = "moglo"
 DIRECTIONS = ("network", "forward", "turns", "ordering")
+ROTATIONS = ("network", "in-plane")
 
 
 def forward_pairs(rel: np.ndarray, centre_mm) -> np.ndarray:
@@ -192,7 +198,7 @@ def _grid_centre(model) -> np.ndarray:
 
 def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, overlap: str = "last",
                    batch_clips: int = 16, direction: Optional[str] = None, sign_linking: Optional[bool] = None,
-                   smoothing_s=None, frame_interval_s: Optional[float] = None,
+                   smoothing_s=None, frame_interval_s: Optional[float] = None, rotation: Optional[str] = None,
                    progress=None) -> tuple[np.ndarray, dict]:
     """(tforms [N, 4, 4] in the sweep's image mm relative to frame 0, facts) for uint8 frames [N, H, W] at
     pixel_spacing_xy (x first), resampled to the card's grid first; direction: "network" or "forward" (None:
@@ -207,6 +213,10 @@ def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, o
         direction = (card.get("inference") or {}).get("direction", "network")
     if direction not in DIRECTIONS:
         raise InputError(f"moglo parameter direction: expected one of {list(DIRECTIONS)}, got {direction!r}")
+    if rotation is None:
+        rotation = (card.get("inference") or {}).get("rotation", "network")
+    if rotation not in ROTATIONS:
+        raise InputError(f"moglo parameter rotation: expected one of {list(ROTATIONS)}, got {rotation!r}")
     inp = card.get("input") or {}
     shape = inp.get("frame_shape_hw") or list(model.config.frame_shape)
     spacing = inp.get("pixel_spacing_mm") or [model.config.pixel_spacing_mm] * 2
@@ -226,6 +236,11 @@ def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, o
     else:
         params = predict_pairs(model, net_frames, overlap=overlap, batch_clips=batch_clips, progress=progress)
     rel = from_network_relative(params_to_matrix(params, PARAM_CONVENTION, degrees=True), geom)
+    if rotation == "in-plane":
+        from ultrasound_ai.freehand.pair_smoothing import zero_pair_motions
+        from ultrasound_ai.validation.pose_agreement import frame_centre_mm
+
+        rel = zero_pair_motions(rel, frame_centre_mm(frames.shape[1:], pixel_spacing_xy))
     turns = None
     if direction in ("forward", "turns", "ordering") and not linked:
         from ultrasound_ai.validation.pose_agreement import frame_centre_mm
@@ -245,7 +260,7 @@ def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, o
     rel, smoothing = _smoothed(rel, card, smoothing_s, frame_interval_s, frames.shape[1:], pixel_spacing_xy)
     facts = {"network_frame_shape_hw": list(geom.frame_shape_hw), "network_pixel_spacing_mm": list(geom.spacing_xy),
              "network_grid_offset_mm": list(geom.offset_mm), "overlap": overlap, "direction": direction,
-             "sign_linking": linked, **smoothing, **({"turning_points": turns} if turns is not None else {})}
+             "sign_linking": linked, "rotation": rotation, **smoothing, **({"turning_points": turns} if turns is not None else {})}
     return chain_relative(rel), facts
 
 
@@ -271,7 +286,8 @@ class MogloMethod(PoseMethod):
     """MoGLo-Net (Kim et al., IEEE TMI 2025): sensorless pose estimation from the images alone."""
 
     name = METHOD
-    accepted_params = ("overlap", "batch_clips", "direction", "sign_linking", "smoothing_s", "frame_stride")
+    accepted_params = ("overlap", "batch_clips", "direction", "sign_linking", "smoothing_s", "frame_stride",
+                       "rotation")
 
     def _estimate(self, sweep, ctx: MethodContext) -> PoseEstimate:
         from ultrasound_ai.freehand.pair_interval import estimate_at_card_interval, median_frame_interval
@@ -287,6 +303,7 @@ class MogloMethod(PoseMethod):
                                            direction=ctx.params.get("direction"),
                                            sign_linking=ctx.params.get("sign_linking"),
                                            smoothing_s=ctx.params.get("smoothing_s"),
+                                           rotation=ctx.params.get("rotation"),
                                            frame_interval_s=median_frame_interval(s), progress=progress)
             return tforms, None, facts
 

@@ -353,7 +353,8 @@ def test_forward_direction_reflects_the_backward_pairs_through_the_image_plane()
 
 
 def test_cli_direction_option_reaches_the_moglo_method(tmp_path):
-    """`freehand reconstruct --method moglo --direction forward|network|ordering` overrides the card's setting: a
+    """`freehand reconstruct --method moglo --direction forward|network|ordering` (and `--rotation`) overrides the
+    card's setting: a
     tiny network whose pairs all move backwards (its normalisation shifts tz to -0.4 mm) keeps them with
     "network" and mirrors every one of them with "forward"; "ordering" keeps their distances and signs each from
     the frames; the option is refused for other methods."""
@@ -388,6 +389,12 @@ def test_cli_direction_option_reaches_the_moglo_method(tmp_path):
     np.testing.assert_allclose(z["forward"], -z["network"], atol=1e-9)
     np.testing.assert_allclose(np.abs(z["ordering"]), z["forward"], atol=1e-9)
     assert main(["freehand", "reconstruct", str(src), "--method", "imu", "--direction", "forward", "--no-progress"]) == 2
+    # --rotation in-plane|network (MoGLo-Net's tilts) reaches the method and is refused for the others
+    est = tmp_path / "in_plane.h5"
+    assert main(["freehand", "reconstruct", str(src), "--method", "moglo", "--checkpoint", str(pt), "--rotation",
+                 "in-plane", "--out-sweep", str(est), "--no-metrics", "--no-progress", "--device", "cpu"]) == 0
+    assert read_sweep(est).attrs["pose_rotation"] == "in-plane"
+    assert main(["freehand", "reconstruct", str(src), "--method", "imu", "--rotation", "network", "--no-progress"]) == 2
 
 
 def test_clip_mirrored_targets_and_linked_clip_signs_recover_a_reversal():

@@ -60,6 +60,10 @@ def _method_params(args: argparse.Namespace) -> dict:
         if args.method not in ("moglo", "fima"):
             raise InputError(f"--direction is an option of the moglo and fima methods, not of {args.method!r}")
         params["direction"] = args.direction
+    if getattr(args, "rotation", None) is not None:
+        if args.method != "moglo":
+            raise InputError(f"--rotation is an option of the moglo method, not of {args.method!r}")
+        params["rotation"] = args.rotation
     if getattr(args, "frame_stride", None) is not None:
         if args.method not in ("moglo", "fima", "decorrelation"):
             raise InputError(f"--frame-stride is an option of the moglo, fima and decorrelation methods, not of "
@@ -288,6 +292,9 @@ def add_parser(subparsers) -> None:
                    "reverses at each turning point found in the frames; "
                    "fima: 'imus' takes the sign from the accelerometers fitted to the images' distances; both: "
                    "'network' keeps the network's signs")
+    p.add_argument("--rotation", choices=["in-plane", "network"], default=None,
+                   help="moglo: 'in-plane' sets the network's tilts (rotation about the image's x and y axes) to zero, "
+                   "'network' keeps them (default: the checkpoint's setting, in-plane for the shipped moglo_small)")
     p.add_argument("--frame-stride", metavar="auto|K", default=None,
                    help="moglo, fima, decorrelation: read the sweep on every K-th frame and interpolate the frames "
                    "between; 'auto' (the default) does so when the sweep is faster than the rate the checkpoint was "

@@ -49,29 +49,36 @@ def smoothing_sigma_pairs(smoothing_s, times_s):
 def smooth_pair_motions(rel, centre_mm, sigma_pairs: float, which=OUT_OF_PLANE) -> np.ndarray:
     """Pair transforms [M, 4, 4] (image mm, T_{i<-i+1}) with the parameters `which` of their motion about
     `centre_mm` smoothed along the pairs (module docstring); sigma_pairs 0 returns them unchanged."""
-    from ultrasound_ai.core.geometry import matrix_to_params, params_to_matrix
-
     rel = np.asarray(rel, dtype=np.float64)
     if sigma_pairs <= 0 or len(rel) < 2:
         return rel
-    shift = np.eye(4)
-    shift[:3, 3] = np.asarray(centre_mm, dtype=np.float64)
-    p = matrix_to_params(np.linalg.inv(shift) @ rel @ shift, "xyz", degrees=True)
     cols = list(which)
-    p[:, cols] = gaussian_filter1d(p[:, cols], float(sigma_pairs), axis=0, mode="nearest", truncate=4.0)
-    return shift @ params_to_matrix(p, "xyz", degrees=True) @ np.linalg.inv(shift)
+
+    def smooth(p):
+        p[:, cols] = gaussian_filter1d(p[:, cols], float(sigma_pairs), axis=0, mode="nearest", truncate=4.0)
+
+    return _edit_about_centre(rel, centre_mm, smooth)
 
 
 def zero_pair_motions(rel, centre_mm, which=TILTS) -> np.ndarray:
     """Pair transforms [M, 4, 4] (image mm, T_{i<-i+1}) with the parameters `which` of their motion about
     `centre_mm` (tx, ty, tz mm, static-xyz degrees) set to zero, the others kept."""
-    from ultrasound_ai.core.geometry import matrix_to_params, params_to_matrix
-
     rel = np.asarray(rel, dtype=np.float64)
     if not len(which) or not len(rel):
         return rel
+
+    def zero(p):
+        p[:, list(which)] = 0.0
+
+    return _edit_about_centre(rel, centre_mm, zero)
+
+
+def _edit_about_centre(rel, centre_mm, edit) -> np.ndarray:
+    """Pair transforms with `edit` applied in place to their motion parameters [M, 6] about `centre_mm`."""
+    from ultrasound_ai.core.geometry import matrix_to_params, params_to_matrix
+
     shift = np.eye(4)
     shift[:3, 3] = np.asarray(centre_mm, dtype=np.float64)
     p = matrix_to_params(np.linalg.inv(shift) @ rel @ shift, "xyz", degrees=True)
-    p[:, list(which)] = 0.0
+    edit(p)
     return shift @ params_to_matrix(p, "xyz", degrees=True) @ np.linalg.inv(shift)

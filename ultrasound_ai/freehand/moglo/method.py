@@ -53,7 +53,7 @@ from ultrasound_ai.freehand.frame_ordering import mirror_pairs as _mirrored
 from ultrasound_ai.freehand.methods import MethodContext, PoseEstimate, PoseMethod
 
 __all__ = ["MogloMethod", "load_moglo", "predict_pairs", "predict_pairs_linked", "estimate_sweep", "forward_pairs",
-           "mirror_params", "centre_dz", "DIRECTIONS", "ROTATIONS"]
+           "forward_params", "mirror_params", "centre_dz", "DIRECTIONS", "ROTATIONS"]
 
 METHOD = "moglo"
 DIRECTIONS = ("network", "forward", "turns", "ordering")
@@ -66,6 +66,13 @@ def forward_pairs(rel: np.ndarray, centre_mm) -> np.ndarray:
     c = np.append(np.asarray(centre_mm, dtype=np.float64), 1.0)
     backwards = (rel @ c)[:, 2] < 0  # the centre has z = 0, so its displacement is its new z
     return _mirrored(rel, backwards)
+
+
+def forward_params(params: np.ndarray, centre_mm) -> np.ndarray:
+    """Network parameters [M, 6] with every pair whose point `centre_mm` moves backwards replaced by its mirror
+    image (`forward_pairs` on parameters)."""
+    params = np.asarray(params)
+    return np.where((centre_dz(params, centre_mm) < 0)[:, None], mirror_params(params), params)
 
 
 def mirror_params(params: np.ndarray) -> np.ndarray:
@@ -236,16 +243,16 @@ def estimate_sweep(model, card: dict, frames: np.ndarray, pixel_spacing_xy, *, o
     else:
         params = predict_pairs(model, net_frames, overlap=overlap, batch_clips=batch_clips, progress=progress)
     rel = from_network_relative(params_to_matrix(params, PARAM_CONVENTION, degrees=True), geom)
+    from ultrasound_ai.validation.pose_agreement import frame_centre_mm
+
+    centre = frame_centre_mm(frames.shape[1:], pixel_spacing_xy)
     if rotation == "in-plane":
         from ultrasound_ai.freehand.pair_smoothing import zero_pair_motions
-        from ultrasound_ai.validation.pose_agreement import frame_centre_mm
 
-        rel = zero_pair_motions(rel, frame_centre_mm(frames.shape[1:], pixel_spacing_xy))
+        rel = zero_pair_motions(rel, centre)
     turns = None
     if direction in ("forward", "turns", "ordering") and not linked:
-        from ultrasound_ai.validation.pose_agreement import frame_centre_mm
-
-        rel = forward_pairs(rel, frame_centre_mm(frames.shape[1:], pixel_spacing_xy))
+        rel = forward_pairs(rel, centre)
     if direction == "turns":
         from ultrasound_ai.freehand.turning_points import travel_signs, turning_points
 

@@ -258,7 +258,7 @@ def draw_clips(pool: SweepPool, rng: np.random.Generator, n_clips: int, clip_fra
     clip a stride k from `strides`, a sweep long enough for it, a start; frames s, s+k, ..., s+(T-1)k.
     mirror: a clip whose grid centre moves backwards over it gets its targets mirrored (data.clip_mirror);
     "pairs": each pair whose grid centre moves backwards, on its own."""
-    from ultrasound_ai.freehand.moglo.method import centre_dz, mirror_params
+    from ultrasound_ai.freehand.moglo.method import centre_dz, forward_params, mirror_params
     from ultrasound_ai.validation.pose_agreement import frame_centre_mm
 
     centre = frame_centre_mm(pool.frame_shape_hw, pool.spacing_xy)
@@ -277,8 +277,7 @@ def draw_clips(pool: SweepPool, rng: np.random.Generator, n_clips: int, clip_fra
         xs.append(np.asarray(pool.frames[i][s:s + span[k]:k], dtype=np.float32))
         y = pool.strided_targets(k)[i][s:s + span[k] - 1:k]
         if mirror == "pairs":
-            back = centre_dz(y, centre) < 0
-            y = np.where(back[:, None], mirror_params(y), y)
+            y = forward_params(y, centre)
         elif mirror and centre_dz(y, centre).sum() < 0:
             y = mirror_params(y)
         ys.append(y)
@@ -286,6 +285,12 @@ def draw_clips(pool: SweepPool, rng: np.random.Generator, n_clips: int, clip_fra
 
 
 # --------------------------------------------------------------------------------------------- task
+
+# The card's inference defaults of a model trained with data.clip_mirror: its clips' signs linked, or (pairs) each
+# pair forward and then the direction from the frames' order.
+_MIRROR_INFERENCE = {"backwards": {"sign_linking": True, "direction": "forward"},
+                     "nearest": {"sign_linking": True, "direction": "forward"},
+                     "pairs": {"direction": "ordering"}}
 
 
 class MogloTask:
@@ -314,11 +319,10 @@ class MogloTask:
         pool = self._pools(config, "train")
         y = pool.training_targets(self._strides).astype(np.float64)
         if self._mirror:  # the statistics of forward pairs (clip-mirrored targets are mostly forward)
-            from ultrasound_ai.freehand.moglo.method import centre_dz, mirror_params
+            from ultrasound_ai.freehand.moglo.method import forward_params
             from ultrasound_ai.validation.pose_agreement import frame_centre_mm
 
-            back = centre_dz(y, frame_centre_mm(pool.frame_shape_hw, pool.spacing_xy)) < 0
-            y[back] = mirror_params(y[back])
+            y = forward_params(y, frame_centre_mm(pool.frame_shape_hw, pool.spacing_xy))
         model.set_normalisation(y.mean(0), np.maximum(y.std(0), 1e-3))
         init = (config.model or {}).get("init_from")
         if init:  # fine-tuning: every weight and the normalisation buffers from a moglo checkpoint
@@ -375,12 +379,12 @@ class MogloTask:
         inner = model.module if hasattr(model, "module") else model
         const = inner.param_mean.double().cpu().numpy()
         if d["clip_mirror"] == "pairs":  # each pair forward (the frames' order is for whole sweeps, at inference)
-            from ultrasound_ai.freehand.moglo.method import centre_dz, mirror_params
+            from ultrasound_ai.freehand.moglo.method import forward_params
             from ultrasound_ai.validation.pose_agreement import frame_centre_mm
 
             centre = frame_centre_mm(pool.frame_shape_hw, pool.spacing_xy)
-            preds = [predict_pairs(inner, f, overlap=d["val_overlap"], device=device) for f in pool.frames]
-            preds = [np.where((centre_dz(p, centre) < 0)[:, None], mirror_params(p), p) for p in preds]
+            preds = [forward_params(predict_pairs(inner, f, overlap=d["val_overlap"], device=device), centre)
+                     for f in pool.frames]
         elif d["clip_mirror"]:
             preds = [predict_pairs_linked(inner, f, forward=True, device=device) for f in pool.frames]
         else:
@@ -430,8 +434,7 @@ class MogloTask:
                            "R = Ry Rz Rx) of T_i<-i+1 on the grid; local and global heads averaged"),
             },
             "training": training,
-            **({"inference": {"direction": "ordering"}} if d["clip_mirror"] == "pairs"
-               else {"inference": {"sign_linking": True, "direction": "forward"}} if d["clip_mirror"] else {}),
+            **({"inference": dict(_MIRROR_INFERENCE[d["clip_mirror"]])} if d["clip_mirror"] else {}),
         }
 
 
